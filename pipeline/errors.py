@@ -1,0 +1,44 @@
+"""One error family; each error carries a stable code that the API maps to HTTP."""
+
+from __future__ import annotations
+
+
+class ImgSearchError(Exception):
+    """Base error. ``code`` is stable and machine-readable; the message is for people."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class InvalidRequest(ImgSearchError):
+    code = "invalid_request"
+
+
+class NotFound(ImgSearchError):
+    code = "not_found"
+
+
+class Unavailable(ImgSearchError):
+    """A dependency (Redis, a store) can't be reached; retry later."""
+
+    code = "unavailable"
+
+
+class ModelLoadError(ImgSearchError):
+    code = "model_load_error"
+
+
+class StoreError(ImgSearchError):
+    code = "store_error"
+
+
+class DeadlineExceeded(ImgSearchError):
+    code = "deadline_exceeded"

@@ -1,0 +1,72 @@
+"""One Protocol per seam. Implementations are picked by a config string from a registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from pipeline.types import Match, Metadata, Vector
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """SigLIP text side: a batch of strings in, L2-normalised float32 vectors out."""
+
+    version: str
+    dim: int
+
+    def encode_text(self, texts: Sequence[str]) -> Vector: ...
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """SigLIP image side: a batch of images in, L2-normalised float32 vectors out."""
+
+    version: str
+    dim: int
+
+    def encode_images(self, images: Sequence[Image.Image]) -> Vector: ...
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """BLIP ITM: vision features are computed once at ingest; at query time only the text side runs."""
+
+    version: str
+
+    def vision_features(self, images: Sequence[Image.Image]) -> NDArray[np.float16]: ...
+
+    def score(self, query: str, features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32],
+                                                                            NDArray[np.float32]]:
+        """ITM match probabilities and ITC cosines, one of each per candidate."""
+        ...
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    def upsert(self, items: Sequence[tuple[str, Vector, Metadata]], namespace: str = "") -> int: ...
+
+    def query(self, vector: Vector, top_k: int, filter: dict[str, Any] | None = None,
+              namespace: str = "") -> list[Match]: ...
+
+    def fetch(self, ids: Sequence[str], namespace: str = "") -> dict[str, tuple[Vector, Metadata]]: ...
+
+    def delete(self, ids: Sequence[str] | None = None, filter: dict[str, Any] | None = None,
+               namespace: str = "") -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...

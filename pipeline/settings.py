@@ -1,0 +1,96 @@
+"""All settings of every deployable, read from the environment in one place."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str, *legacy: str) -> AliasChoices:
+    # Our prefixed name first, then the original service's bare variable, so old deployments keep working.
+    return AliasChoices(f"IMGSEARCH_{name}", *legacy)
+
+
+class Settings(BaseSettings):
+    """Settings for the API, the workers, ingest and the demo (env prefix ``IMGSEARCH_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", env_nested_delimiter="__", extra="ignore",
+                                      populate_by_name=True)
+
+    # --- services ---
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL", "REDIS_URL"))
+    search_queue: str = "search"
+    redis_socket_timeout_s: float = 5.0
+
+    # --- storage ---
+    data_dir: Path = Path("data")
+    vector_store: str = "local"
+    blob_store: str = "local"
+    namespace: str = ""
+    pinecone_api_key: SecretStr | None = Field(None, validation_alias=_env("PINECONE_API_KEY", "PINECONE_API_KEY"))
+    pinecone_index_name: str | None = Field(None, validation_alias=_env("PINECONE_INDEX_NAME", "PINECONE_INDEX_NAME"))
+    google_cloud_project: str | None = Field(
+        None, validation_alias=_env("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_PROJECT"))
+
+    # --- models and engines ---
+    siglip_model: str = "google/siglip2-base-patch16-512"
+    blip_model: str = "Salesforce/blip-itm-large-coco"
+    engine_backend: str = "torch"
+    device: str = "cpu"
+    text_max_tokens: int = 64
+    torch_threads: int = 0  # 0: leave torch's default
+
+    # --- search ---
+    top_k: int = Field(32, ge=1, le=1000)
+    rerank_k: int = Field(32, ge=0, le=1000)
+    limit: int = Field(32, ge=1, le=1000)
+    itm_weight: float = 0.7
+    cosine_weight: float = 0.3
+    max_query_chars: int = 512
+
+    # --- jobs ---
+    job_ttl_s: int = Field(3600, ge=10)
+    job_deadline_s: float = Field(60.0, gt=0)
+    search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
+    events_maxlen: int = Field(256, ge=16)
+    visibility_timeout_s: int = Field(0, ge=0)  # 0: derived from the job deadline
+    heartbeat_ttl_s: int = Field(15, ge=2)
+    worker_concurrency: int = Field(1, ge=1)
+
+    # --- logging ---
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    env: Literal["development", "production"] = "development"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.itm_weight < 0 or self.cosine_weight < 0 or self.itm_weight + self.cosine_weight <= 0:
+            raise ValueError("itm_weight and cosine_weight must be >= 0 and not both 0")
+        if self.rerank_k > self.top_k:
+            raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
+        return self
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before an unacknowledged job is redelivered: past any job's deadline, so a live job is
+        never run twice, but short enough that a dead worker's job is picked up again."""
+        return self.visibility_timeout_s or int(self.job_deadline_s * 2 + 30)
+
+    @property
+    def vector_dir(self) -> Path:
+        return self.data_dir / "vectors"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings; tests call ``get_settings.cache_clear()`` after changing the environment."""
+    return Settings()

@@ -1,0 +1,73 @@
+"""Types shared by ingest, search, the workers and the API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, Field
+
+Vector = NDArray[np.float32]
+Metadata = dict[str, Any]
+JobStatus = Literal["queued", "running", "done", "failed"]
+EVENT_NAMES = ("queued", "started", "candidates", "results", "done", "failed")
+
+
+class Match(BaseModel):
+    """One hit of the vector store."""
+
+    id: str
+    score: float
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class Result(BaseModel):
+    """One ranked result: fused score and its parts, plus the post's metadata."""
+
+    id: str
+    score: float
+    itm: float | None = None
+    cosine: float | None = None
+    ann_score: float | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class SearchParams(BaseModel):
+    """What a search job asks for; defaults come from settings when left out."""
+
+    query: str
+    limit: int | None = None
+    top_k: int | None = None
+    rerank_k: int | None = None
+    filter: dict[str, Any] | None = None
+    namespace: str | None = None
+
+
+class SearchOutcome(BaseModel):
+    results: list[Result]
+    candidates: list[Match]
+    not_reranked: list[str] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    """The job record clients poll: the public contract."""
+
+    id: str
+    status: JobStatus
+    query: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    created_at: float
+    deadline_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    results: list[Result] | None = None
+    not_reranked: list[str] | None = None
+    error: ErrorInfo | None = None
+    timings: dict[str, float] | None = None
