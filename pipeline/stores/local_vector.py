@@ -1,0 +1,280 @@
+"""The embedded default vector store: a faiss HNSW index per namespace over SQLite.
+
+SQLite holds every vector and its metadata and is the source of truth; each committed write survives a
+crash. The faiss index is a snapshot that names, in its file name, the last row and tombstone it covers;
+opening loads the newest snapshot and replays what came after, so a process killed at any point leaves
+a store that opens and answers. Replaced or deleted vectors stay in the graph as tombstones that every
+search excludes, until ``save`` rebuilds a namespace whose graph is mostly dead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline import filters
+from pipeline.errors import InvalidRequest, StoreError
+from pipeline.types import Match, Metadata, Vector
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    ns TEXT NOT NULL, id TEXT NOT NULL, vec BLOB NOT NULL, meta TEXT NOT NULL,
+    UNIQUE (ns, id));
+CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, label INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_SNAPSHOT = re.compile(r"^ns-([0-9a-f]*)\.(\d+)\.(\d+)\.faiss$")
+
+
+@dataclass
+class _Graph:
+    index: Any
+    row_mark: int = 0  # highest rowid added
+    tomb_mark: int = 0  # highest tombstone seq applied
+    dead: set[int] = field(default_factory=set)
+
+
+class LocalVectorStore:
+    def __init__(self, root: Path | str, *, m: int = 32, ef_construction: int = 128, ef_search: int = 128,
+                 exact_below: int = 4096) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.m, self.ef_construction, self.ef_search, self.exact_below = m, ef_construction, ef_search, exact_below
+        self._db = sqlite3.connect(self.root / "store.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._graphs: dict[str, _Graph] = {}
+        self._lock = threading.RLock()
+
+    # --- info ---
+    @property
+    def dim(self) -> int | None:
+        row = self._db.execute("SELECT value FROM info WHERE key='dim'").fetchone()
+        return int(row[0]) if row else None
+
+    def _check_dim(self, d: int) -> None:
+        have = self.dim
+        if have is None:
+            self._db.execute("INSERT OR IGNORE INTO info VALUES ('dim', ?)", (str(d),))
+        elif have != d:
+            raise StoreError(f"the vector store at {self.root} holds {have}-d vectors but got {d}-d ones: "
+                             "the encoder changed; re-ingest into a fresh data dir", code="dimension_mismatch")
+
+    # --- graph upkeep ---
+    def _new_index(self, d: int) -> Any:
+        hnsw = faiss.IndexHNSWFlat(d, self.m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = self.ef_construction
+        return faiss.IndexIDMap2(hnsw)
+
+    def _graph(self, ns: str) -> _Graph | None:
+        """The namespace's graph, loaded or built on first use and caught up with SQLite on every call."""
+        d = self.dim
+        if d is None:
+            return None
+        g = self._graphs.get(ns)
+        if g is None:
+            g = self._load_snapshot(ns) or _Graph(self._new_index(d))
+            self._graphs[ns] = g
+        rows = self._db.execute("SELECT rowid, vec FROM vectors WHERE ns=? AND rowid>? ORDER BY rowid",
+                                (ns, g.row_mark)).fetchall()
+        if rows:
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), d)
+            g.index.add_with_ids(vecs, np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+            g.row_mark = rows[-1][0]
+        tombs = self._db.execute("SELECT seq, label FROM tombstones WHERE ns=? AND seq>? ORDER BY seq",
+                                 (ns, g.tomb_mark)).fetchall()
+        if tombs:
+            g.dead.update(label for _, label in tombs if label <= g.row_mark)
+            g.tomb_mark = tombs[-1][0]
+        return g
+
+    def _snapshot_paths(self, ns: str) -> list[tuple[int, int, Path]]:
+        out = []
+        for p in self.root.glob(f"ns-{ns.encode().hex()}.*.faiss"):
+            m = _SNAPSHOT.match(p.name)
+            if m and m.group(1) == ns.encode().hex():
+                out.append((int(m.group(2)), int(m.group(3)), p))
+        return sorted(out)
+
+    def _load_snapshot(self, ns: str) -> _Graph | None:
+        for row_mark, tomb_mark, path in reversed(self._snapshot_paths(ns)):
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError:  # a torn file from an old crash: fall back to an older one or a rebuild
+                log.warning("skipping unreadable index snapshot %s", path)
+                continue
+            labels = faiss.vector_to_array(index.id_map)  # type: ignore[attr-defined]
+            live = {r[0] for r in self._db.execute("SELECT rowid FROM vectors WHERE ns=? AND rowid<=?",
+                                                   (ns, row_mark))}
+            return _Graph(index, row_mark, tomb_mark, {int(x) for x in labels if int(x) not in live})
+        return None
+
+    def save(self) -> None:
+        """Write each loaded namespace's graph as a new snapshot (atomically), rebuilding mostly-dead ones."""
+        with self._lock:
+            for ns in self.namespaces():
+                g = self._graph(ns)
+                if g is None:
+                    continue
+                if g.dead and len(g.dead) > 0.25 * g.index.ntotal:
+                    g = self._rebuild(ns)
+                name = f"ns-{ns.encode().hex()}.{g.row_mark}.{g.tomb_mark}.faiss"
+                tmp = self.root / f".tmp-{os.getpid()}-{name}"
+                faiss.write_index(g.index, str(tmp))
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.root / name)
+                for _, _, old in self._snapshot_paths(ns):
+                    if old.name != name:
+                        old.unlink(missing_ok=True)
+
+    def _rebuild(self, ns: str) -> _Graph:
+        d = self.dim
+        assert d is not None
+        tomb = self._db.execute("SELECT coalesce(max(seq), 0) FROM tombstones").fetchone()[0]
+        g = _Graph(self._new_index(d), 0, tomb)
+        self._graphs[ns] = g
+        self._db.execute("DELETE FROM tombstones WHERE ns=? AND seq<=?", (ns, tomb))
+        return self._graph(ns) or g
+
+    # --- VectorStore ---
+    def upsert(self, items: Sequence[tuple[str, Vector, Metadata]], namespace: str = "") -> int:
+        if not items:
+            return 0
+        vecs = [np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for _, v, _ in items]
+        d = vecs[0].shape[0]
+        if any(v.shape[0] != d for v in vecs):
+            raise InvalidRequest("all vectors of one upsert must have the same dimension")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._check_dim(d)
+                for (vid, _, meta), vec in zip(items, vecs, strict=True):
+                    old = self._db.execute("SELECT rowid FROM vectors WHERE ns=? AND id=?", (namespace, vid)).fetchone()
+                    if old:
+                        self._db.execute("DELETE FROM vectors WHERE rowid=?", (old[0],))
+                        self._db.execute("INSERT INTO tombstones (ns, label) VALUES (?, ?)", (namespace, old[0]))
+                    self._db.execute("INSERT INTO vectors (ns, id, vec, meta) VALUES (?, ?, ?, ?)",
+                                     (namespace, str(vid), vec.tobytes(), json.dumps(meta, sort_keys=True)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._graph(namespace)
+        return len(items)
+
+    def query(self, vector: Vector, top_k: int, filter: dict[str, Any] | None = None,
+              namespace: str = "") -> list[Match]:
+        if filter:
+            filters.validate(filter)
+        q = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+        with self._lock:
+            g = self._graph(namespace)
+            if g is None or top_k <= 0:
+                return []
+            if self.dim != q.shape[1]:
+                raise StoreError(f"query vector is {q.shape[1]}-d but the store at {self.root} holds {self.dim}-d "
+                                 "vectors: the encoder changed; re-ingest", code="dimension_mismatch")
+            if filter:
+                allowed = [rowid for rowid, meta in self._db.execute(
+                    "SELECT rowid, meta FROM vectors WHERE ns=?", (namespace,)) if filters.matches(filter, json.loads(meta))]
+                if not allowed:
+                    return []
+                if len(allowed) <= self.exact_below:
+                    return self._exact(q[0], allowed, top_k)
+                sel: Any = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+                n_live = len(allowed)
+            else:
+                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(g.dead, np.int64))) if g.dead else None
+                n_live = g.index.ntotal - len(g.dead)
+            k = min(top_k, n_live)
+            if k <= 0:
+                return []
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))  # type: ignore[attr-defined]
+            if sel is not None:
+                params.sel = sel
+            scores, labels = g.index.search(q, k, params=params)
+            hits = [(int(lab), float(s)) for lab, s in zip(labels[0], scores[0], strict=True) if lab >= 0]
+            return self._matches(hits)
+
+    def _exact(self, q: Vector, rowids: list[int], top_k: int) -> list[Match]:
+        rows = self._rows("SELECT rowid, vec FROM vectors WHERE rowid IN ({})", rowids)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        scores = mat @ q
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return self._matches([(int(ids[i]), float(scores[i])) for i in order])
+
+    def _rows(self, sql: str, rowids: Sequence[int]) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for i in range(0, len(rowids), 900):  # SQLite's bound-parameter limit
+            chunk = list(rowids[i:i + 900])
+            out += self._db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return out
+
+    def _matches(self, hits: list[tuple[int, float]]) -> list[Match]:
+        found = {r[0]: (r[1], r[2]) for r in self._rows("SELECT rowid, id, meta FROM vectors WHERE rowid IN ({})",
+                                                         [h[0] for h in hits])}
+        return [Match(id=found[lab][0], score=s, metadata=json.loads(found[lab][1])) for lab, s in hits if lab in found]
+
+    def fetch(self, ids: Sequence[str], namespace: str = "") -> dict[str, tuple[Vector, Metadata]]:
+        out: dict[str, tuple[Vector, Metadata]] = {}
+        for i in range(0, len(ids), 900):
+            chunk = list(ids[i:i + 900])
+            for vid, vec, meta in self._db.execute(
+                    f"SELECT id, vec, meta FROM vectors WHERE ns=? AND id IN ({','.join('?' * len(chunk))})",
+                    [namespace, *chunk]):
+                out[vid] = (np.frombuffer(vec, dtype=np.float32).copy(), json.loads(meta))
+        return out
+
+    def delete(self, ids: Sequence[str] | None = None, filter: dict[str, Any] | None = None,
+               namespace: str = "") -> int:
+        if filter:
+            filters.validate(filter)
+        with self._lock:
+            if ids is not None:
+                rows = self._db.execute(
+                    f"SELECT rowid FROM vectors WHERE ns=? AND id IN ({','.join('?' * len(ids))})",
+                    [namespace, *ids]).fetchall() if ids else []
+            elif filter:
+                rows = [(r[0],) for r in self._db.execute("SELECT rowid, meta FROM vectors WHERE ns=?", (namespace,))
+                        if filters.matches(filter, json.loads(r[1]))]
+            else:
+                raise InvalidRequest("delete needs ids or a filter")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for (rowid,) in rows:
+                    self._db.execute("DELETE FROM vectors WHERE rowid=?", (rowid,))
+                    self._db.execute("INSERT INTO tombstones (ns, label) VALUES (?, ?)", (namespace, rowid))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._graph(namespace)
+            return len(rows)
+
+    def namespaces(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT ns FROM vectors UNION SELECT DISTINCT ns FROM tombstones")]
+
+    def stats(self) -> dict[str, Any]:
+        counts = dict(self._db.execute("SELECT ns, count(*) FROM vectors GROUP BY ns").fetchall())
+        return {"dimension": self.dim, "total_vector_count": sum(counts.values()),
+                "namespaces": {ns: {"vector_count": n} for ns, n in counts.items()}}
+
+    def close(self) -> None:
+        self._db.close()
