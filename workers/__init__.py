@@ -1,0 +1,1 @@
+"""Celery app, tasks, per-process engine preload, heartbeats and the command line."""

@@ -1,0 +1,52 @@
+"""The Celery app. It is configured from settings lazily, on first use, so importing it reads nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from pipeline.settings import Settings, get_settings
+
+SEARCH_TASK = "imgsearch.search"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return dict(
+        broker_url=settings.redis_url,
+        result_backend=settings.redis_url,
+        # JSON only: nothing pickled crosses a process or the network
+        task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
+        # a job is acknowledged only once it ended; a job whose worker died is delivered again
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                  # sweep for a dead worker's jobs often enough for the timeout to mean it
+                                  "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 4)),
+                                  "unacked_restore_throttle": 1,
+                                  "socket_timeout": settings.redis_socket_timeout_s,
+                                  "socket_connect_timeout": settings.redis_socket_timeout_s},
+        result_backend_transport_options={"socket_timeout": settings.redis_socket_timeout_s,
+                                          "socket_connect_timeout": settings.redis_socket_timeout_s},
+        result_expires=settings.job_ttl_s,
+        task_routes={SEARCH_TASK: {"queue": settings.search_queue}},
+        task_default_queue=settings.search_queue,
+        # the API must answer 503 quickly when Redis is down, not retry for long
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        broker_connection_timeout=settings.redis_socket_timeout_s,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True, task_send_sent_event=True,
+    )
+
+
+def client_app(settings: Settings) -> Celery:
+    """A Celery app that only sends tasks (by name), for the API: it holds its own broker connections."""
+    client = Celery("imgsearch-client", set_as_current=False)
+    client.conf.update(celery_config(settings))
+    return client
+
+
+# The worker's app. Its configuration is a promise, read when first needed, never at import.
+app = Celery("imgsearch", include=["workers.tasks"])
+app.add_defaults(lambda: celery_config(get_settings()))

@@ -1,0 +1,82 @@
+"""What a worker process holds: engines, stores and a Searcher loaded once at process start, and a heartbeat
+that tells the API (``/readyz``) which workers are live and what they loaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from pipeline.jobs import JobWriter, heartbeat_key
+from pipeline.search import Searcher
+from pipeline.settings import Settings, get_settings
+from pipeline.stores import make_blob_store, make_vector_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    searcher: Searcher
+    writer: JobWriter
+    info: dict[str, Any]
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+_stop = threading.Event()
+
+
+def load(settings: Settings | None = None) -> Runtime:
+    """Load the engines and stores of this process (once) and start its heartbeat."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            from engines.registry import load_engines
+
+            settings = settings or get_settings()
+            t0 = time.perf_counter()
+            engines = load_engines(settings)
+            searcher = Searcher(settings, engines.text, make_vector_store(settings), make_blob_store(settings),
+                                engines.reranker)
+            searcher.encode("warm up")  # the first real query pays no lazy-init cost
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
+                                          socket_connect_timeout=settings.redis_socket_timeout_s)
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
+                    "queue": settings.search_queue, "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
+            _runtime = Runtime(settings, searcher, JobWriter(client, settings.job_ttl_s, settings.events_maxlen), info)
+            threading.Thread(target=_heartbeat, args=(_runtime,), name="heartbeat", daemon=True).start()
+            log.info("worker process ready: %s", info)
+        return _runtime
+
+
+def get() -> Runtime:
+    return _runtime or load()
+
+
+def _heartbeat(rt: Runtime) -> None:
+    key = heartbeat_key(f"{rt.info['host']}:{rt.info['pid']}")
+    ttl = rt.settings.heartbeat_ttl_s
+    while not _stop.is_set():
+        try:
+            rt.writer.r.set(key, json.dumps({**rt.info, "at": time.time()}), ex=ttl)
+        except redis.RedisError as exc:  # Redis away: keep trying; the key expires meanwhile
+            log.warning("heartbeat failed: %s", exc)
+        _stop.wait(max(ttl / 3, 0.5))
+
+
+def shutdown() -> None:
+    _stop.set()
+    if _runtime is not None:
+        try:
+            _runtime.writer.r.delete(heartbeat_key(f"{_runtime.info['host']}:{_runtime.info['pid']}"))
+        except redis.RedisError:
+            pass

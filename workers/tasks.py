@@ -1,0 +1,47 @@
+"""Celery tasks: deserialise, call one pipeline function, report. No search logic lives here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
+from pydantic import BaseModel
+
+from pipeline.jobs import run_job
+from workers import runtime
+from workers.celery_app import SEARCH_TASK, app
+
+log = logging.getLogger(__name__)
+
+
+class SearchTask(BaseModel):
+    job_id: str
+
+
+@app.task(name=SEARCH_TASK, acks_late=True, reject_on_worker_lost=True)
+def search(payload: dict[str, Any]) -> dict[str, Any]:
+    task = SearchTask.model_validate(payload)
+    job = run_job(task.job_id, runtime.get().searcher, runtime.get().writer)
+    return {"id": task.job_id, "status": job.status if job else "missing"}
+
+
+# Engines load once per process that runs tasks: each prefork child, or the main process of a solo or
+# threads pool. The prefork parent never loads a model (it would only be copied into every child).
+@worker_process_init.connect
+def _load_in_child(**_: Any) -> None:
+    runtime.load()
+
+
+@worker_init.connect
+def _load_in_main(sender: Any = None, **_: Any) -> None:
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "solo" in name or "thread" in name:
+        runtime.load()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    runtime.shutdown()
