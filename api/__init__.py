@@ -1,0 +1,1 @@
+"""The HTTP edge: validates, enqueues, reads job records and events. Loads no model."""

@@ -1,0 +1,28 @@
+"""The original service's blocking endpoint, kept for its clients; it runs through the same queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import Jobs, SettingsDep
+from api.schemas import ErrorResponse, LegacySearchResponse, SearchRequest
+from pipeline.errors import DeadlineExceeded, ImgSearchError
+
+router = APIRouter(tags=["search"])
+
+
+@router.post("/search", response_model=LegacySearchResponse,
+             responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+async def search(body: SearchRequest, jobs: Jobs, settings: SettingsDep) -> dict[str, Any]:
+    """Search and wait for the ranking: ``{"results": [[post_id, score], ...]}``, best first."""
+    job = await jobs.submit(body.query, body.model_dump(exclude={"query"}))
+    done = await jobs.wait(job.id, settings.search_wait_s)
+    if done is None:
+        raise DeadlineExceeded(f"job {job.id} did not finish within {settings.search_wait_s:g} s; "
+                               f"poll /v1/jobs/{job.id} for it", code="timeout")
+    if done.status == "failed":
+        err = done.error
+        raise ImgSearchError(err.message if err else "the search failed", code=err.code if err else "search_failed")
+    return {"results": [[r.id, r.score] for r in done.results or []]}

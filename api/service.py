@@ -1,0 +1,89 @@
+"""The API's one long-lived helper: submits jobs, reads them back and follows their event streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from celery import Celery
+
+from pipeline import filters
+from pipeline.errors import InvalidRequest, NotFound, Unavailable
+from pipeline.jobs import TERMINAL, events_key, job_key, parse_events, parse_job, stage_event, stage_record
+from pipeline.settings import Settings
+from pipeline.types import Job
+from workers.celery_app import SEARCH_TASK
+
+KEEPALIVE = None  # yielded by ``follow`` when nothing happened for a while
+_BLOCK_MS = 1000
+
+
+class JobService:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, celery: Celery) -> None:
+        self.settings, self.redis, self.celery = settings, redis, celery
+
+    async def submit(self, query: str, params: dict[str, Any]) -> Job:
+        if len(query) > self.settings.max_query_chars:
+            raise InvalidRequest(f"the query is {len(query)} characters long; the limit is {self.settings.max_query_chars}")
+        if params.get("filter") is not None:
+            filters.validate(params["filter"])
+        now = time.time()
+        job = Job(id=uuid.uuid4().hex, status="queued", query=query,
+                  params={k: v for k, v in params.items() if v is not None}, created_at=now,
+                  deadline_at=now + self.settings.job_deadline_s)
+        pipe = self.redis.pipeline(transaction=True)
+        stage_record(pipe, job, self.settings.job_ttl_s)
+        stage_event(pipe, job.id, "queued", {"id": job.id}, self.settings.job_ttl_s, self.settings.events_maxlen)
+        await pipe.execute()
+        send = partial(self.celery.send_task, SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id,
+                       queue=self.settings.search_queue)
+        try:
+            await anyio.to_thread.run_sync(send)
+        except Exception as exc:  # the broker is unreachable: don't leave a job that will never run
+            await self.redis.delete(job_key(job.id), events_key(job.id))
+            raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
+        return job
+
+    async def get(self, job_id: str) -> Job:
+        job = parse_job(await self.redis.get(job_key(job_id))) if _valid_id(job_id) else None
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (unknown or expired)")
+        return job
+
+    async def follow(self, job_id: str, after: str = "0") -> AsyncIterator[tuple[str, str, dict[str, Any]] | None]:
+        """The job's events from ``after`` on, blocking for new ones; ends after ``done`` or ``failed``."""
+        last = after
+        while True:
+            answer = await self.redis.xread({events_key(job_id): last}, block=_BLOCK_MS, count=100)
+            if not answer:
+                job = parse_job(await self.redis.get(job_key(job_id)))
+                if job is None:
+                    return
+                yield KEEPALIVE
+                continue
+            for entry in parse_events(answer[0][1]):  # type: ignore[index, arg-type]
+                last = entry[0]
+                yield entry
+                if entry[1] in TERMINAL:
+                    return
+
+    async def wait(self, job_id: str, timeout: float) -> Job | None:
+        """The job once it ended, or None if it had not within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                async for entry in self.follow(job_id):
+                    if entry is not None and entry[1] in TERMINAL:
+                        break
+        except TimeoutError:
+            return None
+        return await self.get(job_id)
+
+
+def _valid_id(job_id: str) -> bool:
+    return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
