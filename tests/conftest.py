@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny models, a generated image set ingested into a store, and a real redis-server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from workers import stack
+
+# the tests decide every setting they use; nothing leaks in from the caller's environment
+for _k in [k for k in os.environ if k.startswith("IMGSEARCH_")] + ["REDIS_URL"]:
+    os.environ.pop(_k, None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@dataclass
+class Models:
+    siglip: Path
+    blip: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    from engines.tiny import make_tiny_models
+
+    s, b = make_tiny_models(tmp_path_factory.mktemp("models"))
+    return Models(s, b)
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.demo_data import write_demo_images
+
+    return write_demo_images(tmp_path_factory.mktemp("images"), 48)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    workdir: Path
+    proc: stack.Proc | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.proc = stack.start_redis(self.port, self.workdir, self.workdir / "redis.log")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(stack.free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def settings_env(data_dir: Path, models: Models, redis_url: str, **extra: str) -> dict[str, str]:
+    """The environment a worker or API process of the tests runs with."""
+    return {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(models.siglip),
+            "IMGSEARCH_BLIP_MODEL": str(models.blip), "IMGSEARCH_REDIS_URL": redis_url,
+            "IMGSEARCH_TORCH_THREADS": "1", **extra}
+
+
+def make_settings(data_dir: Path, models: Models, redis_url: str = "redis://127.0.0.1:1/0", **kw: object):  # type: ignore[no-untyped-def]
+    from pipeline.settings import Settings
+
+    return Settings(data_dir=data_dir, siglip_model=str(models.siglip), blip_model=str(models.blip),
+                    redis_url=redis_url, torch_threads=1, **kw)
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_models: Models, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from engines.registry import load_engines
+
+    return load_engines(make_settings(tmp_path_factory.mktemp("unused"), tiny_models))
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: Models, demo_images: Path, engines) -> Path:  # type: ignore[no-untyped-def]
+    """A data dir with the 48 demo images ingested (vectors + blobs), shared read-only by the tests."""
+    from pipeline.ingest import ingest_folder
+    from pipeline.stores import make_blob_store, make_vector_store
+
+    data = tmp_path_factory.mktemp("data")
+    s = make_settings(data, tiny_models)
+    vectors = make_vector_store(s)
+    report = ingest_folder(demo_images, engines.image, engines.reranker, vectors, make_blob_store(s))
+    assert report.ingested == 48 and not report.failed
+    vectors.close()  # type: ignore[attr-defined]
+    return data

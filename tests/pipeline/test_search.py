@@ -1,0 +1,113 @@
+"""The Searcher in-process on the tiny models, and a job's life in a real Redis."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from pipeline.jobs import JobWriter, events_key, job_key, parse_events, run_job
+from pipeline.search import Searcher, feature_key
+from pipeline.stores import make_blob_store, make_vector_store
+from pipeline.types import Job, SearchParams
+from tests.conftest import make_settings
+
+
+def _searcher(data_dir: Path, tiny_models, engines, **kw) -> Searcher:  # type: ignore[no-untyped-def]
+    s = make_settings(data_dir, tiny_models, **kw)
+    return Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+
+
+def test_search_ranks_by_fused_score(store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    searcher = _searcher(store_dir, tiny_models, engines)
+    out = searcher.search(SearchParams(query="a red circle", limit=10))
+    assert len(out.candidates) == 32 and len(out.results) == 10 and not out.not_reranked
+    scores = [r.score for r in out.results]
+    assert scores == sorted(scores, reverse=True)
+    assert len(set(scores)) > 1  # the tiny models do tell candidates apart
+    for r in out.results:
+        assert r.score == pytest.approx(0.7 * r.itm + 0.3 * r.cosine, abs=1e-6)
+        assert r.metadata["title"] and r.metadata["subreddit"]
+    # the ANN candidates come from SigLIP alone; fusion reorders them
+    q = engines.text.encode_text(["a red circle"])[0]
+    assert out.candidates[0].score == pytest.approx(max(c.score for c in out.candidates))
+    best = out.candidates[0].id
+    assert out.candidates[0].score == pytest.approx(float(searcher.vectors.fetch([best])[best][0] @ q), abs=1e-5)
+    assert set(out.timings) == {"encode", "retrieve", "fetch", "rerank", "fuse"}
+
+
+def test_search_scores_equal_the_full_blip_forward(store_dir, tiny_models, engines, demo_images) -> None:  # type: ignore[no-untyped-def]
+    """Stored features reproduce what BLIP computes from pixels (ITM and cosine)."""
+    import torch
+    from PIL import Image
+
+    out = _searcher(store_dir, tiny_models, engines).search(SearchParams(query="a green square", limit=3))
+    m, blip = engines.reranker.model, engines.reranker
+    for r in out.results:
+        pixels = blip.pixels([Image.open(demo_images / f"{r.id}.png")])
+        tok = blip.tokenizer(["a green square"], return_tensors="pt")
+        with torch.inference_mode():
+            itm = torch.softmax(m(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=pixels,
+                                  use_itm_head=True).itm_score, -1)[0, 1].item()
+            cos = m(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=pixels,
+                    use_itm_head=False).itm_score[0, 0].item()
+        # features are stored as float16 (the DESIGN's format), hence a small tolerance
+        assert r.itm == pytest.approx(itm, abs=2e-3) and r.cosine == pytest.approx(cos, abs=2e-3)
+
+
+def test_missing_or_corrupt_features_keep_ann_order(store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    shutil.copytree(store_dir, data)
+    searcher = _searcher(data, tiny_models, engines)
+    first = searcher.search(SearchParams(query="a blue triangle"))
+    a, b = first.candidates[0].id, first.candidates[1].id
+    searcher.blobs.delete(feature_key(engines.reranker.version, a))
+    searcher.blobs.put(feature_key(engines.reranker.version, b), b"IMGF-garbage")
+    out = searcher.search(SearchParams(query="a blue triangle"))
+    assert out.not_reranked == [a, b]
+    tail = out.results[-2:]
+    assert [r.id for r in tail] == [a, b] and tail[0].itm is None and tail[0].score == pytest.approx(tail[0].ann_score)
+
+
+@pytest.mark.integration
+def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r = redis.Redis.from_url(redis_server.url(3))
+    writer = JobWriter(r, ttl=60, maxlen=64)
+    job = Job(id="a" * 32, status="queued", query="a red circle", params={"limit": 5}, created_at=0.0)
+    writer.write(job, "queued", {})
+    done = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
+    assert done is not None and done.status == "done" and len(done.results or []) == 5
+    names = [e[1] for e in parse_events(r.xrange(events_key(job.id)))]
+    assert names == ["queued", "started", "candidates", "results", "done"]
+    assert 0 < r.ttl(job_key(job.id)) <= 60 and 0 < r.ttl(events_key(job.id)) <= 60
+    # a redelivered job that already ended is left alone
+    assert run_job(job.id, _searcher(store_dir, tiny_models, engines), writer).status == "done"  # type: ignore[union-attr]
+    assert len(r.xrange(events_key(job.id))) == 5
+
+    # a stage that raises ends the job failed with a readable reason: here a store made by another encoder
+    other = tmp_path / "other"
+    s = make_settings(other, tiny_models)
+    make_vector_store(s).upsert([("x", np.ones(7, np.float32) / 7 ** 0.5, {})])
+    bad = Job(id="b" * 32, status="queued", query="anything", created_at=0.0)
+    writer.write(bad, "queued", {})
+    failed = run_job(bad.id, _searcher(other, tiny_models, engines), writer)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error is not None and failed.error.code == "dimension_mismatch" and "re-ingest" in failed.error.message
+    last = parse_events(r.xrange(events_key(bad.id)))[-1]
+    assert last[1] == "failed" and last[2]["error"]["code"] == "dimension_mismatch"
+    assert json.loads(r.get(job_key(bad.id)))["status"] == "failed"
+
+
+@pytest.mark.integration
+def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    r = redis.Redis.from_url(redis_server.url(3))
+    writer = JobWriter(r, ttl=60, maxlen=64)
+    job = Job(id="c" * 32, status="queued", query="late", created_at=0.0, deadline_at=1.0)
+    writer.write(job, "queued", {})
+    out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
+    assert out is not None and out.status == "failed" and out.error is not None
+    assert out.error.code == "deadline_exceeded"

@@ -1,0 +1,76 @@
+"""Small pure pieces: fusion, the feature codec, settings, the blob store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import features
+from pipeline.errors import InvalidRequest, StoreError
+from pipeline.fusion import fuse, rank
+from pipeline.settings import Settings
+from pipeline.stores.local_blob import LocalBlobStore
+
+
+def test_fusion_weights_and_rank() -> None:
+    itm = np.array([0.9, 0.1, 0.5], np.float32)
+    cos = np.array([0.0, 1.0, 0.5], np.float32)
+    fused = fuse(itm, cos)
+    np.testing.assert_allclose(fused, [0.63, 0.37, 0.5], rtol=1e-6)
+    assert rank(fused).tolist() == [0, 2, 1]
+    assert rank(fuse(itm, cos, 0.0, 1.0)).tolist() == [1, 2, 0]
+
+
+def test_rank_ties_keep_input_order() -> None:
+    assert rank(np.array([0.5, 0.7, 0.5, 0.7], np.float32)).tolist() == [1, 3, 0, 2]
+
+
+def test_feature_codec_round_trip_and_corruption() -> None:
+    arr = np.random.default_rng(0).standard_normal((5, 17, 8)).astype(np.float32)
+    blob = features.encode(arr)
+    back = features.decode(blob)
+    assert back.dtype == np.float16 and back.shape == arr.shape
+    np.testing.assert_allclose(back, arr, atol=2e-3, rtol=1e-3)
+    with pytest.raises(StoreError, match="truncated"):
+        features.decode(blob[:-2])
+    with pytest.raises(StoreError, match="magic"):
+        features.decode(b"garbage-bytes")
+    assert features.decode(features.encode(arr, "float32")).dtype == np.float32
+
+
+def test_settings_take_the_original_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("PINECONE_API_KEY", "pk-secret")
+    monkeypatch.setenv("PINECONE_INDEX_NAME", "memes")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "proj")
+    s = Settings()
+    assert s.redis_url == "redis://example:6380/2"
+    assert s.pinecone_index_name == "memes" and s.google_cloud_project == "proj"
+    assert s.pinecone_api_key is not None and s.pinecone_api_key.get_secret_value() == "pk-secret"
+    assert "pk-secret" not in repr(s)  # secrets never reach logs
+    monkeypatch.setenv("IMGSEARCH_REDIS_URL", "redis://ours:1/0")
+    assert Settings().redis_url == "redis://ours:1/0"  # the prefixed name wins
+
+
+def test_settings_refuse_unsafe_values() -> None:
+    with pytest.raises(ValueError, match="rerank_k"):
+        Settings(top_k=8, rerank_k=16)
+    with pytest.raises(ValueError, match="weight"):
+        Settings(itm_weight=0, cosine_weight=0)
+    assert Settings(job_deadline_s=10).visibility_timeout > 10
+
+
+def test_local_blob_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = LocalBlobStore(tmp_path)
+    assert store.get("features/v1/abc") is None and not store.exists("features/v1/abc")
+    store.put("features/v1/abc", b"\x00\x01")
+    assert store.get("features/v1/abc") == b"\x00\x01" and store.exists("features/v1/abc")
+    store.put("features/v1/abc", b"new")
+    assert store.get("features/v1/abc") == b"new"
+    store.delete("features/v1/abc")
+    assert not store.exists("features/v1/abc")
+    store.delete("features/v1/abc")  # deleting a missing key is fine
+    for bad in ("../escape", "/abs", "a/../../b", ""):
+        with pytest.raises(InvalidRequest):
+            store.put(bad, b"x")
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))

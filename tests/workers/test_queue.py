@@ -1,0 +1,196 @@
+"""End to end through real processes: the API (uvicorn) enqueues on a real redis-server, a real Celery worker
+with preloaded engines runs the job. No eager mode anywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from pipeline.jobs import job_key
+from pipeline.search import Searcher
+from pipeline.stores import make_blob_store, make_vector_store
+from pipeline.types import SearchParams
+from tests.conftest import make_settings, settings_env
+from workers import stack
+
+pytestmark = pytest.mark.integration
+QUERIES = ["a red circle", "a blue square on a white background", "a yellow triangle on a black background"]
+
+
+@dataclass
+class Live:
+    base: str
+    env: dict[str, str]
+    logs: Path
+    procs: list[stack.Proc] = field(default_factory=list)
+
+    def submit(self, query: str, **params: object) -> str:
+        r = httpx.post(f"{self.base}/v1/jobs", json={"query": query, **params}, timeout=10)
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
+
+    def wait(self, job_id: str, timeout: float = 60) -> dict:
+        job: dict = {}
+
+        def ended() -> bool:
+            nonlocal job
+            job = httpx.get(f"{self.base}/v1/jobs/{job_id}", timeout=10).json()
+            return job["status"] in ("done", "failed")
+
+        stack.wait_for(ended, timeout, f"job {job_id}", interval=0.02)
+        return job
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def _start(env: dict[str, str], logs: Path, workers: int = 1) -> Live:
+    logs.mkdir(parents=True, exist_ok=True)
+    port = stack.free_port()
+    live = Live(f"http://127.0.0.1:{port}", env, logs)
+    try:
+        for i in range(workers):
+            live.procs.append(stack.start_worker(env, logs / f"worker{i}.log", name=f"w{i}"))
+        live.procs.append(stack.start_api(env, port, logs / "api.log"))
+        stack.wait_for(lambda: stack.api_ready(live.base), 120, "the API to report a ready worker", interval=0.1)
+    except BaseException:
+        live.stop()
+        raise
+    return live
+
+
+@pytest.fixture(scope="module")
+def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
+    env = settings_env(store_dir, tiny_models, redis_server.url(5))
+    running = _start(env, tmp_path_factory.mktemp("logs"))
+    yield running
+    running.stop()
+
+
+def test_results_equal_the_same_pipeline_in_process(live, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    s = make_settings(store_dir, tiny_models)
+    searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+    for q in QUERIES:
+        job = live.wait(live.submit(q, limit=10))
+        assert job["status"] == "done", job
+        want = searcher.search(SearchParams(query=q, limit=10)).results
+        assert [r["id"] for r in job["results"]] == [r.id for r in want]
+        np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=1e-5)
+        first = job["results"][0]
+        assert set(first) >= {"id", "score", "itm", "cosine", "metadata"}
+        assert first["metadata"]["title"] and first["metadata"]["width"] == 96
+        assert set(job["timings"]) >= {"encode", "retrieve", "fetch", "rerank", "fuse", "total", "queue_wait"}
+
+
+def _read_sse(resp: httpx.Response) -> list[tuple[str, dict]]:
+    events, name, data = [], None, None
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif line == "" and name is not None:
+            events.append((name, data))
+            name, data = None, None
+    return events
+
+
+def test_sse_delivers_events_in_order_then_closes(live) -> None:  # type: ignore[no-untyped-def]
+    job_id = live.submit("a green circle", limit=5)
+    with httpx.stream("GET", f"{live.base}/v1/jobs/{job_id}/events", timeout=30) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = _read_sse(resp)  # returns only because the server closed the stream
+    assert [e[0] for e in events] == ["queued", "started", "candidates", "results", "done"]
+    candidates = [c["id"] for c in events[2][1]["candidates"]]
+    results = [r["id"] for r in events[3][1]["results"]]
+    assert len(candidates) == 32 and len(results) == 5 and set(results) <= set(candidates)
+    # the ANN order comes first; the final ranking is the job's
+    assert results == [r["id"] for r in live.wait(job_id)["results"]]
+    # a client that connects after the end still reads the whole history
+    with httpx.stream("GET", f"{live.base}/v1/jobs/{job_id}/events", timeout=30) as resp:
+        assert [e[0] for e in _read_sse(resp)] == ["queued", "started", "candidates", "results", "done"]
+
+
+def test_blocking_search_agrees_with_polling(live) -> None:  # type: ignore[no-untyped-def]
+    for q in QUERIES:
+        legacy = httpx.post(f"{live.base}/search", json={"query": q}, timeout=60)
+        assert legacy.status_code == 200, legacy.text
+        pairs = legacy.json()["results"]
+        assert set(legacy.json()) == {"results"} and all(len(p) == 2 for p in pairs)
+        polled = live.wait(live.submit(q))["results"]
+        assert [p[0] for p in pairs] == [r["id"] for r in polled]
+        np.testing.assert_allclose([p[1] for p in pairs], [r["score"] for r in polled], atol=1e-6)
+
+
+def test_readyz_reports_the_worker_and_its_engines(live) -> None:  # type: ignore[no-untyped-def]
+    body = httpx.get(f"{live.base}/readyz", timeout=5).json()
+    assert body["ready"] is True and body["redis"] == "ok"
+    (w,) = body["workers"]
+    assert w["engines_loaded"] is True and w["backend"] == "torch" and w["siglip"].startswith("siglip-")
+
+
+def test_a_failing_stage_ends_the_job_failed(live) -> None:  # type: ignore[no-untyped-def]
+    # a filter naming an operator the store can't run is refused at the door...
+    r = httpx.post(f"{live.base}/v1/jobs", json={"query": "x", "filter": {"a": {"$near": 1}}}, timeout=10)
+    assert r.status_code == 422
+    # ...and one that passes validation but matches nothing ends done with no results, not failed
+    job = live.wait(live.submit("a red circle", filter={"subreddit": "no-such-sub"}))
+    assert job["status"] == "done" and job["results"] == []
+
+
+@pytest.fixture
+def fragile(redis_server, store_dir, tiny_models, tmp_path) -> Iterator[Live]:  # type: ignore[no-untyped-def]
+    # a short visibility timeout so the test sees a dead worker's job come back within seconds
+    env = settings_env(store_dir, tiny_models, redis_server.url(6), IMGSEARCH_VISIBILITY_TIMEOUT_S="3",
+                       IMGSEARCH_JOB_DEADLINE_S="120")
+    redis.Redis.from_url(redis_server.url(6)).flushdb()
+    running = _start(env, tmp_path / "logs")
+    yield running
+    running.stop()
+
+
+def test_killed_worker_job_is_redelivered_and_completes(fragile) -> None:  # type: ignore[no-untyped-def]
+    r = redis.Redis.from_url(fragile.env["IMGSEARCH_REDIS_URL"])
+    worker = fragile.procs[0]
+    jobs: list[str] = []
+    caught: list[str] = []
+    for _ in range(10):  # until the kill lands while a job is running (almost always the first try)
+        batch = [fragile.submit(f"a red circle number {i}") for i in range(20)]
+        jobs += batch
+
+        def statuses(batch: list[str] = batch) -> list[str]:
+            return [json.loads(r.get(job_key(j)))["status"] for j in batch]
+
+        stack.wait_for(lambda: "running" in statuses(), 60, "a job to start running", interval=0.002)
+        worker.kill()  # SIGKILL the whole worker, parent and child
+        caught = [j for j, s in zip(batch, statuses(), strict=True) if s == "running"]
+        if caught:
+            break
+        worker = stack.start_worker(fragile.env, fragile.logs / "retry.log", name="retry")
+        fragile.procs.append(worker)
+    assert caught, "never caught a job mid-run"
+    fragile.procs.append(stack.start_worker(fragile.env, fragile.logs / "second.log", name="second"))
+    results = {j: fragile.wait(j, timeout=90) for j in jobs}
+    assert all(job["status"] == "done" for job in results.values()), {j: v["status"] for j, v in results.items()}
+    # the job caught mid-run started twice: once on the dead worker, once on the second
+    started = [e for e in r.xrange(f"imgsearch:job:{caught[0]}:events") if e[1][b"event"] == b"started"]
+    assert len(started) == 2
+
+
+@pytest.mark.slow
+def test_demo_command_runs_queries_through_the_queue(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run([sys.executable, "-m", "workers.cli", "demo", "--once", "--data-dir", str(tmp_path / "demo"),
+                          "--port", str(stack.free_port()), "--images", "24"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("-> job ") == 3 and "  1. demo" in out.stdout and "API at http://127.0.0.1:" in out.stdout
