@@ -6,10 +6,11 @@ download weights. They rank at random: quality comes from the trained model kit.
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (  # type: ignore[attr-defined]
     BertTokenizerFast,
     BlipConfig,
@@ -26,14 +27,16 @@ cross stripe dot shape shapes background left right top bottom middle center cor
 cat dog face meme surprised confused happy sad computer looking picture photo image funny reddit post"""
 
 
-def make_tokenizer(extra_words: str = "", vocab_size: int = 512) -> BertTokenizerFast:
-    """A WordPiece tokenizer trained here on a small word list, saved and reloaded like BERT's."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def make_tokenizer(extra_words: str = "") -> BertTokenizerFast:
+    """A WordPiece tokenizer over a small word list (every word whole, any other word spelled out from
+    characters), saved and reloaded like BERT's. Built, not trained, so it is the same on every run."""
+    words = sorted(set((_WORDS + " " + extra_words).lower().split()))
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits + string.punctuation))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + chars + ["##" + c for c in chars] + [w for w in words if w not in chars]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator([_WORDS + " " + extra_words] * 4,
-                            trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
@@ -66,15 +69,16 @@ def make_tiny_models(root: Path | str, *, seed: int = 0, image_size: int = 32) -
     root = Path(root)
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
-    torch.manual_seed(seed)
     siglip_dir, blip_dir = root / "siglip", root / "blip"
 
+    torch.manual_seed(seed)
     siglip = SiglipModel(SiglipConfig(text_config=_text_cfg(vocab, 32, tokenizer),
                                       vision_config=_vision_cfg(32, image_size)))
     siglip.save_pretrained(siglip_dir)
     tokenizer.save_pretrained(siglip_dir)
     SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(siglip_dir)
 
+    torch.manual_seed(seed + 1)
     blip = BlipForImageTextRetrieval(BlipConfig(text_config=_text_cfg(vocab, 32, tokenizer),
                                                 vision_config=_vision_cfg(48, image_size), projection_dim=16))
     _spread(blip)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,20 +165,22 @@ def test_killed_worker_job_is_redelivered_and_completes(fragile) -> None:  # typ
     worker = fragile.procs[0]
     jobs: list[str] = []
     caught: list[str] = []
-    for _ in range(10):  # until the kill lands while a job is running (almost always the first try)
-        batch = [fragile.submit(f"a red circle number {i}") for i in range(20)]
-        jobs += batch
+    with ThreadPoolExecutor(8) as pool:
+        for attempt in range(10):  # until the kill lands while a job is running (almost always the first try)
+            # submit faster than one worker drains them, so the queue is never empty when the kill lands
+            batch = list(pool.map(lambda i: fragile.submit(f"a red circle number {i}"), range(40)))
+            jobs += batch
 
-        def statuses(batch: list[str] = batch) -> list[str]:
-            return [json.loads(r.get(job_key(j)))["status"] for j in batch]
+            def statuses(batch: list[str] = batch) -> list[str]:
+                return [json.loads(raw)["status"] for raw in r.mget([job_key(j) for j in batch])]
 
-        stack.wait_for(lambda: "running" in statuses(), 60, "a job to start running", interval=0.002)
-        worker.kill()  # SIGKILL the whole worker, parent and child
-        caught = [j for j, s in zip(batch, statuses(), strict=True) if s == "running"]
-        if caught:
-            break
-        worker = stack.start_worker(fragile.env, fragile.logs / "retry.log", name="retry")
-        fragile.procs.append(worker)
+            stack.wait_for(lambda: "running" in statuses(), 60, "a job to start running", interval=0.002)
+            worker.kill()  # SIGKILL the whole worker, parent and child
+            caught = [j for j, s in zip(batch, statuses(), strict=True) if s == "running"]
+            if caught:
+                break
+            worker = stack.start_worker(fragile.env, fragile.logs / f"retry{attempt}.log", name="retry")
+            fragile.procs.append(worker)
     assert caught, "never caught a job mid-run"
     fragile.procs.append(stack.start_worker(fragile.env, fragile.logs / "second.log", name="second"))
     results = {j: fragile.wait(j, timeout=90) for j in jobs}
