@@ -3,6 +3,10 @@
 Ingest runs the vision tower once per image and stores its output. A query then runs only the text side:
 one unimodal pass for ITC and one batched cross-attention pass over all candidates for ITM. Both equal
 the full forward on pixels (the split changes where work happens, not the numbers).
+
+``BlipBase`` holds what every backend shares (tokenizer, image processor, batching, cosine); each backend
+supplies three cores: ``_vision_core`` (pixels -> image embeds), ``_itc_core`` (query -> projected text
+feature) and ``_itm_core`` (query x image embeds -> ITM match probability and projected image feature).
 """
 
 from __future__ import annotations
@@ -17,54 +21,122 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
 from engines.loading import resolve, version_of
+from engines.siglip import l2
+
+SETTING = "IMGSEARCH_BLIP_MODEL"
 
 
-class BlipReranker:
-    def __init__(self, source: str, *, device: str = "cpu", setting: str = "IMGSEARCH_BLIP_MODEL",
-                 dtype: torch.dtype | None = None, batch_size: int = 32, max_tokens: int = 64) -> None:
-        path = resolve(source, setting)
-        self.version = version_of(path)
-        self.device = torch.device(device)
-        self.dtype = dtype
+class BlipBase:
+    backend = "base"
+
+    def __init__(self, source: str, *, setting: str = SETTING, batch_size: int = 32, max_tokens: int = 64) -> None:
+        self.path = resolve(source, setting)
+        self.version = version_of(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.processor = AutoImageProcessor.from_pretrained(self.path)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
-        self.model = BlipForImageTextRetrieval.from_pretrained(path).eval().to(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.processor = AutoImageProcessor.from_pretrained(path)
+
+    # --- pre ---
+    def pixel_inputs(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")["pixel_values"]
+        return np.asarray(pixels, dtype=np.float32)
+
+    def query_inputs(self, query: str) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        tok = self.tokenizer([query], truncation=True, max_length=self.max_tokens, return_tensors="np")
+        return tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64)
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(self.pixel_inputs(images))
+
+    # --- cores (per backend) ---
+    def _vision_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
+        raise NotImplementedError
+
+    def _itc_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64]) -> NDArray[Any]:
+        raise NotImplementedError
+
+    def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
+                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
+        raise NotImplementedError
+
+    # --- the Reranker protocol ---
+    def vision_features(self, images: Sequence[Image.Image]) -> NDArray[np.float16]:
+        return np.asarray(self._vision_core(self.pixel_inputs(images)), dtype=np.float16)
+
+    def score(self, query: str, features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        if not len(features):
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        ids, mask = self.query_inputs(query)
+        # ITC: the query's unimodal text pass runs once, whatever the number of candidates
+        text_feat = l2(self._itc_core(ids, mask))[0]
+        itm_out, cos_out = [], []
+        for start in range(0, len(features), self.batch_size):
+            embeds = np.stack([np.asarray(f, np.float32) for f in features[start:start + self.batch_size]])
+            n = embeds.shape[0]
+            itm, image_proj = self._itm_core(np.repeat(ids, n, 0), np.repeat(mask, n, 0), embeds)
+            itm_out.append(np.asarray(itm, np.float32))
+            cos_out.append(l2(image_proj) @ text_feat)
+        return np.concatenate(itm_out), np.concatenate(cos_out).astype(np.float32)
+
+
+class BlipCores(torch.nn.Module):
+    """The three BLIP cores as torch modules' forward passes; also what the ONNX export traces."""
+
+    def __init__(self, model: BlipForImageTextRetrieval) -> None:
+        super().__init__()
+        self.m = model
+
+    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.m.vision_model(pixel_values=pixel_values).last_hidden_state  # type: ignore[no-any-return]
+
+    def itc(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        text = self.m.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0, :]
+        return self.m.text_proj(text)  # type: ignore[no-any-return]
+
+    def itm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        hidden = self.m.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                     encoder_hidden_states=image_embeds,
+                                     encoder_attention_mask=image_mask).last_hidden_state[:, 0, :]
+        itm = torch.softmax(self.m.itm_head(hidden).float(), dim=-1)[:, 1]
+        return itm, self.m.vision_proj(image_embeds[:, 0, :])
+
+
+class TorchBlip(BlipBase):
+    backend = "torch"
+
+    def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", setting: str = SETTING,
+                 batch_size: int = 32, max_tokens: int = 64) -> None:
+        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens)
+        self.device = torch.device(device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.model = BlipForImageTextRetrieval.from_pretrained(self.path).eval().to(self.device)
+        self.cores = BlipCores(self.model)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
-    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    def _t(self, x: NDArray[Any]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     @torch.inference_mode()
-    def vision_features(self, images: Sequence[Image.Image]) -> NDArray[np.float16]:
+    def _vision_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
         with self._autocast():
-            feats = self.model.vision_model(pixel_values=self.pixels(images).to(self.device)).last_hidden_state
-        return feats.to(torch.float16).cpu().numpy()
+            return self.cores.vision(self._t(pixel_values)).float().cpu().numpy()  # type: ignore[no-any-return]
 
     @torch.inference_mode()
-    def score(self, query: str, features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        if not features:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        tok = self.tokenizer([query], truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-        m = self.model
-        itm_out, cos_out = [], []
+    def _itc_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64]) -> NDArray[Any]:
         with self._autocast():
-            # ITC: the query's unimodal text pass runs once, whatever the number of candidates
-            text = m.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0, :]
-            text_feat = torch.nn.functional.normalize(m.text_proj(text).float(), dim=-1)[0]
-            for start in range(0, len(features), self.batch_size):
-                chunk = features[start:start + self.batch_size]
-                embeds = torch.from_numpy(np.stack([np.asarray(f, np.float32) for f in chunk])).to(self.device)
-                image_feat = torch.nn.functional.normalize(m.vision_proj(embeds[:, 0, :]).float(), dim=-1)
-                cos_out.append(image_feat @ text_feat)
-                n = embeds.shape[0]
-                hidden = m.text_encoder(
-                    input_ids=ids.expand(n, -1), attention_mask=mask.expand(n, -1), encoder_hidden_states=embeds,
-                    encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device),
-                ).last_hidden_state[:, 0, :]
-                itm_out.append(torch.softmax(m.itm_head(hidden).float(), dim=-1)[:, 1])
-        return torch.cat(itm_out).cpu().numpy(), torch.cat(cos_out).cpu().numpy()
+            return self.cores.itc(self._t(ids), self._t(mask)).float().cpu().numpy()  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
+                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
+        with self._autocast():
+            itm, proj = self.cores.itm(self._t(ids), self._t(mask), self._t(embeds))
+        return itm.float().cpu().numpy(), proj.float().cpu().numpy()
+
+
+BlipReranker = TorchBlip

@@ -1,4 +1,4 @@
-"""Pick and load the engines a worker holds, by the ``engine_backend`` setting."""
+"""Pick and load the engines a worker holds, by the ``engine_backend`` and ``engine_precision`` settings."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engines.artifacts import check_precision
 from pipeline.protocols import ImageEncoder, Reranker, TextEncoder
 from pipeline.settings import Settings
 
@@ -18,32 +19,79 @@ class Engines:
     image: ImageEncoder
     reranker: Reranker
     backend: str
+    precision: str
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.backend, "siglip": self.text.version, "blip": self.reranker.version}
+        return {"backend": self.backend, "precision": self.precision, "siglip": self.text.version,
+                "blip": self.reranker.version}
 
 
-def _torch(settings: Settings) -> Engines:
-    import torch
+def _torch(s: Settings) -> Engines:
+    from engines.blip import TorchBlip
+    from engines.siglip import TorchSiglip
 
-    from engines.blip import BlipReranker
-    from engines.siglip import SiglipEncoder
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    siglip = SiglipEncoder(settings.siglip_model, device=settings.device, max_tokens=settings.text_max_tokens)
-    blip = BlipReranker(settings.blip_model, device=settings.device)
-    return Engines(text=siglip, image=siglip, reranker=blip, backend="torch")
+    siglip = TorchSiglip(s.siglip_model, device=s.device, precision=s.engine_precision, max_tokens=s.text_max_tokens)
+    blip = TorchBlip(s.blip_model, device=s.device, precision=s.engine_precision)
+    return Engines(siglip, siglip, blip, "torch", s.engine_precision)
 
 
-BACKENDS: dict[str, Callable[[Settings], Engines]] = {"torch": _torch}
+def _onnxruntime(s: Settings) -> Engines:
+    from engines.ort import OrtBlip, OrtSiglip
+
+    kw = dict(device=s.device, precision=s.engine_precision, threads=s.torch_threads)
+    siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, **kw)  # type: ignore[arg-type]
+    blip = OrtBlip(s.blip_model, s.engines_path, **kw)  # type: ignore[arg-type]
+    return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision)
+
+
+def _tensorrt(s: Settings) -> Engines:
+    from engines.trt import TrtBlip, TrtSiglip
+
+    siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens)
+    blip = TrtBlip(s.blip_model, s.engines_path, precision=s.engine_precision)
+    return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision)
+
+
+BACKENDS: dict[str, Callable[[Settings], Engines]] = {"torch": _torch, "onnxruntime": _onnxruntime,
+                                                      "tensorrt": _tensorrt}
 
 
 def load_engines(settings: Settings) -> Engines:
-    try:
-        loader = BACKENDS[settings.engine_backend]
-    except KeyError:
-        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: {', '.join(sorted(BACKENDS))}") from None
-    engines = loader(settings)
+    """Load the configured engines; a missing model or engine raises one error naming what to set or build."""
+    if settings.engine_backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: {', '.join(sorted(BACKENDS))}")
+    check_precision(settings.engine_backend, settings.engine_precision)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    engines = BACKENDS[settings.engine_backend](settings)
     log.info("engines loaded: %s", engines.describe())
     return engines
+
+
+def preflight(settings: Settings) -> None:
+    """Fail fast, before a worker starts, if the configured models or built engines are missing or stale."""
+    from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, onnx_path, require
+    from engines.blip import SETTING as BLIP_SETTING
+    from engines.loading import resolve, version_of
+    from engines.siglip import SETTING as SIGLIP_SETTING
+
+    if settings.engine_backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: {', '.join(sorted(BACKENDS))}")
+    check_precision(settings.engine_backend, settings.engine_precision)
+    siglip = version_of(resolve(settings.siglip_model, SIGLIP_SETTING))
+    blip = version_of(resolve(settings.blip_model, BLIP_SETTING))
+    if settings.engine_backend == "onnxruntime":
+        for version, names in ((siglip, SIGLIP_COMPONENTS), (blip, BLIP_COMPONENTS)):
+            for name in names:
+                require(onnx_path(settings.engines_path, version, name, settings.engine_precision), "onnxruntime",
+                        settings.engine_precision)
+    elif settings.engine_backend == "tensorrt":
+        from engines.trt import Plan, plan_path
+
+        for version, names in ((siglip, SIGLIP_COMPONENTS), (blip, BLIP_COMPONENTS)):
+            for name in names:
+                path = plan_path(settings.engines_path, version, name, settings.engine_precision)
+                if not path.is_file():
+                    Plan(path)  # raises the message that names the build command

@@ -1,11 +1,19 @@
-"""SigLIP (transformers ``SiglipModel``): text tower for queries, image tower for ingest."""
+"""SigLIP (transformers ``SiglipModel``): text tower for queries, image tower for ingest.
+
+``SiglipBase`` holds what every backend shares: the model folder, its version, the tokenizer, the image
+processor and the original's text cleaning (pre), and L2 normalisation (post). Each backend supplies the two
+cores that turn model inputs into raw features (``_text_core``, ``_image_core``).
+"""
 
 from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
@@ -13,6 +21,7 @@ from engines.loading import resolve, version_of
 from pipeline.types import Vector
 
 _PUNCT = str.maketrans("", "", string.punctuation)
+SETTING = "IMGSEARCH_SIGLIP_MODEL"
 
 
 def canonicalize(text: str) -> str:
@@ -20,41 +29,84 @@ def canonicalize(text: str) -> str:
     return " ".join(text.lower().translate(_PUNCT).split())
 
 
-def _features(out: object) -> torch.Tensor:
-    # transformers 5 may return an output object rather than the pooled tensor
+def l2(x: NDArray[Any]) -> Vector:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def features(out: object) -> torch.Tensor:
+    """transformers 5 may return an output object rather than the pooled tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output  # type: ignore[attr-defined]
 
 
-class SiglipEncoder:
+class SiglipBase:
     """Both SigLIP towers; L2-normalised float32 vectors out."""
 
-    def __init__(self, source: str, *, device: str = "cpu", max_tokens: int = 64, setting: str = "IMGSEARCH_SIGLIP_MODEL",
-                 dtype: torch.dtype | None = None) -> None:
-        path = resolve(source, setting)
-        self.version = version_of(path)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = SiglipModel.from_pretrained(path).eval().to(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.processor = AutoImageProcessor.from_pretrained(path)
+    backend = "base"
+
+    def __init__(self, source: str, *, max_tokens: int = 64, setting: str = SETTING) -> None:
+        self.path = resolve(source, setting)
+        self.version = version_of(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.processor = AutoImageProcessor.from_pretrained(self.path)
         self.max_tokens = max_tokens
+        self.dim = 0
+
+    def _warm_up(self) -> None:
         self.dim = int(self.encode_text(["warm up"]).shape[1])
+
+    # --- pre ---
+    def text_inputs(self, texts: Sequence[str]) -> NDArray[np.int64]:
+        # padded to max length, as SigLIP was trained: its pooled output is the last position
+        tok = self.tokenizer([canonicalize(t) for t in texts], padding="max_length", max_length=self.max_tokens,
+                             truncation=True, return_tensors="np")
+        return tok["input_ids"].astype(np.int64)  # type: ignore[no-any-return]
+
+    def image_inputs(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")["pixel_values"]
+        return np.asarray(pixels, dtype=np.float32)
+
+    # --- core (per backend) ---
+    def _text_core(self, input_ids: NDArray[np.int64]) -> NDArray[Any]:
+        raise NotImplementedError
+
+    def _image_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
+        raise NotImplementedError
+
+    # --- the TextEncoder / ImageEncoder protocols ---
+    def encode_text(self, texts: Sequence[str]) -> Vector:
+        return l2(self._text_core(self.text_inputs(texts)))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> Vector:
+        return l2(self._image_core(self.image_inputs(images)))
+
+
+class TorchSiglip(SiglipBase):
+    backend = "torch"
+
+    def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", max_tokens: int = 64,
+                 setting: str = SETTING) -> None:
+        super().__init__(source, max_tokens=max_tokens, setting=setting)
+        self.device = torch.device(device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.model = SiglipModel.from_pretrained(self.path).eval().to(self.device)
+        self._warm_up()
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     @torch.inference_mode()
-    def encode_text(self, texts: Sequence[str]) -> Vector:
-        # padded to max length, as SigLIP was trained: its pooled output is the last position
-        tok = self.tokenizer([canonicalize(t) for t in texts], padding="max_length", max_length=self.max_tokens,
-                             truncation=True, return_tensors="pt")
+    def _text_core(self, input_ids: NDArray[np.int64]) -> NDArray[Any]:
         with self._autocast():
-            feats = _features(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device)))
-        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+            out = features(self.model.get_text_features(input_ids=torch.from_numpy(input_ids).to(self.device)))
+        return out.float().cpu().numpy()  # type: ignore[no-any-return]
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[Image.Image]) -> Vector:
-        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    def _image_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
         with self._autocast():
-            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+            out = features(self.model.get_image_features(pixel_values=torch.from_numpy(pixel_values).to(self.device)))
+        return out.float().cpu().numpy()  # type: ignore[no-any-return]
+
+
+# the name the first version used
+SiglipEncoder = TorchSiglip

@@ -1,0 +1,198 @@
+"""Engine speed on this machine, every backend side by side in one run, with the ratio to torch fp32.
+
+Rows: SigLIP text latency at batch 1 and 16, SigLIP image throughput at batch 16, BLIP rerank of one query
+with 32 candidates from stored features, and the original's way of reranking (BLIP vision tower on each
+candidate's pixels, then the text encoder once per candidate) for comparison.
+
+    python -m bench.engines --quick   # tiny models + the full-size SigLIP text tower (< 3 minutes)
+    python -m bench.engines           # the full table on full-size random-weight models
+
+Full-size models are random-weight models of the real architectures (engines/fullsize.py): same cost as
+the real checkpoints. They and their ONNX exports are built into ``build/`` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engines.blip import BlipBase, TorchBlip
+from engines.export import build_onnx
+from engines.ort import OrtBlip, OrtSiglip
+from engines.siglip import SiglipBase, TorchSiglip
+
+BACKENDS = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+GPU_BACKENDS = (("torch", "fp32"), ("torch", "fp16"), ("onnxruntime", "fp32"), ("tensorrt", "fp16"))
+DEVICE = "cpu"
+QUERIES = ["a surprised pikachu face", "a confused cat looking at a computer", "two dogs on a beach at sunset",
+           "a red car", "a meme about mondays", "a screenshot of a tweet", "a drawing of a frog", "an astronaut"]
+
+
+def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in ms after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def siglip(backend: str, precision: str, folder: Path, engines: Path, text_only: bool) -> SiglipBase:
+    if backend == "torch":
+        return TorchSiglip(str(folder), precision=precision, device=DEVICE)
+    if backend == "tensorrt":
+        from engines.trt import TrtSiglip
+
+        return TrtSiglip(str(folder), engines, precision=precision)
+    parts = ("siglip_text",) if text_only else ("siglip_text", "siglip_image")
+    return OrtSiglip(str(folder), engines, precision=precision, components=parts, device=DEVICE)
+
+
+def blip(backend: str, precision: str, folder: Path, engines: Path) -> BlipBase:
+    if backend == "torch":
+        return TorchBlip(str(folder), precision=precision, device=DEVICE)
+    if backend == "tensorrt":
+        from engines.trt import TrtBlip
+
+        return TrtBlip(str(folder), engines, precision=precision)
+    return OrtBlip(str(folder), engines, precision=precision, device=DEVICE)
+
+
+def backends(models: dict[str, Path], engines: Path) -> tuple[tuple[str, str], ...]:
+    """The CPU set, or on a GPU: torch fp32/fp16, ONNX Runtime CUDA, and TensorRT fp16 where it imports."""
+    if DEVICE == "cpu":
+        return BACKENDS
+    try:
+        from engines.trt import build_all
+
+        build_all(SiglipBase(str(models["siglip"])), BlipBase(str(models["blip"])), engines, "fp16")
+        return GPU_BACKENDS
+    except Exception as exc:  # no tensorrt there: report the rest
+        print(f"tensorrt skipped: {type(exc).__name__}: {exc}")
+        return GPU_BACKENDS[:3]
+
+
+def original_way(model: TorchBlip, query: str, imgs: list[Image.Image]) -> None:
+    """The original's rerank: per candidate, the vision tower on its pixels, then the text side (ITM and ITC)."""
+    ids, mask = (torch.from_numpy(x).to(model.device) for x in model.query_inputs(query))
+    with torch.inference_mode():
+        for im in imgs:
+            embeds = model.cores.vision(model.pixels([im]).to(model.device))
+            model.cores.itm(ids, mask, embeds)
+            model.cores.itc(ids, mask)
+
+
+def measure(backend: str, precision: str, models: dict[str, Path], engines: Path, *, text_only: bool, repeat: int,
+            feats_file: Path | None, device: str) -> dict[str, Any]:
+    """One backend's row. Runs in a fresh process, so no other backend's models or thread pools are around."""
+    global DEVICE
+    DEVICE = device
+    feats = list(np.load(feats_file)) if feats_file is not None else []
+    row: dict[str, Any] = {"backend": backend, "precision": precision}
+    s = siglip(backend, precision, models["siglip"], engines, text_only)
+    row["siglip_text_b1_ms"] = timed(lambda: s.encode_text(QUERIES[:1]), repeat * 4, warmup=3)
+    row["siglip_text_b16_ms"] = timed(lambda: s.encode_text((QUERIES * 2)[:16]), repeat, warmup=1)
+    if not text_only:
+        imgs16 = images(16)
+        ms = timed(lambda: s.encode_images(imgs16), max(1, repeat // 3), warmup=1)
+        row["siglip_image_b16_img_per_s"] = 16 / (ms / 1000)
+        b = blip(backend, precision, models["blip"], engines)
+        row["blip_rerank_32_ms"] = timed(lambda: b.score(QUERIES[0], feats), repeat, warmup=1)
+    return row
+
+
+def run(models: dict[str, Path], engines: Path, *, text_only: bool, repeat: int, label: str) -> list[dict[str, Any]]:
+    parts = ("siglip_text",) if text_only else ("siglip_text", "siglip_image", "blip_vision", "blip_itc", "blip_itm")
+    build_onnx(str(models["siglip"]), str(models["blip"]), engines, precisions=("fp32", "int8"), components=parts)
+    feats_file = None
+    if not text_only:  # 32 candidates' stored features, as ingest writes them
+        one = TorchBlip(str(models["blip"])).vision_features(images(1))[0]
+        feats_file = engines / f"bench-feats-{label.replace(' ', '-')}.npy"
+        np.save(feats_file, np.stack([one + np.float16(0.01) * i for i in range(32)]))
+    chosen = BACKENDS if text_only or DEVICE == "cpu" else backends(models, engines)
+    rows = []
+    for b, p in chosen:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            row = pool.submit(measure, b, p, models, engines, text_only=text_only, repeat=repeat,
+                              feats_file=feats_file, device=DEVICE).result()
+        rows.append({"models": label, **row})
+    if not text_only:
+        base = TorchBlip(str(models["blip"]), device=DEVICE)
+        imgs32 = images(32, seed=1)
+        ms = timed(lambda: original_way(base, QUERIES[0], imgs32), 1, warmup=0)
+        rows.append({"models": label, "backend": "original way (torch fp32)", "precision": "fp32",
+                     "blip_rerank_32_ms": ms})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = [("siglip_text_b1_ms", "SigLIP text b1 (ms)"), ("siglip_text_b16_ms", "SigLIP text b16 (ms)"),
+            ("siglip_image_b16_img_per_s", "SigLIP image b16 (img/s)"), ("blip_rerank_32_ms", "BLIP rerank 32 (ms)")]
+    out = ["| models | backend | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        base = next((b for b in rows if b["models"] == r["models"] and b["backend"] == "torch" and b["precision"] == "fp32"), r)
+        cells = []
+        for key, _ in cols:
+            if key not in r:
+                cells.append("-")
+                continue
+            v, ref = r[key], base.get(key)
+            higher_better = key.endswith("per_s")
+            ratio = (v / ref if higher_better else ref / v) if ref else None
+            cells.append(f"{v:.1f}" + (f" ({ratio:.2f}x)" if ratio else ""))
+        name = r["backend"] if r["backend"].startswith("original") else f"{r['backend']} {r['precision']}"
+        out.append(f"| {r['models']} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--build", type=Path, default=Path("build"))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+
+    from engines.fullsize import make_fullsize_models
+    from engines.tiny import make_tiny_models
+
+    t0 = time.perf_counter()
+    tiny_s, tiny_b = make_tiny_models(args.build / "tiny")
+    rows = run({"siglip": tiny_s, "blip": tiny_b}, args.build / "engines", text_only=False, repeat=args.repeat,
+               label="tiny")
+    full = make_fullsize_models(args.build / "fullsize", which=("siglip",) if args.quick else ("siglip", "blip"))
+    if args.quick:
+        full["blip"] = tiny_b  # not timed in quick mode: only the text tower is
+    rows += run(full, args.build / "engines", text_only=args.quick, repeat=args.repeat,
+                label="full-size SigLIP text" if args.quick else "full-size")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {time.perf_counter() - t0:.0f} s in all")
+    print(table(rows))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Build ONNX engines from the torch models: export with dynamic axes, optionally quantise to int8.
+
+Building is a command (``imgsearch engines build``), never something a worker does at request time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, onnx_path
+from engines.blip import BlipCores, TorchBlip
+from engines.siglip import TorchSiglip, features
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn: Callable[..., Any], owner: torch.nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.owner = owner  # registers the weights as parameters of the traced module, not as constants
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.fn(*args)
+
+
+def _export(fn: Callable[..., Any], owner: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+            inputs: list[str], outputs: list[str], axes: dict[str, dict[int, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with torch.inference_mode():
+        torch.onnx.export(_Fn(fn, owner), args, str(tmp), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    os.replace(tmp, path)  # a half-written engine never has the final name
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    os.replace(tmp, dst)
+
+
+# what to trace, example inputs, input names, output names, dynamic axes
+Spec = tuple[Callable[..., Any], tuple[torch.Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]
+
+
+def siglip_specs(m: TorchSiglip) -> dict[str, Spec]:
+    model = m.model
+    ids = torch.from_numpy(m.text_inputs(["a photo", "two cats"]))
+    pixels = torch.from_numpy(m.image_inputs([_blank()] * 2))
+    return {
+        "siglip_text": (lambda i: features(model.get_text_features(input_ids=i)), (ids,), ["input_ids"], ["features"],
+                        {"input_ids": {0: "batch"}, "features": {0: "batch"}}),
+        "siglip_image": (lambda p: features(model.get_image_features(pixel_values=p)), (pixels,), ["pixel_values"],
+                         ["features"], {"pixel_values": {0: "batch"}, "features": {0: "batch"}}),
+    }
+
+
+def blip_specs(m: TorchBlip) -> dict[str, Spec]:
+    cores = BlipCores(m.model)
+    pixels = torch.from_numpy(m.pixel_inputs([_blank()] * 2))
+    with torch.inference_mode():
+        embeds = cores.vision(pixels[:1]).repeat(3, 1, 1)
+    ids, mask = (torch.from_numpy(x) for x in m.query_inputs("a photo of two cats"))
+    ids3, mask3 = ids.repeat(3, 1), mask.repeat(3, 1)
+    return {
+        "blip_vision": (cores.vision, (pixels,), ["pixel_values"], ["image_embeds"],
+                        {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
+        "blip_itc": (cores.itc, (ids, mask), ["input_ids", "attention_mask"], ["text_proj"],
+                     {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                      "text_proj": {0: "batch"}}),
+        "blip_itm": (cores.itm, (ids3, mask3, embeds), ["input_ids", "attention_mask", "image_embeds"],
+                     ["itm", "image_proj"],
+                     {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                      "image_embeds": {0: "batch", 1: "patches"}, "itm": {0: "batch"}, "image_proj": {0: "batch"}}),
+    }
+
+
+def _blank() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (64, 48), (128, 64, 32))
+
+
+def build_onnx(siglip_source: str, blip_source: str, engine_dir: Path, precisions: tuple[str, ...] = ("fp32",),
+               components: tuple[str, ...] = SIGLIP_COMPONENTS + BLIP_COMPONENTS, force: bool = False,
+               progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Export (and quantise) the named components; skip those already built unless ``force``."""
+    built: list[Path] = []
+    loaders: list[tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]] = []
+    if set(components) & set(SIGLIP_COMPONENTS):
+        loaders.append((lambda: TorchSiglip(siglip_source), siglip_specs))
+    if set(components) & set(BLIP_COMPONENTS):
+        loaders.append((lambda: TorchBlip(blip_source), blip_specs))
+    for load, specs_of in loaders:
+        model = load()
+        owner = model.model
+        for name, (fn, args, inputs, outputs, axes) in specs_of(model).items():
+            if name not in components:
+                continue
+            fp32 = onnx_path(engine_dir, model.version, name, "fp32")
+            if force or not fp32.is_file():
+                t0 = time.perf_counter()
+                _export(fn, owner, args, fp32, inputs, outputs, axes)
+                log.info("exported %s in %.1f s (%.0f MB)", fp32, time.perf_counter() - t0, fp32.stat().st_size / 1e6)
+            if progress:
+                progress(f"{name} fp32")
+            built.append(fp32)
+            if "int8" in precisions:
+                int8 = onnx_path(engine_dir, model.version, name, "int8")
+                if force or not int8.is_file():
+                    _quantize(fp32, int8)
+                if progress:
+                    progress(f"{name} int8")
+                built.append(int8)
+        manifest = engine_dir / model.version / "manifest.json"
+        files = sorted(p.name for p in manifest.parent.glob("*.onnx"))
+        manifest.write_text(json.dumps({"model_version": model.version, "source": str(model.path), "opset": OPSET,
+                                        "torch": torch.__version__, "files": files}, indent=2))
+    return built

@@ -1,0 +1,62 @@
+"""Full-size random-weight models with the real architectures' shapes: the same cost as the real checkpoints,
+for speed figures and full-size parity tests on machines that can't download weights.
+
+SigLIP 2 ViT-B/16 at 512 px (768-d, 12+12 layers) and BLIP ITM large (ViT-L/16 at 384 px, BERT-base text side
+with cross-attention to 1024-d image tokens). The vocabulary is the tiny word list's, padded to 32,000 rows:
+an embedding lookup costs the same whatever the table's size, and it keeps the exports small.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BlipConfig, BlipForImageTextRetrieval, SiglipConfig, SiglipModel  # type: ignore[attr-defined]
+from transformers.models.blip import BlipImageProcessorPil
+from transformers.models.siglip import SiglipImageProcessorPil
+
+from engines.tiny import make_tokenizer
+
+VOCAB = 32_000
+
+
+def siglip_config(vocab: int = VOCAB) -> SiglipConfig:
+    return SiglipConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(image_size=512, patch_size=16, hidden_size=768, intermediate_size=3072,
+                           num_hidden_layers=12, num_attention_heads=12))
+
+
+def blip_large_config(vocab: int = VOCAB) -> BlipConfig:
+    return BlipConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                         sep_token_id=3),
+        vision_config=dict(image_size=384, patch_size=16, hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16),
+        projection_dim=256)
+
+
+def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip", "blip"), seed: int = 0) -> dict[str, Path]:
+    """Write the requested full-size random-weight models under ``root`` (skipping ones already there)."""
+    root = Path(root)
+    tokenizer = make_tokenizer()
+    out = {}
+    for name in which:
+        folder = root / name
+        out[name] = folder
+        if (folder / "config.json").is_file():
+            continue
+        torch.manual_seed(seed)
+        if name == "siglip":
+            SiglipModel(siglip_config()).save_pretrained(folder)
+            SiglipImageProcessorPil(size={"height": 512, "width": 512}).save_pretrained(folder)
+        elif name == "blip":
+            BlipForImageTextRetrieval(blip_large_config()).save_pretrained(folder)
+            BlipImageProcessorPil(size={"height": 384, "width": 384}).save_pretrained(folder)
+        else:
+            raise ValueError(f"unknown model {name!r}; valid: siglip, blip")
+        tokenizer.save_pretrained(folder)
+    return out

@@ -1,0 +1,96 @@
+"""ONNX Runtime backend: sessions over the exported engines, the same pre/post as torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from engines.artifacts import onnx_path, require
+from engines.blip import SETTING as BLIP_SETTING
+from engines.blip import BlipBase
+from engines.siglip import SETTING as SIGLIP_SETTING
+from engines.siglip import SiglipBase
+
+# Execution providers in order of preference, each with its options; filtered by what is installed.
+PROVIDERS: list[tuple[str, dict[str, Any]]] = [
+    ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+    ("CPUExecutionProvider", {}),
+]
+
+
+def providers(device: str) -> list[tuple[str, dict[str, Any]]]:
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    wanted = [p for p in PROVIDERS if p[0] in have]
+    if not device.startswith("cuda"):
+        wanted = [p for p in wanted if p[0] == "CPUExecutionProvider"]
+    return wanted
+
+
+class Session:
+    """One ONNX Runtime session, created on first use (a query worker never opens the ingest-only graphs)."""
+
+    def __init__(self, path: Path, device: str, threads: int) -> None:
+        self.path, self.device, self.threads = path, device, threads
+        self._sess: Any = None
+
+    def __call__(self, **inputs: NDArray[Any]) -> list[NDArray[Any]]:
+        if self._sess is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            # a worker holds several sessions that run one after another: threads that spin after their run
+            # would steal the cores the next session needs (costs a few ms at batch 1 when alone)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers(self.device))
+        return self._sess.run(None, inputs)  # type: ignore[no-any-return]
+
+
+def _sessions(engine_dir: Path, version: str, names: tuple[str, ...], precision: str, device: str,
+              threads: int) -> dict[str, Session]:
+    return {n: Session(require(onnx_path(engine_dir, version, n, precision), "onnxruntime", precision), device, threads)
+            for n in names}
+
+
+class OrtSiglip(SiglipBase):
+    backend = "onnxruntime"
+
+    def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
+                 threads: int = 0, max_tokens: int = 64, setting: str = SIGLIP_SETTING,
+                 components: tuple[str, ...] = ("siglip_text", "siglip_image")) -> None:
+        super().__init__(source, max_tokens=max_tokens, setting=setting)
+        self.s = _sessions(engine_dir, self.version, components, precision, device, threads)
+        self._warm_up()
+
+    def _text_core(self, input_ids: NDArray[np.int64]) -> NDArray[Any]:
+        return self.s["siglip_text"](input_ids=input_ids)[0]
+
+    def _image_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
+        return self.s["siglip_image"](pixel_values=pixel_values)[0]
+
+
+class OrtBlip(BlipBase):
+    backend = "onnxruntime"
+
+    def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
+                 threads: int = 0, batch_size: int = 32, max_tokens: int = 64, setting: str = BLIP_SETTING) -> None:
+        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens)
+        self.s = _sessions(engine_dir, self.version, ("blip_vision", "blip_itc", "blip_itm"), precision, device, threads)
+
+    def _vision_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
+        return self.s["blip_vision"](pixel_values=pixel_values)[0]
+
+    def _itc_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64]) -> NDArray[Any]:
+        return self.s["blip_itc"](input_ids=ids, attention_mask=mask)[0]
+
+    def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
+                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.s["blip_itm"](input_ids=ids, attention_mask=mask, image_embeds=embeds)
+        return itm, proj

@@ -1,0 +1,121 @@
+"""Every backend against torch fp32: embeddings, rerank scores and rankings, on the tiny models and on one
+full-size random-weight model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engines.blip import TorchBlip
+from engines.export import build_onnx
+from engines.ort import OrtBlip, OrtSiglip
+from engines.siglip import TorchSiglip
+
+pytestmark = pytest.mark.parity
+QUERIES = ["a red circle", "a blue square on a white background", "a yellow triangle", "green", "a purple shape"]
+# (backend, precision, minimum cosine to torch fp32, ITM/cosine tolerance)
+CASES = [("onnxruntime", "fp32", 0.999, 1e-4), ("onnxruntime", "int8", 0.99, 3e-2), ("torch", "bf16", 0.99, 3e-2)]
+
+
+def assert_same_top10(ref: np.ndarray, other: np.ndarray, exact: bool, tol: float) -> None:
+    """fp32 paths rank identically; reduced precision may only swap candidates whose reference scores lie
+    within ``tol`` of each other (the tiny models' many near-ties), so its top 10, scored by the reference,
+    must equal the reference's top 10 scores within ``tol``."""
+    top_ref, top_other = np.argsort(-ref, kind="stable")[:10], np.argsort(-other, kind="stable")[:10]
+    if exact:
+        assert top_ref.tolist() == top_other.tolist()
+    else:
+        np.testing.assert_allclose(ref[top_other], ref[top_ref], atol=tol)
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tiny_models, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("engines")
+    build_onnx(str(tiny_models.siglip), str(tiny_models.blip), root, precisions=("fp32", "int8"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):  # type: ignore[no-untyped-def]
+    return TorchSiglip(str(tiny_models.siglip)), TorchBlip(str(tiny_models.blip))
+
+
+def _make(backend: str, precision: str, tiny_models, engine_dir: Path):  # type: ignore[no-untyped-def]
+    if backend == "torch":
+        return TorchSiglip(str(tiny_models.siglip), precision=precision), TorchBlip(str(tiny_models.blip), precision=precision)
+    return (OrtSiglip(str(tiny_models.siglip), engine_dir, precision=precision),
+            OrtBlip(str(tiny_models.blip), engine_dir, precision=precision))
+
+
+def _images(demo_images: Path) -> list[Image.Image]:
+    return [Image.open(p) for p in sorted(demo_images.glob("*.png"))]
+
+
+@pytest.mark.parametrize(("backend", "precision", "min_cos", "tol"), CASES, ids=[f"{b}-{p}" for b, p, *_ in CASES])
+def test_siglip_parity(backend, precision, min_cos, tol, tiny_models, engine_dir, reference, demo_images) -> None:  # type: ignore[no-untyped-def]
+    ref, _ = reference
+    other, _ = _make(backend, precision, tiny_models, engine_dir)
+    t_ref, t_other = ref.encode_text(QUERIES), other.encode_text(QUERIES)
+    assert (t_ref * t_other).sum(1).min() >= min_cos
+    imgs = _images(demo_images)
+    i_ref, i_other = ref.encode_images(imgs), other.encode_images(imgs)
+    assert (i_ref * i_other).sum(1).min() >= min_cos
+    # the same top-10 images for every query
+    for q_ref, q_other in zip(t_ref, t_other, strict=True):
+        assert_same_top10(i_ref @ q_ref, i_other @ q_other, precision == "fp32", tol)
+
+
+@pytest.mark.parametrize(("backend", "precision", "min_cos", "tol"), CASES, ids=[f"{b}-{p}" for b, p, *_ in CASES])
+def test_blip_parity(backend, precision, min_cos, tol, tiny_models, engine_dir, reference, demo_images) -> None:  # type: ignore[no-untyped-def]
+    _, ref = reference
+    _, other = _make(backend, precision, tiny_models, engine_dir)
+    imgs = _images(demo_images)
+    f_ref, f_other = ref.vision_features(imgs), other.vision_features(imgs)
+    flat_ref, flat_other = f_ref.reshape(len(imgs), -1).astype(np.float32), f_other.reshape(len(imgs), -1).astype(np.float32)
+    cos = (flat_ref * flat_other).sum(1) / np.linalg.norm(flat_ref, axis=1) / np.linalg.norm(flat_other, axis=1)
+    assert cos.min() >= min_cos
+    for q in QUERIES:
+        itm_ref, c_ref = ref.score(q, list(f_ref))
+        itm_other, c_other = other.score(q, list(f_ref))  # same stored features: this compares the text side
+        np.testing.assert_allclose(itm_other, itm_ref, atol=tol)
+        np.testing.assert_allclose(c_other, c_ref, atol=tol)
+        assert_same_top10(0.7 * itm_ref + 0.3 * c_ref, 0.7 * itm_other + 0.3 * c_other, precision == "fp32", tol)
+
+
+@pytest.mark.slow
+def test_full_size_siglip_text_parity(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """One full-size random-weight model (the SigLIP 2 base text tower) through ONNX Runtime fp32 and int8."""
+    from engines.fullsize import make_fullsize_models
+
+    root = tmp_path_factory.mktemp("full")
+    folder = make_fullsize_models(root / "models", which=("siglip",))["siglip"]
+    engines = root / "engines"
+    build_onnx(str(folder), str(folder), engines, precisions=("fp32", "int8"), components=("siglip_text",))
+    ref = TorchSiglip(str(folder))
+    texts = QUERIES + ["a surprised pikachu face", "a confused cat looking at a computer", "two dogs", "an old meme"]
+    t_ref = ref.encode_text(texts)
+    for precision, min_cos in (("fp32", 0.999), ("int8", 0.99)):
+        other = OrtSiglip(str(folder), engines, precision=precision, components=("siglip_text",))
+        t_other = other.encode_text(texts)
+        assert (t_ref * t_other).sum(1).min() >= min_cos, precision
+        # nearest neighbours among the texts themselves are preserved
+        assert np.argsort(-(t_ref @ t_ref.T), 1)[:, :3].tolist() == np.argsort(-(t_other @ t_other.T), 1)[:, :3].tolist()
+
+
+@pytest.mark.gpu
+def test_tensorrt_parity(tiny_models, engine_dir, reference, demo_images) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("tensorrt")
+    from engines.trt import TrtBlip, TrtSiglip, build_all
+
+    ref_s, ref_b = reference
+    build_all(ref_s, ref_b, engine_dir, "fp16")
+    s, b = TrtSiglip(str(tiny_models.siglip), engine_dir), TrtBlip(str(tiny_models.blip), engine_dir)
+    assert (ref_s.encode_text(QUERIES) * s.encode_text(QUERIES)).sum(1).min() >= 0.99
+    feats = ref_b.vision_features(_images(demo_images))
+    itm_ref, c_ref = ref_b.score(QUERIES[0], list(feats))
+    itm, c = b.score(QUERIES[0], list(feats))
+    np.testing.assert_allclose(itm, itm_ref, atol=2e-2)
+    np.testing.assert_allclose(c, c_ref, atol=2e-2)
