@@ -1,7 +1,8 @@
 """Pinecone's metadata filter language (the operator subset both vector stores accept), evaluated in Python.
 
 ``{"subreddit": "memes"}`` is shorthand for ``{"subreddit": {"$eq": "memes"}}``; several keys at one level
-are ANDed. A field that is missing matches only ``$ne`` and ``$nin``.
+are ANDed. A field that is missing matches only ``$ne`` and ``$nin``; a bool equals only a bool; range
+operators match numbers only.
 """
 
 from __future__ import annotations
@@ -11,15 +12,25 @@ from typing import Any
 
 from pipeline.errors import InvalidRequest
 
+
+def _eq(a: Any, b: Any) -> bool:
+    # a bool equals only a bool (Python would say True == 1)
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def _num(a: Any) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
-    "$eq": lambda a, b: a == b,
-    "$ne": lambda a, b: a != b,
-    "$gt": lambda a, b: a > b,
-    "$gte": lambda a, b: a >= b,
-    "$lt": lambda a, b: a < b,
-    "$lte": lambda a, b: a <= b,
-    "$in": lambda a, b: a in b,
-    "$nin": lambda a, b: a not in b,
+    "$eq": _eq,
+    "$ne": lambda a, b: not _eq(a, b),
+    "$gt": lambda a, b: _num(a) and a > b,
+    "$gte": lambda a, b: _num(a) and a >= b,
+    "$lt": lambda a, b: _num(a) and a < b,
+    "$lte": lambda a, b: _num(a) and a <= b,
+    "$in": lambda a, b: any(_eq(a, x) for x in b),
+    "$nin": lambda a, b: not any(_eq(a, x) for x in b),
 }
 OPERATORS = (*_COMPARE, "$and", "$or")
 
@@ -65,9 +76,6 @@ def matches(flt: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> bool:
                     if op not in ("$ne", "$nin"):
                         return False
                     continue
-                try:
-                    if not _COMPARE[op](metadata[key], arg):
-                        return False
-                except TypeError:  # comparing a string field with a number: no match, as Pinecone
+                if not _COMPARE[op](metadata[key], arg):
                     return False
     return True

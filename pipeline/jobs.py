@@ -114,7 +114,7 @@ def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
         outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates)
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
                        "queue_wait": round((job.started_at - job.created_at) * 1000, 3)}
-        job.results, job.not_reranked = outcome.results, outcome.not_reranked
+        job.results, job.not_reranked, job.stats = outcome.results, outcome.not_reranked, outcome.stats
         writer.event(job_id, "results", {"results": [r.model_dump(mode="json") for r in outcome.results],
                                          "not_reranked": outcome.not_reranked})
         job.status, job.finished_at = "done", time.time()

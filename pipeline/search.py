@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from pipeline import features as featcodec
-from pipeline.errors import DeadlineExceeded, StoreError
+from pipeline.cache import FeatureCache, LocalLRU, ResultCache, decode_cached
+from pipeline.errors import DeadlineExceeded, ImgSearchError
 from pipeline.fusion import fuse, rank
 from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
 from pipeline.settings import Settings
@@ -51,12 +52,18 @@ class _Clock:
 
 
 class Searcher:
-    """Runs one query through the stages; the engines and stores it holds are loaded once per process."""
+    """Runs one query through the stages; the engines and stores it holds are loaded once per process.
+
+    Features come from the closest place that has them: the worker's LRU, then Redis, then the blob store
+    (in parallel, bounded, under one deadline); whole outcomes may come from the result cache.
+    """
 
     def __init__(self, settings: Settings, text: TextEncoder, vectors: VectorStore, blobs: BlobStore,
-                 reranker: Reranker, fetch_threads: int = 8) -> None:
+                 reranker: Reranker, *, feature_cache: FeatureCache | None = None, results: ResultCache | None = None,
+                 local: LocalLRU | None = None, fetch_threads: int = 8) -> None:
         self.settings = settings
         self.text, self.vectors, self.blobs, self.reranker = text, vectors, blobs, reranker
+        self.feature_cache, self.results, self.local = feature_cache, results, local
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
 
     # --- stages ---
@@ -68,18 +75,56 @@ class Searcher:
         return self.vectors.query(vector, top_k, filter=params.filter,
                                   namespace=params.namespace if params.namespace is not None else self.settings.namespace)
 
-    def fetch(self, ids: Sequence[str]) -> dict[str, NDArray[Any]]:
-        """Stored BLIP features by id; ids whose features are missing or corrupt are left out."""
+    def _from_blob(self, post_id: str) -> tuple[NDArray[Any] | None, bytes | None]:
+        try:
+            data = self.blobs.get(feature_key(self.reranker.version, post_id))
+            return (None, None) if data is None else (featcodec.decode(data), data)
+        except ImgSearchError as exc:  # missing, corrupt or unreachable: this candidate is not reranked
+            log.warning("features of %s unusable: %s", post_id, exc)
+            return None, None
 
-        def one(post_id: str) -> tuple[str, NDArray[Any] | None]:
-            try:
-                data = self.blobs.get(feature_key(self.reranker.version, post_id))
-                return post_id, None if data is None else featcodec.decode(data)
-            except StoreError as exc:
-                log.warning("features of %s unusable: %s", post_id, exc)
-                return post_id, None
-
-        return {pid: arr for pid, arr in self._pool.map(one, ids) if arr is not None}
+    def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None) -> dict[str, NDArray[Any]]:
+        """Stored BLIP features by id; ids whose features are missing, corrupt or late are left out."""
+        version = self.reranker.version
+        counts = counts if counts is not None else {}
+        out: dict[str, NDArray[Any]] = {}
+        rest = list(ids)
+        if self.local is not None:
+            for pid in ids:
+                arr = self.local.get(f"{version}:{pid}")
+                if arr is not None:
+                    out[pid] = arr
+            rest = [pid for pid in ids if pid not in out]
+        counts["features_local"] = len(out)
+        if rest and self.feature_cache is not None:
+            for pid, data in self.feature_cache.get_many(version, rest).items():
+                arr = decode_cached(data)
+                if arr is not None:
+                    out[pid] = arr
+                    if self.local is not None:
+                        self.local.put(f"{version}:{pid}", arr)
+            counts["features_redis"] = len(out) - counts["features_local"]
+            rest = [pid for pid in rest if pid not in out]
+        fresh: dict[str, bytes] = {}
+        if rest:
+            futures = {self._pool.submit(self._from_blob, pid): pid for pid in rest}
+            done, late = wait(futures, timeout=self.settings.fetch_timeout_s)
+            for fut in late:
+                fut.cancel()
+                log.warning("features of %s not fetched within %.1f s", futures[fut], self.settings.fetch_timeout_s)
+            for fut in done:
+                arr, raw = fut.result()
+                if arr is not None and raw is not None:
+                    out[futures[fut]] = arr
+                    fresh[futures[fut]] = raw
+        counts["features_blob"] = len(fresh)
+        if fresh:
+            if self.feature_cache is not None:
+                self.feature_cache.put_many(version, fresh)
+            if self.local is not None:
+                for pid in fresh:
+                    self.local.put(f"{version}:{pid}", out[pid])
+        return out
 
     def rerank(self, query: str, feats: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         return self.reranker.score(query, feats)
@@ -99,6 +144,19 @@ class Searcher:
     # --- the whole query ---
     def search(self, params: SearchParams, *, deadline: float | None = None,
                on_candidates: Callable[[list[Match]], None] | None = None) -> SearchOutcome:
+        t0 = time.perf_counter()
+        key = None
+        if self.results is not None:
+            key = ResultCache.key(params.query, params.model_dump(exclude={"query"}),
+                                  [self.text.version, self.reranker.version, str(self.settings.itm_weight),
+                                   str(self.settings.cosine_weight), str(self.settings.top_k), str(self.settings.rerank_k)])
+            cached = self.results.get(key)
+            if cached is not None:
+                if on_candidates is not None:
+                    on_candidates(cached.candidates)
+                cached.timings = {"cache": round((time.perf_counter() - t0) * 1000, 3)}
+                cached.stats = {"result_cache": 1}
+                return cached
         clock = _Clock(deadline)
         vector = clock.run("encode", self.encode, params.query)
         candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params)
@@ -106,10 +164,14 @@ class Searcher:
             on_candidates(candidates)
         rerank_k = min(params.rerank_k if params.rerank_k is not None else self.settings.rerank_k, len(candidates))
         to_rerank = [m.id for m in candidates[:rerank_k]]
-        feats = clock.run("fetch", self.fetch, to_rerank)
+        stats: dict[str, int] = {}
+        feats = clock.run("fetch", self.fetch, to_rerank, stats)
         reranked = [pid for pid in to_rerank if pid in feats]
         itm, cosine = clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked])
         limit = params.limit or self.settings.limit
         results = clock.run("fuse", self.fuse, candidates, reranked, itm, cosine, limit)
-        return SearchOutcome(results=results, candidates=candidates, timings=clock.timings,
-                             not_reranked=[pid for pid in to_rerank if pid not in feats])
+        outcome = SearchOutcome(results=results, candidates=candidates, timings=clock.timings, stats=stats,
+                                not_reranked=[pid for pid in to_rerank if pid not in feats])
+        if key is not None and self.results is not None and not outcome.not_reranked:
+            self.results.put(key, outcome)  # a degraded answer is not worth keeping
+        return outcome

@@ -28,18 +28,31 @@ class Settings(BaseSettings):
 
     # --- storage ---
     data_dir: Path = Path("data")
-    vector_store: str = "local"
-    blob_store: str = "local"
+    vector_store: str = Field("local", validation_alias=_env("VECTOR_STORE", "VECTOR_STORE"))
+    blob_store: str = Field("local", validation_alias=_env("BLOB_STORE", "BLOB_STORE"))
     namespace: str = ""
     pinecone_api_key: SecretStr | None = Field(None, validation_alias=_env("PINECONE_API_KEY", "PINECONE_API_KEY"))
     pinecone_index_name: str | None = Field(None, validation_alias=_env("PINECONE_INDEX_NAME", "PINECONE_INDEX_NAME"))
     google_cloud_project: str | None = Field(
         None, validation_alias=_env("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_PROJECT"))
+    pinecone_host: str | None = None  # the index's data-plane host; skips the name lookup
+    gcs_bucket: str | None = None
+    gcs_prefix: str = ""
+    store_timeout_s: float = Field(10.0, gt=0)  # per call to a vector or blob store
+    store_retries: int = Field(3, ge=0)
+    fetch_timeout_s: float = Field(5.0, gt=0)  # all of a query's feature fetches together
+    # caches (Redis at redis_url; an outage slows search, never fails it)
+    cache_results_ttl_s: int = Field(300, ge=0)  # 0 turns the query result cache off
+    cache_features_ttl_s: int = Field(3600, ge=0)  # 0 turns the Redis feature cache off
+    cache_features_max: int = Field(20_000, ge=0)  # feature entries kept in Redis (about 1.2 MB each at full size)
+    cache_local_mb: int = Field(256, ge=0)  # each worker's in-process feature LRU
 
     # --- models and engines ---
     siglip_model: str = "google/siglip2-base-patch16-512"
     blip_model: str = "Salesforce/blip-itm-large-coco"
-    engine_backend: str = "torch"
+    engine_backend: str = "torch"  # torch | onnxruntime | tensorrt
+    engine_precision: str = "fp32"  # torch: fp32 bf16 fp16; onnxruntime: fp32 int8; tensorrt: fp16 fp32
+    engine_dir: Path | None = None  # built engines; default {data_dir}/engines
     device: str = "cpu"
     text_max_tokens: int = 64
     torch_threads: int = 0  # 0: leave torch's default
@@ -80,6 +93,10 @@ class Settings(BaseSettings):
         """Seconds before an unacknowledged job is redelivered: past any job's deadline, so a live job is
         never run twice, but short enough that a dead worker's job is picked up again."""
         return self.visibility_timeout_s or int(self.job_deadline_s * 2 + 30)
+
+    @property
+    def engines_path(self) -> Path:
+        return self.engine_dir or self.data_dir / "engines"
 
     @property
     def vector_dir(self) -> Path:

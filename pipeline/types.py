@@ -49,6 +49,7 @@ class SearchOutcome(BaseModel):
     candidates: list[Match]
     not_reranked: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    stats: dict[str, int] = Field(default_factory=dict)
 
 
 class ErrorInfo(BaseModel):
@@ -71,3 +72,4 @@ class Job(BaseModel):
     not_reranked: list[str] | None = None
     error: ErrorInfo | None = None
     timings: dict[str, float] | None = None
+    stats: dict[str, int] | None = None

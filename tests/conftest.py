@@ -111,3 +111,49 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: Models, dem
     assert report.ingested == 48 and not report.failed
     vectors.close()  # type: ignore[attr-defined]
     return data
+
+
+@pytest.fixture(scope="session")
+def pinecone_standin() -> Iterator[object]:
+    from tests.standins.pinecone import PineconeStandIn
+
+    with PineconeStandIn() as standin:
+        yield standin
+
+
+@dataclass
+class GcsEmulator:
+    host: str
+    proc: stack.Proc
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """gcp-storage-emulator on a free loopback port; STORAGE_EMULATOR_HOST points the real client at it."""
+    import shutil
+    import sys
+
+    port = stack.free_port()
+    exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
+    log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    proc = stack._spawn("gcs", [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+                                "--default-bucket", "imgsearch-test"], None, log)
+    host = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{host}/storage/v1/b", timeout=0.5).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    stack.wait_for(up, 30, "the GCS emulator")
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    yield GcsEmulator(host, proc)
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
+    proc.stop()

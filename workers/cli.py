@@ -12,6 +12,8 @@ import typer
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Asynchronous text-to-image search.")
 models_cli = typer.Typer(no_args_is_help=True, help="Model folders.")
 cli.add_typer(models_cli, name="models")
+engines_cli = typer.Typer(no_args_is_help=True, help="Built engines (ONNX Runtime, TensorRT).")
+cli.add_typer(engines_cli, name="engines")
 
 
 def _logging() -> None:
@@ -40,9 +42,21 @@ def worker(pool: str = "prefork", concurrency: Annotated[int, typer.Option()] = 
 
     _logging()
     s = get_settings()
+    _preflight(s)
     app.worker_main(["worker", "--pool", pool, "--concurrency", str(concurrency or s.worker_concurrency),
                      "--queues", s.search_queue, "--hostname", name, "--loglevel", loglevel, "--without-mingle",
                      "--without-gossip"])
+
+
+def _preflight(s: Any) -> None:
+    from engines.registry import preflight
+    from pipeline.errors import ImgSearchError
+
+    try:
+        preflight(s)
+    except (ImgSearchError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @cli.command()
@@ -62,6 +76,61 @@ def ingest(folder: Path, batch_size: int = 16) -> None:
                f"time (ms) {rep.timings}")
     for pid, why in rep.failed.items():
         typer.echo(f"  failed {pid}: {why}")
+
+
+@engines_cli.command("build")
+def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt")] = "onnxruntime",
+                  precision: Annotated[str, typer.Option(help="onnxruntime: fp32, int8; tensorrt: fp16, fp32")] = "fp32",
+                  force: bool = False) -> None:
+    """Export the configured models to ONNX (and int8, or TensorRT plans) under the engine dir."""
+    from rich.progress import Progress
+
+    from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, check_precision
+    from engines.export import build_onnx
+    from pipeline.settings import get_settings
+
+    _logging()
+    s = get_settings()
+    check_precision(backend, precision)
+    steps = len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * (2 if precision == "int8" else 1)
+    with Progress() as bar:
+        task = bar.add_task("onnx export", total=steps)
+        built = build_onnx(s.siglip_model, s.blip_model, s.engines_path,
+                           precisions=("fp32", "int8") if precision == "int8" else ("fp32",), force=force,
+                           progress=lambda what: bar.update(task, advance=1, description=what))
+    if backend == "tensorrt":
+        from engines.blip import BlipBase
+        from engines.siglip import SiglipBase
+        from engines.trt import build_all
+
+        built = build_all(SiglipBase(s.siglip_model), BlipBase(s.blip_model), s.engines_path, precision, force)
+    for path in built:
+        typer.echo(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+
+
+@engines_cli.command("list")
+def engines_list() -> None:
+    """List built engines, marking those that belong to the configured models."""
+    from engines.blip import SETTING as BLIP_SETTING
+    from engines.loading import resolve, version_of
+    from engines.siglip import SETTING as SIGLIP_SETTING
+    from pipeline.settings import get_settings
+
+    s = get_settings()
+    current = set()
+    for source, setting in ((s.siglip_model, SIGLIP_SETTING), (s.blip_model, BLIP_SETTING)):
+        try:
+            current.add(version_of(resolve(source, setting)))
+        except Exception:  # a missing model only means nothing is current
+            pass
+    root = s.engines_path
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".onnx", ".plan")) if root.is_dir() else []
+    if not files:
+        typer.echo(f"no engines under {root}; build them with `imgsearch engines build`")
+    for p in files:
+        version = p.relative_to(root).parts[0]
+        mark = "current" if version in current else "stale"
+        typer.echo(f"{mark:8} {p.relative_to(root)}  {p.stat().st_size / 1e6:.1f} MB")
 
 
 @models_cli.command("tiny")

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from pipeline.cache import FeatureCache, LocalLRU, ResultCache, cache_client
 from pipeline.jobs import JobWriter, heartbeat_key
 from pipeline.search import Searcher
 from pipeline.settings import Settings, get_settings
@@ -45,11 +46,16 @@ def load(settings: Settings | None = None) -> Runtime:
             settings = settings or get_settings()
             t0 = time.perf_counter()
             engines = load_engines(settings)
-            searcher = Searcher(settings, engines.text, make_vector_store(settings), make_blob_store(settings),
-                                engines.reranker)
-            searcher.encode("warm up")  # the first real query pays no lazy-init cost
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
                                           socket_connect_timeout=settings.redis_socket_timeout_s)
+            caches = cache_client(settings.redis_url)
+            searcher = Searcher(settings, engines.text, make_vector_store(settings), make_blob_store(settings),
+                                engines.reranker,
+                                feature_cache=FeatureCache(caches, settings.cache_features_ttl_s,
+                                                           settings.cache_features_max),
+                                results=ResultCache(caches, settings.cache_results_ttl_s),
+                                local=LocalLRU(settings.cache_local_mb << 20))
+            searcher.encode("warm up")  # the first real query pays no lazy-init cost
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
                     "queue": settings.search_queue, "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
             _runtime = Runtime(settings, searcher, JobWriter(client, settings.job_ttl_s, settings.events_maxlen), info)

@@ -20,8 +20,29 @@ def _local_blob(settings: Settings) -> BlobStore:
     return LocalBlobStore(settings.blob_dir)
 
 
-VECTOR_STORES: dict[str, Callable[[Settings], VectorStore]] = {"local": _local_vector}
-BLOB_STORES: dict[str, Callable[[Settings], BlobStore]] = {"local": _local_blob}
+def _pinecone(settings: Settings) -> VectorStore:
+    from pipeline.errors import StoreError
+    from pipeline.stores.pinecone_store import PineconeVectorStore
+
+    if settings.pinecone_api_key is None:
+        raise StoreError("VECTOR_STORE=pinecone needs PINECONE_API_KEY")
+    return PineconeVectorStore(settings.pinecone_api_key.get_secret_value(), index_name=settings.pinecone_index_name,
+                               host=settings.pinecone_host, timeout=settings.store_timeout_s,
+                               retries=settings.store_retries)
+
+
+def _gcs(settings: Settings) -> BlobStore:
+    from pipeline.errors import StoreError
+    from pipeline.stores.gcs_blob import GcsBlobStore
+
+    if not settings.gcs_bucket:
+        raise StoreError("BLOB_STORE=gcs needs IMGSEARCH_GCS_BUCKET")
+    return GcsBlobStore(settings.gcs_bucket, project=settings.google_cloud_project, prefix=settings.gcs_prefix,
+                        timeout=settings.store_timeout_s)
+
+
+VECTOR_STORES: dict[str, Callable[[Settings], VectorStore]] = {"local": _local_vector, "pinecone": _pinecone}
+BLOB_STORES: dict[str, Callable[[Settings], BlobStore]] = {"local": _local_blob, "gcs": _gcs}
 
 
 def _pick(registry: Mapping[str, Callable[[Settings], object]], name: str, what: str) -> Callable[[Settings], object]:

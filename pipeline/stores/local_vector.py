@@ -22,8 +22,10 @@ from typing import Any
 
 import faiss
 import numpy as np
+from numpy.typing import NDArray
 
 from pipeline import filters
+from pipeline.columns import Columns
 from pipeline.errors import InvalidRequest, StoreError
 from pipeline.types import Match, Metadata, Vector
 
@@ -46,6 +48,14 @@ class _Graph:
     row_mark: int = 0  # highest rowid added
     tomb_mark: int = 0  # highest tombstone seq applied
     dead: set[int] = field(default_factory=set)
+    cols: Columns = field(default_factory=Columns)  # live rows' metadata, for filters
+    labels: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # label of each graph position
+
+    def vectors(self) -> NDArray[np.float32]:
+        """The graph's stored vectors by position, as a view (no copy)."""
+        storage: Any = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)  # type: ignore[attr-defined]
+        n, d = storage.ntotal, storage.d
+        return faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)  # type: ignore[no-any-return]
 
 
 class LocalVectorStore:
@@ -90,16 +100,21 @@ class LocalVectorStore:
         if g is None:
             g = self._load_snapshot(ns) or _Graph(self._new_index(d))
             self._graphs[ns] = g
-        rows = self._db.execute("SELECT rowid, vec FROM vectors WHERE ns=? AND rowid>? ORDER BY rowid",
+        rows = self._db.execute("SELECT rowid, vec, meta FROM vectors WHERE ns=? AND rowid>? ORDER BY rowid",
                                 (ns, g.row_mark)).fetchall()
         if rows:
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), d)
-            g.index.add_with_ids(vecs, np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+            labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            g.index.add_with_ids(vecs, labels)
+            g.labels = np.concatenate([g.labels, labels])
+            g.cols.append(labels.tolist(), [json.loads(r[2]) for r in rows])
             g.row_mark = rows[-1][0]
         tombs = self._db.execute("SELECT seq, label FROM tombstones WHERE ns=? AND seq>? ORDER BY seq",
                                  (ns, g.tomb_mark)).fetchall()
         if tombs:
-            g.dead.update(label for _, label in tombs if label <= g.row_mark)
+            dead = [label for _, label in tombs if label <= g.row_mark]
+            g.dead.update(dead)
+            g.cols.kill(dead)
             g.tomb_mark = tombs[-1][0]
         return g
 
@@ -118,10 +133,13 @@ class LocalVectorStore:
             except RuntimeError:  # a torn file from an old crash: fall back to an older one or a rebuild
                 log.warning("skipping unreadable index snapshot %s", path)
                 continue
-            labels = faiss.vector_to_array(index.id_map)  # type: ignore[attr-defined]
-            live = {r[0] for r in self._db.execute("SELECT rowid FROM vectors WHERE ns=? AND rowid<=?",
-                                                   (ns, row_mark))}
-            return _Graph(index, row_mark, tomb_mark, {int(x) for x in labels if int(x) not in live})
+            labels = faiss.vector_to_array(index.id_map).astype(np.int64)  # type: ignore[attr-defined]
+            cols = Columns()
+            live_rows = self._db.execute("SELECT rowid, meta FROM vectors WHERE ns=? AND rowid<=? ORDER BY rowid",
+                                         (ns, row_mark)).fetchall()
+            cols.append([r[0] for r in live_rows], [json.loads(r[1]) for r in live_rows])
+            dead = set(labels.tolist()) - {r[0] for r in live_rows}
+            return _Graph(index, row_mark, tomb_mark, dead, cols, labels)
         return None
 
     def save(self) -> None:
@@ -147,7 +165,7 @@ class LocalVectorStore:
         d = self.dim
         assert d is not None
         tomb = self._db.execute("SELECT coalesce(max(seq), 0) FROM tombstones").fetchone()[0]
-        g = _Graph(self._new_index(d), 0, tomb)
+        g = _Graph(self._new_index(d), 0, tomb)  # fresh columns and labels too: _graph refills all three
         self._graphs[ns] = g
         self._db.execute("DELETE FROM tombstones WHERE ns=? AND seq<=?", (ns, tomb))
         return self._graph(ns) or g
@@ -190,15 +208,19 @@ class LocalVectorStore:
             if self.dim != q.shape[1]:
                 raise StoreError(f"query vector is {q.shape[1]}-d but the store at {self.root} holds {self.dim}-d "
                                  "vectors: the encoder changed; re-ingest", code="dimension_mismatch")
+            keep: Any = None
             if filter:
-                allowed = [rowid for rowid, meta in self._db.execute(
-                    "SELECT rowid, meta FROM vectors WHERE ns=?", (namespace,)) if filters.matches(filter, json.loads(meta))]
-                if not allowed:
+                allowed = g.cols.select(filter)
+                if not allowed.size:
                     return []
-                if len(allowed) <= self.exact_below:
-                    return self._exact(q[0], allowed, top_k)
-                sel: Any = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
-                n_live = len(allowed)
+                if allowed.size <= self.exact_below:
+                    return self._exact(g, q[0], allowed, top_k)
+                # a bitmap over labels: cheap to build from the mask, O(1) to test in the graph walk
+                bits = np.zeros(int(g.labels[-1]) + 1, bool)
+                bits[allowed] = True
+                keep = np.packbits(bits, bitorder="little")
+                sel: Any = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(keep))
+                n_live = int(allowed.size)
             else:
                 sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(g.dead, np.int64))) if g.dead else None
                 n_live = g.index.ntotal - len(g.dead)
@@ -212,13 +234,11 @@ class LocalVectorStore:
             hits = [(int(lab), float(s)) for lab, s in zip(labels[0], scores[0], strict=True) if lab >= 0]
             return self._matches(hits)
 
-    def _exact(self, q: Vector, rowids: list[int], top_k: int) -> list[Match]:
-        rows = self._rows("SELECT rowid, vec FROM vectors WHERE rowid IN ({})", rowids)
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-        scores = mat @ q
+    def _exact(self, g: _Graph, q: Vector, labels: NDArray[np.int64], top_k: int) -> list[Match]:
+        """Brute force over a few rows (a selective filter), reading their vectors from the graph's storage."""
+        scores = g.vectors()[np.searchsorted(g.labels, labels)] @ q
         order = np.argsort(-scores, kind="stable")[:top_k]
-        return self._matches([(int(ids[i]), float(scores[i])) for i in order])
+        return self._matches([(int(labels[i]), float(scores[i])) for i in order])
 
     def _rows(self, sql: str, rowids: Sequence[int]) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
@@ -252,8 +272,8 @@ class LocalVectorStore:
                     f"SELECT rowid FROM vectors WHERE ns=? AND id IN ({','.join('?' * len(ids))})",
                     [namespace, *ids]).fetchall() if ids else []
             elif filter:
-                rows = [(r[0],) for r in self._db.execute("SELECT rowid, meta FROM vectors WHERE ns=?", (namespace,))
-                        if filters.matches(filter, json.loads(r[1]))]
+                g = self._graph(namespace)
+                rows = [(int(label),) for label in g.cols.select(filter)] if g is not None else []
             else:
                 raise InvalidRequest("delete needs ids or a filter")
             self._db.execute("BEGIN IMMEDIATE")

@@ -151,3 +151,28 @@ def test_killed_writer_leaves_a_store_that_opens(tmp_path: Path) -> None:
     assert count >= 400 and count % 50 == 0  # whole upserts only
     x, _ = _data(100_000, seed=1)
     assert store.query(x[count - 1], 1)[0].id == f"w{count - 1}"
+
+
+def test_columns_agree_with_the_python_evaluator() -> None:
+    from pipeline.columns import Columns
+
+    rng = np.random.default_rng(3)
+    values = ["memes", "me_irl", 0, 1, 2.5, 1000, True, False, "", None]
+    metas = []
+    for _ in range(400):
+        meta = {}
+        for key in ("a", "b", "c"):
+            v = values[rng.integers(len(values))]
+            if v is not None:
+                meta[key] = v
+        metas.append(meta)
+    cols = Columns()
+    cols.append(list(range(10, 410)), metas)
+    cols.kill([12, 13])
+    flts = [{"a": "memes"}, {"a": 1}, {"a": True}, {"b": {"$ne": 0}}, {"c": {"$in": ["memes", 1, True]}},
+            {"c": {"$nin": [False, 2.5]}}, {"a": {"$gt": 0.5}}, {"b": {"$lte": 1}, "c": {"$gte": 1}},
+            {"$or": [{"a": "me_irl"}, {"b": {"$lt": 1}}]}, {"$and": [{"a": {"$ne": "memes"}}, {"zzz": {"$ne": 1}}]},
+            {"zzz": 1}]
+    for flt in flts:
+        want = [i + 10 for i, m in enumerate(metas) if filters.matches(flt, m) and i + 10 not in (12, 13)]
+        assert cols.select(flt).tolist() == want, flt

@@ -4,6 +4,7 @@ with preloaded engines runs the job. No eager mode anywhere."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -197,3 +198,70 @@ def test_demo_command_runs_queries_through_the_queue(tmp_path) -> None:  # type:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("-> job ") == 3 and "  1. demo" in out.stdout and "API at http://127.0.0.1:" in out.stdout
+
+
+@pytest.mark.parity
+def test_worker_runs_on_onnxruntime_by_one_setting(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from engines.export import build_onnx
+
+    engine_dir = tmp_path / "engines"
+    build_onnx(str(tiny_models.siglip), str(tiny_models.blip), engine_dir)
+    env = settings_env(store_dir, tiny_models, redis_server.url(7), IMGSEARCH_ENGINE_BACKEND="onnxruntime",
+                       IMGSEARCH_ENGINE_DIR=str(engine_dir))
+    redis.Redis.from_url(redis_server.url(7)).flushdb()
+    running = _start(env, tmp_path / "logs")
+    try:
+        (w,) = httpx.get(f"{running.base}/readyz", timeout=5).json()["workers"]
+        assert w["backend"] == "onnxruntime" and w["precision"] == "fp32"
+        s = make_settings(store_dir, tiny_models)
+        searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+        for q in QUERIES:
+            job = running.wait(running.submit(q, limit=10))
+            want = searcher.search(SearchParams(query=q, limit=10)).results
+            assert [r["id"] for r in job["results"]] == [r.id for r in want]
+            np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=1e-4)
+    finally:
+        running.stop()
+
+
+def test_worker_refuses_to_start_without_its_engine(store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = settings_env(store_dir, tiny_models, "redis://127.0.0.1:1/0", IMGSEARCH_ENGINE_BACKEND="onnxruntime",
+                       IMGSEARCH_ENGINE_PRECISION="int8", IMGSEARCH_ENGINE_DIR=str(tmp_path / "none"))
+    out = subprocess.run([sys.executable, "-m", "workers.cli", "worker"], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "imgsearch engines build --backend onnxruntime --precision int8" in out.stderr
+
+
+@pytest.mark.contract
+def test_query_path_unchanged_on_pinecone_and_gcs(redis_server, pinecone_standin, gcs_emulator, demo_images,  # type: ignore[no-untyped-def]
+                                                  tiny_models, engines, store_dir, tmp_path) -> None:
+    """VECTOR_STORE=pinecone and BLOB_STORE=gcs (the stand-in and the emulator): same answers as the defaults."""
+    from pipeline.ingest import ingest_folder
+
+    pinecone_standin.data.clear()
+    pinecone_standin.fail_next.clear()
+    remote = {"VECTOR_STORE": "pinecone", "PINECONE_API_KEY": pinecone_standin.api_key,
+              "IMGSEARCH_PINECONE_HOST": pinecone_standin.host, "BLOB_STORE": "gcs",
+              "IMGSEARCH_GCS_BUCKET": "imgsearch-test", "IMGSEARCH_GCS_PREFIX": "e2e",
+              "STORAGE_EMULATOR_HOST": gcs_emulator.host}
+    s = make_settings(tmp_path / "data", tiny_models, vector_store="pinecone", blob_store="gcs",
+                      pinecone_api_key=pinecone_standin.api_key, pinecone_host=pinecone_standin.host,
+                      gcs_bucket="imgsearch-test", gcs_prefix="e2e")
+    report = ingest_folder(demo_images, engines.image, engines.reranker, make_vector_store(s), make_blob_store(s))
+    assert report.ingested == 48 and make_vector_store(s).stats()["total_vector_count"] == 48
+    env = settings_env(tmp_path / "data", tiny_models, redis_server.url(10), **remote)
+    redis.Redis.from_url(redis_server.url(10)).flushdb()
+    running = _start(env, tmp_path / "logs")
+    try:
+        local = make_settings(store_dir, tiny_models)
+        searcher = Searcher(local, engines.text, make_vector_store(local), make_blob_store(local), engines.reranker)
+        for q in QUERIES:
+            job = running.wait(running.submit(q, limit=10))
+            assert job["status"] == "done", job
+            want = searcher.search(SearchParams(query=q, limit=10)).results
+            assert [r["id"] for r in job["results"]] == [r.id for r in want]
+            np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=1e-4)
+            assert job["results"][0]["metadata"]["title"]
+    finally:
+        running.stop()

@@ -1,0 +1,192 @@
+"""Store figures: the embedded vector index at scale, and feature fetch for one query's 32 candidates.
+
+    python -m bench.stores            # 1,000,000 x 768 (about 3 GB of vectors; ~15 minutes on 2 cores)
+    python -m bench.stores --n 100000 # smaller
+
+Index: generated clustered data shaped like image embeddings (many tight clusters plus 10% spread),
+build time, resident memory against the raw vectors, recall@32 against brute force, p50/p99 query
+latency unfiltered and with a filter that keeps ~10% of the vectors (``subreddit == "s0"``).
+Fetch: 32 full-size BLIP-large feature blobs (577 x 1024 float16, 1.2 MB each) from the blob store (a
+local folder; the OS page cache holds them, so this is the best case for "cold"), from Redis, and from
+the worker's in-process LRU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Many tight clusters (about 100 vectors each) plus 10% spread, L2-normalised."""
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, n // 100)
+    centres = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    out = np.empty((n, d), np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        block = centres[rng.integers(0, n_clusters, m)] + 0.35 * rng.standard_normal((m, d)).astype(np.float32)
+        spread = rng.random(m) < 0.1
+        block[spread] = rng.standard_normal((int(spread.sum()), d)).astype(np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:start + m] = block
+    return out
+
+
+def brute_top(x: np.ndarray, q: np.ndarray, k: int, rows: np.ndarray | None = None) -> list[list[int]]:
+    """Exact top-k row indices for each query (optionally among ``rows`` only)."""
+    sub = x if rows is None else x[rows]
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for start in range(0, len(sub), 200_000):
+        s = q @ sub[start:start + 200_000].T
+        idx = np.argpartition(-s, min(k, s.shape[1] - 1), axis=1)[:, :k]
+        best_s = np.concatenate([best_s, np.take_along_axis(s, idx, 1)], 1)
+        best_i = np.concatenate([best_i, idx + start], 1)
+        keep = np.argsort(-best_s, 1)[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return [(rows[r] if rows is not None else r).tolist() for r in best_i]
+
+
+def pct(values: list[float], p: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(p * len(values)))]
+
+
+def bench_index(n: int, d: int, queries: int, root: Path) -> dict[str, Any]:
+    from pipeline.stores.local_vector import LocalVectorStore
+
+    x = clustered(n, d)
+    rng = np.random.default_rng(1)
+    q = x[rng.integers(0, n, queries)] + 0.2 * rng.standard_normal((queries, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    subs = rng.integers(0, 10, n)
+    rss0 = rss_mb()
+    store = LocalVectorStore(root / "vectors")
+    t0 = time.perf_counter()
+    for start in range(0, n, 20_000):
+        store.upsert([(f"p{i}", x[i], {"subreddit": f"s{subs[i]}", "score": int(i % 5000)})
+                      for i in range(start, min(n, start + 20_000))])
+    store.save()
+    build_s = time.perf_counter() - t0
+    mem_mb = rss_mb() - rss0
+    raw_mb = n * d * 4 / 2**20
+    k = 32
+    flt = {"subreddit": "s0"}
+    truth = brute_top(x, q, k)
+    truth_f = brute_top(x, q, k, np.flatnonzero(subs == 0))
+    lat, lat_f, rec, rec_f = [], [], [], []
+    for i in range(queries):
+        t = time.perf_counter()
+        got = store.query(q[i], k)
+        lat.append((time.perf_counter() - t) * 1000)
+        rec.append(len({int(m.id[1:]) for m in got} & set(truth[i])) / k)
+        t = time.perf_counter()
+        got = store.query(q[i], k, filter=flt)
+        lat_f.append((time.perf_counter() - t) * 1000)
+        rec_f.append(len({int(m.id[1:]) for m in got} & set(truth_f[i])) / k)
+    return {"n": n, "dim": d, "build_s": round(build_s, 1), "memory_mb": round(mem_mb), "raw_vectors_mb": round(raw_mb),
+            "memory_ratio": round(mem_mb / raw_mb, 2), "recall_at_32": round(float(np.mean(rec)), 4),
+            "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(pct(lat, 0.99), 3),
+            "filtered_fraction": round(float(np.mean(subs == 0)), 3),
+            "filtered_recall_at_32": round(float(np.mean(rec_f)), 4),
+            "filtered_p50_ms": round(statistics.median(lat_f), 3), "filtered_p99_ms": round(pct(lat_f, 0.99), 3)}
+
+
+def bench_fetch(root: Path, runs: int = 20) -> dict[str, Any]:
+    import redis
+
+    from pipeline import features
+    from pipeline.cache import FeatureCache, LocalLRU
+    from pipeline.search import Searcher, feature_key
+    from pipeline.settings import Settings
+    from pipeline.stores.local_blob import LocalBlobStore
+    from workers import stack
+
+    class _Reranker:
+        version = "blip-large-bench"
+
+    blobs = LocalBlobStore(root / "blobs")
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(32)]
+    for pid in ids:
+        blobs.put(feature_key(_Reranker.version, pid), features.encode(rng.standard_normal((577, 1024)).astype(np.float16)))
+    port = stack.free_port()
+    server = stack.start_redis(port, root / "redis")
+    try:
+        client = redis.Redis(port=port)
+        s = Settings(data_dir=root)
+
+        def timed(searcher: Searcher, prepare: Any = None) -> tuple[float, dict[str, int]]:
+            times, counts = [], {}
+            for _ in range(runs):
+                if prepare:
+                    prepare()
+                counts = {}
+                t = time.perf_counter()
+                searcher.fetch(ids, counts)
+                times.append((time.perf_counter() - t) * 1000)
+            return statistics.median(times), counts
+
+        cold = Searcher(s, None, None, blobs, _Reranker())  # type: ignore[arg-type]
+        cache = FeatureCache(client, 3600, 10_000)
+        warm = Searcher(s, None, None, blobs, _Reranker(), feature_cache=cache)  # type: ignore[arg-type]
+        warm.fetch(ids)
+        lru = LocalLRU(256 << 20)
+        local = Searcher(s, None, None, blobs, _Reranker(), feature_cache=cache, local=lru)  # type: ignore[arg-type]
+        local.fetch(ids)
+        c_ms, c_counts = timed(cold)
+        w_ms, w_counts = timed(Searcher(s, None, None, blobs, _Reranker(), feature_cache=cache))  # type: ignore[arg-type]
+        l_ms, l_counts = timed(local)
+    finally:
+        server.stop()
+    return {"candidates": 32, "feature_mb_each": round(577 * 1024 * 2 / 2**20, 2),
+            "blob_store_p50_ms": round(c_ms, 2), "redis_p50_ms": round(w_ms, 2), "in_process_p50_ms": round(l_ms, 3),
+            "sources": {"blob": c_counts, "redis": w_counts, "in_process": l_counts}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir="build" if Path("build").is_dir() else None) as tmp:
+        report["fetch"] = bench_fetch(Path(tmp))
+        print(json.dumps(report["fetch"]))
+        if not args.skip_index:
+            report["index"] = bench_index(args.n, args.dim, args.queries, Path(tmp))
+            print(json.dumps(report["index"]))
+    f = report["fetch"]
+    print("\n| feature fetch, 32 candidates | p50 ms |\n|---|---|")
+    print(f"| blob store (local folder) | {f['blob_store_p50_ms']} |\n| Redis | {f['redis_p50_ms']} |\n"
+          f"| in-process LRU | {f['in_process_p50_ms']} |")
+    if "index" in report:
+        i = report["index"]
+        print(f"\n| embedded index, {i['n']:,} x {i['dim']} | figure |\n|---|---|")
+        for key in ("build_s", "memory_mb", "raw_vectors_mb", "memory_ratio", "recall_at_32", "p50_ms", "p99_ms",
+                    "filtered_fraction", "filtered_recall_at_32", "filtered_p50_ms", "filtered_p99_ms"):
+            print(f"| {key} | {i[key]} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Google Cloud Storage through google-cloud-storage: per-call timeouts, the client's retries on idempotent
+calls. ``STORAGE_EMULATOR_HOST`` points it at an emulator (tests use gcp-storage-emulator)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pipeline.errors import StoreError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class GcsBlobStore:
+    def __init__(self, bucket: str, *, project: str | None = None, prefix: str = "", timeout: float = 10.0,
+                 create: bool = False) -> None:
+        try:
+            from google.api_core import exceptions as gexc
+            from google.cloud import storage
+        except ImportError as exc:
+            raise StoreError("BLOB_STORE=gcs needs google-cloud-storage: pip install 'imgsearch[gcs]'") from exc
+        self._gexc = gexc
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            client = storage.Client(project=project or "local", credentials=AnonymousCredentials())
+        else:
+            client = storage.Client(project=project)
+        self.bucket = client.bucket(bucket)
+        if create and not self.bucket.exists(timeout=timeout):
+            client.create_bucket(bucket, timeout=timeout)
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.timeout = timeout
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # the client's retries, bounded: a dead store costs a few timeouts, not the default two minutes
+        self.retry = (DEFAULT_RETRY.with_timeout(3 * timeout) if hasattr(DEFAULT_RETRY, "with_timeout")
+                      else DEFAULT_RETRY.with_deadline(3 * timeout))
+
+    def _blob(self, key: str) -> Any:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"invalid blob key {key!r}", code="invalid_request")
+        return self.bucket.blob(self.prefix + key)
+
+    def _fail(self, what: str, key: str, exc: Exception) -> Unavailable:
+        log.warning("gcs %s %s failed: %s", what, key, type(exc).__name__)
+        return Unavailable(f"the blob store (gcs) failed on {what} of {key}: {type(exc).__name__}")
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._blob(key).download_as_bytes(timeout=self.timeout, retry=self.retry)  # type: ignore[no-any-return]
+        except self._gexc.NotFound:
+            return None
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._fail("get", key, exc) from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self._blob(key).upload_from_string(data, content_type="application/octet-stream", timeout=self.timeout,
+                                               retry=self.retry)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._fail("put", key, exc) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return bool(self._blob(key).exists(timeout=self.timeout, retry=self.retry))
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._fail("exists", key, exc) from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._blob(key).delete(timeout=self.timeout, retry=self.retry)
+        except self._gexc.NotFound:
+            pass
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._fail("delete", key, exc) from exc

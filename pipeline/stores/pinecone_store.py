@@ -1,0 +1,108 @@
+"""Pinecone through the official client: batched upserts, retries with backoff on 429/5xx, timeouts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import StoreError, Unavailable
+from pipeline.types import Match, Metadata, Vector
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # vectors per upsert request (Pinecone's limit)
+MAX_BYTES = 2 * 1024 * 1024  # bytes per upsert request (Pinecone's limit)
+
+
+def _client(api_key: str, host: str | None, index_name: str | None, timeout: float, retries: int) -> Any:
+    try:
+        from pinecone import Pinecone, RetryConfig
+    except ImportError as exc:
+        raise StoreError("VECTOR_STORE=pinecone needs the pinecone client: pip install 'imgsearch[pinecone]'") from exc
+    pc = Pinecone(api_key=api_key, timeout=timeout,
+                  retry_config=RetryConfig(max_retries=retries, backoff_factor=0.1, max_wait=5.0))
+    if host:
+        return pc.Index(host=host)
+    if not index_name:
+        raise StoreError("VECTOR_STORE=pinecone needs PINECONE_INDEX_NAME (or IMGSEARCH_PINECONE_HOST)")
+    return pc.Index(index_name)
+
+
+def batches(items: Sequence[dict[str, Any]], max_count: int = MAX_BATCH,
+            max_bytes: int = MAX_BYTES) -> Iterator[list[dict[str, Any]]]:
+    """Split vectors into requests under both of Pinecone's caps (count and encoded size)."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        n = len(json.dumps(item, separators=(",", ":"))) + 1
+        if batch and (len(batch) >= max_count or size + n > max_bytes - 1024):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+class PineconeVectorStore:
+    def __init__(self, api_key: str, *, index_name: str | None = None, host: str | None = None,
+                 timeout: float = 10.0, retries: int = 3) -> None:
+        self.timeout = timeout
+        self.index = _client(api_key, host, index_name, timeout, retries)
+
+    def _call(self, what: str, fn: Any, **kw: Any) -> Any:
+        try:
+            return fn(**kw)
+        except Exception as exc:  # the client's errors carry the status; keep the message, drop the key
+            status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+            log.warning("pinecone %s failed: %s %s", what, type(exc).__name__, status)
+            raise Unavailable(f"the vector store (pinecone) failed on {what}: {type(exc).__name__}"
+                              + (f" {status}" if status else "")) from exc
+
+    def upsert(self, items: Sequence[tuple[str, Vector, Metadata]], namespace: str = "") -> int:
+        vectors = [{"id": vid, "values": np.asarray(vec, np.float32).tolist(), "metadata": meta}
+                   for vid, vec, meta in items]
+        for batch in batches(vectors):
+            self._call("upsert", self.index.upsert, vectors=batch, namespace=namespace, show_progress=False)
+        return len(vectors)
+
+    def query(self, vector: Vector, top_k: int, filter: dict[str, Any] | None = None,
+              namespace: str = "") -> list[Match]:
+        res = self._call("query", self.index.query, vector=np.asarray(vector, np.float32).tolist(), top_k=top_k,
+                         namespace=namespace, filter=filter or None, include_metadata=True)
+        return [Match(id=m.id, score=float(m.score), metadata=dict(m.metadata or {})) for m in res.matches]
+
+    def fetch(self, ids: Sequence[str], namespace: str = "") -> dict[str, tuple[Vector, Metadata]]:
+        out: dict[str, tuple[Vector, Metadata]] = {}
+        for start in range(0, len(ids), 200):  # keeps the GET's URL short
+            res = self._call("fetch", self.index.fetch, ids=list(ids[start:start + 200]), namespace=namespace)
+            for vid, v in res.vectors.items():
+                out[vid] = (np.asarray(v.values, np.float32), dict(v.metadata or {}))
+        return out
+
+    def delete(self, ids: Sequence[str] | None = None, filter: dict[str, Any] | None = None,
+               namespace: str = "") -> int:
+        if ids is not None:
+            n = len(self.fetch(ids, namespace)) if ids else 0
+            for start in range(0, len(ids), 1000):
+                self._call("delete", self.index.delete, ids=list(ids[start:start + 1000]), namespace=namespace)
+            return n
+        if filter:
+            before = self._count(namespace)
+            self._call("delete", self.index.delete, filter=filter, namespace=namespace)
+            return max(0, before - self._count(namespace))
+        raise StoreError("delete needs ids or a filter")
+
+    def _count(self, namespace: str) -> int:
+        ns = self.stats()["namespaces"].get(namespace)
+        return int(ns["vector_count"]) if ns else 0
+
+    def stats(self) -> dict[str, Any]:
+        res = self._call("describe_index_stats", self.index.describe_index_stats)
+        namespaces = {name: {"vector_count": int(s.vector_count)} for name, s in (res.namespaces or {}).items()}
+        return {"dimension": res.dimension, "total_vector_count": int(res.total_vector_count or 0),
+                "namespaces": namespaces}
