@@ -71,7 +71,8 @@ def bench_index(n: int, d: int, queries: int, root: Path) -> dict[str, Any]:
 
     x = clustered(n, d)
     rng = np.random.default_rng(1)
-    q = x[rng.integers(0, n, queries)] + 0.2 * rng.standard_normal((queries, d)).astype(np.float32)
+    # queries near stored images (a text embedding lands near, not on, its image): noise of norm ~0.3
+    q = x[rng.integers(0, n, queries)] + (0.3 / np.sqrt(d)) * rng.standard_normal((queries, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     subs = rng.integers(0, 10, n)
     rss0 = rss_mb()

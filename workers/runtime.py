@@ -52,7 +52,8 @@ def load(settings: Settings | None = None) -> Runtime:
             searcher = Searcher(settings, engines.text, make_vector_store(settings), make_blob_store(settings),
                                 engines.reranker,
                                 feature_cache=FeatureCache(caches, settings.cache_features_ttl_s,
-                                                           settings.cache_features_max),
+                                                           settings.cache_features_max)
+                                if settings.feature_cache_on else None,
                                 results=ResultCache(caches, settings.cache_results_ttl_s),
                                 local=LocalLRU(settings.cache_local_mb << 20))
             searcher.encode("warm up")  # the first real query pays no lazy-init cost

@@ -74,3 +74,10 @@ def test_local_blob_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(InvalidRequest):
             store.put(bad, b"x")
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
+
+
+def test_redis_feature_cache_only_in_front_of_remote_blobs() -> None:
+    assert not Settings().feature_cache_on  # a local folder beats Redis for 1 MB values
+    assert Settings(blob_store="gcs").feature_cache_on
+    assert Settings(cache_features="on").feature_cache_on
+    assert not Settings(blob_store="gcs", cache_features="off").feature_cache_on

@@ -79,15 +79,23 @@ def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Liv
     running.stop()
 
 
-def test_results_equal_the_same_pipeline_in_process(live, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+def assert_matches_in_process(live: Live, store_dir: Path, tiny_models, engines, atol: float) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Each query's job through the queue ranks as the same pipeline run in this process on the default stores."""
     s = make_settings(store_dir, tiny_models)
     searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+    jobs = []
     for q in QUERIES:
         job = live.wait(live.submit(q, limit=10))
         assert job["status"] == "done", job
         want = searcher.search(SearchParams(query=q, limit=10)).results
         assert [r["id"] for r in job["results"]] == [r.id for r in want]
-        np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=1e-5)
+        np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=atol)
+        jobs.append(job)
+    return jobs
+
+
+def test_results_equal_the_same_pipeline_in_process(live, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    for job in assert_matches_in_process(live, store_dir, tiny_models, engines, atol=1e-5):
         first = job["results"][0]
         assert set(first) >= {"id", "score", "itm", "cosine", "metadata"}
         assert first["metadata"]["title"] and first["metadata"]["width"] == 96
@@ -213,13 +221,7 @@ def test_worker_runs_on_onnxruntime_by_one_setting(redis_server, store_dir, tiny
     try:
         (w,) = httpx.get(f"{running.base}/readyz", timeout=5).json()["workers"]
         assert w["backend"] == "onnxruntime" and w["precision"] == "fp32"
-        s = make_settings(store_dir, tiny_models)
-        searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
-        for q in QUERIES:
-            job = running.wait(running.submit(q, limit=10))
-            want = searcher.search(SearchParams(query=q, limit=10)).results
-            assert [r["id"] for r in job["results"]] == [r.id for r in want]
-            np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=1e-4)
+        assert_matches_in_process(running, store_dir, tiny_models, engines, atol=1e-4)
     finally:
         running.stop()
 
@@ -254,14 +256,7 @@ def test_query_path_unchanged_on_pinecone_and_gcs(redis_server, pinecone_standin
     redis.Redis.from_url(redis_server.url(10)).flushdb()
     running = _start(env, tmp_path / "logs")
     try:
-        local = make_settings(store_dir, tiny_models)
-        searcher = Searcher(local, engines.text, make_vector_store(local), make_blob_store(local), engines.reranker)
-        for q in QUERIES:
-            job = running.wait(running.submit(q, limit=10))
-            assert job["status"] == "done", job
-            want = searcher.search(SearchParams(query=q, limit=10)).results
-            assert [r["id"] for r in job["results"]] == [r.id for r in want]
-            np.testing.assert_allclose([r["score"] for r in job["results"]], [r.score for r in want], atol=1e-4)
+        for job in assert_matches_in_process(running, store_dir, tiny_models, engines, atol=1e-4):
             assert job["results"][0]["metadata"]["title"]
     finally:
         running.stop()
