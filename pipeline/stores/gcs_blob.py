@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pipeline.errors import StoreError, Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class GcsBlobStore:
@@ -43,43 +45,26 @@ class GcsBlobStore:
             raise StoreError(f"invalid blob key {key!r}", code="invalid_request")
         return self.bucket.blob(self.prefix + key)
 
-    def _fail(self, what: str, key: str, exc: Exception) -> Unavailable:
-        log.warning("gcs %s %s failed: %s", what, key, type(exc).__name__)
-        return Unavailable(f"the blob store (gcs) failed on {what} of {key}: {type(exc).__name__}")
+    def _run(self, what: str, key: str, call: Callable[[Any], T], missing: T) -> T:
+        """One call on one blob: a missing blob gives ``missing``; any other failure is Unavailable."""
+        blob = self._blob(key)
+        try:
+            return call(blob)
+        except self._gexc.NotFound:
+            return missing
+        except Exception as exc:
+            log.warning("gcs %s %s failed: %s", what, key, type(exc).__name__)
+            raise Unavailable(f"the blob store (gcs) failed on {what} of {key}: {type(exc).__name__}") from exc
 
     def get(self, key: str) -> bytes | None:
-        try:
-            return self._blob(key).download_as_bytes(timeout=self.timeout, retry=self.retry)  # type: ignore[no-any-return]
-        except self._gexc.NotFound:
-            return None
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self._fail("get", key, exc) from exc
+        return self._run("get", key, lambda b: b.download_as_bytes(timeout=self.timeout, retry=self.retry), None)
 
     def put(self, key: str, data: bytes) -> None:
-        try:
-            self._blob(key).upload_from_string(data, content_type="application/octet-stream", timeout=self.timeout,
-                                               retry=self.retry)
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self._fail("put", key, exc) from exc
+        self._run("put", key, lambda b: b.upload_from_string(data, content_type="application/octet-stream",
+                                                            timeout=self.timeout, retry=self.retry), None)
 
     def exists(self, key: str) -> bool:
-        try:
-            return bool(self._blob(key).exists(timeout=self.timeout, retry=self.retry))
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self._fail("exists", key, exc) from exc
+        return bool(self._run("exists", key, lambda b: b.exists(timeout=self.timeout, retry=self.retry), False))
 
     def delete(self, key: str) -> None:
-        try:
-            self._blob(key).delete(timeout=self.timeout, retry=self.retry)
-        except self._gexc.NotFound:
-            pass
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self._fail("delete", key, exc) from exc
+        self._run("delete", key, lambda b: b.delete(timeout=self.timeout, retry=self.retry), None)
