@@ -66,7 +66,7 @@ def pct(values: list[float], p: float) -> float:
     return sorted(values)[min(len(values) - 1, int(p * len(values)))]
 
 
-def bench_index(n: int, d: int, queries: int, root: Path) -> dict[str, Any]:
+def bench_index(n: int, d: int, queries: int, root: Path, sweep: tuple[int, ...] = ()) -> dict[str, Any]:
     from pipeline.stores.local_vector import LocalVectorStore
 
     x = clustered(n, d)
@@ -89,17 +89,33 @@ def bench_index(n: int, d: int, queries: int, root: Path) -> dict[str, Any]:
     flt = {"subreddit": "s0"}
     truth = brute_top(x, q, k)
     truth_f = brute_top(x, q, k, np.flatnonzero(subs == 0))
-    lat, lat_f, rec, rec_f = [], [], [], []
-    for i in range(queries):
-        t = time.perf_counter()
-        got = store.query(q[i], k)
-        lat.append((time.perf_counter() - t) * 1000)
-        rec.append(len({int(m.id[1:]) for m in got} & set(truth[i])) / k)
-        t = time.perf_counter()
-        got = store.query(q[i], k, filter=flt)
-        lat_f.append((time.perf_counter() - t) * 1000)
-        rec_f.append(len({int(m.id[1:]) for m in got} & set(truth_f[i])) / k)
-    return {"n": n, "dim": d, "build_s": round(build_s, 1), "memory_mb": round(mem_mb), "raw_vectors_mb": round(raw_mb),
+
+    def measure() -> tuple[list[float], list[float], list[float], list[float]]:
+        lat, lat_f, rec, rec_f = [], [], [], []
+        for i in range(queries):
+            t = time.perf_counter()
+            got = store.query(q[i], k)
+            lat.append((time.perf_counter() - t) * 1000)
+            rec.append(len({int(m.id[1:]) for m in got} & set(truth[i])) / k)
+            t = time.perf_counter()
+            got = store.query(q[i], k, filter=flt)
+            lat_f.append((time.perf_counter() - t) * 1000)
+            rec_f.append(len({int(m.id[1:]) for m in got} & set(truth_f[i])) / k)
+        return lat, lat_f, rec, rec_f
+
+    curve = []
+    default_ef = store.ef_search
+    for ef in sweep:  # the recall/latency trade-off of the search beam, on the same built index
+        store.ef_search = ef
+        s_lat, s_lat_f, s_rec, s_rec_f = measure()
+        curve.append({"ef_search": ef, "recall_at_32": round(float(np.mean(s_rec)), 4),
+                      "p50_ms": round(statistics.median(s_lat), 3),
+                      "filtered_recall_at_32": round(float(np.mean(s_rec_f)), 4),
+                      "filtered_p50_ms": round(statistics.median(s_lat_f), 3)})
+        print(json.dumps(curve[-1]), flush=True)
+    store.ef_search = default_ef
+    lat, lat_f, rec, rec_f = measure()
+    return {"ef_sweep": curve, "n": n, "dim": d, "build_s": round(build_s, 1), "memory_mb": round(mem_mb), "raw_vectors_mb": round(raw_mb),
             "memory_ratio": round(mem_mb / raw_mb, 2), "recall_at_32": round(float(np.mean(rec)), 4),
             "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(pct(lat, 0.99), 3),
             "filtered_fraction": round(float(np.mean(subs == 0)), 3),
@@ -165,6 +181,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--ef-sweep", default="", help="comma-separated efSearch values to measure too, e.g. 64,192,256")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     report: dict[str, Any] = {}
@@ -172,7 +189,8 @@ def main() -> None:
         report["fetch"] = bench_fetch(Path(tmp))
         print(json.dumps(report["fetch"]))
         if not args.skip_index:
-            report["index"] = bench_index(args.n, args.dim, args.queries, Path(tmp))
+            sweep = tuple(int(v) for v in args.ef_sweep.split(",") if v)
+            report["index"] = bench_index(args.n, args.dim, args.queries, Path(tmp), sweep)
             print(json.dumps(report["index"]))
     f = report["fetch"]
     print("\n| feature fetch, 32 candidates | p50 ms |\n|---|---|")
