@@ -115,7 +115,8 @@ def bench_index(n: int, d: int, queries: int, root: Path, sweep: tuple[int, ...]
         print(json.dumps(curve[-1]), flush=True)
     store.ef_search = default_ef
     lat, lat_f, rec, rec_f = measure()
-    return {"ef_sweep": curve, "n": n, "dim": d, "build_s": round(build_s, 1), "memory_mb": round(mem_mb), "raw_vectors_mb": round(raw_mb),
+    return {"ef_sweep": curve, "n": n, "dim": d, "build_s": round(build_s, 1), "memory_mb": round(mem_mb),
+            "raw_vectors_mb": round(raw_mb),
             "memory_ratio": round(mem_mb / raw_mb, 2), "recall_at_32": round(float(np.mean(rec)), 4),
             "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(pct(lat, 0.99), 3),
             "filtered_fraction": round(float(np.mean(subs == 0)), 3),
