@@ -15,7 +15,8 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,21 @@ class LocalVectorStore:
         self._db.execute("DELETE FROM tombstones WHERE ns=? AND seq<=?", (ns, tomb))
         return self._graph(ns) or g
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _retire(self, ns: str, rowid: int) -> None:
+        """Drop a row; its label stays in the graph as a tombstone that searches exclude."""
+        self._db.execute("DELETE FROM vectors WHERE rowid=?", (rowid,))
+        self._db.execute("INSERT INTO tombstones (ns, label) VALUES (?, ?)", (ns, rowid))
+
     # --- VectorStore ---
     def upsert(self, items: Sequence[tuple[str, Vector, Metadata]], namespace: str = "") -> int:
         if not items:
@@ -182,20 +198,14 @@ class LocalVectorStore:
         if any(v.shape[0] != d for v in vecs):
             raise InvalidRequest("all vectors of one upsert must have the same dimension")
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._check_dim(d)
                 for (vid, _, meta), vec in zip(items, vecs, strict=True):
                     old = self._db.execute("SELECT rowid FROM vectors WHERE ns=? AND id=?", (namespace, vid)).fetchone()
                     if old:
-                        self._db.execute("DELETE FROM vectors WHERE rowid=?", (old[0],))
-                        self._db.execute("INSERT INTO tombstones (ns, label) VALUES (?, ?)", (namespace, old[0]))
+                        self._retire(namespace, old[0])
                     self._db.execute("INSERT INTO vectors (ns, id, vec, meta) VALUES (?, ?, ?, ?)",
                                      (namespace, str(vid), vec.tobytes(), json.dumps(meta, sort_keys=True)))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._graph(namespace)
         return len(items)
 
@@ -282,15 +292,9 @@ class LocalVectorStore:
                 rows = [(int(label),) for label in g.cols.select(filter)] if g is not None else []
             else:
                 raise InvalidRequest("delete needs ids or a filter")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for (rowid,) in rows:
-                    self._db.execute("DELETE FROM vectors WHERE rowid=?", (rowid,))
-                    self._db.execute("INSERT INTO tombstones (ns, label) VALUES (?, ?)", (namespace, rowid))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                    self._retire(namespace, rowid)
             self._graph(namespace)
             return len(rows)
 
