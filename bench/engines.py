@@ -77,18 +77,40 @@ def blip(backend: str, precision: str, folder: Path, engines: Path) -> BlipBase:
     return OrtBlip(str(folder), engines, precision=precision, device=DEVICE)
 
 
+def ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def backends(models: dict[str, Path], engines: Path) -> tuple[tuple[str, str], ...]:
-    """The CPU set, or on a GPU: torch fp32/fp16, ONNX Runtime CUDA, and TensorRT fp16 where it imports."""
+    """The CPU set, or on a GPU: torch fp32/fp16, then ONNX Runtime's CUDA provider and TensorRT fp16 where
+    they are installed (a CPU-only onnxruntime would silently run on the host's cores: it is left out)."""
     if DEVICE == "cpu":
         return BACKENDS
+    chosen = list(GPU_BACKENDS[:2])
+    if ort_cuda():
+        chosen.append(GPU_BACKENDS[2])
+    else:
+        print("onnxruntime skipped: no CUDAExecutionProvider in this onnxruntime (needs onnxruntime-gpu)")
     try:
         from engines.trt import build_all
 
         build_all(SiglipBase(str(models["siglip"])), BlipBase(str(models["blip"])), engines, "fp16")
-        return GPU_BACKENDS
+        chosen.append(GPU_BACKENDS[3])
     except Exception as exc:  # no tensorrt there: report the rest
         print(f"tensorrt skipped: {type(exc).__name__}: {exc}")
-        return GPU_BACKENDS[:3]
+    return tuple(chosen)
+
+
+def needs_onnx() -> bool:
+    if DEVICE == "cpu" or ort_cuda():
+        return True
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def original_way(model: TorchBlip, query: str, imgs: list[Image.Image]) -> None:
@@ -122,13 +144,16 @@ def measure(backend: str, precision: str, models: dict[str, Path], engines: Path
 
 def run(models: dict[str, Path], engines: Path, *, text_only: bool, repeat: int, label: str) -> list[dict[str, Any]]:
     parts = ("siglip_text",) if text_only else ("siglip_text", "siglip_image", "blip_vision", "blip_itc", "blip_itm")
-    build_onnx(str(models["siglip"]), str(models["blip"]), engines, precisions=("fp32", "int8"), components=parts)
+    if needs_onnx():  # int8 is a CPU precision: the GPU runs fp32 exports (TensorRT builds fp16 from them)
+        precisions = ("fp32", "int8") if DEVICE == "cpu" else ("fp32",)
+        build_onnx(str(models["siglip"]), str(models["blip"]), engines, precisions=precisions, components=parts)
+    engines.mkdir(parents=True, exist_ok=True)
     feats_file = None
     if not text_only:  # 32 candidates' stored features, as ingest writes them
         one = TorchBlip(str(models["blip"])).vision_features(images(1))[0]
         feats_file = engines / f"bench-feats-{label.replace(' ', '-')}.npy"
         np.save(feats_file, np.stack([one + np.float16(0.01) * i for i in range(32)]))
-    chosen = BACKENDS if text_only or DEVICE == "cpu" else backends(models, engines)
+    chosen = backends(models, engines)
     rows = []
     for b, p in chosen:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
@@ -187,7 +212,8 @@ def main() -> None:
         full["blip"] = tiny_b  # not timed in quick mode: only the text tower is
     rows += run(full, args.build / "engines", text_only=args.quick, repeat=args.repeat,
                 label="full-size SigLIP text" if args.quick else "full-size")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {time.perf_counter() - t0:.0f} s in all")
+    where = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}; {time.perf_counter() - t0:.0f} s in all")
     print(table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

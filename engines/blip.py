@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
 from engines.loading import resolve, version_of
-from engines.siglip import l2
+from engines.siglip import DTYPES, l2
 
 SETTING = "IMGSEARCH_BLIP_MODEL"
 
@@ -57,7 +57,8 @@ class BlipBase:
         raise NotImplementedError
 
     def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
-                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
+                  embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        """``embeds``: the candidates' stored vision features, stacked, in their stored dtype."""
         raise NotImplementedError
 
     # --- the Reranker protocol ---
@@ -72,7 +73,8 @@ class BlipBase:
         text_feat = l2(self._itc_core(ids, mask))[0]
         itm_out, cos_out = [], []
         for start in range(0, len(features), self.batch_size):
-            embeds = np.stack([np.asarray(f, np.float32) for f in features[start:start + self.batch_size]])
+            # as stored (float16): each core casts where it runs (on the GPU, after a copy of half the bytes)
+            embeds = np.stack(features[start:start + self.batch_size])
             n = embeds.shape[0]
             itm, image_proj = self._itm_core(np.repeat(ids, n, 0), np.repeat(mask, n, 0), embeds)
             itm_out.append(np.asarray(itm, np.float32))
@@ -105,37 +107,34 @@ class BlipCores(torch.nn.Module):
 
 
 class TorchBlip(BlipBase):
+    """Weights cast to the precision once at load, as in ``TorchSiglip``."""
+
     backend = "torch"
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", setting: str = SETTING,
                  batch_size: int = 32, max_tokens: int = 64) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens)
         self.device = torch.device(device)
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.model = BlipForImageTextRetrieval.from_pretrained(self.path).eval().to(self.device)
+        self.dtype = DTYPES[precision]
+        self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.cores = BlipCores(self.model)
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
-
     def _t(self, x: NDArray[Any]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     @torch.inference_mode()
     def _vision_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
-        with self._autocast():
-            return self.cores.vision(self._t(pixel_values)).float().cpu().numpy()  # type: ignore[no-any-return]
+        return self.cores.vision(self._t(pixel_values)).float().cpu().numpy()  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def _itc_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64]) -> NDArray[Any]:
-        with self._autocast():
-            return self.cores.itc(self._t(ids), self._t(mask)).float().cpu().numpy()  # type: ignore[no-any-return]
+        return self.cores.itc(self._t(ids), self._t(mask)).float().cpu().numpy()  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
-                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
-        with self._autocast():
-            itm, proj = self.cores.itm(self._t(ids), self._t(mask), self._t(embeds))
+                  embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.cores.itm(self._t(ids), self._t(mask), self._t(embeds))
         return itm.float().cpu().numpy(), proj.float().cpu().numpy()
 
 

@@ -31,6 +31,26 @@ def providers(device: str) -> list[tuple[str, dict[str, Any]]]:
     return wanted
 
 
+_GLOBAL_POOL: bool | None = None
+
+
+def _shared_pool(threads: int) -> bool:
+    """One intra-op thread pool for every session of the process, made before the first session. A worker's
+    sessions run one after another, so they share the cores rather than each holding its own pool; with one
+    pool its threads may spin between runs (they steal from no other session), which saves a few ms of
+    wake-up per run at batch 1. False where this onnxruntime has no global pools: per-session pools, no spin."""
+    global _GLOBAL_POOL
+    if _GLOBAL_POOL is None:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(threads, 1)  # 0: its default, one per core
+            _GLOBAL_POOL = True
+        except (ImportError, AttributeError, RuntimeError):
+            _GLOBAL_POOL = False
+    return _GLOBAL_POOL
+
+
 class Session:
     """One ONNX Runtime session, created on first use (a query worker never opens the ingest-only graphs)."""
 
@@ -44,11 +64,13 @@ class Session:
 
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            # a worker holds several sessions that run one after another: threads that spin after their run
-            # would steal the cores the next session needs (costs a few ms at batch 1 when alone)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if _shared_pool(self.threads):
+                opts.use_per_session_threads = False
+            else:
+                if self.threads:
+                    opts.intra_op_num_threads = self.threads
+                # per-session pools that spin after their run would steal the cores the next session needs
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers(self.device))
         return self._sess.run(None, inputs)  # type: ignore[no-any-return]
 
@@ -91,6 +113,6 @@ class OrtBlip(BlipBase):
         return self.s["blip_itc"](input_ids=ids, attention_mask=mask)[0]
 
     def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
-                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
-        itm, proj = self.s["blip_itm"](input_ids=ids, attention_mask=mask, image_embeds=embeds)
+                  embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.s["blip_itm"](input_ids=ids, attention_mask=mask, image_embeds=embeds.astype(np.float32, copy=False))
         return itm, proj

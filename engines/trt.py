@@ -157,8 +157,8 @@ class TrtBlip(BlipBase):
         return self.itc(input_ids=ids, attention_mask=mask)[0]
 
     def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
-                  embeds: NDArray[np.float32]) -> tuple[NDArray[Any], NDArray[Any]]:
-        itm, proj = self.itm(input_ids=ids, attention_mask=mask, image_embeds=embeds)
+                  embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.itm(input_ids=ids, attention_mask=mask, image_embeds=embeds.astype(np.float32, copy=False))
         return itm, proj
 
 
