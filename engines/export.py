@@ -83,6 +83,29 @@ def _fusable(m: TorchSiglip) -> tuple[int, int]:
 Spec = tuple[Callable[..., Any], tuple[torch.Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]
 
 
+def last_position_text_features(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """SigLIP's text features, computing only what they read: the output is the last position after the final
+    layer, so that layer's query, attention output and MLP run for that position alone (keys and values still
+    see every position). The same numbers as ``get_text_features``; about 1/12 less work in the base model."""
+    tm = model.text_model
+    h = tm.embeddings(input_ids=input_ids)
+    *body, last = tm.encoder.layers
+    for layer in body:
+        h = layer(h, None)
+    attn = last.self_attn
+    x = last.layer_norm1(h)
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+    w = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
+    o = attn.out_proj((w @ v).transpose(1, 2).reshape(b, 1, -1))
+    h_last = h[:, -1:] + o
+    h_last = h_last + last.mlp(last.layer_norm2(h_last))
+    return tm.head(tm.final_layer_norm(h_last)[:, 0])  # type: ignore[no-any-return]
+
+
 def siglip_specs(m: TorchSiglip) -> dict[str, Spec]:
     model = m.model
     # eager attention traces to the MatMul/Softmax pattern that ONNX Runtime's Attention fusion recognises
@@ -91,7 +114,7 @@ def siglip_specs(m: TorchSiglip) -> dict[str, Spec]:
     ids = torch.from_numpy(m.text_inputs(["a photo", "two cats"]))
     pixels = torch.from_numpy(m.image_inputs([_blank()] * 2))
     return {
-        "siglip_text": (lambda i: features(model.get_text_features(input_ids=i)), (ids,), ["input_ids"], ["features"],
+        "siglip_text": (lambda i: last_position_text_features(model, i), (ids,), ["input_ids"], ["features"],
                         {"input_ids": {0: "batch"}, "features": {0: "batch"}}),
         "siglip_image": (lambda p: features(model.get_image_features(pixel_values=p)), (pixels,), ["pixel_values"],
                          ["features"], {"pixel_values": {0: "batch"}, "features": {0: "batch"}}),
