@@ -11,7 +11,7 @@ from pipeline.settings import Settings
 def _local_vector(settings: Settings) -> VectorStore:
     from pipeline.stores.local_vector import LocalVectorStore
 
-    return LocalVectorStore(settings.vector_dir, ef_search=settings.local_ef_search)
+    return LocalVectorStore(settings.vector_dir, nprobe=settings.local_nprobe)
 
 
 def _local_blob(settings: Settings) -> BlobStore:

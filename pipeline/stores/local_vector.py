@@ -1,10 +1,17 @@
-"""The embedded default vector store: a faiss HNSW index per namespace over SQLite.
+"""The embedded default vector store: a faiss index per namespace over SQLite.
 
 SQLite holds every vector and its metadata and is the source of truth; each committed write survives a
 crash. The faiss index is a snapshot that names, in its file name, the last row and tombstone it covers;
 opening loads the newest snapshot and replays what came after, so a process killed at any point leaves
-a store that opens and answers. Replaced or deleted vectors stay in the graph as tombstones that every
-search excludes, until ``save`` rebuilds a namespace whose graph is mostly dead.
+a store that opens and answers. Replaced or deleted vectors stay in the index as tombstones that every
+search excludes, until ``save`` rebuilds a namespace whose index is mostly dead.
+
+Layout, measured (bench/stores.py, FACTS.md): a flat index (exact) while a namespace is small, then an
+inverted file of flat lists (IVF-Flat, about sqrt(n) lists, k-means trained on a sample of the namespace).
+Against HNSW at a million 768-d vectors on 2 cores it builds in about a minute instead of twenty, holds
+the raw vectors plus ids (no graph), and a filter only narrows which stored vectors get scored, so a
+selective filter costs about what an unfiltered query does. ``save`` retrains once a namespace has grown
+4x past what its lists were trained for.
 """
 
 from __future__ import annotations
@@ -44,33 +51,39 @@ _SNAPSHOT = re.compile(r"^ns-([0-9a-f]*)\.(\d+)\.(\d+)\.faiss$")
 
 
 @dataclass
-class _Graph:
-    index: Any
+class _Index:
+    index: Any  # IndexIDMap2 over IndexFlatIP or IndexIVFFlat; labels are SQLite rowids
     row_mark: int = 0  # highest rowid added
     tomb_mark: int = 0  # highest tombstone seq applied
     dead: set[int] = field(default_factory=set)
     cols: Columns = field(default_factory=Columns)  # live rows' metadata, for filters
-    labels: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # label of each graph position
+    labels: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # every label added, in order
 
-    def vectors(self) -> NDArray[np.float32]:
-        """The graph's stored vectors by position, as a view (no copy)."""
-        storage: Any = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)  # type: ignore[attr-defined]
-        n, d = storage.ntotal, storage.d
-        return faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)  # type: ignore[no-any-return]
+    @property
+    def nlist(self) -> int:
+        """The number of inverted lists; 0 for the flat (exact) layout."""
+        return int(getattr(faiss.downcast_index(self.index.index), "nlist", 0))  # type: ignore[attr-defined]
+
+    @property
+    def live(self) -> int:
+        return int(self.index.ntotal) - len(self.dead)
 
 
 class LocalVectorStore:
-    def __init__(self, root: Path | str, *, m: int = 32, ef_construction: int = 128, ef_search: int = 128,
-                 ef_filtered_max: int = 1024, exact_below: int = 4096) -> None:
+    def __init__(self, root: Path | str, *, nprobe: int = 16, nprobe_filtered_max: int = 256,
+                 ivf_above: int = 50_000, exact_below: int = 4096) -> None:
+        """``nprobe``: inverted lists scanned per query; a filter widens it by the fraction it keeps, up to
+        ``nprobe_filtered_max``. ``ivf_above``: live vectors above which a namespace leaves the flat index.
+        ``exact_below``: a filter that keeps fewer rows is answered by brute force over them."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.m, self.ef_construction, self.ef_search, self.exact_below = m, ef_construction, ef_search, exact_below
-        self.ef_filtered_max = ef_filtered_max
+        self.nprobe, self.nprobe_filtered_max = nprobe, nprobe_filtered_max
+        self.ivf_above, self.exact_below = ivf_above, exact_below
         self._db = sqlite3.connect(self.root / "store.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._graphs: dict[str, _Graph] = {}
+        self._indexes: dict[str, _Index] = {}
         self._lock = threading.RLock()
 
     # --- info ---
@@ -87,26 +100,42 @@ class LocalVectorStore:
             raise StoreError(f"the vector store at {self.root} holds {have}-d vectors but got {d}-d ones: "
                              "the encoder changed; re-ingest into a fresh data dir", code="dimension_mismatch")
 
-    # --- graph upkeep ---
-    def _new_index(self, d: int) -> Any:
-        hnsw = faiss.IndexHNSWFlat(d, self.m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = self.ef_construction
-        return faiss.IndexIDMap2(hnsw)
+    # --- index upkeep ---
+    def _new_index(self, d: int, train: NDArray[np.float32] | None = None, n: int = 0) -> Any:
+        """Flat (exact) without ``train``; else IVF-Flat with about sqrt(``n``) lists, trained on ``train`` (a
+        sample of the namespace's ``n`` vectors). The direct map lets a filtered query read back a few rows."""
+        if train is None:
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        nlist = int(min(65536, max(16, round(np.sqrt(n)))))
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = 1234  # the same lists for the same data
+        ivf.train(train)
+        ivf.make_direct_map()
+        return faiss.IndexIDMap2(ivf)
 
-    def _graph(self, ns: str) -> _Graph | None:
-        """The namespace's graph, loaded or built on first use and caught up with SQLite on every call."""
+    def _needs_rebuild(self, g: _Index, saving: bool) -> bool:
+        """At once (queries pay for it): a flat index that outgrew exact search, or lists that hold 16x the
+        vectors they were trained for (a reader that never saves). At ``save``: mostly tombstones, or 4x."""
+        if not g.nlist:
+            return g.live >= self.ivf_above or (saving and len(g.dead) > 0.25 * g.index.ntotal)
+        if saving:
+            return g.live > 4 * g.nlist**2 or len(g.dead) > 0.25 * g.index.ntotal
+        return g.live > 16 * g.nlist**2
+
+    def _index(self, ns: str) -> _Index | None:
+        """The namespace's index, loaded or built on first use and caught up with SQLite on every call."""
         d = self.dim
         if d is None:
             return None
-        g = self._graphs.get(ns)
+        g = self._indexes.get(ns)
         if g is None:
-            g = self._load_snapshot(ns) or _Graph(self._new_index(d))
-            self._graphs[ns] = g
+            g = self._load_snapshot(ns) or _Index(self._new_index(d))
+            self._indexes[ns] = g
         # "+ns" keeps SQLite off the (ns, id) index: the rowid range is the selective part (a scan of the
         # namespace's whole index on every query cost ~100 ms at a million vectors)
-        rows = self._db.execute("SELECT rowid, vec, meta FROM vectors WHERE rowid>? AND +ns=? ORDER BY rowid",
-                                (g.row_mark, ns)).fetchall()
-        if rows:
+        cur = self._db.execute("SELECT rowid, vec, meta FROM vectors WHERE rowid>? AND +ns=? ORDER BY rowid",
+                               (g.row_mark, ns))
+        while rows := cur.fetchmany(50_000):  # in slices: a rebuild of a million rows never holds them all twice
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), d)
             labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             g.index.add_with_ids(vecs, labels)
@@ -120,6 +149,8 @@ class LocalVectorStore:
             g.dead.update(dead)
             g.cols.kill(dead)
             g.tomb_mark = tombs[-1][0]
+        if self._needs_rebuild(g, saving=False):
+            return self._rebuild(ns)
         return g
 
     def _snapshot_paths(self, ns: str) -> list[tuple[int, int, Path]]:
@@ -130,7 +161,7 @@ class LocalVectorStore:
                 out.append((int(m.group(2)), int(m.group(3)), p))
         return sorted(out)
 
-    def _load_snapshot(self, ns: str) -> _Graph | None:
+    def _load_snapshot(self, ns: str) -> _Index | None:
         for row_mark, tomb_mark, path in reversed(self._snapshot_paths(ns)):
             try:
                 index = faiss.read_index(str(path))
@@ -143,17 +174,17 @@ class LocalVectorStore:
                                          (ns, row_mark)).fetchall()
             cols.append([r[0] for r in live_rows], [json.loads(r[1]) for r in live_rows])
             dead = set(labels.tolist()) - {r[0] for r in live_rows}
-            return _Graph(index, row_mark, tomb_mark, dead, cols, labels)
+            return _Index(index, row_mark, tomb_mark, dead, cols, labels)
         return None
 
     def save(self) -> None:
-        """Write each loaded namespace's graph as a new snapshot (atomically), rebuilding mostly-dead ones."""
+        """Write each namespace's index as a new snapshot (atomically), rebuilding mostly-dead or outgrown ones."""
         with self._lock:
             for ns in self.namespaces():
-                g = self._graph(ns)
+                g = self._index(ns)
                 if g is None:
                     continue
-                if g.dead and len(g.dead) > 0.25 * g.index.ntotal:
+                if self._needs_rebuild(g, saving=True):
                     g = self._rebuild(ns)
                 name = f"ns-{ns.encode().hex()}.{g.row_mark}.{g.tomb_mark}.faiss"
                 tmp = self.root / f".tmp-{os.getpid()}-{name}"
@@ -165,14 +196,23 @@ class LocalVectorStore:
                     if old.name != name:
                         old.unlink(missing_ok=True)
 
-    def _rebuild(self, ns: str) -> _Graph:
+    def _rebuild(self, ns: str, sample: int = 65_536) -> _Index:
+        """A fresh index of the namespace's live rows: flat, or an inverted file trained on a random sample."""
         d = self.dim
         assert d is not None
         tomb = self._db.execute("SELECT coalesce(max(seq), 0) FROM tombstones").fetchone()[0]
-        g = _Graph(self._new_index(d), 0, tomb)  # fresh columns and labels too: _graph refills all three
-        self._graphs[ns] = g
+        rowids = np.array([r[0] for r in self._db.execute("SELECT rowid FROM vectors WHERE ns=?", (ns,))], np.int64)
+        train = None
+        if len(rowids) >= self.ivf_above:
+            pick = np.sort(np.random.default_rng(len(rowids)).choice(rowids, min(sample, len(rowids)), replace=False))
+            blobs = self._rows("SELECT vec FROM vectors WHERE rowid IN ({})", pick.tolist())
+            train = np.frombuffer(b"".join(r[0] for r in blobs), dtype=np.float32).reshape(len(blobs), d)
+        g = _Index(self._new_index(d, train, len(rowids)), 0, tomb)  # _index refills rows, columns and labels
+        self._indexes[ns] = g
         self._db.execute("DELETE FROM tombstones WHERE ns=? AND seq<=?", (ns, tomb))
-        return self._graph(ns) or g
+        log.info("vector index for namespace %r rebuilt: %d vectors, %s", ns, len(rowids),
+                 f"{g.nlist} inverted lists" if g.nlist else "flat")
+        return self._index(ns) or g
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -185,7 +225,7 @@ class LocalVectorStore:
             raise
 
     def _retire(self, ns: str, rowid: int) -> None:
-        """Drop a row; its label stays in the graph as a tombstone that searches exclude."""
+        """Drop a row; its label stays in the index as a tombstone that searches exclude."""
         self._db.execute("DELETE FROM vectors WHERE rowid=?", (rowid,))
         self._db.execute("INSERT INTO tombstones (ns, label) VALUES (?, ?)", (ns, rowid))
 
@@ -206,7 +246,7 @@ class LocalVectorStore:
                         self._retire(namespace, old[0])
                     self._db.execute("INSERT INTO vectors (ns, id, vec, meta) VALUES (?, ?, ?, ?)",
                                      (namespace, str(vid), vec.tobytes(), json.dumps(meta, sort_keys=True)))
-            self._graph(namespace)
+            self._index(namespace)
         return len(items)
 
     def query(self, vector: Vector, top_k: int, filter: dict[str, Any] | None = None,
@@ -215,44 +255,47 @@ class LocalVectorStore:
             filters.validate(filter)
         q = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         with self._lock:
-            g = self._graph(namespace)
+            g = self._index(namespace)
             if g is None or top_k <= 0:
                 return []
             if self.dim != q.shape[1]:
                 raise StoreError(f"query vector is {q.shape[1]}-d but the store at {self.root} holds {self.dim}-d "
                                  "vectors: the encoder changed; re-ingest", code="dimension_mismatch")
             keep: Any = None
-            ef = max(self.ef_search, top_k)
+            nprobe = self.nprobe
             if filter:
                 allowed = g.cols.select(filter)
                 if not allowed.size:
                     return []
                 if allowed.size <= self.exact_below:
                     return self._exact(g, q[0], allowed, top_k)
-                # a bitmap over labels: cheap to build from the mask, O(1) to test in the graph walk
+                # a bitmap over labels: cheap to build from the mask, O(1) to test while scanning a list
                 bits = np.zeros(int(g.labels[-1]) + 1, bool)
                 bits[allowed] = True
                 keep = np.packbits(bits, bitorder="little")
                 sel: Any = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(keep))
                 n_live = int(allowed.size)
-                # the walk meets only a fraction of allowed nodes: widen the beam as the filter narrows
-                ef = min(self.ef_filtered_max, int(ef * g.index.ntotal / n_live))
+                # the scanned lists hold a fraction of allowed vectors: scan more lists as the filter narrows
+                nprobe = min(self.nprobe_filtered_max, int(nprobe * g.index.ntotal / n_live))
             else:
                 sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(g.dead, np.int64))) if g.dead else None
-                n_live = g.index.ntotal - len(g.dead)
+                n_live = g.live
             k = min(top_k, n_live)
             if k <= 0:
                 return []
-            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
+            if g.nlist:
+                params: Any = faiss.SearchParametersIVF(nprobe=min(g.nlist, max(nprobe, 1)))  # type: ignore[attr-defined,call-arg]
+            else:
+                params = faiss.SearchParameters()  # type: ignore[attr-defined]
             if sel is not None:
                 params.sel = sel
             scores, labels = g.index.search(q, k, params=params)
             hits = [(int(lab), float(s)) for lab, s in zip(labels[0], scores[0], strict=True) if lab >= 0]
             return self._matches(hits)
 
-    def _exact(self, g: _Graph, q: Vector, labels: NDArray[np.int64], top_k: int) -> list[Match]:
-        """Brute force over a few rows (a selective filter), reading their vectors from the graph's storage."""
-        scores = g.vectors()[np.searchsorted(g.labels, labels)] @ q
+    def _exact(self, g: _Index, q: Vector, labels: NDArray[np.int64], top_k: int) -> list[Match]:
+        """Brute force over a few rows (a selective filter), reading their vectors back from the index."""
+        scores = g.index.reconstruct_batch(labels) @ q
         order = np.argsort(-scores, kind="stable")[:top_k]
         return self._matches([(int(labels[i]), float(scores[i])) for i in order])
 
@@ -288,14 +331,14 @@ class LocalVectorStore:
                     f"SELECT rowid FROM vectors WHERE ns=? AND id IN ({','.join('?' * len(ids))})",
                     [namespace, *ids]).fetchall() if ids else []
             elif filter:
-                g = self._graph(namespace)
+                g = self._index(namespace)
                 rows = [(int(label),) for label in g.cols.select(filter)] if g is not None else []
             else:
                 raise InvalidRequest("delete needs ids or a filter")
             with self._transaction():
                 for (rowid,) in rows:
                     self._retire(namespace, rowid)
-            self._graph(namespace)
+            self._index(namespace)
             return len(rows)
 
     def namespaces(self) -> list[str]:

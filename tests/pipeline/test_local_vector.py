@@ -31,10 +31,11 @@ def _brute(x: np.ndarray, meta: list[dict], q: np.ndarray, k: int, flt: dict | N
     return [f"p{ok[i]}" for i in np.argsort(-scores, kind="stable")[:k]]
 
 
-@pytest.fixture
-def filled(tmp_path: Path) -> tuple[LocalVectorStore, np.ndarray, list[dict]]:
+@pytest.fixture(params=["flat", "ivf"])
+def filled(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[LocalVectorStore, np.ndarray, list[dict]]:
+    """2000 vectors in each layout: the flat index, and inverted lists (it leaves flat above 500)."""
     x, meta = _data(2000)
-    store = LocalVectorStore(tmp_path, exact_below=100)
+    store = LocalVectorStore(tmp_path, exact_below=100, ivf_above=500 if request.param == "ivf" else 50_000)
     store.upsert([(f"p{i}", x[i], meta[i]) for i in range(len(x))])
     return store, x, meta
 
@@ -114,6 +115,26 @@ def test_reopen_after_save_and_after_unsaved_writes(tmp_path: Path) -> None:
     assert again.stats()["total_vector_count"] == 299
     assert again.query(x[250], 1)[0].id == "p250"
     assert "p3" not in {h.id for h in again.query(x[3], 10)}
+
+
+def test_grows_from_flat_to_lists_and_retrains_on_save(tmp_path: Path) -> None:
+    x, meta = _data(2000)
+    store = LocalVectorStore(tmp_path, ivf_above=300)
+    store.upsert([(f"p{i}", x[i], meta[i]) for i in range(200)])
+    assert store._index("").nlist == 0  # exact while small
+    store.upsert([(f"p{i}", x[i], meta[i]) for i in range(200, 400)])
+    assert store._index("").nlist == 20  # about sqrt(400) lists, trained on the namespace
+    store.upsert([(f"p{i}", x[i], meta[i]) for i in range(400, 2000)])
+    assert store._index("").nlist == 20  # a writer retrains at save, not mid-stream
+    store.save()
+    assert store._index("").nlist == 45  # grown 4x past its training: retrained
+    store.close()
+    again = LocalVectorStore(tmp_path, ivf_above=300)
+    assert again._index("").nlist == 45  # the snapshot holds the lists
+    for i in (0, 399, 1999):
+        assert again.query(x[i], 1)[0].id == f"p{i}"
+    recalls = [len({m.id for m in again.query(q, 10)} & set(_brute(x, meta, q, 10))) / 10 for q in x[:20]]
+    assert np.mean(recalls) >= 0.95
 
 
 def _writer(root: str, n: int) -> None:
