@@ -16,6 +16,7 @@ selective filter costs about what an unfiltered query does. ``save`` retrains on
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -52,21 +53,29 @@ _SNAPSHOT = re.compile(r"^ns-([0-9a-f]*)\.(\d+)\.(\d+)\.faiss$")
 
 @dataclass
 class _Index:
-    index: Any  # IndexIDMap2 over IndexFlatIP or IndexIVFFlat; labels are SQLite rowids
+    index: Any  # IndexIVFFlat with the SQLite rowids as its ids (one list: the exact, flat layout)
     row_mark: int = 0  # highest rowid added
     tomb_mark: int = 0  # highest tombstone seq applied
     dead: set[int] = field(default_factory=set)
     cols: Columns = field(default_factory=Columns)  # live rows' metadata, for filters
-    labels: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # every label added, in order
 
     @property
     def nlist(self) -> int:
-        """The number of inverted lists; 0 for the flat (exact) layout."""
-        return int(getattr(faiss.downcast_index(self.index.index), "nlist", 0))  # type: ignore[attr-defined]
+        """The number of inverted lists; 0 for the flat (exact) layout, a single list scanned whole."""
+        return int(self.index.nlist) if self.index.nlist > 1 else 0
 
     @property
     def live(self) -> int:
         return int(self.index.ntotal) - len(self.dead)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise: a rebuilt million-vector index would leave
+    its predecessor's gigabytes in the process). A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class LocalVectorStore:
@@ -102,16 +111,22 @@ class LocalVectorStore:
 
     # --- index upkeep ---
     def _new_index(self, d: int, train: NDArray[np.float32] | None = None, n: int = 0) -> Any:
-        """Flat (exact) without ``train``; else IVF-Flat with about sqrt(``n``) lists, trained on ``train`` (a
-        sample of the namespace's ``n`` vectors). The direct map lets a filtered query read back a few rows."""
+        """Flat (exact) without ``train``: one list that every query scans whole. Else IVF-Flat with about
+        sqrt(``n``) lists, k-means trained on ``train`` (a sample of the namespace's ``n`` vectors). Either way
+        the rowids are the index's own ids (an IndexIDMap2 wrapper made each search 4x slower, measured), and a
+        hash-table direct map lets a filtered query read back a few rows' vectors."""
         if train is None:
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-        nlist = int(min(65536, max(16, round(np.sqrt(n)))))
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.cp.seed = 1234  # the same lists for the same data
-        ivf.train(train)
-        ivf.make_direct_map()
-        return faiss.IndexIDMap2(ivf)
+            quantizer = faiss.IndexFlatIP(d)
+            quantizer.add(np.zeros((1, d), np.float32))
+            index = faiss.IndexIVFFlat(quantizer, d, 1, faiss.METRIC_INNER_PRODUCT)
+            index.is_trained = True
+        else:
+            nlist = int(min(65536, max(16, round(np.sqrt(n)))))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = 1234  # the same lists for the same data
+            index.train(train)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return index
 
     def _needs_rebuild(self, g: _Index, saving: bool) -> bool:
         """At once (queries pay for it): a flat index that outgrew exact search, or lists that hold 16x the
@@ -139,7 +154,6 @@ class LocalVectorStore:
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), d)
             labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             g.index.add_with_ids(vecs, labels)
-            g.labels = np.concatenate([g.labels, labels])
             g.cols.append(labels.tolist(), [json.loads(r[2]) for r in rows])
             g.row_mark = rows[-1][0]
         tombs = self._db.execute("SELECT seq, label FROM tombstones WHERE ns=? AND seq>? ORDER BY seq",
@@ -168,13 +182,16 @@ class LocalVectorStore:
             except RuntimeError:  # a torn file from an old crash: fall back to an older one or a rebuild
                 log.warning("skipping unreadable index snapshot %s", path)
                 continue
-            labels = faiss.vector_to_array(index.id_map).astype(np.int64)  # type: ignore[attr-defined]
+            lists = index.invlists
+            labels = np.concatenate([np.zeros(0, np.int64)] + [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()  # type: ignore[attr-defined]
+                for i in range(index.nlist) if lists.list_size(i)])
             cols = Columns()
             live_rows = self._db.execute("SELECT rowid, meta FROM vectors WHERE ns=? AND rowid<=? ORDER BY rowid",
                                          (ns, row_mark)).fetchall()
             cols.append([r[0] for r in live_rows], [json.loads(r[1]) for r in live_rows])
             dead = set(labels.tolist()) - {r[0] for r in live_rows}
-            return _Index(index, row_mark, tomb_mark, dead, cols, labels)
+            return _Index(index, row_mark, tomb_mark, dead, cols)
         return None
 
     def save(self) -> None:
@@ -195,6 +212,9 @@ class LocalVectorStore:
                 for _, _, old in self._snapshot_paths(ns):
                     if old.name != name:
                         old.unlink(missing_ok=True)
+                # lists grown one add at a time hold up to twice their size: read back, they are exact
+                g.index = faiss.read_index(str(self.root / name))
+            _release_freed_memory()
 
     def _rebuild(self, ns: str, sample: int = 65_536) -> _Index:
         """A fresh index of the namespace's live rows: flat, or an inverted file trained on a random sample."""
@@ -207,7 +227,7 @@ class LocalVectorStore:
             pick = np.sort(np.random.default_rng(len(rowids)).choice(rowids, min(sample, len(rowids)), replace=False))
             blobs = self._rows("SELECT vec FROM vectors WHERE rowid IN ({})", pick.tolist())
             train = np.frombuffer(b"".join(r[0] for r in blobs), dtype=np.float32).reshape(len(blobs), d)
-        g = _Index(self._new_index(d, train, len(rowids)), 0, tomb)  # _index refills rows, columns and labels
+        g = _Index(self._new_index(d, train, len(rowids)), 0, tomb)  # _index refills rows and columns
         self._indexes[ns] = g
         self._db.execute("DELETE FROM tombstones WHERE ns=? AND seq<=?", (ns, tomb))
         log.info("vector index for namespace %r rebuilt: %d vectors, %s", ns, len(rowids),
@@ -270,7 +290,7 @@ class LocalVectorStore:
                 if allowed.size <= self.exact_below:
                     return self._exact(g, q[0], allowed, top_k)
                 # a bitmap over labels: cheap to build from the mask, O(1) to test while scanning a list
-                bits = np.zeros(int(g.labels[-1]) + 1, bool)
+                bits = np.zeros(g.row_mark + 1, bool)
                 bits[allowed] = True
                 keep = np.packbits(bits, bitorder="little")
                 sel: Any = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(keep))
@@ -283,10 +303,7 @@ class LocalVectorStore:
             k = min(top_k, n_live)
             if k <= 0:
                 return []
-            if g.nlist:
-                params: Any = faiss.SearchParametersIVF(nprobe=min(g.nlist, max(nprobe, 1)))  # type: ignore[attr-defined,call-arg]
-            else:
-                params = faiss.SearchParameters()  # type: ignore[attr-defined]
+            params: Any = faiss.SearchParametersIVF(nprobe=min(g.index.nlist, max(nprobe, 1)))  # type: ignore[attr-defined,call-arg]
             if sel is not None:
                 params.sel = sel
             scores, labels = g.index.search(q, k, params=params)
