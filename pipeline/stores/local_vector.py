@@ -125,7 +125,7 @@ class LocalVectorStore:
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = 1234  # the same lists for the same data
             index.train(train)
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         return index
 
     def _needs_rebuild(self, g: _Index, saving: bool) -> bool:
@@ -178,7 +178,7 @@ class LocalVectorStore:
     def _load_snapshot(self, ns: str) -> _Index | None:
         for row_mark, tomb_mark, path in reversed(self._snapshot_paths(ns)):
             try:
-                index = faiss.read_index(str(path))
+                index: Any = faiss.read_index(str(path))
             except RuntimeError:  # a torn file from an old crash: fall back to an older one or a rebuild
                 log.warning("skipping unreadable index snapshot %s", path)
                 continue
