@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,59 +21,17 @@ from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env
+from tests.live import Live, start_stack
 from workers import stack
 
 pytestmark = pytest.mark.integration
 QUERIES = ["a red circle", "a blue square on a white background", "a yellow triangle on a black background"]
 
 
-@dataclass
-class Live:
-    base: str
-    env: dict[str, str]
-    logs: Path
-    procs: list[stack.Proc] = field(default_factory=list)
-
-    def submit(self, query: str, **params: object) -> str:
-        r = httpx.post(f"{self.base}/v1/jobs", json={"query": query, **params}, timeout=10)
-        assert r.status_code == 202, r.text
-        return str(r.json()["id"])
-
-    def wait(self, job_id: str, timeout: float = 60) -> dict:
-        job: dict = {}
-
-        def ended() -> bool:
-            nonlocal job
-            job = httpx.get(f"{self.base}/v1/jobs/{job_id}", timeout=10).json()
-            return job["status"] in ("done", "failed")
-
-        stack.wait_for(ended, timeout, f"job {job_id}", interval=0.02)
-        return job
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
-
-
-def _start(env: dict[str, str], logs: Path, workers: int = 1) -> Live:
-    logs.mkdir(parents=True, exist_ok=True)
-    port = stack.free_port()
-    live = Live(f"http://127.0.0.1:{port}", env, logs)
-    try:
-        for i in range(workers):
-            live.procs.append(stack.start_worker(env, logs / f"worker{i}.log", name=f"w{i}"))
-        live.procs.append(stack.start_api(env, port, logs / "api.log"))
-        stack.wait_for(lambda: stack.api_ready(live.base), 120, "the API to report a ready worker", interval=0.1)
-    except BaseException:
-        live.stop()
-        raise
-    return live
-
-
 @pytest.fixture(scope="module")
 def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
     env = settings_env(store_dir, tiny_models, redis_server.url(5))
-    running = _start(env, tmp_path_factory.mktemp("logs"))
+    running = start_stack(env, tmp_path_factory.mktemp("logs"))
     yield running
     running.stop()
 
@@ -164,7 +121,7 @@ def fragile(redis_server, store_dir, tiny_models, tmp_path) -> Iterator[Live]:  
     env = settings_env(store_dir, tiny_models, redis_server.url(6), IMGSEARCH_VISIBILITY_TIMEOUT_S="3",
                        IMGSEARCH_JOB_DEADLINE_S="120")
     redis.Redis.from_url(redis_server.url(6)).flushdb()
-    running = _start(env, tmp_path / "logs")
+    running = start_stack(env, tmp_path / "logs")
     yield running
     running.stop()
 
@@ -217,7 +174,7 @@ def test_worker_runs_on_onnxruntime_by_one_setting(redis_server, store_dir, tiny
     env = settings_env(store_dir, tiny_models, redis_server.url(7), IMGSEARCH_ENGINE_BACKEND="onnxruntime",
                        IMGSEARCH_ENGINE_DIR=str(engine_dir))
     redis.Redis.from_url(redis_server.url(7)).flushdb()
-    running = _start(env, tmp_path / "logs")
+    running = start_stack(env, tmp_path / "logs")
     try:
         (w,) = httpx.get(f"{running.base}/readyz", timeout=5).json()["workers"]
         assert w["backend"] == "onnxruntime" and w["precision"] == "fp32"
@@ -254,7 +211,7 @@ def test_query_path_unchanged_on_pinecone_and_gcs(redis_server, pinecone_standin
     assert report.ingested == 48 and make_vector_store(s).stats()["total_vector_count"] == 48
     env = settings_env(tmp_path / "data", tiny_models, redis_server.url(10), **remote)
     redis.Redis.from_url(redis_server.url(10)).flushdb()
-    running = _start(env, tmp_path / "logs")
+    running = start_stack(env, tmp_path / "logs")
     try:
         for job in assert_matches_in_process(running, store_dir, tiny_models, engines, atol=1e-4):
             assert job["results"][0]["metadata"]["title"]
