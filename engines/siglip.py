@@ -7,6 +7,7 @@ cores that turn model inputs into raw features (``_text_core``, ``_image_core``)
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -50,7 +51,10 @@ class SiglipBase:
         self.version = version_of(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.processor = AutoImageProcessor.from_pretrained(self.path)
-        self.max_tokens = max_tokens
+        # padded to this many tokens; never more than the text tower has positions (a small model may have fewer)
+        positions = json.loads((self.path / "config.json").read_text()).get("text_config", {}).get(
+            "max_position_embeddings", max_tokens)
+        self.max_tokens = min(max_tokens, positions)
         self.dim = 0
 
     def _warm_up(self) -> None:
