@@ -53,7 +53,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        env = prepare(root / "data", args.images)
+        env, _ = prepare(root / "data", args.images)
         procs = [stack.start_redis(rport := stack.free_port(), root / "redis")]
         env["IMGSEARCH_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
         if not args.result_cache:

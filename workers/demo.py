@@ -14,20 +14,34 @@ import typer
 from workers import stack
 
 
-def prepare(data_dir: Path, n_images: int) -> dict[str, str]:
-    """Models, images and an ingested store under ``data_dir``; returns the environment that points at them."""
-    from engines.tiny import make_tiny_models
-    from pipeline.demo_data import write_demo_images
+def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:
+    """Models, images and an ingested store under ``data_dir``; returns the environment that points at them
+    and example queries. With the trained kit (the default), the images are scenes of its generated world
+    that training never saw, and the queries describe some of them in other words than their titles."""
+    from engines.kit import KIT_DIR
 
-    models = data_dir / "models"
-    if not (models / "blip" / "config.json").is_file():
-        typer.echo(f"making tiny models in {models}")
-        make_tiny_models(models)
     img_dir = data_dir / "images"
-    if not img_dir.is_dir():
-        write_demo_images(img_dir, n_images)
-    env = {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(models / "siglip"),
-           "IMGSEARCH_BLIP_MODEL": str(models / "blip")}
+    if (KIT_DIR / "blip" / "config.json").is_file():
+        from engines.kit.world import make_split, write_images
+
+        siglip, blip = KIT_DIR / "siglip", KIT_DIR / "blip"
+        items = make_split(n_images, held_out=True, seed=5, unique=True)
+        if not img_dir.is_dir():
+            write_images(img_dir, items)
+        queries = [it.scene.captions()[2] for it in items[:3]]
+    else:  # a checkout without the kit: random-weight models rank at random, but the whole path runs
+        from engines.tiny import make_tiny_models
+        from pipeline.demo_data import write_demo_images
+
+        siglip, blip = data_dir / "models" / "siglip", data_dir / "models" / "blip"
+        if not (blip / "config.json").is_file():
+            typer.echo(f"making tiny random-weight models in {siglip.parent}")
+            make_tiny_models(siglip.parent)
+        if not img_dir.is_dir():
+            write_demo_images(img_dir, n_images)
+        queries = ["a red circle", "a blue square on a white background", "a yellow triangle"]
+    env = {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(siglip),
+           "IMGSEARCH_BLIP_MODEL": str(blip)}
     os.environ.update(env)
     from engines.registry import load_engines
     from pipeline.ingest import ingest_folder
@@ -43,7 +57,7 @@ def prepare(data_dir: Path, n_images: int) -> dict[str, str]:
     close = getattr(vectors, "close", None)
     if callable(close):
         close()
-    return env
+    return env, queries
 
 
 def query(base: str, text: str, timeout: float = 60.0) -> dict:
@@ -61,11 +75,12 @@ def query(base: str, text: str, timeout: float = 60.0) -> dict:
     return job
 
 
-def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequence[str]) -> int:
+def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequence[str] = ()) -> int:
     data_dir = data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = prepare(data_dir, n_images)
+    env, examples = prepare(data_dir, n_images)
+    queries = list(queries) or examples
     procs: list[stack.Proc] = []
     try:
         redis_url = os.environ.get("IMGSEARCH_REDIS_URL") or os.environ.get("REDIS_URL")
@@ -108,7 +123,7 @@ def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequen
                            f"cos {res['cosine']:.4f}  {res['metadata'].get('title', '')}")
         typer.echo(f"\nAPI at {base}  (docs: {base}/docs)   logs: {logs}")
         typer.echo(f"try: curl -s -X POST {base}/search -H 'content-type: application/json' "
-                   "-d '{\"query\": \"a green square\"}'")
+                   f"-d '{{\"query\": \"{queries[0]}\"}}'")
         if not once:
             typer.echo("serving; Ctrl-C to stop")
             stop = threading.Event()

@@ -162,7 +162,11 @@ def test_demo_command_runs_queries_through_the_queue(tmp_path) -> None:  # type:
                           "--port", str(stack.free_port()), "--images", "24"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("-> job ") == 3 and "  1. demo" in out.stdout and "API at http://127.0.0.1:" in out.stdout
+    assert out.stdout.count("-> job ") == 3 and "API at http://127.0.0.1:" in out.stdout
+    # the trained kit by default: each example query describes one of the first three images, in other words
+    # than its title, and that image is among the five shown
+    for k, block in enumerate(out.stdout.split("\nquery ")[1:4]):
+        assert any(f". w{k:04d} " in line for line in block.splitlines()[1:6]), block
 
 
 @pytest.mark.parity
