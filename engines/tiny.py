@@ -27,13 +27,14 @@ cross stripe dot shape shapes background left right top bottom middle center cor
 cat dog face meme surprised confused happy sad computer looking picture photo image funny reddit post"""
 
 
-def make_tokenizer(extra_words: str = "") -> BertTokenizerFast:
-    """A WordPiece tokenizer over a small word list (every word whole, any other word spelled out from
-    characters), saved and reloaded like BERT's. Built, not trained, so it is the same on every run."""
-    words = sorted(set((_WORDS + " " + extra_words).lower().split()))
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def wordpiece_tokenizer(words: list[str]) -> BertTokenizerFast:
+    """A WordPiece tokenizer with ``words`` as whole pieces (in that order) over every character as a
+    fallback, so any text still tokenises; saved and reloaded like BERT's."""
     chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits + string.punctuation))
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = specials + chars + ["##" + c for c in chars] + [w for w in words if w not in chars]
+    tokens = SPECIALS + chars + ["##" + c for c in chars] + [w for w in words if w not in chars]
     tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -42,6 +43,11 @@ def make_tokenizer(extra_words: str = "") -> BertTokenizerFast:
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                              sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+
+
+def make_tokenizer(extra_words: str = "") -> BertTokenizerFast:
+    """Over a small built word list, not trained, so it is the same on every run."""
+    return wordpiece_tokenizer(sorted(set((_WORDS + " " + extra_words).lower().split())))
 
 
 def _text_cfg(vocab: int, hidden: int, tokenizer: BertTokenizerFast) -> dict[str, int]:

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import string
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import normalizers, pre_tokenizers
 from transformers import (  # type: ignore[attr-defined]
     BertTokenizerFast,
     BlipConfig,
@@ -35,9 +34,9 @@ from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.siglip import SiglipImageProcessorPil
 
 from engines.kit.world import DATA_VERSION, Item, make_split, perturb
+from engines.tiny import wordpiece_tokenizer
 
 log = logging.getLogger(__name__)
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclass
@@ -57,23 +56,14 @@ class KitConfig:
 
 
 def train_tokenizer(captions: list[str], vocab_size: int = 256) -> BertTokenizerFast:
-    """A WordPiece tokenizer learned from the world's captions: the most frequent words (ties by spelling)
-    as whole pieces, over every character as a fallback, so any query still tokenises. Counted here rather
-    than by the tokenizers trainer, which breaks frequency ties in hash order and so differs run to run."""
+    """A WordPiece tokenizer learned from the world's captions: the most frequent words (ties by spelling) as
+    whole pieces, up to ``vocab_size`` pieces in all. Counted here rather than by the tokenizers trainer,
+    which breaks frequency ties in hash order and so differs run to run."""
     normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     counts = Counter(w for c in captions for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(c)))
-    chars = sorted({ch for w in counts for ch in w} | set(string.ascii_lowercase + string.digits + string.punctuation))
-    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in chars]
-    pieces = SPECIALS + chars + ["##" + c for c in chars]
-    pieces += words[:max(0, vocab_size - len(pieces))]
-    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(pieces)}, unk_token="[UNK]"))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    room = vocab_size - len(wordpiece_tokenizer([]))  # what the specials and the characters leave
+    return wordpiece_tokenizer(words[:max(0, room)])
 
 
 def _text_cfg(cfg: KitConfig, tok: BertTokenizerFast) -> dict[str, Any]:
