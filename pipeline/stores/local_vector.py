@@ -9,9 +9,9 @@ search excludes, until ``save`` rebuilds a namespace whose index is mostly dead.
 Layout, measured (bench/stores.py, FACTS.md): a flat index (exact) while a namespace is small, then an
 inverted file of flat lists (IVF-Flat, about sqrt(n) lists, k-means trained on a sample of the namespace).
 Against HNSW at a million 768-d vectors on 2 cores it builds in 100 s instead of 1220 s (bench.stores), holds
-the raw vectors plus ids (no graph), and a filter only narrows which stored vectors get scored, so a
-selective filter costs about what an unfiltered query does. ``save`` retrains once a namespace has grown
-4x past what its lists were trained for.
+the raw vectors plus ids (no graph), and a filter only narrows which stored vectors get scored (at 1M, a
+filter keeping 10% answers in 11.7 ms p50 against 4.3 ms unfiltered, scanning 10x the lists). ``save``
+retrains once a namespace has grown 4x past what its lists were trained for.
 """
 
 from __future__ import annotations
