@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from engines.kit import KIT_DIR  # a path constant: the package's __init__ imports nothing heavy
+
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Asynchronous text-to-image search.")
 models_cli = typer.Typer(no_args_is_help=True, help="Model folders.")
 cli.add_typer(models_cli, name="models")
@@ -143,7 +145,7 @@ def models_tiny(folder: Path, seed: int = 0) -> None:
 
 
 @models_cli.command("train-kit")
-def models_train_kit(out: Path = Path("engines/kit/models"), seed: int = 0,
+def models_train_kit(out: Path = KIT_DIR, seed: int = 0,
                      siglip_steps: Annotated[int, typer.Option()] = 0, blip_steps: Annotated[int, typer.Option()] = 0,
                      n_train: Annotated[int, typer.Option()] = 0) -> None:
     """Train the model kit (SigLIP + BLIP on the generated world) into OUT, with its manifest and metrics."""
@@ -160,7 +162,7 @@ def models_train_kit(out: Path = Path("engines/kit/models"), seed: int = 0,
 
 
 @cli.command("eval")
-def eval_kit(models: Path = Path("engines/kit/models"), n: int = 500, backend: str = "torch",
+def eval_kit(models: Path = KIT_DIR, n: int = 500, backend: str = "torch",
              precision: str = "fp32") -> None:
     """Retrieval quality of MODELS (the kit by default) on the held-out world: recall@1/5/10 for SigLIP alone
     and after the BLIP rerank. Any backend: ONNX Runtime needs `imgsearch engines build` first."""

@@ -20,8 +20,11 @@ def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:
     that training never saw, and the queries describe some of them in other words than their titles."""
     from engines.kit import KIT_DIR
 
+    kit = (KIT_DIR / "blip" / "config.json").is_file()
+    # one store per model set: vectors of another encoder (another width) can't share an index
+    data_dir = data_dir / ("kit" if kit else "tiny")
     img_dir = data_dir / "images"
-    if (KIT_DIR / "blip" / "config.json").is_file():
+    if kit:
         from engines.kit.world import make_split, write_images
 
         siglip, blip = KIT_DIR / "siglip", KIT_DIR / "blip"
