@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import health, jobs, search
+from api.routes import admin, health, jobs, search
 from api.service import JobService
 from pipeline.settings import Settings, get_settings
 from workers.celery_app import client_app
@@ -33,6 +33,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
-    for router in (jobs.router, search.router, health.router):
+    for router in (jobs.router, search.router, health.router, admin.router):
         app.include_router(router)
     return app

@@ -61,6 +61,12 @@ class LocalLRU:
                 _, evicted = self._items.popitem(last=False)
                 self.size -= evicted.nbytes
 
+    def discard_post(self, post_id: str) -> None:
+        """Forget a post's entries (keys end with ``:{post_id}``, whatever model made them)."""
+        with self._lock:
+            for key in [k for k in self._items if k.endswith(f":{post_id}")]:
+                self.size -= self._items.pop(key).nbytes
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -158,6 +164,14 @@ class ResultCache(_Guarded):
         if self.ttl_s:
             data = outcome.model_dump_json(exclude={"timings"})
             self.call(lambda: self.r.set(key, data, ex=self.ttl_s), None)
+
+    def clear(self) -> int:
+        """Drop every cached outcome (after a takedown); returns how many."""
+        def drop() -> int:
+            keys: list[Any] = list(self.r.scan_iter(match=f"{PREFIX}:q:*", count=1000))
+            return int(self.r.delete(*keys)) if keys else 0
+
+        return self.call(drop, 0)
 
 
 def decode_cached(data: bytes) -> NDArray[Any] | None:

@@ -26,6 +26,10 @@ class NotFound(ImgSearchError):
     code = "not_found"
 
 
+class Forbidden(ImgSearchError):
+    code = "forbidden"
+
+
 class Unavailable(ImgSearchError):
     """A dependency (Redis, a store) can't be reached; retry later."""
 

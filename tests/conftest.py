@@ -105,9 +105,10 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: Models, dem
     from pipeline.stores import make_blob_store, make_vector_store
 
     data = tmp_path_factory.mktemp("data")
-    s = make_settings(data, tiny_models)
+    # the generated drawings are too alike at thumbnail scale for the perceptual hash (see demo.prepare)
+    s = make_settings(data, tiny_models, ingest_dedup="off")
     vectors = make_vector_store(s)
-    report = ingest_folder(demo_images, engines.image, engines.reranker, vectors, make_blob_store(s))
+    report = ingest_folder(s, demo_images, engines.image, engines.reranker, vectors, make_blob_store(s))
     assert report.ingested == 48 and not report.failed
     vectors.close()  # type: ignore[attr-defined]
     return data

@@ -9,6 +9,25 @@ from celery import Celery
 from pipeline.settings import Settings, get_settings
 
 SEARCH_TASK = "imgsearch.search"
+INGEST_TASK = "imgsearch.ingest"
+TAKEDOWN_TASK = "imgsearch.takedown"
+
+
+def schedule(spec: str) -> Any:
+    """A beat schedule from a crontab line ("m h dom mon dow") or a number of seconds between runs."""
+    from celery.schedules import crontab
+
+    spec = spec.strip()
+    try:
+        return float(spec)
+    except ValueError:
+        pass
+    fields = spec.split()
+    if len(fields) != 5:
+        raise ValueError(f"IMGSEARCH_INGEST_SCHEDULE={spec!r}: want a crontab line of 5 fields or a number of seconds")
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                   day_of_week=day_of_week)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -28,7 +47,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         result_backend_transport_options={"socket_timeout": settings.redis_socket_timeout_s,
                                           "socket_connect_timeout": settings.redis_socket_timeout_s},
         result_expires=settings.job_ttl_s,
-        task_routes={SEARCH_TASK: {"queue": settings.search_queue}},
+        # ingest runs on its own queue (its own workers), so a run never holds a search worker; a takedown is
+        # quick and goes to the search workers, which hold the stores
+        task_routes={SEARCH_TASK: {"queue": settings.search_queue}, INGEST_TASK: {"queue": settings.ingest_queue},
+                     TAKEDOWN_TASK: {"queue": settings.search_queue}},
+        beat_schedule={"ingest": {"task": INGEST_TASK, "schedule": schedule(settings.ingest_schedule),
+                                  "args": [{"source": settings.ingest_source}],
+                                  "options": {"queue": settings.ingest_queue}}},
         task_default_queue=settings.search_queue,
         # the API must answer 503 quickly when Redis is down, not retry for long
         task_publish_retry=True,

@@ -36,18 +36,27 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 @cli.command()
-def worker(pool: str = "prefork", concurrency: Annotated[int, typer.Option()] = 0, name: str = "search@%h",
+def worker(pool: str = "prefork", concurrency: Annotated[int, typer.Option()] = 0, name: str = "",
+           queue: Annotated[str, typer.Option(help="search (default) or ingest")] = "search",
            loglevel: str = "INFO") -> None:
-    """Run a search worker: engines load once per process, jobs come from the search queue."""
+    """Run a worker: engines load once per process; jobs come from the search queue, or ingest runs from the
+    ingest queue (give ingest its own workers, so a run never holds one that answers queries)."""
+    import os
+
     from pipeline.settings import get_settings
     from workers.celery_app import app
 
     _logging()
     s = get_settings()
     _preflight(s)
+    queues = {"search": s.search_queue, "ingest": s.ingest_queue}
+    if queue not in queues:
+        typer.echo(f"error: --queue must be search or ingest, not {queue!r}", err=True)
+        raise typer.Exit(2)
+    os.environ["IMGSEARCH_WORKER_QUEUE"] = queues[queue]  # the heartbeat says which queue this worker serves
     app.worker_main(["worker", "--pool", pool, "--concurrency", str(concurrency or s.worker_concurrency),
-                     "--queues", s.search_queue, "--hostname", name, "--loglevel", loglevel, "--without-mingle",
-                     "--without-gossip"])
+                     "--queues", queues[queue], "--hostname", name or f"{queue}@%h", "--loglevel", loglevel,
+                     "--without-mingle", "--without-gossip"])
 
 
 def _preflight(s: Any) -> None:
@@ -62,22 +71,68 @@ def _preflight(s: Any) -> None:
 
 
 @cli.command()
-def ingest(folder: Path, batch_size: int = 16) -> None:
-    """Ingest a folder of images (with optional <name>.json or manifest.json metadata) into the stores."""
+def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source's directory.")] = None,
+           source: Annotated[str, typer.Option(help="reddit or folder (default: IMGSEARCH_INGEST_SOURCE)")] = "",
+           fresh: Annotated[bool, typer.Option(help="Start a new run instead of resuming an unfinished one.")] = False,
+           batch_size: Annotated[int, typer.Option()] = 0) -> None:
+    """Run one ingest: list the source, download, dedupe, embed and fill the stores, with a progress bar and a
+    summary. Idempotent (settled posts are skipped before any download) and resumable after a crash."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from engines.registry import load_engines
-    from pipeline.ingest import ingest_folder
+    from pipeline.errors import ImgSearchError
+    from pipeline.ingest import make_source, run_ingest
     from pipeline.settings import get_settings
     from pipeline.stores import make_blob_store, make_vector_store
 
     _logging()
     s = get_settings()
-    e = load_engines(s)
-    rep = ingest_folder(folder, e.image, e.reranker, make_vector_store(s), make_blob_store(s), namespace=s.namespace,
-                        batch_size=batch_size)
-    typer.echo(f"seen {rep.seen}, ingested {rep.ingested}, skipped {rep.skipped}, failed {len(rep.failed)}; "
-               f"time (ms) {rep.timings}")
-    for pid, why in rep.failed.items():
-        typer.echo(f"  failed {pid}: {why}")
+    if batch_size:
+        s = s.model_copy(update={"ingest_batch_size": batch_size})
+    name = source or ("folder" if folder is not None else s.ingest_source)
+    try:
+        src = make_source(s, name, folder)
+        e = load_engines(s)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
+                      TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task(f"ingest {name}", total=None, counts="")
+
+            def progress(r: Any) -> None:
+                bar.update(task, completed=r.ingested + r.duplicates + len(r.failed),
+                           counts=f"listed {r.listed} | ingested {r.ingested} | skipped {r.skipped} | "
+                                  f"duplicates {r.duplicates}")
+
+            rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
+                             on_progress=progress)
+    except ImgSearchError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(rep.summary())
+    for what, why in {**rep.source_failures, **rep.failed}.items():
+        typer.echo(f"  failed {what}: {why}")
+
+
+@cli.command()
+def delete(post_ids: Annotated[list[str], typer.Argument(help="Post ids to take down.")]) -> None:
+    """Take posts down: remove them from the vector store, the blobs and the caches, and keep later ingests
+    from bringing them back."""
+    _logging()
+    from workers.admin import takedown_posts
+
+    for out in takedown_posts(post_ids):
+        typer.echo(f"{out['id']}: {out['vectors']} vector(s), blobs {out['blobs'] or 'none'} removed")
+
+
+@cli.command()
+def beat(loglevel: str = "INFO") -> None:
+    """Run Celery beat: it starts an ingest run on the ingest queue on IMGSEARCH_INGEST_SCHEDULE."""
+    from pipeline.settings import get_settings
+    from workers.celery_app import app
+
+    _logging()
+    s = get_settings()
+    s.ingest_dir.mkdir(parents=True, exist_ok=True)
+    app.Beat(loglevel=loglevel, schedule=str(s.ingest_dir / "beat-schedule")).run()
 
 
 @engines_cli.command("build")

@@ -43,8 +43,10 @@ def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:
         if not img_dir.is_dir():
             write_demo_images(img_dir, n_images)
         queries = ["a red circle", "a blue square on a white background", "a yellow triangle"]
+    # the generated scenes are flat-colour drawings, and some distinct ones look alike at the perceptual hash's
+    # thumbnail scale (17 x 16): the demo keeps every one (real photos and memes are not so alike)
     env = {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(siglip),
-           "IMGSEARCH_BLIP_MODEL": str(blip)}
+           "IMGSEARCH_BLIP_MODEL": str(blip), "IMGSEARCH_INGEST_DEDUP": "off"}
     os.environ.update(env)
     from engines.registry import load_engines
     from pipeline.ingest import ingest_folder
@@ -55,7 +57,7 @@ def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:
     s = get_settings()
     e = load_engines(s)
     vectors = make_vector_store(s)
-    rep = ingest_folder(img_dir, e.image, e.reranker, vectors, make_blob_store(s), namespace=s.namespace)
+    rep = ingest_folder(s, img_dir, e.image, e.reranker, vectors, make_blob_store(s))
     typer.echo(f"ingest: {rep.ingested} new, {rep.skipped} already there, {len(rep.failed)} failed")
     close = getattr(vectors, "close", None)
     if callable(close):

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
+    engines: Any  # engines.registry.Engines
     searcher: Searcher
     writer: JobWriter
     info: dict[str, Any]
@@ -58,8 +59,8 @@ def load(settings: Settings | None = None) -> Runtime:
                                 local=LocalLRU(settings.cache_local_mb << 20))
             searcher.encode("warm up")  # the first real query pays no lazy-init cost
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
-                    "queue": settings.search_queue, "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
-            _runtime = Runtime(settings, searcher, JobWriter(client, settings.job_ttl_s, settings.events_maxlen), info)
+                    "queue": os.environ.get("IMGSEARCH_WORKER_QUEUE", settings.search_queue), "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
+            _runtime = Runtime(settings, engines, searcher, JobWriter(client, settings.job_ttl_s, settings.events_maxlen), info)
             threading.Thread(target=_heartbeat, args=(_runtime,), name="heartbeat", daemon=True).start()
             log.info("worker process ready: %s", info)
         return _runtime

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from pipeline.jobs import run_job
 from workers import runtime
-from workers.celery_app import SEARCH_TASK, app
+from workers.celery_app import INGEST_TASK, SEARCH_TASK, TAKEDOWN_TASK, app
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,46 @@ def search(payload: dict[str, Any]) -> dict[str, Any]:
     task = SearchTask.model_validate(payload)
     job = run_job(task.job_id, runtime.get().searcher, runtime.get().writer)
     return {"id": task.job_id, "status": job.status if job else "missing"}
+
+
+class IngestTask(BaseModel):
+    source: str | None = None  # default: IMGSEARCH_INGEST_SOURCE
+    folder: str | None = None
+    fresh: bool = False
+
+
+class TakedownTask(BaseModel):
+    ids: list[str]
+
+
+@app.task(name=INGEST_TASK, acks_late=True, reject_on_worker_lost=True)
+def ingest(payload: dict[str, Any]) -> dict[str, Any]:
+    """One ingest run with this worker's engines. A run killed with its worker is delivered again and resumes
+    from its checkpoint; a run started while another holds the ledger's lock ends at once, saying so."""
+    from pipeline.errors import Unavailable
+    from pipeline.ingest import make_source, run_ingest
+
+    task = IngestTask.model_validate(payload)
+    rt = runtime.get()
+    s = rt.settings
+    try:
+        report = run_ingest(s, make_source(s, task.source, task.folder), rt.engines.image, rt.engines.reranker,
+                            rt.searcher.vectors, rt.searcher.blobs, fresh=task.fresh)
+    except Unavailable as exc:
+        if exc.code != "ingest_running":
+            raise
+        log.info("ingest: %s", exc.message)
+        return {"status": "skipped", "why": exc.message}
+    return {"status": "done", **report.as_dict()}
+
+
+@app.task(name=TAKEDOWN_TASK, acks_late=True)
+def takedown(payload: dict[str, Any]) -> dict[str, Any]:
+    from workers.admin import takedown_posts
+
+    task = TakedownTask.model_validate(payload)
+    rt = runtime.get()
+    return {"removed": takedown_posts(task.ids, rt.settings, rt.searcher)}
 
 
 # Engines load once per process that runs tasks: each prefork child, or the main process of a solo or

@@ -31,6 +31,8 @@ async def readyz(request: Request) -> JSONResponse:
         body["workers"] = [json.loads(b) for b in beats if b]
     except Exception as exc:  # any Redis failure means not ready
         body["redis"] = f"down ({type(exc).__name__})"
-    ready = body["redis"] == "ok" and any(w.get("engines_loaded") for w in body["workers"])
+    queue = request.app.state.settings.search_queue  # ingest workers answer no query
+    ready = body["redis"] == "ok" and any(w.get("engines_loaded") and w.get("queue", queue) == queue
+                                          for w in body["workers"])
     body["ready"] = ready
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -35,10 +35,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, kit: Models) -> tuple[Path, 
     folder = tmp_path_factory.mktemp("world")
     ids = write_images(folder, items)
     data = tmp_path_factory.mktemp("kit-data")
-    s = make_settings(data, kit)
+    s = make_settings(data, kit, ingest_dedup="off")  # distinct scenes, some alike at thumbnail scale
     e = load_engines(s)
     vectors = make_vector_store(s)
-    report = ingest_folder(folder, e.image, e.reranker, vectors, make_blob_store(s))
+    report = ingest_folder(s, folder, e.image, e.reranker, vectors, make_blob_store(s))
     assert report.ingested == GALLERY and not report.failed
     vectors.close()  # type: ignore[attr-defined]
     queries = [it.scene.captions()[1 + i % 3] for i, it in enumerate(items[:QUERIES])]

@@ -210,8 +210,8 @@ def test_query_path_unchanged_on_pinecone_and_gcs(redis_server, pinecone_standin
               "STORAGE_EMULATOR_HOST": gcs_emulator.host}
     s = make_settings(tmp_path / "data", tiny_models, vector_store="pinecone", blob_store="gcs",
                       pinecone_api_key=pinecone_standin.api_key, pinecone_host=pinecone_standin.host,
-                      gcs_bucket="imgsearch-test", gcs_prefix="e2e")
-    report = ingest_folder(demo_images, engines.image, engines.reranker, make_vector_store(s), make_blob_store(s))
+                      gcs_bucket="imgsearch-test", gcs_prefix="e2e", ingest_dedup="off")
+    report = ingest_folder(s, demo_images, engines.image, engines.reranker, make_vector_store(s), make_blob_store(s))
     assert report.ingested == 48 and make_vector_store(s).stats()["total_vector_count"] == 48
     env = settings_env(tmp_path / "data", tiny_models, redis_server.url(10), **remote)
     redis.Redis.from_url(redis_server.url(10)).flushdb()

@@ -1,0 +1,316 @@
+"""Where posts come from, behind one Protocol: Reddit listings, or a folder of images for offline use.
+
+A source yields pages of posts; each page carries the cursor to resume from once all its posts are done,
+so a run killed midway picks up at the first page it had not finished."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+
+from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+
+
+@dataclass
+class Post:
+    """One image post. ``url`` is the image: http(s) for Reddit, a file path for the folder source."""
+
+    id: str
+    url: str
+    title: str = ""
+    subreddit: str = ""
+    permalink: str = ""
+    author: str = ""
+    score: int = 0
+    created_utc: float = 0.0
+    over_18: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # a folder's other metadata fields
+
+    def metadata(self) -> dict[str, Any]:
+        base = {"title": self.title, "subreddit": self.subreddit, "permalink": self.permalink, "author": self.author,
+                "score": self.score, "created_utc": self.created_utc, "over_18": self.over_18, "url": self.url}
+        return {**self.extra, **{k: v for k, v in base.items() if v not in ("", None)}}
+
+
+@dataclass
+class Page:
+    posts: list[Post]
+    cursor: dict[str, Any]  # where to resume once every post of this page is done
+    rejected: dict[str, str] = field(default_factory=dict)  # listing entries that are no image post: id -> why
+    listed: int = 0  # entries the listing held
+
+
+class Source(Protocol):
+    name: str
+
+    def key(self) -> str:
+        """What identifies this source's runs (a resumed run must be of the same source and settings)."""
+        ...
+
+    def pages(self, cursor: dict[str, Any] | None = None) -> Iterator[Page]: ...
+
+
+# --- folder ---
+
+class FolderSource:
+    """A directory of images with optional metadata: ``<stem>.json`` sidecars, or ``manifest.json`` /
+    ``manifest.csv`` / ``metadata.csv`` with a ``file`` column. The post id is the metadata's ``id``, else
+    the file's stem."""
+
+    name = "folder"
+
+    def __init__(self, folder: Path | str, page_size: int = 64) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InvalidRequest(f"ingest folder {self.folder} does not exist or is not a directory")
+        self.page_size = page_size
+
+    def key(self) -> str:
+        return f"folder:{self.folder.resolve()}"
+
+    def _manifest(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        if (self.folder / "manifest.json").is_file():
+            raw = json.loads((self.folder / "manifest.json").read_text())
+            for e in raw.values() if isinstance(raw, dict) else raw:
+                out[e["file"]] = dict(e)
+        for name in ("manifest.csv", "metadata.csv"):
+            if (self.folder / name).is_file():
+                with open(self.folder / name, newline="") as fh:
+                    for row in csv.DictReader(fh):
+                        if row.get("file"):
+                            out.setdefault(row["file"], {}).update({k: _csv_value(v) for k, v in row.items() if k})
+        return out
+
+    def posts(self) -> Iterator[Post]:
+        manifest = self._manifest()
+        for path in sorted(self.folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
+                continue
+            meta = dict(manifest.get(path.name, {}))
+            sidecar = path.with_suffix(".json")
+            if sidecar.is_file():
+                meta.update(json.loads(sidecar.read_text()))
+            meta.pop("file", None)
+            known = {k: meta.pop(k) for k in ("title", "subreddit", "permalink", "author") if k in meta}
+            yield Post(id=str(meta.pop("id", path.stem)), url=str(path), score=int(meta.pop("score", 0) or 0),
+                       created_utc=float(meta.pop("created_utc", 0) or 0), over_18=_truthy(meta.pop("over_18", False)),
+                       extra=meta, **{k: str(v) for k, v in known.items()})
+
+    def pages(self, cursor: dict[str, Any] | None = None) -> Iterator[Page]:
+        after = (cursor or {}).get("after")
+        batch: list[Post] = []
+        for post in self.posts():
+            if after is not None and Path(post.url).name <= after:
+                continue
+            batch.append(post)
+            if len(batch) == self.page_size:
+                yield Page(batch, {"after": Path(batch[-1].url).name}, listed=len(batch))
+                batch = []
+        if batch:
+            yield Page(batch, {"after": Path(batch[-1].url).name}, listed=len(batch))
+
+
+def _csv_value(v: str | None) -> Any:
+    if v is None:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _truthy(v: Any) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes")
+
+
+# --- reddit ---
+
+def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.com", "imgur.com")) -> tuple[str | None, str]:
+    """The image URL of a listing entry's ``data``, or None and why it is not an image post. Direct links
+    only: an image file's extension on one of ``hosts`` (imgur.com/x.jpg goes to i.imgur.com)."""
+    if d.get("removed_by_category") or d.get("title") in ("[removed]", "[deleted]") or d.get("removed"):
+        return None, "removed"
+    if d.get("is_gallery"):
+        items = (d.get("gallery_data") or {}).get("items") or []
+        media = d.get("media_metadata") or {}
+        for it in items[:1]:  # a gallery is taken as its first image
+            m = media.get(it.get("media_id"), {})
+            src = (m.get("s") or {}).get("u") or (m.get("s") or {}).get("gif")
+            if m.get("status", "valid") == "valid" and m.get("e", "Image") in ("Image", "AnimatedImage") and src:
+                return html.unescape(src), ""
+        return None, "gallery without a usable first image"
+    url = html.unescape(d.get("url_overridden_by_dest") or d.get("url") or "")
+    if d.get("is_video") or not url:
+        return None, "not an image post"
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    ext = Path(parts.path).suffix.lower()
+    if ext not in IMAGE_EXTS:
+        return None, "not an image post"
+    if host not in hosts:
+        return None, f"image host {host} is not a direct one"
+    return (url.replace("//imgur.com/", "//i.imgur.com/") if host == "imgur.com" else url), ""
+
+
+class RedditSource:
+    """Reddit listings: app-only OAuth when credentials are set, the public JSON otherwise; pagination by
+    ``after``; per-subreddit minimum score; ``Retry-After`` and the rate-limit headers honoured."""
+
+    name = "reddit"
+
+    def __init__(self, settings: Settings, client: httpx.Client | None = None,
+                 sleep: Any = time.sleep) -> None:
+        self.s = settings
+        self.subs = dict(settings.reddit_subreddits)
+        self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True,
+                                           headers={"User-Agent": settings.reddit_user_agent})
+        self.sleep = sleep
+        self._token: tuple[str, float] | None = None
+        self.failures: dict[str, str] = {}  # listing failures by subreddit: recorded, never fatal
+        self.waited_s = 0.0
+
+    @property
+    def oauth(self) -> bool:
+        return bool(self.s.reddit_client_id and self.s.reddit_client_secret)
+
+    def key(self) -> str:
+        subs = ",".join(f"{k}>={v}" for k, v in sorted(self.subs.items()))
+        return f"reddit:{self.s.reddit_sort}:{self.s.reddit_period}:{subs}"
+
+    def _bearer(self) -> str:
+        if self._token and self._token[1] > time.monotonic() + 30:
+            return self._token[0]
+        assert self.s.reddit_client_id and self.s.reddit_client_secret
+        r = self._send("POST", self.s.reddit_token_url, data={"grant_type": "client_credentials"},
+                       auth=(self.s.reddit_client_id, self.s.reddit_client_secret.get_secret_value()))
+        body = r.json()
+        if "access_token" not in body:
+            raise Unavailable(f"Reddit OAuth token request refused: {body.get('error', 'no token in the answer')}")
+        self._token = (body["access_token"], time.monotonic() + float(body.get("expires_in", 3600)))
+        return self._token[0]
+
+    def _wait(self, seconds: float, why: str) -> None:
+        seconds = min(max(seconds, 0.0), self.s.reddit_max_wait_s)
+        if seconds > 0:
+            log.info("reddit: waiting %.1f s (%s)", seconds, why)
+            self.waited_s += seconds
+            self.sleep(seconds)
+
+    def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        """One request with bounded retries: 429 and 5xx wait for Retry-After (or back off), timeouts retry."""
+        last = ""
+        for attempt in range(self.s.ingest_retries + 1):
+            try:
+                r = self.http.request(method, url, **kw)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                self._wait(min(2.0 ** attempt, 30), last)
+                continue
+            if r.status_code == 429 or r.status_code >= 500:
+                last = f"HTTP {r.status_code}"
+                self._wait(_retry_after(r) if _retry_after(r) is not None else min(2.0 ** attempt, 30), last)
+                continue
+            if r.status_code >= 400:
+                raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
+            # spend the rate-limit budget evenly: out of requests, wait for the window to reset
+            remaining, reset = r.headers.get("x-ratelimit-remaining"), r.headers.get("x-ratelimit-reset")
+            if remaining is not None and reset is not None and float(remaining) < 1:
+                self._wait(float(reset), "rate limit used up")
+            return r
+        raise Unavailable(f"{method} {urlsplit(url).path}: gave up after {self.s.ingest_retries + 1} tries ({last})")
+
+    def listing(self, sub: str, after: str | None) -> dict[str, Any]:
+        params = {"limit": str(self.s.reddit_page_size), "raw_json": "1"}
+        if self.s.reddit_sort in ("top", "controversial"):
+            params["t"] = self.s.reddit_period
+        if after:
+            params["after"] = after
+        if self.oauth:
+            url = f"{self.s.reddit_oauth_url}/r/{sub}/{self.s.reddit_sort}"
+            r = self._send("GET", url, params=params, headers={"Authorization": f"bearer {self._bearer()}"})
+        else:
+            r = self._send("GET", f"{self.s.reddit_public_url}/r/{sub}/{self.s.reddit_sort}.json", params=params)
+        body = r.json()
+        if not isinstance(body, dict) or "data" not in body:
+            raise Unavailable(f"r/{sub}: the listing is not a Reddit listing")
+        return body["data"]
+
+    def pages(self, cursor: dict[str, Any] | None = None) -> Iterator[Page]:
+        subs = list(self.subs)
+        start = subs.index(cursor["sub"]) if cursor and cursor.get("sub") in subs else 0
+        for i, sub in enumerate(subs[start:], start):
+            after = cursor.get("after") if cursor and i == start else None
+            min_score = self.subs[sub]
+            for page_no in range(self.s.reddit_max_pages):
+                try:
+                    data = self.listing(sub, after)
+                except (Unavailable, ValueError) as exc:  # one subreddit failing never stops the run
+                    self.failures[sub] = str(exc)
+                    log.warning("reddit: r/%s: %s", sub, exc)
+                    break
+                posts, rejected, below = [], {}, False
+                children = data.get("children") or []
+                for child in children:
+                    d = child.get("data") or {}
+                    pid = str(d.get("id") or "")
+                    if not pid:
+                        continue
+                    if int(d.get("score") or 0) < min_score:
+                        below = True
+                        continue
+                    url, why = image_of(d, self.s.reddit_image_hosts)
+                    if url is None:
+                        rejected[pid] = why
+                        continue
+                    link = d.get("permalink") or ""
+                    posts.append(Post(id=pid, url=url, title=str(d.get("title") or ""),
+                                      subreddit=str(d.get("subreddit") or sub),
+                                      permalink=f"https://www.reddit.com{link}" if link.startswith("/") else link,
+                                      author=str(d.get("author") or ""), score=int(d.get("score") or 0),
+                                      created_utc=float(d.get("created_utc") or 0), over_18=bool(d.get("over_18"))))
+                after = data.get("after")
+                # top listings come best first: past the minimum score, later pages only hold lower ones
+                done = not after or (below and self.s.reddit_sort == "top") or page_no + 1 == self.s.reddit_max_pages
+                nxt = {"sub": subs[i + 1], "after": None} if done and i + 1 < len(subs) else \
+                    {"sub": sub, "after": after} if not done else {"sub": None, "after": None}
+                yield Page(posts, nxt, rejected, listed=len(children))
+                if done:
+                    break
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    v = r.headers.get("retry-after")
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def make_source(settings: Settings, name: str | None = None, folder: Path | str | None = None) -> Source:
+    name = name or settings.ingest_source
+    if name == "folder":
+        path = folder or settings.ingest_folder
+        if path is None:
+            raise InvalidRequest("the folder source needs a folder (IMGSEARCH_INGEST_FOLDER or --folder)")
+        return FolderSource(path)
+    if name == "reddit":
+        return RedditSource(settings)
+    raise InvalidRequest(f"unknown ingest source {name!r}; valid: folder, reddit")

@@ -1,0 +1,117 @@
+"""Ingest's pure parts: which listing entries are image posts, content sniffing and the image guards, the
+perceptual hash, the checkpoint's page bookkeeping, and the beat schedule setting."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.ingest.images import BadImage, dhash, prepare, sniff
+from pipeline.ingest.ledger import HashIndex
+from pipeline.ingest.run import _Pages
+from pipeline.ingest.sources import image_of
+from tests.standins.reddit import gallery, picture, post
+
+pytestmark = pytest.mark.ingest
+
+
+@pytest.mark.parametrize(("data", "url", "why"), [
+    ({}, "https://i.redd.it/abc.jpg", ""),
+    ({}, "https://i.imgur.com/abc.png", ""),
+    ({}, "https://imgur.com/abc.gif", ""),
+    ({}, "https://imgur.com/a/album", "not an image post"),
+    ({}, "https://i.imgur.com/abc.gifv", "not an image post"),
+    ({}, "https://v.redd.it/xyz", "not an image post"),
+    ({}, "https://example.com/pic.jpg", "image host example.com is not a direct one"),
+    ({"is_video": True}, "https://i.redd.it/abc.jpg", "not an image post"),
+    ({"removed_by_category": "moderator"}, "https://i.redd.it/abc.jpg", "removed"),
+    ({"title": "[deleted]"}, "https://i.redd.it/abc.jpg", "removed"),
+])
+def test_image_of_takes_direct_images_only(data, url, why) -> None:  # type: ignore[no-untyped-def]
+    got, reason = image_of({**post("x", url), **data})
+    assert reason == why
+    assert (got is None) == bool(why)
+    if got:
+        assert got.replace("//imgur.com/", "//i.imgur.com/") == got or got.startswith("https://i.imgur.com/")
+
+
+def test_a_gallery_is_its_first_image_unescaped() -> None:
+    got, why = image_of(gallery("g", "https://preview.redd.it/one.jpg?width=640&s=abc", "https://preview.redd.it/two.jpg"))
+    assert why == "" and got == "https://preview.redd.it/one.jpg?width=640&s=abc"
+    broken = gallery("g", "https://preview.redd.it/one.jpg", "https://preview.redd.it/two.jpg")
+    broken["media_metadata"]["m1"]["status"] = "failed"
+    assert image_of(broken) == (None, "gallery without a usable first image")
+
+
+@pytest.mark.parametrize(("data", "kind"), [(picture(1), "jpeg"), (picture(1, fmt="PNG"), "png"), (b"GIF89a....", "gif"),
+                                            (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp")])
+def test_sniff_reads_the_bytes_not_the_name(data: bytes, kind: str) -> None:
+    assert sniff(data) == kind
+
+
+@pytest.mark.parametrize(("data", "why"), [(b"", "empty"), (b"  <!doctype html><html>", "HTML"),
+                                           (b"%PDF-1.7", "unknown content")])
+def test_sniff_refuses_what_is_no_image(data: bytes, why: str) -> None:
+    with pytest.raises(BadImage, match=why):
+        sniff(data)
+
+
+def test_prepare_guards_pixels_before_decoding_and_normalises() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (10, 20, 30)).save(buf, format="PNG")
+    with pytest.raises(BadImage, match="3000 x 2000 pixels is over the 5,000,000"):
+        prepare(buf.getvalue(), max_pixels=5_000_000)
+    p = prepare(buf.getvalue(), max_pixels=10_000_000)
+    assert (p.width, p.height) == (3000, 2000) and max(p.image.size) == 1024 and p.image.mode == "RGB"
+    assert Image.open(io.BytesIO(p.jpeg)).format == "JPEG"
+    with pytest.raises(BadImage, match="corrupt"):
+        prepare(picture(1)[:200], max_pixels=10_000_000)
+
+
+def _bits(a: bytes, b: bytes) -> int:
+    return int(np.bitwise_count(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
+
+
+def test_the_hash_keeps_reencodes_close_and_other_pictures_far() -> None:
+    original = Image.open(io.BytesIO(picture(1)))
+    buf = io.BytesIO()
+    original.resize((100, 75)).save(buf, format="JPEG", quality=60)
+    copy = Image.open(io.BytesIO(buf.getvalue()))
+    others = [dhash(Image.open(io.BytesIO(picture(s)))) for s in range(2, 30)]
+    assert _bits(dhash(original), dhash(copy)) <= 10
+    assert min(_bits(dhash(original), o) for o in others) > 40
+    index = HashIndex([], np.zeros((0, 4), np.uint64), max_distance=10)
+    for i, h in enumerate(others):
+        index.add(f"o{i}", h)
+    assert index.match(dhash(copy)) is None
+    index.add("orig", dhash(original))
+    hit = index.match(dhash(copy))
+    assert hit is not None and hit[0] == "orig"
+
+
+def test_the_checkpoint_moves_only_past_pages_wholly_done() -> None:
+    pages = _Pages()
+    for seq, n in ((0, 2), (1, 1)):
+        for _ in range(n):
+            pages.add_item(seq)
+        pages.close(seq, {"after": f"p{seq}"})
+    pages.settle(1)  # page 1 is done, but page 0 is not
+    assert not pages.advance() and pages.cursor is None
+    pages.settle(0)
+    pages.settle(0)
+    assert pages.advance() and pages.cursor == {"after": "p1"}
+
+
+def test_the_schedule_setting_takes_crontab_or_seconds() -> None:
+    from celery.schedules import crontab
+
+    from workers.celery_app import schedule
+
+    assert schedule("30") == 30.0
+    cron = schedule("15 6 * * 1")
+    assert isinstance(cron, crontab) and cron.minute == {15} and cron.hour == {6} and cron.day_of_week == {1}
+    with pytest.raises(ValueError, match="crontab"):
+        schedule("every day")
