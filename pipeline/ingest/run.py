@@ -257,15 +257,17 @@ class IngestRun:
         if self.on_progress is not None:
             self.on_progress(self.report)
 
-    def _embed(self, batch: list[_Ready]) -> tuple[list[_Ready], np.ndarray, np.ndarray]:
+    def _embed(self, batch: list[_Ready]) -> tuple[list[_Ready], np.ndarray, list[Any]]:
         images = [r.prepared.image for r in batch]
-        vecs = self.image_encoder.encode_images(images)
+        step = self.s.ingest_embed_batch or (1 if self.s.device == "cpu" else len(images))
+        vecs = np.concatenate([self.image_encoder.encode_images(images[i:i + step])
+                               for i in range(0, len(images), step)])
         if self.s.ingest_dedup == "embedding":
             t0 = time.perf_counter()
             keep = self._new_by_embedding(batch, vecs)
             self.t["dedup"] += time.perf_counter() - t0
             batch, vecs, images = [batch[i] for i in keep], vecs[keep], [images[i] for i in keep]
-        feats = self.reranker.vision_features(images) if batch else np.zeros((0,), np.float16)
+        feats = [f for i in range(0, len(images), step) for f in self.reranker.vision_features(images[i:i + step])]
         return batch, vecs, feats
 
     def _new_by_embedding(self, batch: list[_Ready], vecs: np.ndarray) -> list[int]:
