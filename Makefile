@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup redis-server clean lint
+.PHONY: demo test setup redis-server chromium clean lint
 
 setup: $(STAMP) redis-server
 
@@ -22,10 +22,16 @@ redis-server:
 	  echo "installing redis-server from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# Debian's Chromium and its driver, for the search page's browser test (only `make test` needs them)
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  echo "installing chromium and chromium-driver from Debian"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/imgsearch demo $(ARGS)
 
-test: setup
+test: setup chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -38,8 +38,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ImgSearchError)
     async def _ours(_: Request, exc: ImgSearchError) -> JSONResponse:
+        from api.security import RateLimited, Unauthorized
+
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
         headers = {"Retry-After": "1"} if status == 503 else None
+        if isinstance(exc, Unauthorized):
+            status, headers = 401, {"WWW-Authenticate": 'Bearer realm="imgsearch"'}
+        elif isinstance(exc, RateLimited):
+            status, headers = 429, {"Retry-After": str(exc.retry_after)}
         return error_response(status, exc.code, exc.message, headers)
 
     @app.exception_handler(redis.RedisError)

@@ -6,12 +6,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+import time
+import uuid
+from typing import Any
 
-from api import errors
-from api.routes import admin, health, jobs, search
+from fastapi import FastAPI, Request
+
+from api import errors, metrics
+from api.security import BodyLimit, Guard
+from pipeline import logs
+from api.routes import admin, health, images, jobs, search
 from api.service import JobService
 from pipeline.settings import Settings, get_settings
+from pipeline.stores import make_blob_store
 from workers.celery_app import client_app
 
 
@@ -26,13 +33,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=settings.redis_socket_timeout_s, health_check_interval=10)
         celery = client_app(settings)
         app.state.jobs = JobService(settings, app.state.redis, celery)
+        limits = app.state.redis if not settings.limits_redis_url else aioredis.Redis.from_url(
+            settings.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        app.state.guard = Guard(settings, limits)
+        app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature
         yield
         celery.close()
+        if limits is not app.state.redis:
+            await limits.aclose()
         await app.state.redis.aclose()
 
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
-    for router in (jobs.router, search.router, health.router, admin.router):
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Any:
+        """Every request has an id (the caller's X-Request-ID when it sends a sane one); logs and jobs carry it."""
+        rid = request.headers.get("x-request-id", "")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
+            rid = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        with logs.bound(request_id=rid):
+            response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code,
+                        time.perf_counter() - t0)
+        response.headers["X-Request-ID"] = rid
+        return response
+
+    for router in (jobs.router, search.router, images.router, health.router, admin.router):
         app.include_router(router)
     return app

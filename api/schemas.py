@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "a surprised pikachu face"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"query": "a surprised pikachu face"},
+        {"query": "a cat looking at a computer", "limit": 10, "offset": 10, "min_score": 0.2,
+         "filter": {"subreddit": ["memes", "me_irl"], "created_after": 1735689600, "min_post_score": 1000}},
+        {"query": "a red car", "rerank": False, "filter": {"over_18": None, "score": {"$gte": 50}}}]})
 
     query: StrictStr = Field(description="What the image shows, in words (1 to 512 characters).")
-    limit: int | None = Field(None, ge=1, le=100, description="How many results to return.")
-    top_k: int | None = Field(None, ge=1, le=1000, description="How many candidates to retrieve.")
-    rerank_k: int | None = Field(None, ge=0, le=128, description="How many of them BLIP reranks.")
-    filter: dict[str, Any] | None = Field(None, description="Pinecone-style metadata filter.")
+    limit: int | None = Field(None, ge=1, le=100, description="How many results to return (default 32).")
+    offset: int = Field(0, ge=0, le=900, description="How many of the best results to skip (paging).")
+    top_k: int | None = Field(None, ge=1, le=1000, description="How many candidates to retrieve (at least offset + limit).")
+    candidates: int | None = Field(None, ge=0, le=128, description="How many of them BLIP reranks (default 32).")
+    rerank_k: int | None = Field(None, ge=0, le=128, description="The older name of `candidates`.")
+    rerank: bool = Field(True, description="false: the vector store's order and scores, no BLIP rerank.")
+    min_score: float | None = Field(None, description="Leave out results scoring below this.")
+    filter: dict[str, Any] | None = Field(
+        None, description="Shorthands: `subreddit` (a name or a list), `over_18` (true, false, or null for both; "
+                          "NSFW posts are left out unless the filter names over_18), `created_after` / "
+                          "`created_before` (unix seconds), `min_post_score`. Any other key is Pinecone's filter "
+                          "language (`$eq $ne $in $nin $gt $gte $lt $lte $and $or`) on the post's metadata.")
 
     @field_validator("query")
     @classmethod
@@ -22,6 +34,10 @@ class SearchRequest(BaseModel):
         v = v.strip()
         if not v:
             raise ValueError("the query is empty")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape: no text a model can read
+            raise ValueError("the query is not valid Unicode text") from None
         return v
 
 
@@ -48,4 +64,5 @@ class ErrorResponse(BaseModel):
 class LegacySearchResponse(BaseModel):
     """The original service's shape: ``[post_id, score]`` pairs, best first."""
 
-    results: list[tuple[str, float]]
+    results: list[Annotated[list[str | float], Field(min_length=2, max_length=2)]] = Field(
+        description="[post_id, score] pairs", examples=[[["1abcde", 0.8123], ["1fghij", 0.7344]]])

@@ -13,7 +13,8 @@ import anyio
 import redis.asyncio as aioredis
 from celery import Celery
 
-from pipeline import filters
+from api.security import Caller, Guard
+from pipeline import filters, logs
 from pipeline.errors import InvalidRequest, NotFound, Unavailable
 from pipeline.jobs import TERMINAL, events_key, job_key, parse_events, parse_job, stage_event, stage_record
 from pipeline.settings import Settings
@@ -28,15 +29,15 @@ class JobService:
     def __init__(self, settings: Settings, redis: aioredis.Redis, celery: Celery) -> None:
         self.settings, self.redis, self.celery = settings, redis, celery
 
-    async def submit(self, query: str, params: dict[str, Any]) -> Job:
+    async def submit(self, query: str, params: dict[str, Any], *, request_id: str | None = None,
+                     inflight_key: str | None = None) -> Job:
         if len(query) > self.settings.max_query_chars:
             raise InvalidRequest(f"the query is {len(query)} characters long; the limit is {self.settings.max_query_chars}")
-        if params.get("filter") is not None:
-            filters.validate(params["filter"])
+        filters.for_search(params.get("filter"))  # refused here, not later in the worker
         now = time.time()
         job = Job(id=uuid.uuid4().hex, status="queued", query=query,
                   params={k: v for k, v in params.items() if v is not None}, created_at=now,
-                  deadline_at=now + self.settings.job_deadline_s)
+                  deadline_at=now + self.settings.job_deadline_s, request_id=request_id, inflight_key=inflight_key)
         pipe = self.redis.pipeline(transaction=True)
         stage_record(pipe, job, self.settings.job_ttl_s)
         stage_event(pipe, job.id, "queued", {"id": job.id}, self.settings.job_ttl_s, self.settings.events_maxlen)
@@ -83,6 +84,15 @@ class JobService:
         except TimeoutError:
             return None
         return await self.get(job_id)
+
+
+async def enqueue(jobs: JobService, guard: Guard, caller: Caller, query: str, params: dict[str, Any]) -> Job:
+    """Submit a job for ``caller``: within its cap of jobs in flight, counted until the worker ends the job."""
+    deadline = time.time() + jobs.settings.job_deadline_s
+    key = await guard.admit_job(caller, deadline)
+    job = await jobs.submit(query, params, request_id=logs.current().get("request_id"), inflight_key=key)
+    await guard.record_job(key, job.id, job.deadline_at or deadline)
+    return job
 
 
 def _valid_id(job_id: str) -> bool:

@@ -42,7 +42,7 @@ def write_demo_images(folder: Path | str, n: int = 48, *, seed: int = 0, size: i
         post_id = f"demo{i:03d}"
         _draw(shape, COLOURS[colour], BACKGROUNDS[bg], size, rng).save(folder / f"{post_id}.png")
         meta = {"id": post_id, "title": f"a {colour} {shape} on a {bg} background", "subreddit": subs[i % len(subs)],
-                "created_utc": 1_700_000_000 + 3600 * i, "over_18": False, "score": 800 + 10 * i,
+                "created_utc": 1_700_000_000 + 3600 * i, "over_18": i % 8 == 5, "score": 800 + 10 * i,
                 "permalink": f"/r/{subs[i % len(subs)]}/comments/{post_id}/"}
         (folder / f"{post_id}.json").write_text(json.dumps(meta))
     return folder

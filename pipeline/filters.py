@@ -79,3 +79,46 @@ def matches(flt: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> bool:
                 if not _COMPARE[op](metadata[key], arg):
                     return False
     return True
+
+
+# The search API's shorthands, turned into the filter language: what users ask for most, by name.
+SHORTHANDS = ("subreddit", "over_18", "created_after", "created_before", "min_post_score")
+
+
+def _mentions(flt: Any, field: str) -> bool:
+    if not isinstance(flt, Mapping):
+        return False
+    return any(k == field or (k in ("$and", "$or") and any(_mentions(s, field) for s in v)) for k, v in flt.items())
+
+
+def for_search(flt: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A search's filter in the filter language. Shorthands: ``subreddit`` (a name or a list of names),
+    ``over_18`` (true, false, or null for both), ``created_after`` / ``created_before`` (unix seconds, on
+    ``created_utc``), ``min_post_score`` (on ``score``); anything else is taken as the filter language itself.
+    NSFW posts are left out unless the filter says something about ``over_18``."""
+    rest = dict(flt or {})
+    clauses: list[dict[str, Any]] = []
+    sub = rest.get("subreddit")
+    if isinstance(sub, (str, list)):
+        rest.pop("subreddit")
+        clauses.append({"subreddit": {"$in": sub} if isinstance(sub, list) else {"$eq": sub}})
+    nsfw_said = "over_18" in rest or _mentions(rest, "over_18")
+    if "over_18" in rest and (rest["over_18"] is None or isinstance(rest["over_18"], bool)):
+        value = rest.pop("over_18")
+        if value is not None:
+            clauses.append({"over_18": {"$eq": value}})
+    if not nsfw_said:
+        clauses.append({"over_18": {"$ne": True}})  # a post without the field is kept
+    for key, field, op in (("created_after", "created_utc", "$gte"), ("created_before", "created_utc", "$lt"),
+                           ("min_post_score", "score", "$gte")):
+        if key in rest:
+            value = rest.pop(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequest(f"filter.{key} takes a number")
+            clauses.append({field: {op: value}})
+    if rest:
+        validate(rest)
+        clauses.append(rest)
+    if not clauses:
+        return None  # over_18: null and nothing else: everything
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from pipeline import logs, metrics
 from pipeline.errors import DeadlineExceeded, ImgSearchError
 from pipeline.search import Searcher
 from pipeline.types import ErrorInfo, Job, Match, SearchParams
@@ -65,14 +66,23 @@ def parse_events(entries: list[tuple[Any, dict[Any, Any]]]) -> list[tuple[str, s
 
 def public(job: Job) -> dict[str, Any]:
     """The job as clients see it: ``{"id", "status", "query", "results"?, "error"?, "timings"?}`` and a few extras."""
-    return job.model_dump(mode="json", exclude_none=True)
+    return job.model_dump(mode="json", exclude_none=True, exclude={"inflight_key"})
 
 
 class JobWriter:
     """The worker's side: moves a job through running -> done/failed and appends its events."""
 
-    def __init__(self, client: redis.Redis, ttl: int, maxlen: int) -> None:
+    def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None) -> None:
         self.r, self.ttl, self.maxlen = client, ttl, maxlen
+        self.limits = limits or client  # where the API counts each caller's jobs in flight
+
+    def release(self, job: Job) -> None:
+        """The job no longer counts against its caller's cap (best effort: the entry also expires)."""
+        if job.inflight_key:
+            try:
+                self.limits.zrem(job.inflight_key, job.id)
+            except redis.RedisError as exc:
+                log.warning("could not release job %s from %s: %s", job.id, job.inflight_key, exc)
 
     def load(self, job_id: str) -> Job | None:
         return parse_job(self.r.get(job_key(job_id)))
@@ -97,9 +107,21 @@ def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
     if job is None:
         log.warning("job %s has no record (expired or never created); skipping", job_id)
         return None
-    if job.status in TERMINAL:
-        log.info("job %s already %s; skipping redelivery", job_id, job.status)
-        return job
+    with logs.bound(job_id=job_id, request_id=job.request_id):
+        if job.status in TERMINAL:
+            log.info("job %s already %s; skipping redelivery", job_id, job.status)
+            writer.release(job)
+            return job
+        try:
+            return _run(job, searcher, writer)
+        finally:
+            writer.release(job)
+            if job.status in TERMINAL:
+                metrics.record_job(writer.r, job.status, job.timings, job.stats)
+
+
+def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job:
+    job_id = job.id
     job.status, job.started_at = "running", time.time()
     writer.write(job, "started", {"id": job_id})
     params = SearchParams.model_validate({"query": job.query, **job.params})
@@ -119,6 +141,7 @@ def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
                                          "not_reranked": outcome.not_reranked})
         job.status, job.finished_at = "done", time.time()
         writer.write(job, "done", {"id": job_id, "timings": job.timings})
+        log.info("job %s done in %.0f ms (%d results)", job_id, job.timings["total"], len(outcome.results))
     except Exception as exc:  # every failure ends the job with a reason; nothing is left "running"
         code = exc.code if isinstance(exc, ImgSearchError) else "search_failed"
         message = exc.message if isinstance(exc, ImgSearchError) else f"{type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline import features as featcodec
+from pipeline import filters
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, decode_cached
 from pipeline.errors import DeadlineExceeded, ImgSearchError
 from pipeline.fusion import fuse, rank
@@ -71,8 +72,9 @@ class Searcher:
         return self.text.encode_text([query])[0]
 
     def retrieve(self, vector: Vector, params: SearchParams) -> list[Match]:
-        top_k = params.top_k or self.settings.top_k
-        return self.vectors.query(vector, top_k, filter=params.filter,
+        limit = params.limit or self.settings.limit
+        top_k = min(1000, max(params.top_k or self.settings.top_k, params.offset + limit))
+        return self.vectors.query(vector, top_k, filter=filters.for_search(params.filter),
                                   namespace=params.namespace if params.namespace is not None else self.settings.namespace)
 
     def _from_blob(self, post_id: str) -> tuple[NDArray[Any] | None, bytes | None]:
@@ -129,17 +131,20 @@ class Searcher:
     def rerank(self, query: str, feats: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         return self.reranker.score(query, feats)
 
+    def result(self, m: Match, score: float, itm: float | None = None, cosine: float | None = None) -> Result:
+        md = m.metadata
+        return Result(id=m.id, score=score, itm=itm, cosine=cosine, ann_score=m.score, title=md.get("title"),
+                      subreddit=md.get("subreddit"), permalink=md.get("permalink"), created_utc=md.get("created_utc"),
+                      image_url=self.settings.image_url.format(id=m.id), metadata=md)
+
     def fuse(self, candidates: list[Match], reranked: list[str], itm: NDArray[np.float32],
-             cosine: NDArray[np.float32], limit: int) -> list[Result]:
+             cosine: NDArray[np.float32]) -> list[Result]:
         """Reranked candidates by fused score, then the rest in ANN order (their score is the ANN score)."""
         by_id = {m.id: m for m in candidates}
         fused = fuse(itm, cosine, self.settings.itm_weight, self.settings.cosine_weight)
-        out = [Result(id=reranked[i], score=float(fused[i]), itm=float(itm[i]), cosine=float(cosine[i]),
-                      ann_score=by_id[reranked[i]].score, metadata=by_id[reranked[i]].metadata) for i in rank(fused)]
+        out = [self.result(by_id[reranked[i]], float(fused[i]), float(itm[i]), float(cosine[i])) for i in rank(fused)]
         done = set(reranked)
-        out += [Result(id=m.id, score=m.score, ann_score=m.score, metadata=m.metadata) for m in candidates
-                if m.id not in done]
-        return out[:limit]
+        return out + [self.result(m, m.score) for m in candidates if m.id not in done]
 
     # --- the whole query ---
     def search(self, params: SearchParams, *, deadline: float | None = None,
@@ -162,14 +167,20 @@ class Searcher:
         candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params)
         if on_candidates is not None:
             on_candidates(candidates)
-        rerank_k = min(params.rerank_k if params.rerank_k is not None else self.settings.rerank_k, len(candidates))
+        wanted = params.candidates if params.candidates is not None else params.rerank_k
+        rerank_k = 0 if not params.rerank else min(wanted if wanted is not None else self.settings.rerank_k,
+                                                   len(candidates))
         to_rerank = [m.id for m in candidates[:rerank_k]]
         stats: dict[str, int] = {}
-        feats = clock.run("fetch", self.fetch, to_rerank, stats)
+        feats = clock.run("fetch", self.fetch, to_rerank, stats) if to_rerank else {}
         reranked = [pid for pid in to_rerank if pid in feats]
-        itm, cosine = clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked])
+        itm, cosine = (clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked]) if reranked
+                       else (np.zeros(0, np.float32), np.zeros(0, np.float32)))
         limit = params.limit or self.settings.limit
-        results = clock.run("fuse", self.fuse, candidates, reranked, itm, cosine, limit)
+        ranked = clock.run("fuse", self.fuse, candidates, reranked, itm, cosine)
+        if params.min_score is not None:
+            ranked = [r for r in ranked if r.score >= params.min_score]
+        results = ranked[params.offset:params.offset + limit]
         outcome = SearchOutcome(results=results, candidates=candidates, timings=clock.timings, stats=stats,
                                 not_reranked=[pid for pid in to_rerank if pid not in feats])
         if key is not None and self.results is not None and not outcome.not_reranked:

@@ -6,8 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiKey(BaseModel):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    admin: bool = False
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:
@@ -66,7 +72,8 @@ class Settings(BaseSettings):
     # --- search ---
     top_k: int = Field(32, ge=1, le=1000)
     rerank_k: int = Field(32, ge=0, le=1000)
-    limit: int = Field(32, ge=1, le=1000)
+    limit: int = Field(32, ge=1, le=100)
+    image_url: str = "/v1/images/{id}"  # each result's image link ({id}: the post id); a CDN's URL works too
     itm_weight: float = 0.7
     cosine_weight: float = 0.3
     max_query_chars: int = 512
@@ -86,7 +93,10 @@ class Settings(BaseSettings):
     ingest_folder: Path | None = None  # the folder source's directory
     # when beat starts a run: a crontab line ("m h dom mon dow", UTC) or a number of seconds between runs
     ingest_schedule: str = "0 6 * * *"
-    ingest_batch_size: int = Field(16, ge=1, le=512)  # images per embed call
+    ingest_batch_size: int = Field(16, ge=1, le=512)  # images per write, vector upsert and ledger transaction
+    # images per call of each tower; 0: 1 on a CPU (the full-size towers run 10 to 15% slower per image in
+    # batches of 8 there, bench.ingest), the whole batch on a GPU
+    ingest_embed_batch: int = Field(0, ge=0, le=512)
     ingest_concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
     ingest_timeout_s: float = Field(20.0, gt=0)  # per download (connect + read)
     ingest_retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx
@@ -115,8 +125,19 @@ class Settings(BaseSettings):
     reddit_public_url: str = "https://www.reddit.com"
     reddit_oauth_url: str = "https://oauth.reddit.com"
     reddit_token_url: str = "https://www.reddit.com/api/v1/access_token"
-    # --- admin ---
-    admin_token: SecretStr | None = None  # enables the admin endpoints (takedown), sent as a bearer token
+    # --- API: keys, limits, the page ---
+    # API keys as SHA-256 hashes (`imgsearch keys new` makes one): none configured, the API is open (local use)
+    # and its admin routes closed; configured, every /v1 route and /search need a key, admin routes an admin's
+    api_keys: list[ApiKey] = []
+    rate_limit_per_min: int = Field(120, ge=0)  # per API key, or per client address without keys; 0: off
+    rate_limit_burst: int = Field(30, ge=1)
+    max_jobs_in_flight: int = Field(32, ge=0)  # per caller: queued or running; 0: no cap
+    max_body_bytes: int = Field(16_384, ge=256)
+    trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
+    limits_redis_url: str | None = None  # where buckets live; default redis_url
+    # Flower (`imgsearch flower`): basic auth "user:password"; it refuses to start without one
+    flower_basic_auth: SecretStr | None = None
+    flower_port: int = 5555
 
     # --- logging ---
     log_level: str = "INFO"

@@ -23,13 +23,18 @@ class Match(BaseModel):
 
 
 class Result(BaseModel):
-    """One ranked result: fused score and its parts, plus the post's metadata."""
+    """One ranked result: fused score and its parts, what a page shows of the post, and all its metadata."""
 
     id: str
     score: float
     itm: float | None = None
     cosine: float | None = None
     ann_score: float | None = None
+    title: str | None = None
+    subreddit: str | None = None
+    permalink: str | None = None
+    created_utc: float | None = None
+    image_url: str | None = None
     metadata: Metadata = Field(default_factory=dict)
 
 
@@ -38,9 +43,13 @@ class SearchParams(BaseModel):
 
     query: str
     limit: int | None = None
+    offset: int = 0
     top_k: int | None = None
-    rerank_k: int | None = None
-    filter: dict[str, Any] | None = None
+    rerank_k: int | None = None  # the older name of ``candidates``
+    candidates: int | None = None
+    rerank: bool = True
+    min_score: float | None = None
+    filter: dict[str, Any] | None = None  # the search API's shorthands or the filter language (filters.for_search)
     namespace: str | None = None
 
 
@@ -73,3 +82,5 @@ class Job(BaseModel):
     error: ErrorInfo | None = None
     timings: dict[str, float] | None = None
     stats: dict[str, int] | None = None
+    request_id: str | None = None  # the HTTP request that made it, carried into the worker's logs
+    inflight_key: str | None = None  # the caller's jobs-in-flight set, left when the job ends (not public)

@@ -81,7 +81,9 @@ def settings_env(data_dir: Path, models: Models, redis_url: str, **extra: str) -
     """The environment a worker or API process of the tests runs with."""
     return {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(models.siglip),
             "IMGSEARCH_BLIP_MODEL": str(models.blip), "IMGSEARCH_REDIS_URL": redis_url,
-            "IMGSEARCH_TORCH_THREADS": "1", **extra}
+            "IMGSEARCH_TORCH_THREADS": "1",
+            # limits are off unless a test turns them on: stacks here submit bursts on purpose
+            "IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0", **extra}
 
 
 def make_settings(data_dir: Path, models: Models, redis_url: str = "redis://127.0.0.1:1/0", **kw: object):  # type: ignore[no-untyped-def]

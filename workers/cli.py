@@ -16,6 +16,8 @@ models_cli = typer.Typer(no_args_is_help=True, help="Model folders.")
 cli.add_typer(models_cli, name="models")
 engines_cli = typer.Typer(no_args_is_help=True, help="Built engines (ONNX Runtime, TensorRT).")
 cli.add_typer(engines_cli, name="engines")
+keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
+cli.add_typer(keys_cli, name="keys")
 
 
 def _logging() -> None:
@@ -133,6 +135,37 @@ def beat(loglevel: str = "INFO") -> None:
     s = get_settings()
     s.ingest_dir.mkdir(parents=True, exist_ok=True)
     app.Beat(loglevel=loglevel, schedule=str(s.ingest_dir / "beat-schedule")).run()
+
+
+@cli.command()
+def flower(port: Annotated[int, typer.Option(help="default IMGSEARCH_FLOWER_PORT (5555)")] = 0,
+           address: str = "127.0.0.1") -> None:
+    """Serve Flower, the Celery dashboard, against the same broker, behind basic auth from settings."""
+    import os
+
+    from pipeline.settings import get_settings
+
+    s = get_settings()
+    if s.flower_basic_auth is None or ":" not in s.flower_basic_auth.get_secret_value():
+        typer.echo("error: set IMGSEARCH_FLOWER_BASIC_AUTH=user:password (Flower shows every job's arguments)",
+                   err=True)
+        raise typer.Exit(2)
+    # the credentials go by environment, not argv: argv shows in every `ps`
+    env = {**os.environ, "FLOWER_BASIC_AUTH": s.flower_basic_auth.get_secret_value()}
+    os.execvpe(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
+                                f"--port={port or s.flower_port}", f"--address={address}"], env)
+
+
+@keys_cli.command("new")
+def keys_new(name: str, admin: bool = False) -> None:
+    """Make an API key: prints the key (shown once) and the entry to add to IMGSEARCH_API_KEYS (its hash)."""
+    import json
+
+    from api.security import hash_key, new_key
+
+    key = new_key()
+    typer.echo(f"key (give it to the client; it is not stored): {key}")
+    typer.echo("IMGSEARCH_API_KEYS entry: " + json.dumps({"name": name, "sha256": hash_key(key), "admin": admin}))
 
 
 @engines_cli.command("build")

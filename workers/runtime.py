@@ -60,7 +60,10 @@ def load(settings: Settings | None = None) -> Runtime:
             searcher.encode("warm up")  # the first real query pays no lazy-init cost
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
                     "queue": os.environ.get("IMGSEARCH_WORKER_QUEUE", settings.search_queue), "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
-            _runtime = Runtime(settings, engines, searcher, JobWriter(client, settings.job_ttl_s, settings.events_maxlen), info)
+            limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
+                if settings.limits_redis_url else None
+            _runtime = Runtime(settings, engines, searcher,
+                               JobWriter(client, settings.job_ttl_s, settings.events_maxlen, limits), info)
             threading.Thread(target=_heartbeat, args=(_runtime,), name="heartbeat", daemon=True).start()
             log.info("worker process ready: %s", info)
         return _runtime
@@ -70,12 +73,25 @@ def get() -> Runtime:
     return _runtime or load()
 
 
+def _store_state(rt: Runtime) -> str:
+    try:
+        rt.searcher.vectors.stats()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure: the store is not usable from here
+        return f"down ({type(exc).__name__})"
+
+
 def _heartbeat(rt: Runtime) -> None:
+    """A key with a TTL, renewed every third of it: this worker is live, its engines loaded, its vector store
+    answering (checked every ``store_check_s``)."""
     key = heartbeat_key(f"{rt.info['host']}:{rt.info['pid']}")
     ttl = rt.settings.heartbeat_ttl_s
+    checked, state = 0.0, "unknown"
     while not _stop.is_set():
+        if time.monotonic() - checked > 30:
+            state, checked = _store_state(rt), time.monotonic()
         try:
-            rt.writer.r.set(key, json.dumps({**rt.info, "at": time.time()}), ex=ttl)
+            rt.writer.r.set(key, json.dumps({**rt.info, "vector_store": state, "at": time.time()}), ex=ttl)
         except redis.RedisError as exc:  # Redis away: keep trying; the key expires meanwhile
             log.warning("heartbeat failed: %s", exc)
         _stop.wait(max(ttl / 3, 0.5))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from api import metrics
 
 from pipeline.jobs import HEARTBEAT_PATTERN
 
@@ -21,9 +24,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when Redis answers and at least one worker has its engines loaded (its heartbeat is fresh)."""
+    """Ready when Redis answers and at least one search worker is live with its engines loaded and its vector
+    store answering. The rate-limit store's state is reported; without it the API serves on, unlimited."""
     r = request.app.state.redis
-    body: dict[str, Any] = {"redis": "ok", "workers": []}
+    body: dict[str, Any] = {"redis": "ok", "workers": [], "limits": await request.app.state.guard.state()}
     try:
         await r.ping()
         keys = [k async for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)]
@@ -33,6 +37,29 @@ async def readyz(request: Request) -> JSONResponse:
         body["redis"] = f"down ({type(exc).__name__})"
     queue = request.app.state.settings.search_queue  # ingest workers answer no query
     ready = body["redis"] == "ok" and any(w.get("engines_loaded") and w.get("queue", queue) == queue
+                                          and w.get("vector_store", "ok") in ("ok", "unknown")
                                           for w in body["workers"])
     body["ready"] = ready
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def prometheus(request: Request) -> Response:
+    """Prometheus text format: this API's requests, and the fleet's stage latency, jobs by outcome, cache hits,
+    queue depth and live workers (from Redis; left out while Redis is unreachable)."""
+    s = request.app.state.settings
+    try:
+        families = await metrics.fleet_families(request.app.state.redis,
+                                                {"search": s.search_queue, "ingest": s.ingest_queue})
+    except Exception:  # noqa: BLE001 - Redis away: this process's own metrics still go out
+        families = []
+    return Response(metrics.render(families), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+_PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    """The search page: plain HTML and JS, no build step."""
+    return HTMLResponse(_PAGE.read_text(), headers={"Cache-Control": "no-cache"})

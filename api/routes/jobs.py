@@ -9,32 +9,36 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import StreamingResponse
 
-from api.deps import Jobs
+from api.deps import CallerDep, GuardDep, Jobs, LimitedCaller
 from api.schemas import ErrorResponse, JobAccepted, SearchRequest
+from api.service import enqueue
 from pipeline.jobs import public
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                                            422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+                                            503: {"model": ErrorResponse}}
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_ERRORS)
-async def submit(body: SearchRequest, jobs: Jobs, response: Response) -> dict[str, Any]:
+async def submit(body: SearchRequest, jobs: Jobs, guard: GuardDep, caller: LimitedCaller,
+                 response: Response) -> dict[str, Any]:
     """Queue a search; poll ``links.self`` or stream ``links.events`` for its results."""
-    job = await jobs.submit(body.query, body.model_dump(exclude={"query"}))
+    job = await enqueue(jobs, guard, caller, body.query, body.model_dump(exclude={"query"}, exclude_unset=True))
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url
     return {"id": job.id, "status": job.status, "links": {"self": url, "events": f"{url}/events"}}
 
 
 @router.get("/{job_id}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def get_job(job_id: str, jobs: Jobs) -> dict[str, Any]:
+async def get_job(job_id: str, jobs: Jobs, _: CallerDep) -> dict[str, Any]:
     """The job: ``status`` is queued, running, done or failed; ``results`` once done, ``error`` once failed."""
     return public(await jobs.get(job_id))
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorResponse}})
-async def job_events(job_id: str, jobs: Jobs,
+async def job_events(job_id: str, jobs: Jobs, _: CallerDep,
                      last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     """Server-Sent Events: queued, started, candidates (ANN order), results (reranked), then done or failed.
     A late client gets the whole history first; the stream closes after done or failed."""

@@ -6,7 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import Jobs, SettingsDep
+from api.deps import GuardDep, Jobs, LimitedCaller, SettingsDep
+from api.service import enqueue
 from api.schemas import ErrorResponse, LegacySearchResponse, SearchRequest
 from pipeline.errors import DeadlineExceeded, ImgSearchError
 
@@ -14,10 +15,12 @@ router = APIRouter(tags=["search"])
 
 
 @router.post("/search", response_model=LegacySearchResponse,
-             responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
-async def search(body: SearchRequest, jobs: Jobs, settings: SettingsDep) -> dict[str, Any]:
+             responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                        429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+async def search(body: SearchRequest, jobs: Jobs, settings: SettingsDep, guard: GuardDep,
+                 caller: LimitedCaller) -> dict[str, Any]:
     """Search and wait for the ranking: ``{"results": [[post_id, score], ...]}``, best first."""
-    job = await jobs.submit(body.query, body.model_dump(exclude={"query"}))
+    job = await enqueue(jobs, guard, caller, body.query, body.model_dump(exclude={"query"}, exclude_unset=True))
     done = await jobs.wait(job.id, settings.search_wait_s)
     if done is None:
         raise DeadlineExceeded(f"job {job.id} did not finish within {settings.search_wait_s:g} s; "

@@ -157,8 +157,10 @@ def test_reddit_ingest_fills_the_stores_and_records_every_failure(reddit, tmp_pa
 
     # and search reads what ingest wrote
     searcher = Searcher(s, engines.text, vectors, blobs, engines.reranker)
-    out = searcher.search(SearchParams(query="a picture", limit=32))
+    out = searcher.search(SearchParams(query="a picture", limit=32, filter={"over_18": None}))
     assert {r.id for r in out.results} == GOOD and not out.not_reranked
+    safe = searcher.search(SearchParams(query="a picture", limit=32))  # NSFW is left out unless asked for
+    assert {r.id for r in safe.results} == GOOD - {"n1"}
 
 
 def test_rerun_downloads_and_adds_nothing(reddit, tmp_path, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
@@ -345,29 +347,37 @@ def test_admin_endpoint_takes_a_post_down_through_a_worker(redis_server, store_d
 
     import httpx
 
+    from api.security import hash_key
     from tests.live import start_stack
 
     data = tmp_path / "data"
     shutil.copytree(store_dir, data)
     url = redis_server.url(14)
     redis.Redis.from_url(url).flushdb()
-    env = settings_env(data, tiny_models, url, IMGSEARCH_ADMIN_TOKEN="s3cret")
-    live = start_stack(env, tmp_path / "logs")
+    user, admin = "isk_user-s3cret", "isk_admin-s3cret"
+    keys = [{"name": "app", "sha256": hash_key(user)}, {"name": "ops", "sha256": hash_key(admin), "admin": True}]
+    live = start_stack(settings_env(data, tiny_models, url, IMGSEARCH_API_KEYS=json.dumps(keys)), tmp_path / "logs")
+
+    def search() -> list[str]:
+        r = httpx.post(f"{live.base}/search", json={"query": "a red circle", "limit": 32},
+                       headers={"X-API-Key": user}, timeout=60)
+        assert r.status_code == 200, r.text
+        return [pid for pid, _ in r.json()["results"]]
+
     try:
-        job = live.wait(live.submit("a red circle", limit=32))
-        victim = job["results"][0]["id"]
+        victim = search()[0]
         path = f"{live.base}/v1/admin/posts/{victim}"
-        assert httpx.delete(path, timeout=10).status_code == 403
-        wrong = httpx.delete(path, headers={"Authorization": "Bearer nope"}, timeout=10)
+        assert httpx.delete(path, timeout=10).status_code == 401
+        wrong = httpx.delete(path, headers={"X-API-Key": user}, timeout=10)
         assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
-        bad = httpx.delete(f"{live.base}/v1/admin/posts/a%20b", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+        bad = httpx.delete(f"{live.base}/v1/admin/posts/a%20b", headers={"X-API-Key": admin}, timeout=10)
         assert bad.status_code == 422
-        r = httpx.delete(path, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        r = httpx.delete(path, headers={"Authorization": f"Bearer {admin}"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["removed"]["vectors"] == 1 and f"images/{victim}.jpg" in r.json()["removed"]["blobs"]
-        after = live.wait(live.submit("a red circle", limit=32))  # the same query: not served from the cache
-        ids = [x["id"] for x in after["results"]]
-        assert victim not in ids and len(ids) == 32 and (after.get("stats") or {}).get("result_cache") != 1
+        after = search()  # the same query again: not answered from the result cache
+        assert victim not in after and len(after) == 32
+        assert httpx.get(f"{live.base}/v1/images/{victim}", timeout=10).status_code == 404
     finally:
         live.stop()
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))

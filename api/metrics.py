@@ -1,0 +1,96 @@
+"""Prometheus exposition: this API process's own request metrics, and the fleet's from Redis (stage latency
+histograms, jobs by outcome, cache hits, queue depth, live workers), read at scrape time."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from pipeline import metrics as fleet
+from pipeline.jobs import HEARTBEAT_PATTERN
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+REQUESTS = Counter("imgsearch_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"],
+                   registry=REGISTRY)
+LATENCY = Histogram("imgsearch_http_request_seconds", "HTTP request latency by route", ["route"], registry=REGISTRY,
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+def observe(route: str, method: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(route, method, str(status)).inc()
+    LATENCY.labels(route).observe(seconds)
+
+
+def _num(v: Any) -> float:
+    return float(v.decode() if isinstance(v, bytes) else v)
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, float]:
+    return {(k.decode() if isinstance(k, bytes) else k): _num(v) for k, v in raw.items()}
+
+
+async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:
+    pipe = r.pipeline(transaction=False)
+    for stage in fleet.STAGES:
+        pipe.hgetall(fleet.stage_key(stage))
+    pipe.hgetall(fleet.JOBS)
+    pipe.hgetall(fleet.CACHE)
+    pipe.hgetall(fleet.INGEST)
+    for q in queues.values():
+        pipe.llen(q)
+    answers = await pipe.execute()
+    workers = [k async for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)]
+    out: list[Any] = []
+    hist = HistogramMetricFamily("imgsearch_stage_seconds", "Search job time by stage (all workers)", labels=["stage"])
+    for stage, raw in zip(fleet.STAGES, answers, strict=False):
+        f = _fields(raw)
+        if not f.get("count"):
+            continue
+        buckets = [(str(le / 1000), f.get(f"le:{le}", 0.0)) for le in fleet.BUCKETS_MS] + [("+Inf", f["count"])]
+        hist.add_metric([stage], buckets, f.get("sum_ms", 0.0) / 1000)
+    out.append(hist)
+    n = len(fleet.STAGES)
+    jobs = CounterMetricFamily("imgsearch_jobs", "Search jobs ended, by outcome (all workers)", labels=["outcome"])
+    for outcome, v in sorted(_fields(answers[n]).items()):
+        jobs.add_metric([outcome], v)
+    out.append(jobs)
+    cache = _fields(answers[n + 1])
+    hits = CounterMetricFamily("imgsearch_cache_lookups", "Cache lookups: result cache hits and misses, and where "
+                               "candidates' features came from", labels=["cache", "outcome"])
+    for name, (cache_name, outcome) in {"result_hit": ("results", "hit"), "result_miss": ("results", "miss"),
+                                        "features_local": ("features", "in_process"),
+                                        "features_redis": ("features", "redis"),
+                                        "features_blob": ("features", "blob_store")}.items():
+        hits.add_metric([cache_name, outcome], cache.get(name, 0.0))
+    out.append(hits)
+    looked = cache.get("result_hit", 0.0) + cache.get("result_miss", 0.0)
+    out.append(GaugeMetricFamily("imgsearch_result_cache_hit_ratio", "Result cache hits over lookups, since the "
+                                 "counters began", value=cache.get("result_hit", 0.0) / looked if looked else 0.0))
+    ingest = CounterMetricFamily("imgsearch_ingest_items", "Ingest outcomes over all runs", labels=["outcome"])
+    for k, v in sorted(_fields(answers[n + 2]).items()):
+        ingest.add_metric([k], v)
+    out.append(ingest)
+    depth = GaugeMetricFamily("imgsearch_queue_depth", "Tasks waiting in each queue", labels=["queue"])
+    for (name, _), v in zip(queues.items(), answers[n + 3:], strict=True):
+        depth.add_metric([name], float(v))
+    out.append(depth)
+    out.append(GaugeMetricFamily("imgsearch_workers_live", "Workers with a fresh heartbeat", value=len(workers)))
+    out.append(GaugeMetricFamily("imgsearch_scrape_timestamp_seconds", "When this scrape read Redis", value=time.time()))
+    return out
+
+
+class _Static:
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
+
+
+def render(families: list[Any]) -> bytes:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Static(families))  # type: ignore[arg-type]
+    return generate_latest(REGISTRY) + generate_latest(reg)
