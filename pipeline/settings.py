@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     # images per call of each tower; 0: 1 on a CPU (the full-size towers run 10 to 15% slower per image in
     # batches of 8 there, bench.ingest), the whole batch on a GPU
     ingest_embed_batch: int = Field(0, ge=0, le=512)
+    # parallel embed streams, each with its own engines; 0: one per core with ONNX Runtime on a CPU, else one
+    ingest_embed_streams: int = Field(0, ge=0, le=16)
     ingest_concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
     ingest_timeout_s: float = Field(20.0, gt=0)  # per download (connect + read)
     ingest_retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx

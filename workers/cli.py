@@ -56,6 +56,10 @@ def worker(pool: str = "prefork", concurrency: Annotated[int, typer.Option()] = 
         typer.echo(f"error: --queue must be search or ingest, not {queue!r}", err=True)
         raise typer.Exit(2)
     os.environ["IMGSEARCH_WORKER_QUEUE"] = queues[queue]  # the heartbeat says which queue this worker serves
+    if queue == "ingest":
+        from engines.registry import prepare_ingest_process
+
+        prepare_ingest_process(s)  # before the engines load (prefork children inherit it)
     app.worker_main(["worker", "--pool", pool, "--concurrency", str(concurrency or s.worker_concurrency),
                      "--queues", queues[queue], "--hostname", name or f"{queue}@%h", "--loglevel", loglevel,
                      "--without-mingle", "--without-gossip"])
@@ -81,7 +85,7 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
     summary. Idempotent (settled posts are skipped before any download) and resumable after a crash."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engines.registry import load_engines
+    from engines.registry import load_engines, load_image_engines, prepare_ingest_process
     from pipeline.errors import ImgSearchError
     from pipeline.ingest import make_source, run_ingest
     from pipeline.settings import get_settings
@@ -94,7 +98,9 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
     name = source or ("folder" if folder is not None else s.ingest_source)
     try:
         src = make_source(s, name, folder)
+        prepare_ingest_process(s)
         e = load_engines(s)
+        embedders = load_image_engines(s, e)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
                       TimeElapsedColumn(), transient=True) as bar:
             task = bar.add_task(f"ingest {name}", total=None, counts="")
@@ -105,7 +111,7 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
                                   f"duplicates {r.duplicates}")
 
             rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
-                             on_progress=progress)
+                             on_progress=progress, embedders=embedders)
     except ImgSearchError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None

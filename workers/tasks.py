@@ -26,6 +26,9 @@ def search(payload: dict[str, Any]) -> dict[str, Any]:
     return {"id": task.job_id, "status": job.status if job else "missing"}
 
 
+_embedders: list[Any] | None = None  # this process's embed streams for ingest
+
+
 class IngestTask(BaseModel):
     source: str | None = None  # default: IMGSEARCH_INGEST_SOURCE
     folder: str | None = None
@@ -43,17 +46,24 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline.errors import Unavailable
     from pipeline.ingest import make_source, run_ingest
 
+    from engines.registry import load_image_engines
+    from pipeline import metrics
+
+    global _embedders
     task = IngestTask.model_validate(payload)
     rt = runtime.get()
     s = rt.settings
+    if _embedders is None:  # once per process, as the engines
+        _embedders = load_image_engines(s, rt.engines)
     try:
         report = run_ingest(s, make_source(s, task.source, task.folder), rt.engines.image, rt.engines.reranker,
-                            rt.searcher.vectors, rt.searcher.blobs, fresh=task.fresh)
+                            rt.searcher.vectors, rt.searcher.blobs, fresh=task.fresh, embedders=_embedders)
     except Unavailable as exc:
         if exc.code != "ingest_running":
             raise
         log.info("ingest: %s", exc.message)
         return {"status": "skipped", "why": exc.message}
+    metrics.record_ingest(rt.writer.r, report.as_dict())
     return {"status": "done", **report.as_dict()}
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline import features as featcodec
 from pipeline.cache import FeatureCache, ResultCache
@@ -108,13 +109,19 @@ class _Pages:
 class IngestRun:
     def __init__(self, settings: Settings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
                  vectors: VectorStore, blobs: BlobStore, ledger: Ledger, *, namespace: str = "",
-                 on_progress: Callable[[IngestReport], None] | None = None) -> None:
+                 on_progress: Callable[[IngestReport], None] | None = None,
+                 embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> None:
         self.s, self.source = settings, source
         self.image_encoder, self.reranker, self.vectors, self.blobs, self.ledger = (
             image_encoder, reranker, vectors, blobs, ledger)
         self.namespace = namespace
         self.on_progress = on_progress
         self.versions = f"{image_encoder.version}|{reranker.version}"
+        # parallel embed streams (engines.registry.load_image_engines); by default the given engines alone
+        self.embedders = list(embedders) or [(image_encoder, reranker)]
+        if any(e.version != image_encoder.version or r.version != reranker.version for e, r in self.embedders):
+            raise ValueError("every embed stream must run the same models as the run's engines")
+        self._embed_pool = ThreadPoolExecutor(len(self.embedders), thread_name_prefix="embed")
         self.report = IngestReport(source=source.key())
         self.t = dict.fromkeys(STAGES, 0.0)
         self.pages = _Pages()
@@ -210,6 +217,7 @@ class IngestRun:
         finally:
             downloader.close()
             writer.shutdown(wait=True)
+            self._embed_pool.shutdown(wait=True)
             self.ledger.unlock()
 
     def _finish_timings(self, downloader: Downloader, t_start: float) -> None:
@@ -257,18 +265,36 @@ class IngestRun:
         if self.on_progress is not None:
             self.on_progress(self.report)
 
+    def _spread(self, tower: int, images: list[Image.Image]) -> list[Any]:
+        """One tower (0: SigLIP image, 1: BLIP vision) over ``images``, split across the embed streams, each
+        calling its engine ``step`` images at a time; results in input order."""
+        step = self.s.ingest_embed_batch or (1 if self.s.device == "cpu" else max(1, len(images)))
+
+        def run(pair: tuple[ImageEncoder, Reranker], imgs: list[Image.Image]) -> list[Any]:
+            call = pair[0].encode_images if tower == 0 else pair[1].vision_features
+            return [row for i in range(0, len(imgs), step) for row in call(imgs[i:i + step])]
+
+        n = len(self.embedders)
+        if n == 1 or len(images) == 1:
+            return run(self.embedders[0], images)
+        parts = [list(range(i, len(images), n)) for i in range(n)]
+        futures = [(part, self._embed_pool.submit(run, self.embedders[i], [images[j] for j in part]))
+                   for i, part in enumerate(parts) if part]
+        out: list[Any] = [None] * len(images)
+        for part, fut in futures:
+            for j, row in zip(part, fut.result(), strict=True):
+                out[j] = row
+        return out
+
     def _embed(self, batch: list[_Ready]) -> tuple[list[_Ready], np.ndarray, list[Any]]:
         images = [r.prepared.image for r in batch]
-        step = self.s.ingest_embed_batch or (1 if self.s.device == "cpu" else len(images))
-        vecs = np.concatenate([self.image_encoder.encode_images(images[i:i + step])
-                               for i in range(0, len(images), step)])
+        vecs = np.stack(self._spread(0, images))
         if self.s.ingest_dedup == "embedding":
             t0 = time.perf_counter()
             keep = self._new_by_embedding(batch, vecs)
             self.t["dedup"] += time.perf_counter() - t0
             batch, vecs, images = [batch[i] for i in keep], vecs[keep], [images[i] for i in keep]
-        feats = [f for i in range(0, len(images), step) for f in self.reranker.vision_features(images[i:i + step])]
-        return batch, vecs, feats
+        return batch, vecs, self._spread(1, images) if images else []
 
     def _new_by_embedding(self, batch: list[_Ready], vecs: np.ndarray) -> list[int]:
         keep: list[int] = []
@@ -329,13 +355,14 @@ class IngestRun:
 
 def run_ingest(settings: Settings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
                vectors: VectorStore, blobs: BlobStore, *, ledger: Ledger | None = None, namespace: str | None = None,
-               fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None) -> IngestReport:
+               fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None,
+               embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> IngestReport:
     own = ledger is None
     ledger = ledger or Ledger(settings.ingest_dir)
     try:
         return IngestRun(settings, source, image_encoder, reranker, vectors, blobs, ledger,
                          namespace=settings.namespace if namespace is None else namespace,
-                         on_progress=on_progress).run(fresh)
+                         on_progress=on_progress, embedders=embedders).run(fresh)
     finally:
         if own:
             ledger.close()

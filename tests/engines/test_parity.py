@@ -4,6 +4,7 @@ full-size random-weight model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,3 +172,33 @@ def test_full_size_cuda_fp16_parity(tmp_path_factory) -> None:  # type: ignore[n
     t_ref = TorchSiglip(str(folder)).encode_text(texts)
     t = TorchSiglip(str(folder), precision="fp16", device="cuda").encode_text(texts)
     assert (t_ref * t).sum(1).min() >= 0.99
+
+
+def _streams_vs_shared(siglip: str, blip: str, engine_dir: str, demo_images: str) -> dict[str, Any]:
+    """In a fresh process (ONNX Runtime takes per-session pools only before its first session)."""
+    from engines.registry import load_engines, load_image_engines, prepare_ingest_process
+    from pipeline.settings import Settings
+
+    s = Settings(siglip_model=siglip, blip_model=blip, engine_backend="onnxruntime", engine_dir=Path(engine_dir),
+                 ingest_embed_streams=2)
+    prepare_ingest_process(s)
+    shared = load_engines(s)
+    streams = load_image_engines(s, shared)
+    imgs = _images(Path(demo_images))[:4]
+    ref_v, ref_f = shared.image.encode_images(imgs), shared.reranker.vision_features(imgs).astype(np.float32)
+    return {"n": len(streams), "own_pools": all(not x.shared for img, _ in streams for x in img.s.values()),  # type: ignore[attr-defined]
+            "dims": [img.dim for img, _ in streams] + [shared.image.dim],
+            "vec_diff": max(float(np.abs(img.encode_images(imgs) - ref_v).max()) for img, _ in streams),
+            "feat_diff": max(float(np.abs(r.vision_features(imgs).astype(np.float32) - ref_f).max()) for _, r in streams)}
+
+
+def test_ingest_embed_streams_on_onnxruntime_match_the_shared_engines(tiny_models, engine_dir, demo_images) -> None:  # type: ignore[no-untyped-def]
+    """Ingest's single-threaded replicas (own session pools, image sessions only) give the shared engines' numbers."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        got = pool.submit(_streams_vs_shared, str(tiny_models.siglip), str(tiny_models.blip), str(engine_dir),
+                          str(demo_images)).result(timeout=120)
+    assert got["n"] == 2 and got["own_pools"] and len(set(got["dims"])) == 1
+    assert got["vec_diff"] < 1e-5 and got["feat_diff"] < 2e-3

@@ -382,3 +382,28 @@ def test_admin_endpoint_takes_a_post_down_through_a_worker(redis_server, store_d
         live.stop()
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "s3cret" not in logs
+
+
+def test_parallel_embed_streams_store_what_one_stream_stores(tmp_path, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    from engines.registry import embed_streams
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(7):  # odd: the streams get unequal shares
+        (folder / f"s{i}.jpg").write_bytes(picture(400 + i))
+    stored = []
+    for name, streams in (("one", ()), ("two", [(engines.image, engines.reranker)] * 2)):
+        s = make_settings(tmp_path / name, tiny_models, ingest_batch_size=4)
+        vectors = make_vector_store(s)
+        rep = run_ingest(s, FolderSource(folder), engines.image, engines.reranker, vectors, make_blob_store(s),
+                         embedders=streams)
+        assert rep.ingested == 7
+        blobs = make_blob_store(s)
+        stored.append(({k: v[0] for k, v in vectors.fetch([f"s{i}" for i in range(7)]).items()},
+                       {i: blobs.get(feature_key(engines.reranker.version, f"s{i}")) for i in range(7)}))
+    (v1, f1), (v2, f2) = stored
+    assert v1.keys() == v2.keys() and all(np.allclose(v1[k], v2[k], atol=1e-6) for k in v1)
+    assert f1 == f2
+    assert embed_streams(make_settings(tmp_path, tiny_models, engine_backend="onnxruntime")) == len(os.sched_getaffinity(0))
+    assert embed_streams(make_settings(tmp_path, tiny_models)) == 1  # torch: its own threads
+    assert embed_streams(make_settings(tmp_path, tiny_models, ingest_embed_streams=3)) == 3
