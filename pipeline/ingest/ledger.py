@@ -114,7 +114,11 @@ class Ledger:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status=excluded.status,"
                     " reason=excluded.reason, permanent=excluded.permanent, phash=excluded.phash,"
                     " versions=excluded.versions, run_id=excluded.run_id, updated=excluded.updated,"
-                    " attempts=CASE WHEN excluded.status='failed' THEN items.attempts + 1 ELSE items.attempts END",
+                    " attempts=CASE WHEN excluded.status='failed' THEN items.attempts + 1 ELSE items.attempts END"
+                    # a takedown is final; a post that is gone from a listing now stays as ingested (a takedown
+                    # removes it, not a listing)
+                    " WHERE (items.status != 'taken_down' OR excluded.status = 'taken_down')"
+                    " AND NOT (items.status = 'ingested' AND excluded.status = 'rejected')",
                     (pid, source, status, reason, int(permanent), int(status == FAILED),
                      phash, versions, run_id, now))
             self.db.execute("COMMIT")

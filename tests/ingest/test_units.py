@@ -115,3 +115,18 @@ def test_the_schedule_setting_takes_crontab_or_seconds() -> None:
     assert isinstance(cron, crontab) and cron.minute == {15} and cron.hour == {6} and cron.day_of_week == {1}
     with pytest.raises(ValueError, match="crontab"):
         schedule("every day")
+
+
+def test_the_ledger_keeps_takedowns_final_and_ingested_posts_ingested(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.ingest.ledger import Ledger
+
+    ledger = Ledger(tmp_path)
+    ledger.record([("a", "reddit", "ingested", "", False, None), ("b", "admin", "taken_down", "taken down", True, None)],
+                  "v1", "r1")
+    ledger.record([("a", "reddit", "rejected", "removed", True, None), ("b", "reddit", "ingested", "", False, None)],
+                  "v1", "r2")
+    assert (ledger.status("a") or {})["status"] == "ingested"  # gone from a listing later: still in the stores
+    assert (ledger.status("b") or {})["status"] == "taken_down"
+    ledger.record([("a", "admin", "taken_down", "taken down", True, None)], "", "takedown")
+    assert (ledger.status("a") or {})["status"] == "taken_down"
+    ledger.close()
