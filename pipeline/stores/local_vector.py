@@ -17,6 +17,7 @@ retrains once a namespace has grown 4x past what its lists were trained for.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS vectors (
 CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, label INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_GENERATIONS = itertools.count()
 _SNAPSHOT = re.compile(r"^ns-([0-9a-f]*)\.(\d+)\.(\d+)\.faiss$")
 
 
@@ -58,6 +60,7 @@ class _Index:
     tomb_mark: int = 0  # highest tombstone seq applied
     dead: set[int] = field(default_factory=set)
     cols: Columns = field(default_factory=Columns)  # live rows' metadata, for filters
+    gen: int = field(default_factory=lambda: next(_GENERATIONS))  # tells a rebuilt index from its predecessor
 
     @property
     def nlist(self) -> int:
@@ -93,6 +96,7 @@ class LocalVectorStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._indexes: dict[str, _Index] = {}
+        self._filter_cache: dict[tuple[str, str], tuple[tuple[int, int, int], Any, Any]] = {}
         self._lock = threading.RLock()
 
     # --- info ---
@@ -284,16 +288,12 @@ class LocalVectorStore:
             keep: Any = None
             nprobe = self.nprobe
             if filter:
-                allowed = g.cols.select(filter)
+                allowed, keep = self._filtered(namespace, g, filter)
                 if not allowed.size:
                     return []
                 if allowed.size <= self.exact_below:
                     return self._exact(g, q[0], allowed, top_k)
-                # a bitmap over labels: cheap to build from the mask, O(1) to test while scanning a list
-                bits = np.zeros(g.row_mark + 1, bool)
-                bits[allowed] = True
-                keep = np.packbits(bits, bitorder="little")
-                sel: Any = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(keep))
+                sel: Any = faiss.IDSelectorBitmap(g.row_mark + 1, faiss.swig_ptr(keep))
                 n_live = int(allowed.size)
                 # the scanned lists hold a fraction of allowed vectors: scan more lists as the filter narrows
                 nprobe = min(self.nprobe_filtered_max, int(nprobe * g.index.ntotal / n_live))
@@ -309,6 +309,24 @@ class LocalVectorStore:
             scores, labels = g.index.search(q, k, params=params)
             hits = [(int(lab), float(s)) for lab, s in zip(labels[0], scores[0], strict=True) if lab >= 0]
             return self._matches(hits)
+
+    def _filtered(self, ns: str, g: _Index, flt: dict[str, Any]) -> tuple[NDArray[np.int64], NDArray[np.uint8]]:
+        """The labels a filter keeps and their bitmap (O(1) to test while scanning a list), kept while the
+        namespace is unchanged: the same filter on every query (search leaves NSFW out by default) costs its
+        column scan and bitmap once, not per query."""
+        key = (ns, json.dumps(flt, sort_keys=True))
+        stamp = (g.gen, g.row_mark, g.tomb_mark)
+        hit = self._filter_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        allowed = g.cols.select(flt)
+        bits = np.zeros(g.row_mark + 1, bool)
+        bits[allowed] = True
+        keep = np.packbits(bits, bitorder="little")
+        self._filter_cache[key] = (stamp, allowed, keep)
+        while len(self._filter_cache) > 16:  # a few filters in use at once; the oldest goes first
+            self._filter_cache.pop(next(iter(self._filter_cache)))
+        return allowed, keep
 
     def _exact(self, g: _Index, q: Vector, labels: NDArray[np.int64], top_k: int) -> list[Match]:
         """Brute force over a few rows (a selective filter), reading their vectors back from the index."""

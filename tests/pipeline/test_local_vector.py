@@ -197,3 +197,24 @@ def test_columns_agree_with_the_python_evaluator() -> None:
     for flt in flts:
         want = [i + 10 for i, m in enumerate(metas) if filters.matches(flt, m) and i + 10 not in (12, 13)]
         assert cols.select(flt).tolist() == want, flt
+
+
+def test_a_repeated_filter_sees_every_write_in_between(tmp_path: Path) -> None:
+    """The same filter on every query (search's NSFW default) keeps its bitmap only while nothing changed."""
+    store = LocalVectorStore(tmp_path, exact_below=0)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store.upsert([(f"v{i}", x[i], {"over_18": i % 10 == 0}) for i in range(300)])
+    sfw = {"over_18": {"$ne": True}}
+    q = x[7]
+    before = store.query(q, 5, filter=sfw)
+    assert before[0].id == "v7" and all(int(m.id[1:]) % 10 for m in before)
+    store.upsert([("new", q, {"over_18": False})])  # a new row that the filter keeps
+    assert store.query(q, 1, filter=sfw)[0].id in ("new", "v7")
+    assert "new" in {m.id for m in store.query(q, 2, filter=sfw)}
+    store.upsert([("new", q, {"over_18": True})])  # the same id, now kept out
+    assert "new" not in {m.id for m in store.query(q, 5, filter=sfw)}
+    store.delete(ids=["v7"])
+    assert "v7" not in {m.id for m in store.query(q, 5, filter=sfw)}
+    store.close()
