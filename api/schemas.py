@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
+from pipeline.types import ErrorInfo, JobStatus, Result
+
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -47,6 +49,11 @@ class JobLinks(BaseModel):
 
 
 class JobAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "3f2a9c0d4b7e4e0f9a51c2d8e6b1a7c4", "status": "queued",
+        "links": {"self": "/v1/jobs/3f2a9c0d4b7e4e0f9a51c2d8e6b1a7c4",
+                  "events": "/v1/jobs/3f2a9c0d4b7e4e0f9a51c2d8e6b1a7c4/events"}}]})
+
     id: str
     status: str
     links: JobLinks
@@ -66,3 +73,34 @@ class LegacySearchResponse(BaseModel):
 
     results: list[Annotated[list[str | float], Field(min_length=2, max_length=2)]] = Field(
         description="[post_id, score] pairs", examples=[[["1abcde", 0.8123], ["1fghij", 0.7344]]])
+
+
+class JobView(BaseModel):
+    """A job as ``GET /v1/jobs/{id}`` shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "3f2a9c0d4b7e4e0f9a51c2d8e6b1a7c4", "status": "done", "query": "a surprised pikachu face",
+        "params": {"limit": 2}, "created_at": 1764180000.12, "deadline_at": 1764180060.12,
+        "started_at": 1764180000.13, "finished_at": 1764180000.41, "request_id": "8c1e0c0f2d3b4a59b1c0f3e2d1a4b5c6",
+        "results": [{"id": "1abcde", "score": 0.8123, "itm": 0.91, "cosine": 0.58, "ann_score": 0.17,
+                     "title": "when the code works first try", "subreddit": "memes",
+                     "permalink": "https://www.reddit.com/r/memes/comments/1abcde/", "created_utc": 1764100000.0,
+                     "image_url": "/v1/images/1abcde", "metadata": {"score": 15321, "over_18": False}}],
+        "not_reranked": [], "timings": {"encode": 21.3, "retrieve": 3.9, "fetch": 9.8, "rerank": 1890.1,
+                                        "fuse": 0.1, "total": 1925.2, "queue_wait": 4.2},
+        "stats": {"features_local": 0, "features_blob": 32}}]})
+
+    id: str
+    status: JobStatus
+    query: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    created_at: float
+    deadline_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    request_id: str | None = None
+    results: list[Result] | None = None
+    not_reranked: list[str] | None = None
+    error: ErrorInfo | None = None
+    timings: dict[str, float] | None = None
+    stats: dict[str, int] | None = None

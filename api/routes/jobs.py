@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, GuardDep, Jobs, LimitedCaller
-from api.schemas import ErrorResponse, JobAccepted, SearchRequest
+from api.schemas import ErrorResponse, JobAccepted, JobView, SearchRequest
 from api.service import enqueue
 from pipeline.jobs import public
 
@@ -30,14 +30,17 @@ async def submit(body: SearchRequest, jobs: Jobs, guard: GuardDep, caller: Limit
     return {"id": job.id, "status": job.status, "links": {"self": url, "events": f"{url}/events"}}
 
 
-@router.get("/{job_id}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+@router.get("/{job_id}", response_model=JobView, response_model_exclude_none=True,
+            responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def get_job(job_id: str, jobs: Jobs, _: CallerDep) -> dict[str, Any]:
     """The job: ``status`` is queued, running, done or failed; ``results`` once done, ``error`` once failed."""
     return public(await jobs.get(job_id))
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorResponse}})
+            responses={200: {"content": {"text/event-stream": {"example": 'id: 1764180000123-0\nevent: queued\n'
+                                                                          'data: {"id":"3f2a..."}\n\n'}}},
+                       401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def job_events(job_id: str, jobs: Jobs, _: CallerDep,
                      last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     """Server-Sent Events: queued, started, candidates (ANN order), results (reranked), then done or failed.
