@@ -6,7 +6,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from pipeline.types import ErrorInfo, JobStatus, Result
+from pydantic.json_schema import SkipJsonSchema
+
+from pipeline.types import Job
 
 
 class SearchRequest(BaseModel):
@@ -75,8 +77,8 @@ class LegacySearchResponse(BaseModel):
         description="[post_id, score] pairs", examples=[[["1abcde", 0.8123], ["1fghij", 0.7344]]])
 
 
-class JobView(BaseModel):
-    """A job as ``GET /v1/jobs/{id}`` shows it."""
+class JobView(Job):
+    """A job as ``GET /v1/jobs/{id}`` shows it: the record, less what only the workers use."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "3f2a9c0d4b7e4e0f9a51c2d8e6b1a7c4", "status": "done", "query": "a surprised pikachu face",
@@ -90,17 +92,4 @@ class JobView(BaseModel):
                                         "fuse": 0.1, "total": 1925.2, "queue_wait": 4.2},
         "stats": {"features_local": 0, "features_blob": 32}}]})
 
-    id: str
-    status: JobStatus
-    query: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    created_at: float
-    deadline_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    request_id: str | None = None
-    results: list[Result] | None = None
-    not_reranked: list[str] | None = None
-    error: ErrorInfo | None = None
-    timings: dict[str, float] | None = None
-    stats: dict[str, int] | None = None
+    inflight_key: SkipJsonSchema[str | None] = Field(None, exclude=True)
