@@ -15,10 +15,11 @@ from celery import Celery
 
 from api.security import Caller, Guard
 from pipeline import filters, logs
-from pipeline.errors import InvalidRequest, NotFound, Unavailable
-from pipeline.jobs import TERMINAL, events_key, job_key, parse_events, parse_job, stage_event, stage_record
+from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from pipeline.jobs import (TERMINAL, cancel_key, events_key, job_key, parse_events, parse_job, stage_event,
+                           stage_record)
 from pipeline.settings import Settings
-from pipeline.types import Job
+from pipeline.types import ErrorInfo, Job
 from workers.celery_app import SEARCH_TASK
 
 KEEPALIVE = None  # yielded by ``follow`` when nothing happened for a while
@@ -34,10 +35,16 @@ class JobService:
         if len(query) > self.settings.max_query_chars:
             raise InvalidRequest(f"the query is {len(query)} characters long; the limit is {self.settings.max_query_chars}")
         filters.for_search(params.get("filter"))  # refused here, not later in the worker
+        params = dict(params)
+        wanted = params.pop("deadline_s", None)
+        deadline_s = min(wanted, self.settings.job_deadline_s) if wanted else self.settings.job_deadline_s
+        cap = self.settings.max_queue_length
+        if cap and await self.redis.llen(self.settings.search_queue) >= cap:
+            raise Unavailable(f"the search queue is full ({cap} jobs waiting); retry shortly", code="queue_full")
         now = time.time()
         job = Job(id=uuid.uuid4().hex, status="queued", query=query,
                   params={k: v for k, v in params.items() if v is not None}, created_at=now,
-                  deadline_at=now + self.settings.job_deadline_s, request_id=request_id, inflight_key=inflight_key)
+                  deadline_at=now + deadline_s, request_id=request_id, inflight_key=inflight_key)
         pipe = self.redis.pipeline(transaction=True)
         stage_record(pipe, job, self.settings.job_ttl_s)
         stage_event(pipe, job.id, "queued", {"id": job.id}, self.settings.job_ttl_s, self.settings.events_maxlen)
@@ -49,6 +56,25 @@ class JobService:
         except Exception as exc:  # the broker is unreachable: don't leave a job that will never run
             await self.redis.delete(job_key(job.id), events_key(job.id))
             raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job: a queued one ends ``failed`` (code ``cancelled``) at once and no
+        worker runs it; a running one ends so at its next stage boundary. An ended job is a conflict."""
+        job = await self.get(job_id)
+        if job.status in TERMINAL:
+            raise Conflict(f"job {job_id} already ended ({job.status})")
+        await self.redis.set(cancel_key(job_id), b"1", ex=self.settings.job_ttl_s)
+        if job.status == "queued":
+            job.status, job.finished_at = "failed", time.time()
+            job.error = ErrorInfo(code="cancelled", message="cancelled by the client before it ran")
+            pipe = self.redis.pipeline(transaction=True)
+            stage_record(pipe, job, self.settings.job_ttl_s)
+            stage_event(pipe, job_id, "failed", {"id": job_id, "error": job.error.model_dump()},
+                        self.settings.job_ttl_s, self.settings.events_maxlen)
+            await pipe.execute()
+            if job.inflight_key:
+                await self.redis.zrem(job.inflight_key, job_id)
         return job
 
     async def get(self, job_id: str) -> Job:

@@ -30,6 +30,16 @@ class Forbidden(ImgSearchError):
     code = "forbidden"
 
 
+class Conflict(ImgSearchError):
+    """The request does not fit the resource's state (e.g. cancelling a job that already ended)."""
+
+    code = "conflict"
+
+
+class Cancelled(ImgSearchError):
+    code = "cancelled"
+
+
 class Unavailable(ImgSearchError):
     """A dependency (Redis, a store) can't be reached; retry later."""
 

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from pipeline import logs, metrics
-from pipeline.errors import DeadlineExceeded, ImgSearchError
+from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError
 from pipeline.search import Searcher
 from pipeline.types import ErrorInfo, Job, Match, SearchParams
 
@@ -31,6 +31,10 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:cancel"
 
 
 def heartbeat_key(worker: str) -> str:
@@ -75,6 +79,12 @@ class JobWriter:
     def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None) -> None:
         self.r, self.ttl, self.maxlen = client, ttl, maxlen
         self.limits = limits or client  # where the API counts each caller's jobs in flight
+
+    def cancelled(self, job_id: str) -> bool:
+        try:
+            return bool(self.r.exists(cancel_key(job_id)))
+        except redis.RedisError:  # can't tell: carry on (the deadline still bounds the job)
+            return False
 
     def release(self, job: Job) -> None:
         """The job no longer counts against its caller's cap (best effort: the entry also expires)."""
@@ -133,7 +143,10 @@ def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job:
             writer.event(job_id, "candidates", {"candidates": [m.model_dump(mode="json") for m in cands]})
 
         t0 = time.perf_counter()
-        outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates)
+        outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates,
+                                  cancelled=lambda: writer.cancelled(job_id))
+        if writer.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
+            raise Cancelled("cancelled by the client while it ran")
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
                        "queue_wait": round((job.started_at - job.created_at) * 1000, 3)}
         job.results, job.not_reranked, job.stats = outcome.results, outcome.not_reranked, outcome.stats
@@ -145,7 +158,10 @@ def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job:
     except Exception as exc:  # every failure ends the job with a reason; nothing is left "running"
         code = exc.code if isinstance(exc, ImgSearchError) else "search_failed"
         message = exc.message if isinstance(exc, ImgSearchError) else f"{type(exc).__name__}: {exc}"
-        log.exception("job %s failed: %s", job_id, message)
+        if isinstance(exc, Cancelled):
+            log.info("job %s cancelled", job_id)
+        else:
+            log.exception("job %s failed: %s", job_id, message)
         job.status, job.finished_at = "failed", time.time()
         job.error = ErrorInfo(code=code, message=message)
         writer.write(job, "failed", {"id": job_id, "error": job.error.model_dump()})

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from pipeline import features as featcodec
 from pipeline import filters
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, decode_cached
-from pipeline.errors import DeadlineExceeded, ImgSearchError
+from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError
 from pipeline.fusion import fuse, rank
 from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
 from pipeline.settings import Settings
@@ -38,13 +38,15 @@ def post_key(post_id: str) -> str:
 class _Clock:
     """Times each stage in milliseconds and enforces the job's deadline between stages."""
 
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
+    def __init__(self, deadline: float | None, cancelled: Callable[[], bool] | None = None) -> None:
+        self.deadline, self.cancelled = deadline, cancelled
         self.timings: dict[str, float] = {}
 
     def run(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         if self.deadline is not None and time.time() > self.deadline:
             raise DeadlineExceeded(f"the job's deadline passed before the {stage} stage")
+        if self.cancelled is not None and self.cancelled():
+            raise Cancelled(f"cancelled by the client before the {stage} stage")
         t0 = time.perf_counter()
         try:
             return fn(*args)
@@ -148,7 +150,8 @@ class Searcher:
 
     # --- the whole query ---
     def search(self, params: SearchParams, *, deadline: float | None = None,
-               on_candidates: Callable[[list[Match]], None] | None = None) -> SearchOutcome:
+               on_candidates: Callable[[list[Match]], None] | None = None,
+               cancelled: Callable[[], bool] | None = None) -> SearchOutcome:
         t0 = time.perf_counter()
         key = None
         if self.results is not None:
@@ -162,7 +165,7 @@ class Searcher:
                 cached.timings = {"cache": round((time.perf_counter() - t0) * 1000, 3)}
                 cached.stats = {"result_cache": 1}
                 return cached
-        clock = _Clock(deadline)
+        clock = _Clock(deadline, cancelled)
         vector = clock.run("encode", self.encode, params.query)
         candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params)
         if on_candidates is not None:

@@ -80,7 +80,8 @@ class Settings(BaseSettings):
 
     # --- jobs ---
     job_ttl_s: int = Field(3600, ge=10)
-    job_deadline_s: float = Field(60.0, gt=0)
+    job_deadline_s: float = Field(60.0, gt=0)  # also the cap on a request's own deadline_s
+    max_queue_length: int = Field(2000, ge=0)  # search jobs waiting; past it, new ones get 503 at once (0: no cap)
     search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
     events_maxlen: int = Field(256, ge=16)
     visibility_timeout_s: int = Field(0, ge=0)  # 0: derived from the job deadline

@@ -37,6 +37,16 @@ async def get_job(job_id: str, jobs: Jobs, _: CallerDep) -> dict[str, Any]:
     return public(await jobs.get(job_id))
 
 
+@router.delete("/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
+               response_model_exclude_none=True,
+               responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                          503: {"model": ErrorResponse}})
+async def cancel_job(job_id: str, jobs: Jobs, _: CallerDep) -> dict[str, Any]:
+    """Cancel a job: a queued one ends ``failed`` with code ``cancelled`` at once; a running one at its next
+    stage. 409 if it already ended."""
+    return public(await jobs.cancel(job_id))
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {"example": 'id: 1764180000123-0\nevent: queued\n'
                                                                           'data: {"id":"3f2a..."}\n\n'}}},

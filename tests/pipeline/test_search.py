@@ -111,3 +111,19 @@ def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engin
     out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
     assert out is not None and out.status == "failed" and out.error is not None
     assert out.error.code == "deadline_exceeded"
+
+
+@pytest.mark.integration
+def test_a_running_job_ends_cancelled_at_its_next_stage(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.jobs import cancel_key
+
+    r = redis.Redis.from_url(redis_server.url(2))
+    writer = JobWriter(r, ttl=60, maxlen=64)
+    job = Job(id="c" * 32, status="running", query="a red circle", created_at=0.0)
+    writer.write(job)
+    r.set(cancel_key(job.id), b"1")  # what DELETE /v1/jobs/{id} leaves for a job a worker already holds
+    out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
+    assert out is not None and out.status == "failed" and out.error is not None and out.error.code == "cancelled"
+    assert not out.results
+    searcher = _searcher(store_dir, tiny_models, engines)
+    assert searcher.search(SearchParams(query="x"), cancelled=lambda: False).results  # not cancelled: runs

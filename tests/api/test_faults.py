@@ -1,0 +1,80 @@
+"""Deadlines per request, cancellation, and backpressure: every accepted job ends, and a full queue says so
+at once. Against a real Redis, and a real worker where one must run (or skip) the jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from pipeline.jobs import events_key, parse_events
+from pipeline.settings import Settings
+from tests.conftest import settings_env
+from workers import stack
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+
+def _client(redis_server: Any, db: int, **kw: Any) -> TestClient:
+    redis.Redis.from_url(redis_server.url(db)).flushdb()
+    return TestClient(create_app(Settings(redis_url=redis_server.url(db), rate_limit_per_min=0, **kw)))
+
+
+def _events(redis_server: Any, db: int, job_id: str) -> list[str]:
+    r = redis.Redis.from_url(redis_server.url(db))
+    return [name for _, name, _ in parse_events(r.xrange(events_key(job_id)))]
+
+
+def test_a_request_sets_its_own_deadline_within_the_cap(redis_server) -> None:  # type: ignore[no-untyped-def]
+    with _client(redis_server, 1, job_deadline_s=30) as c:
+        for asked, got in ((5, 5), (500, 30), (None, 30)):
+            body = {"query": "x"} if asked is None else {"query": "x", "deadline_s": asked}
+            job = c.get(c.post("/v1/jobs", json=body).json()["links"]["self"]).json()
+            assert job["deadline_at"] - job["created_at"] == pytest.approx(got, abs=0.01)
+            assert "deadline_s" not in job["params"]
+        assert c.post("/v1/jobs", json={"query": "x", "deadline_s": 0}).status_code == 422
+
+
+def test_a_full_queue_answers_503_at_once(redis_server) -> None:  # type: ignore[no-untyped-def]
+    with _client(redis_server, 2, max_queue_length=3) as c:
+        assert [c.post("/v1/jobs", json={"query": f"q{i}"}).status_code for i in range(3)] == [202] * 3
+        t0 = time.monotonic()
+        resp = c.post("/v1/jobs", json={"query": "one too many"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "queue_full"
+        assert resp.headers["retry-after"] and time.monotonic() - t0 < 1
+
+
+def test_cancel_a_queued_job(redis_server) -> None:  # type: ignore[no-untyped-def]
+    with _client(redis_server, 3) as c:
+        url = c.post("/v1/jobs", json={"query": "x"}).json()["links"]["self"]
+        resp = c.delete(url)
+        assert resp.status_code == 202
+        assert resp.json()["status"] == "failed" and resp.json()["error"]["code"] == "cancelled"
+        assert c.get(url).json()["error"]["code"] == "cancelled"
+        assert _events(redis_server, 3, url.rsplit("/", 1)[1]) == ["queued", "failed"]
+        assert c.delete(url).status_code == 409
+        assert c.delete("/v1/jobs/" + "0" * 32).status_code == 404
+
+
+def test_a_worker_skips_cancelled_jobs_and_fails_expired_ones(redis_server, store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = 4
+    with _client(redis_server, db) as c:
+        cancelled = c.post("/v1/jobs", json={"query": "x"}).json()["id"]
+        c.delete(f"/v1/jobs/{cancelled}")
+        expired = c.post("/v1/jobs", json={"query": "x", "deadline_s": 0.2}).json()["id"]
+        fine = c.post("/v1/jobs", json={"query": "a red circle"}).json()["id"]
+        deadline = c.get(f"/v1/jobs/{expired}").json()["deadline_at"]
+        stack.wait_for(lambda: time.time() > deadline, 5, "the short deadline to pass")
+        worker = stack.start_worker(settings_env(store_dir, tiny_models, redis_server.url(db)), tmp_path / "w.log")
+        try:
+            stack.wait_for(lambda: c.get(f"/v1/jobs/{fine}").json()["status"] == "done", 120, "the fine job")
+            stack.wait_for(lambda: c.get(f"/v1/jobs/{expired}").json()["status"] == "failed", 30, "the expired job")
+        finally:
+            worker.stop()
+        assert c.get(f"/v1/jobs/{expired}").json()["error"]["code"] == "deadline_exceeded"
+        assert "started" not in _events(redis_server, db, cancelled)
+        assert c.get(f"/v1/jobs/{cancelled}").json()["error"]["code"] == "cancelled"
