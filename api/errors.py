@@ -14,7 +14,8 @@ from pipeline.errors import Conflict, DeadlineExceeded, Forbidden, ImgSearchErro
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[ImgSearchError], int] = {InvalidRequest: 422, Forbidden: 403, NotFound: 404, Conflict: 409, Unavailable: 503, DeadlineExceeded: 504}
+STATUS: dict[type[ImgSearchError], int] = {InvalidRequest: 422, Forbidden: 403, NotFound: 404, Conflict: 409,
+                                          Unavailable: 503, DeadlineExceeded: 504}
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited"}
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import redis.asyncio as aioredis
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
 from api import errors, metrics
-from api.security import BodyLimit, Guard
-from pipeline import logs
 from api.routes import admin, health, images, jobs, search
+from api.security import BodyLimit, Guard
 from api.service import JobService
+from pipeline import logs
 from pipeline.settings import Settings, get_settings
 from pipeline.stores import make_blob_store
 from workers.celery_app import client_app

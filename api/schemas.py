@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
-
 from pydantic.json_schema import SkipJsonSchema
 
 from pipeline.types import Job
@@ -26,8 +25,8 @@ class SearchRequest(BaseModel):
     rerank_k: int | None = Field(None, ge=0, le=128, description="The older name of `candidates`.")
     rerank: bool = Field(True, description="false: the vector store's order and scores, no BLIP rerank.")
     min_score: float | None = Field(None, description="Leave out results scoring below this.")
-    deadline_s: float | None = Field(None, gt=0, le=3600, description="Seconds the job may take, queue wait "
-                                     "included; capped by the server's IMGSEARCH_JOB_DEADLINE_S (60 s).")
+    deadline_s: float | None = Field(None, ge=1, le=3600, description="Seconds the job may take, queue wait "
+                                     "included (at least 1); capped by the server's IMGSEARCH_JOB_DEADLINE_S (60 s).")
     filter: dict[str, Any] | None = Field(
         None, description="Shorthands: `subreddit` (a name or a list), `over_18` (true, false, or null for both; "
                           "NSFW posts are left out unless the filter names over_18), `created_after` / "

@@ -16,8 +16,7 @@ from celery import Celery
 from api.security import Caller, Guard
 from pipeline import filters, logs
 from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from pipeline.jobs import (TERMINAL, cancel_key, events_key, job_key, parse_events, parse_job, stage_event,
-                           stage_record)
+from pipeline.jobs import TERMINAL, cancel_key, events_key, job_key, parse_events, parse_job, stage_event, stage_record
 from pipeline.settings import Settings
 from pipeline.types import ErrorInfo, Job
 from workers.celery_app import SEARCH_TASK

@@ -5,8 +5,9 @@
 
 Index: generated clustered data (``--data hierarchical``, the default: topics of themes of near neighbours
 plus 10% loners, structured at every scale as image embeddings are; ``--data isotropic``: the stress case of
-one level of clusters plus 10% pure noise), build time, resident memory against the raw vectors, recall@32 against brute force, p50/p99 query
-latency unfiltered and with a filter that keeps ~10% of the vectors (``subreddit == "s0"``).
+one level of clusters plus 10% pure noise), build time, resident memory against the raw vectors, recall@32
+against brute force, p50/p99 query latency unfiltered, with a filter that keeps ~10% of the vectors
+(``subreddit == "s0"``), and with search's default filter (NSFW out).
 Fetch: 32 full-size BLIP-large feature blobs (577 x 1024 float16, 1.2 MB each) from the blob store (a
 local folder; the OS page cache holds them, so this is the best case for "cold"), from Redis, and from
 the worker's in-process LRU.
@@ -175,7 +176,8 @@ def bench_index(n: int, d: int, queries: int, root: Path, sweep: tuple[int, ...]
     store.nprobe = default
     lat, lat_f, rec, rec_f = measure()
     g = store._index("")
-    return {"data": data, "query_noise": query_noise, "nprobe_sweep": curve, "n": n, "dim": d, "layout": f"IVF-Flat, {g.nlist} lists" if g.nlist else "flat",
+    return {"data": data, "query_noise": query_noise, "nprobe_sweep": curve, "n": n, "dim": d,
+            "layout": f"IVF-Flat, {g.nlist} lists" if g.nlist else "flat",
             "nprobe": default, "build_s": round(build_s, 1), "memory_mb": round(mem_mb), "raw_vectors_mb": round(raw_mb),
             "memory_ratio": round(mem_mb / raw_mb, 2), "loner_query_fraction": round(float(q_spread.mean()), 3),
             "recall_at_32": kinds(rec), "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(pct(lat, 0.99), 3),

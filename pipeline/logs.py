@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 # what every log line of the current request or job carries (request_id, job_id), across threads that copy it
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("imgsearch_log_context", default={})
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("imgsearch_log_context", default=None)
 
 
 @contextlib.contextmanager
 def bound(**fields: Any) -> Iterator[None]:
     """Log lines written inside carry ``fields`` (None values are left out)."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _context.set({**(_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
     try:
         yield
     finally:
@@ -25,12 +25,12 @@ def bound(**fields: Any) -> Iterator[None]:
 
 
 def current() -> dict[str, Any]:
-    return dict(_context.get())
+    return dict(_context.get() or {})
 
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in _context.get().items():
+        for key, value in (_context.get() or {}).items():
             if not hasattr(record, key):
                 setattr(record, key, value)
         return True

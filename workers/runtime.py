@@ -59,7 +59,8 @@ def load(settings: Settings | None = None) -> Runtime:
                                 local=LocalLRU(settings.cache_local_mb << 20))
             searcher.encode("warm up")  # the first real query pays no lazy-init cost
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
-                    "queue": os.environ.get("IMGSEARCH_WORKER_QUEUE", settings.search_queue), "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
+                    "queue": os.environ.get("IMGSEARCH_WORKER_QUEUE", settings.search_queue),
+                    "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
             limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
                 if settings.limits_redis_url else None
             _runtime = Runtime(settings, engines, searcher,

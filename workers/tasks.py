@@ -43,11 +43,10 @@ class TakedownTask(BaseModel):
 def ingest(payload: dict[str, Any]) -> dict[str, Any]:
     """One ingest run with this worker's engines. A run killed with its worker is delivered again and resumes
     from its checkpoint; a run started while another holds the ledger's lock ends at once, saying so."""
-    from pipeline.errors import Unavailable
-    from pipeline.ingest import make_source, run_ingest
-
     from engines.registry import load_image_engines
     from pipeline import metrics
+    from pipeline.errors import Unavailable
+    from pipeline.ingest import make_source, run_ingest
 
     global _embedders
     task = IngestTask.model_validate(payload)

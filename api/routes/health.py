@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api import metrics
-
 from pipeline.jobs import HEARTBEAT_PATTERN
 
 router = APIRouter(tags=["health"])

@@ -7,16 +7,17 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import GuardDep, Jobs, LimitedCaller, SettingsDep
-from api.service import enqueue
 from api.schemas import ErrorResponse, LegacySearchResponse, SearchRequest
-from pipeline.errors import DeadlineExceeded, ImgSearchError
+from api.service import enqueue
+from pipeline.errors import Conflict, DeadlineExceeded, ImgSearchError, InvalidRequest
 
 router = APIRouter(tags=["search"])
 
 
 @router.post("/search", response_model=LegacySearchResponse,
              responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-                        429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+                        409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+                        504: {"model": ErrorResponse}})
 async def search(body: SearchRequest, jobs: Jobs, settings: SettingsDep, guard: GuardDep,
                  caller: LimitedCaller) -> dict[str, Any]:
     """Search and wait for the ranking: ``{"results": [[post_id, score], ...]}``, best first."""
@@ -27,5 +28,9 @@ async def search(body: SearchRequest, jobs: Jobs, settings: SettingsDep, guard: 
                                f"poll /v1/jobs/{job.id} for it", code="timeout")
     if done.status == "failed":
         err = done.error
-        raise ImgSearchError(err.message if err else "the search failed", code=err.code if err else "search_failed")
+        code, message = (err.code, err.message) if err else ("search_failed", "the search failed")
+        # the job's reason, with its own status: a deadline is a 504, a cancellation a 409, the rest 500
+        kind = {"deadline_exceeded": DeadlineExceeded, "cancelled": Conflict, "invalid_request": InvalidRequest}.get(
+            code, ImgSearchError)
+        raise kind(message, code=code)
     return {"results": [[r.id, r.score] for r in done.results or []]}

@@ -36,7 +36,8 @@ def test_a_request_sets_its_own_deadline_within_the_cap(redis_server) -> None:  
             job = c.get(c.post("/v1/jobs", json=body).json()["links"]["self"]).json()
             assert job["deadline_at"] - job["created_at"] == pytest.approx(got, abs=0.01)
             assert "deadline_s" not in job["params"]
-        assert c.post("/v1/jobs", json={"query": "x", "deadline_s": 0}).status_code == 422
+        for bad in (0, 0.5, 1e-200):  # under a second: no job could keep it
+            assert c.post("/v1/jobs", json={"query": "x", "deadline_s": bad}).status_code == 422
 
 
 def test_a_full_queue_answers_503_at_once(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -65,10 +66,10 @@ def test_a_worker_skips_cancelled_jobs_and_fails_expired_ones(redis_server, stor
     with _client(redis_server, db) as c:
         cancelled = c.post("/v1/jobs", json={"query": "x"}).json()["id"]
         c.delete(f"/v1/jobs/{cancelled}")
-        expired = c.post("/v1/jobs", json={"query": "x", "deadline_s": 0.2}).json()["id"]
+        expired = c.post("/v1/jobs", json={"query": "x", "deadline_s": 1}).json()["id"]
         fine = c.post("/v1/jobs", json={"query": "a red circle"}).json()["id"]
         deadline = c.get(f"/v1/jobs/{expired}").json()["deadline_at"]
-        stack.wait_for(lambda: time.time() > deadline, 5, "the short deadline to pass")
+        stack.wait_for(lambda: time.time() > deadline, 5, "the short deadline to pass", interval=0.05)
         worker = stack.start_worker(settings_env(store_dir, tiny_models, redis_server.url(db)), tmp_path / "w.log")
         try:
             stack.wait_for(lambda: c.get(f"/v1/jobs/{fine}").json()["status"] == "done", 120, "the fine job")
@@ -78,3 +79,36 @@ def test_a_worker_skips_cancelled_jobs_and_fails_expired_ones(redis_server, stor
         assert c.get(f"/v1/jobs/{expired}").json()["error"]["code"] == "deadline_exceeded"
         assert "started" not in _events(redis_server, db, cancelled)
         assert c.get(f"/v1/jobs/{cancelled}").json()["error"]["code"] == "cancelled"
+
+
+@pytest.mark.parametrize(("code", "status"), [("deadline_exceeded", 504), ("cancelled", 409), ("search_failed", 500)])
+def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_server, code, status) -> None:  # type: ignore[no-untyped-def]
+    """POST /search waits on the job's events: what the worker wrote decides the status (the fuzzing pass
+    once met a 500 for an expired job)."""
+    import threading
+
+    from pipeline.jobs import job_key, stage_event, stage_record
+    from pipeline.types import ErrorInfo, Job
+
+    db = 5
+    r = redis.Redis.from_url(redis_server.url(db))
+    with _client(redis_server, db) as c:
+        out: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: out.update(resp=c.post("/search", json={"query": "x"})))
+        t.start()
+        keys: list[bytes] = []
+
+        def queued() -> bool:
+            keys[:] = [k for k in r.scan_iter(match=job_key("*")) if not k.endswith(b":events")]
+            return bool(keys)
+
+        stack.wait_for(queued, 10, "the job record")
+        job = Job.model_validate_json(r.get(keys[0]) or b"{}")
+        job.status, job.error = "failed", ErrorInfo(code=code, message=f"it {code}")
+        pipe = r.pipeline()
+        stage_record(pipe, job, 60)  # what a worker writes when the job ends so
+        stage_event(pipe, job.id, "failed", {"id": job.id}, 60, 64)
+        pipe.execute()
+        t.join(30)
+    resp = out["resp"]
+    assert resp.status_code == status and resp.json()["error"] == {"code": code, "message": f"it {code}"}
