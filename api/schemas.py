@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from pipeline.errors import InvalidRequest
 from pipeline.types import Job
 
 
@@ -44,6 +46,16 @@ class SearchRequest(BaseModel):
         except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape: no text a model can read
             raise ValueError("the query is not valid Unicode text") from None
         return v
+
+
+_POST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_post_id(post_id: str) -> str:
+    """A post id as the stores key them, or 422 (it becomes part of a blob key)."""
+    if not _POST_ID.match(post_id):
+        raise InvalidRequest("post_id: letters, digits, '_' and '-' only, at most 64")
+    return post_id
 
 
 class JobLinks(BaseModel):

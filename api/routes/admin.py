@@ -3,7 +3,6 @@ the queue to the workers that hold the stores."""
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Any
 
@@ -12,12 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import AdminCaller, SettingsDep
-from api.schemas import ErrorResponse
+from api.schemas import ErrorResponse, check_post_id
 from pipeline.errors import InvalidRequest, Unavailable
 from workers.celery_app import INGEST_TASK, TAKEDOWN_TASK
-
-_POST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"],
                    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
@@ -31,8 +27,7 @@ def _send(request: Request, name: str, payload: dict[str, Any], queue: str) -> A
 @router.delete("/posts/{post_id}", responses={202: {"description": "queued; the takedown had not ended in time"}})
 async def take_down(post_id: str, request: Request, settings: SettingsDep, _: AdminCaller) -> JSONResponse:
     """Remove a post from the vector store, the blobs and the caches; later ingests keep it out."""
-    if not _POST_ID.match(post_id):
-        raise InvalidRequest("post_id: letters, digits, '_' and '-' only, at most 64")
+    check_post_id(post_id)
     try:
         result = await anyio.to_thread.run_sync(partial(_send, request, TAKEDOWN_TASK, {"ids": [post_id]},
                                                         settings.search_queue))

@@ -7,32 +7,29 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from functools import partial
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from api.schemas import ErrorResponse
-from pipeline.errors import InvalidRequest, NotFound, Unavailable
+from api.schemas import ErrorResponse, check_post_id
+from pipeline.errors import NotFound, Unavailable
 from pipeline.search import image_key
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
-_POST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CACHE = "public, max-age=3600"
 
 
 def _thumbnail(data: bytes, size: int) -> bytes:
     from PIL import Image
 
+    from pipeline.ingest.images import shrink_to_jpeg
+
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (size, size))
         rgb = im.convert("RGB")
-    rgb.thumbnail((size, size))
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=82)
-    return buf.getvalue()
+    return shrink_to_jpeg(rgb, size, 82)
 
 
 @router.get("/{post_id}", response_class=Response,
@@ -43,8 +40,7 @@ async def image(post_id: str, request: Request,
                 size: Annotated[int | None, Query(ge=16, le=1024, description="Longest side of a thumbnail, px.")] = None,
                 if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The post's image (JPEG, longest side <= 1024), or a thumbnail of it with ``?size=``."""
-    if not _POST_ID.match(post_id):
-        raise InvalidRequest("post_id: letters, digits, '_' and '-' only, at most 64")
+    check_post_id(post_id)
     blobs = request.app.state.blobs
     try:
         data = await anyio.to_thread.run_sync(partial(blobs.get, image_key(post_id, "jpg")))

@@ -56,6 +56,14 @@ def dhash(image: Image.Image) -> bytes:
     return np.packbits((g[:, 1:] > g[:, :-1]).reshape(-1)).tobytes()
 
 
+def shrink_to_jpeg(rgb: Image.Image, max_side: int, quality: int) -> bytes:
+    """``rgb`` shrunk (in place) to fit ``max_side``, as JPEG bytes."""
+    rgb.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def prepare(data: bytes, max_pixels: int) -> Prepared:
     sniff(data)
     try:
@@ -74,7 +82,5 @@ def prepare(data: bytes, max_pixels: int) -> Prepared:
         raise BadImage(f"image too large: {exc}") from None
     except Exception as exc:  # PIL raises many kinds for truncated or corrupt files
         raise BadImage(f"corrupt image: {type(exc).__name__}: {exc}") from None
-    rgb.thumbnail((MAX_SIDE, MAX_SIDE))
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=90)
-    return Prepared(rgb, buf.getvalue(), w, h, dhash(rgb))
+    jpeg = shrink_to_jpeg(rgb, MAX_SIDE, 90)
+    return Prepared(rgb, jpeg, w, h, dhash(rgb))
