@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +22,22 @@ from pipeline.settings import Settings, get_settings
 from pipeline.stores import make_blob_store
 from workers.celery_app import client_app
 
+log = logging.getLogger(__name__)
+
+
+async def _reap_forever(jobs: JobService) -> None:
+    """End the jobs no worker will end, every ``reaper_interval_s`` (any API process may: ends are conditional)."""
+    while True:
+        await asyncio.sleep(jobs.settings.reaper_interval_s)
+        try:
+            ended = await jobs.reap()
+        except Exception as exc:  # noqa: BLE001 - Redis away: try again next round
+            log.warning("reaper: %s: %s", type(exc).__name__, exc)
+            continue
+        if ended:
+            metrics.REAPED.inc(len(ended))
+            log.warning("reaper ended %d job(s) past their deadline: %s", len(ended), ", ".join(ended[:10]))
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -36,7 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         app.state.guard = Guard(settings, limits)
         app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature
+        reaper = asyncio.create_task(_reap_forever(app.state.jobs)) if settings.reaper_interval_s else None
         yield
+        if reaper is not None:
+            reaper.cancel()
         celery.close()
         if limits is not app.state.redis:
             await limits.aclose()

@@ -17,6 +17,8 @@ REQUESTS = Counter("imgsearch_http_requests", "HTTP requests by route, method an
                    registry=REGISTRY)
 LATENCY = Histogram("imgsearch_http_request_seconds", "HTTP request latency by route", ["route"], registry=REGISTRY,
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+REAPED = Counter("imgsearch_jobs_reaped", "Jobs this API process ended because no worker did by their deadline",
+                 registry=REGISTRY)
 
 
 def observe(route: str, method: str, status: int, seconds: float) -> None:

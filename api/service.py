@@ -16,7 +16,18 @@ from celery import Celery
 from api.security import Caller, Guard
 from pipeline import filters, logs
 from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from pipeline.jobs import TERMINAL, cancel_key, events_key, job_key, parse_events, parse_job, stage_event, stage_record
+from pipeline.jobs import (
+    OPEN_KEY,
+    TERMINAL,
+    WRITE_SCRIPT,
+    cancel_key,
+    events_key,
+    job_key,
+    parse_events,
+    parse_job,
+    reaped,
+    write_args,
+)
 from pipeline.settings import Settings
 from pipeline.types import ErrorInfo, Job
 from workers.celery_app import SEARCH_TASK
@@ -28,6 +39,12 @@ _BLOCK_MS = 1000
 class JobService:
     def __init__(self, settings: Settings, redis: aioredis.Redis, celery: Celery) -> None:
         self.settings, self.redis, self.celery = settings, redis, celery
+        self._write_script = redis.register_script(WRITE_SCRIPT)
+
+    async def _write(self, job: Job, *events: tuple[str, dict[str, Any]], create: bool = False) -> bool:
+        """The record and events at once, unless the job already ended (see pipeline.jobs.WRITE_SCRIPT)."""
+        keys, args = write_args(job, list(events), self.settings.job_ttl_s, self.settings.events_maxlen, create)
+        return bool(await self._write_script(keys=keys, args=args))
 
     async def submit(self, query: str, params: dict[str, Any], *, request_id: str | None = None,
                      inflight_key: str | None = None) -> Job:
@@ -44,16 +61,19 @@ class JobService:
         job = Job(id=uuid.uuid4().hex, status="queued", query=query,
                   params={k: v for k, v in params.items() if v is not None}, created_at=now,
                   deadline_at=now + deadline_s, request_id=request_id, inflight_key=inflight_key)
-        pipe = self.redis.pipeline(transaction=True)
-        stage_record(pipe, job, self.settings.job_ttl_s)
-        stage_event(pipe, job.id, "queued", {"id": job.id}, self.settings.job_ttl_s, self.settings.events_maxlen)
-        await pipe.execute()
+        await self._write(job, ("queued", {"id": job.id}), create=True)
         send = partial(self.celery.send_task, SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id,
                        queue=self.settings.search_queue)
         try:
             await anyio.to_thread.run_sync(send)
         except Exception as exc:  # the broker is unreachable: don't leave a job that will never run
-            await self.redis.delete(job_key(job.id), events_key(job.id))
+            try:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.delete(job_key(job.id), events_key(job.id))
+                pipe.zrem(OPEN_KEY, job.id)
+                await pipe.execute()
+            except Exception:  # noqa: BLE001 - Redis away too: the reaper ends the record at its deadline
+                pass
             raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
         return job
 
@@ -67,14 +87,30 @@ class JobService:
         if job.status == "queued":
             job.status, job.finished_at = "failed", time.time()
             job.error = ErrorInfo(code="cancelled", message="cancelled by the client before it ran")
-            pipe = self.redis.pipeline(transaction=True)
-            stage_record(pipe, job, self.settings.job_ttl_s)
-            stage_event(pipe, job_id, "failed", {"id": job_id, "error": job.error.model_dump()},
-                        self.settings.job_ttl_s, self.settings.events_maxlen)
-            await pipe.execute()
+            if not await self._write(job, ("failed", {"id": job_id, "error": job.error.model_dump()})):
+                raise Conflict(f"job {job_id} ended before it could be cancelled")
             if job.inflight_key:
                 await self.redis.zrem(job.inflight_key, job_id)
         return job
+
+    async def reap(self, now: float | None = None) -> list[str]:
+        """End the jobs still open ``reaper_grace_s`` past their deadline: no worker will (all dead, or the
+        queue lost them). Ends written only where the job is still open, so a late worker's end stands."""
+        cutoff = (now or time.time()) - self.settings.reaper_grace_s
+        ids = [i.decode() if isinstance(i, bytes) else str(i)
+               for i in await self.redis.zrangebyscore(OPEN_KEY, "-inf", cutoff, start=0, num=500)]
+        ended: list[str] = []
+        for job_id in ids:
+            job = parse_job(await self.redis.get(job_key(job_id)))
+            if job is None or job.status in TERMINAL:  # expired, or ended by a path that did not leave the set
+                await self.redis.zrem(OPEN_KEY, job_id)
+                continue
+            job = reaped(job)
+            if await self._write(job, ("failed", {"id": job_id, "error": job.error.model_dump()})):  # type: ignore[union-attr]
+                ended.append(job_id)
+                if job.inflight_key:
+                    await self.redis.zrem(job.inflight_key, job_id)
+        return ended
 
     async def get(self, job_id: str) -> Job:
         job = parse_job(await self.redis.get(job_key(job_id))) if _valid_id(job_id) else None

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from pipeline import logs, metrics
-from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError
+from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError, Unavailable
 from pipeline.search import Searcher
 from pipeline.types import ErrorInfo, Job, Match, SearchParams
 
@@ -37,6 +37,10 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:cancel"
 
 
+# every job that has not ended, scored by its deadline: what the reaper walks
+OPEN_KEY = f"{PREFIX}:jobs:open"
+
+
 def heartbeat_key(worker: str) -> str:
     return f"{PREFIX}:worker:{worker}"
 
@@ -44,14 +48,57 @@ def heartbeat_key(worker: str) -> str:
 HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
 
 
-def stage_record(pipe: Any, job: Job, ttl: int) -> None:
-    pipe.set(job_key(job.id), job.model_dump_json(exclude_none=True), ex=ttl)
-
-
 def stage_event(pipe: Any, job_id: str, name: str, data: dict[str, Any], ttl: int, maxlen: int) -> None:
     pipe.xadd(events_key(job_id), {"event": name, "data": json.dumps(data, separators=(",", ":"))},
               maxlen=maxlen, approximate=True)
     pipe.expire(events_key(job_id), ttl)
+
+
+# Writes a job's record and appends its events, unless the job already ended: the first end wins, so a job run
+# twice (redelivered while its first worker still ran, cancelled or reaped meanwhile) ends once, with one set of
+# results. A job that ends leaves the open set; a new one joins it, scored by its deadline.
+# KEYS: record, events, open set. ARGV: record JSON, ttl, maxlen, create ("1": the record must not exist yet,
+# "0": it must), job id, deadline ("" for none), then event name and data pairs. Returns 1 if written, else 0.
+WRITE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[4] == '1' then
+  if cur then return 0 end
+else
+  if not cur then return 0 end
+  local st = cjson.decode(cur)['status']
+  if st == 'done' or st == 'failed' then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+for i = 7, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[i], 'data', ARGV[i + 1])
+end
+if #ARGV >= 7 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+local st = cjson.decode(ARGV[1])['status']
+if st == 'done' or st == 'failed' then
+  redis.call('ZREM', KEYS[3], ARGV[5])
+elseif ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+end
+return 1
+"""
+
+
+def write_args(job: Job, events: list[tuple[str, dict[str, Any]]], ttl: int, maxlen: int,
+               create: bool = False) -> tuple[list[str], list[Any]]:
+    """Keys and arguments of one WRITE_SCRIPT call (run by the API's async client or a worker's sync one)."""
+    args: list[Any] = [job.model_dump_json(exclude_none=True), ttl, maxlen, "1" if create else "0", job.id,
+                       "" if job.deadline_at is None or job.status in TERMINAL else repr(job.deadline_at)]
+    for name, data in events:
+        args += [name, json.dumps(data, separators=(",", ":"))]
+    return [job_key(job.id), events_key(job.id), OPEN_KEY], args
+
+
+def reaped(job: Job) -> Job:
+    """The job as the reaper ends it: no worker finished it by its deadline (all of them dead, or the queue
+    lost it)."""
+    job.status, job.finished_at = "failed", time.time()
+    job.error = ErrorInfo(code="deadline_exceeded", message="no worker finished the job by its deadline")
+    return job
 
 
 def parse_job(raw: bytes | str | None) -> Job | None:
@@ -76,9 +123,11 @@ def public(job: Job) -> dict[str, Any]:
 class JobWriter:
     """The worker's side: moves a job through running -> done/failed and appends its events."""
 
-    def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None) -> None:
-        self.r, self.ttl, self.maxlen = client, ttl, maxlen
+    def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None,
+                 retry_s: float = 15.0) -> None:
+        self.r, self.ttl, self.maxlen, self.retry_s = client, ttl, maxlen, retry_s
         self.limits = limits or client  # where the API counts each caller's jobs in flight
+        self._write = client.register_script(WRITE_SCRIPT)
 
     def cancelled(self, job_id: str) -> bool:
         try:
@@ -97,12 +146,19 @@ class JobWriter:
     def load(self, job_id: str) -> Job | None:
         return parse_job(self.r.get(job_key(job_id)))
 
-    def write(self, job: Job, event: str | None = None, data: dict[str, Any] | None = None) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        stage_record(pipe, job, self.ttl)
-        if event:
-            stage_event(pipe, job.id, event, data or {}, self.ttl, self.maxlen)
-        pipe.execute()
+    def write(self, job: Job, *events: tuple[str, dict[str, Any]], create: bool = False) -> bool:
+        """Write the record and its events at once; False (nothing written) if the job already ended."""
+        keys, args = write_args(job, list(events), self.ttl, self.maxlen, create=create)
+        give_up, wait = time.monotonic() + self.retry_s, 0.1
+        while True:  # Redis restarting: the end of a job that ran is worth a few seconds' wait
+            try:
+                return bool(self._write(keys=keys, args=args))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + wait > give_up:
+                    raise
+                log.warning("job %s: Redis unreachable (%s); writing again in %.1f s", job.id, exc, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 2.0)
 
     def event(self, job_id: str, event: str, data: dict[str, Any]) -> None:
         pipe = self.r.pipeline(transaction=True)
@@ -112,7 +168,7 @@ class JobWriter:
 
 def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
     """Run one queued job to its end state. Safe to run again for the same id (redelivery): a job that
-    already ended is left as it is, and a rerun writes the same kind of record."""
+    already ended is left as it is, and of two runs of one job only the first to end writes its end."""
     job = writer.load(job_id)
     if job is None:
         log.warning("job %s has no record (expired or never created); skipping", job_id)
@@ -123,17 +179,22 @@ def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
             writer.release(job)
             return job
         try:
-            return _run(job, searcher, writer)
+            ended = _run(job, searcher, writer)
         finally:
             writer.release(job)
-            if job.status in TERMINAL:
-                metrics.record_job(writer.r, job.status, job.timings, job.stats)
+        if ended is not None:
+            metrics.record_job(writer.r, ended.status, ended.timings, ended.stats)
+            return ended
+        log.info("job %s ended elsewhere (cancelled, reaped or run twice); this run's end is dropped", job_id)
+        return writer.load(job_id)
 
 
-def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job:
+def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job | None:
+    """The job run to its end, or None if it had already ended elsewhere (nothing of this run is kept)."""
     job_id = job.id
     job.status, job.started_at = "running", time.time()
-    writer.write(job, "started", {"id": job_id})
+    if not writer.write(job, ("started", {"id": job_id})):
+        return None
     params = SearchParams.model_validate({"query": job.query, **job.params})
     try:
         if job.deadline_at is not None and time.time() > job.deadline_at:
@@ -150,19 +211,23 @@ def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job:
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
                        "queue_wait": round((job.started_at - job.created_at) * 1000, 3)}
         job.results, job.not_reranked, job.stats = outcome.results, outcome.not_reranked, outcome.stats
-        writer.event(job_id, "results", {"results": [r.model_dump(mode="json") for r in outcome.results],
-                                         "not_reranked": outcome.not_reranked})
+        job.degraded = bool(outcome.not_reranked) or None
         job.status, job.finished_at = "done", time.time()
-        writer.write(job, "done", {"id": job_id, "timings": job.timings})
-        log.info("job %s done in %.0f ms (%d results)", job_id, job.timings["total"], len(outcome.results))
+        if not writer.write(job, ("results", {"results": [r.model_dump(mode="json") for r in outcome.results],
+                                              "not_reranked": outcome.not_reranked}),
+                            ("done", {"id": job_id, "timings": job.timings})):
+            return None
+        log.info("job %s done in %.0f ms (%d results%s)", job_id, job.timings["total"], len(outcome.results),
+                 f", {len(outcome.not_reranked)} not reranked" if outcome.not_reranked else "")
     except Exception as exc:  # every failure ends the job with a reason; nothing is left "running"
         code = exc.code if isinstance(exc, ImgSearchError) else "search_failed"
         message = exc.message if isinstance(exc, ImgSearchError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, Cancelled):
-            log.info("job %s cancelled", job_id)
+        if isinstance(exc, Cancelled | DeadlineExceeded | Unavailable):
+            log.warning("job %s failed: %s", job_id, message)
         else:
             log.exception("job %s failed: %s", job_id, message)
         job.status, job.finished_at = "failed", time.time()
         job.error = ErrorInfo(code=code, message=message)
-        writer.write(job, "failed", {"id": job_id, "error": job.error.model_dump()})
+        if not writer.write(job, ("failed", {"id": job_id, "error": job.error.model_dump()})):
+            return None
     return job

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
     events_maxlen: int = Field(256, ge=16)
     visibility_timeout_s: int = Field(0, ge=0)  # 0: derived from the job deadline
+    # the API ends jobs still open this long past their deadline (every reaper_interval_s; 0: no reaper)
+    reaper_grace_s: float = Field(5.0, ge=0)
+    reaper_interval_s: float = Field(5.0, ge=0)
     heartbeat_ttl_s: int = Field(15, ge=2)
     worker_concurrency: int = Field(1, ge=1)
 

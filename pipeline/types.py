@@ -79,6 +79,7 @@ class Job(BaseModel):
     finished_at: float | None = None
     results: list[Result] | None = None
     not_reranked: list[str] | None = None
+    degraded: bool | None = None  # true when some candidates kept their ANN order (rerank inputs missing)
     error: ErrorInfo | None = None
     timings: dict[str, float] | None = None
     stats: dict[str, int] | None = None

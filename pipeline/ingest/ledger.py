@@ -135,7 +135,7 @@ class Ledger:
         return dict(self.db.execute("SELECT status, count(*) FROM items GROUP BY status").fetchall())
 
     def failures(self, run_id: str | None = None) -> dict[str, str]:
-        sql, args = "SELECT id, reason FROM items WHERE status='failed'", ()
+        sql, args = "SELECT id, reason FROM items WHERE status='failed'", ()  # type: tuple[str, tuple[str, ...]]
         if run_id:
             sql, args = sql + " AND run_id=?", (run_id,)
         return dict(self.db.execute(sql, args).fetchall())

@@ -226,7 +226,8 @@ class RedditSource:
                 continue
             if r.status_code == 429 or r.status_code >= 500:
                 last = f"HTTP {r.status_code}"
-                self._wait(_retry_after(r) if _retry_after(r) is not None else min(2.0 ** attempt, 30), last)
+                after = _retry_after(r)
+                self._wait(after if after is not None else min(2.0 ** attempt, 30), last)
                 continue
             if r.status_code >= 400:
                 raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")

@@ -76,9 +76,10 @@ def test_missing_or_corrupt_features_keep_ann_order(store_dir, tiny_models, engi
 @pytest.mark.integration
 def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
     r = redis.Redis.from_url(redis_server.url(3))
+    r.flushdb()
     writer = JobWriter(r, ttl=60, maxlen=64)
     job = Job(id="a" * 32, status="queued", query="a red circle", params={"limit": 5}, created_at=0.0)
-    writer.write(job, "queued", {})
+    writer.write(job, ("queued", {}), create=True)
     done = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
     assert done is not None and done.status == "done" and len(done.results or []) == 5
     names = [e[1] for e in parse_events(r.xrange(events_key(job.id)))]
@@ -93,7 +94,7 @@ def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, 
     s = make_settings(other, tiny_models)
     make_vector_store(s).upsert([("x", np.ones(7, np.float32) / 7 ** 0.5, {})])
     bad = Job(id="b" * 32, status="queued", query="anything", created_at=0.0)
-    writer.write(bad, "queued", {})
+    writer.write(bad, ("queued", {}), create=True)
     failed = run_job(bad.id, _searcher(other, tiny_models, engines), writer)
     assert failed is not None and failed.status == "failed"
     assert failed.error is not None and failed.error.code == "dimension_mismatch" and "re-ingest" in failed.error.message
@@ -107,7 +108,7 @@ def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engin
     r = redis.Redis.from_url(redis_server.url(3))
     writer = JobWriter(r, ttl=60, maxlen=64)
     job = Job(id="c" * 32, status="queued", query="late", created_at=0.0, deadline_at=1.0)
-    writer.write(job, "queued", {})
+    writer.write(job, ("queued", {}), create=True)
     out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
     assert out is not None and out.status == "failed" and out.error is not None
     assert out.error.code == "deadline_exceeded"
@@ -118,12 +119,43 @@ def test_a_running_job_ends_cancelled_at_its_next_stage(redis_server, store_dir,
     from pipeline.jobs import cancel_key
 
     r = redis.Redis.from_url(redis_server.url(2))
+    r.flushdb()
     writer = JobWriter(r, ttl=60, maxlen=64)
     job = Job(id="c" * 32, status="running", query="a red circle", created_at=0.0)
-    writer.write(job)
+    writer.write(job, create=True)
     r.set(cancel_key(job.id), b"1")  # what DELETE /v1/jobs/{id} leaves for a job a worker already holds
     out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
     assert out is not None and out.status == "failed" and out.error is not None and out.error.code == "cancelled"
     assert not out.results
     searcher = _searcher(store_dir, tiny_models, engines)
     assert searcher.search(SearchParams(query="x"), cancelled=lambda: False).results  # not cancelled: runs
+
+
+@pytest.mark.integration
+def test_of_two_ends_of_one_job_the_first_stands(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    """A job ended elsewhere (reaped, cancelled, or finished by the worker it was redelivered to) keeps that end:
+    a second run writes neither results nor a second end, and leaves the open set as it was."""
+    from pipeline.jobs import OPEN_KEY, reaped
+
+    r = redis.Redis.from_url(redis_server.url(4))
+    r.flushdb()
+    writer = JobWriter(r, ttl=60, maxlen=64)
+    job = Job(id="d" * 32, status="queued", query="a red circle", created_at=0.0, deadline_at=4e9)
+    assert writer.write(job, ("queued", {}), create=True)
+    assert not writer.write(job, ("queued", {}), create=True)  # one record per id
+    assert r.zscore(OPEN_KEY, job.id) == 4e9
+    assert writer.write(reaped(Job.model_validate_json(r.get(job_key(job.id)))), ("failed", {}))
+    assert r.zscore(OPEN_KEY, job.id) is None
+    out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
+    assert out is not None and out.status == "failed" and out.error is not None
+    assert out.error.code == "deadline_exceeded"
+    assert [e[1] for e in parse_events(r.xrange(events_key(job.id)))] == ["queued", "failed"]
+
+    # the other order: the run ends first; the late end is refused and the results stand
+    other = Job(id="e" * 32, status="queued", query="a red circle", created_at=0.0, deadline_at=4e9)
+    writer.write(other, ("queued", {}), create=True)
+    assert run_job(other.id, _searcher(store_dir, tiny_models, engines), writer).status == "done"  # type: ignore[union-attr]
+    assert not writer.write(reaped(other), ("failed", {}))
+    stored = Job.model_validate_json(r.get(job_key(other.id)))
+    assert stored.status == "done" and stored.results and r.zscore(OPEN_KEY, other.id) is None
+    assert [e[1] for e in parse_events(r.xrange(events_key(other.id)))].count("done") == 1

@@ -87,7 +87,7 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
     once met a 500 for an expired job)."""
     import threading
 
-    from pipeline.jobs import job_key, stage_event, stage_record
+    from pipeline.jobs import JobWriter, job_key
     from pipeline.types import ErrorInfo, Job
 
     db = 5
@@ -105,10 +105,25 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
         stack.wait_for(queued, 10, "the job record")
         job = Job.model_validate_json(r.get(keys[0]) or b"{}")
         job.status, job.error = "failed", ErrorInfo(code=code, message=f"it {code}")
-        pipe = r.pipeline()
-        stage_record(pipe, job, 60)  # what a worker writes when the job ends so
-        stage_event(pipe, job.id, "failed", {"id": job.id}, 60, 64)
-        pipe.execute()
+        JobWriter(r, 60, 64).write(job, ("failed", {"id": job.id}))  # what a worker writes when the job ends so
         t.join(30)
     resp = out["resp"]
     assert resp.status_code == status and resp.json()["error"] == {"code": code, "message": f"it {code}"}
+
+
+def test_the_reaper_ends_a_job_no_worker_will(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """No worker at all: the job still ends, failed with deadline_exceeded, soon after its deadline."""
+    from pipeline.jobs import OPEN_KEY
+
+    db = 6
+    with _client(redis_server, db, reaper_interval_s=0.1, reaper_grace_s=0.5) as c:
+        url = c.post("/v1/jobs", json={"query": "x", "deadline_s": 1}).json()["links"]["self"]
+        job = c.get(url).json()
+        assert job["status"] == "queued"
+        stack.wait_for(lambda: c.get(url).json()["status"] == "failed", 10, "the reaper")
+        ended = c.get(url).json()
+        assert ended["error"]["code"] == "deadline_exceeded"
+        assert job["deadline_at"] + 0.5 <= ended["finished_at"] <= job["deadline_at"] + 2
+        assert _events(redis_server, db, job["id"]) == ["queued", "failed"]
+        assert redis.Redis.from_url(redis_server.url(db)).zcard(OPEN_KEY) == 0
+        assert "imgsearch_jobs_reaped_total 1.0" in c.get("/metrics").text
