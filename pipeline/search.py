@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ from numpy.typing import NDArray
 
 from pipeline import features as featcodec
 from pipeline import filters
+from pipeline.breaker import Breaker
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, decode_cached
 from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError
 from pipeline.fusion import fuse, rank
@@ -68,27 +71,41 @@ class Searcher:
         self.text, self.vectors, self.blobs, self.reranker = text, vectors, blobs, reranker
         self.feature_cache, self.results, self.local = feature_cache, results, local
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
+        # vector store calls run here, so a job waits on a slow store no longer than its deadline
+        self._store_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
+        self.breakers = {name: Breaker(name, settings.breaker_failures, settings.breaker_reset_s)
+                         for name in ("vector_store", "blob_store")}
 
     # --- stages ---
     def encode(self, query: str) -> Vector:
         return self.text.encode_text([query])[0]
 
-    def retrieve(self, vector: Vector, params: SearchParams) -> list[Match]:
+    def retrieve(self, vector: Vector, params: SearchParams, deadline: float | None = None) -> list[Match]:
+        """The nearest candidates; within the deadline (the call is left behind if the store is slower), and
+        refused at once while the vector store's circuit is open."""
         limit = params.limit or self.settings.limit
         top_k = min(1000, max(params.top_k or self.settings.top_k, params.offset + limit))
-        return self.vectors.query(vector, top_k, filter=filters.for_search(params.filter),
-                                  namespace=params.namespace if params.namespace is not None else self.settings.namespace)
+        call = partial(self.vectors.query, vector, top_k, filter=filters.for_search(params.filter),
+                       namespace=params.namespace if params.namespace is not None else self.settings.namespace)
+        with self.breakers["vector_store"].guard():
+            future = self._store_pool.submit(call)
+            try:
+                matches: list[Match] = future.result(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+            except FutureTimeout as exc:
+                raise DeadlineExceeded("the vector store did not answer within the job's deadline") from exc
+        return matches
 
-    def _from_blob(self, post_id: str) -> tuple[NDArray[Any] | None, bytes | None]:
+    def _from_blob(self, post_id: str) -> tuple[NDArray[Any] | None, bytes | None, str | None]:
         try:
-            data = self.blobs.get(feature_key(self.reranker.version, post_id))
-            return (None, None) if data is None else (featcodec.decode(data), data)
+            data = self.breakers["blob_store"].call(self.blobs.get, feature_key(self.reranker.version, post_id))
+            return (None, None, "missing") if data is None else (featcodec.decode(data), data, None)
         except ImgSearchError as exc:  # missing, corrupt or unreachable: this candidate is not reranked
-            log.warning("features of %s unusable: %s", post_id, exc)
-            return None, None
+            return None, None, exc.code
 
-    def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None) -> dict[str, NDArray[Any]]:
-        """Stored BLIP features by id; ids whose features are missing, corrupt or late are left out."""
+    def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None,
+              deadline: float | None = None) -> dict[str, NDArray[Any]]:
+        """Stored BLIP features by id; ids whose features are missing, corrupt or late are left out (within
+        ``fetch_timeout_s`` and the deadline; none is asked for while the blob store's circuit is open)."""
         version = self.reranker.version
         counts = counts if counts is not None else {}
         out: dict[str, NDArray[Any]] = {}
@@ -110,17 +127,31 @@ class Searcher:
             counts["features_redis"] = len(out) - counts["features_local"]
             rest = [pid for pid in rest if pid not in out]
         fresh: dict[str, bytes] = {}
+        breaker = self.breakers["blob_store"]
+        if rest and breaker.state == "open":
+            log.warning("features of %d candidate(s) not fetched: the blob store's circuit is open", len(rest))
+            rest = []
         if rest:
+            timeout = self.settings.fetch_timeout_s
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.time()))
             futures = {self._pool.submit(self._from_blob, pid): pid for pid in rest}
-            done, late = wait(futures, timeout=self.settings.fetch_timeout_s)
+            done, late = wait(futures, timeout=timeout)
             for fut in late:
                 fut.cancel()
-                log.warning("features of %s not fetched within %.1f s", futures[fut], self.settings.fetch_timeout_s)
+            if late:  # a slow store counts against its circuit once per query
+                breaker.failure()
+            failed: dict[str, int] = {"late": len(late)} if late else {}
             for fut in done:
-                arr, raw = fut.result()
+                arr, raw, why = fut.result()
                 if arr is not None and raw is not None:
                     out[futures[fut]] = arr
                     fresh[futures[fut]] = raw
+                elif why:
+                    failed[why] = failed.get(why, 0) + 1
+            if failed:
+                log.warning("features of %d of %d candidate(s) not fetched (%s)", sum(failed.values()), len(rest),
+                            ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
         counts["features_blob"] = len(fresh)
         if fresh:
             if self.feature_cache is not None:
@@ -167,7 +198,7 @@ class Searcher:
                 return cached
         clock = _Clock(deadline, cancelled)
         vector = clock.run("encode", self.encode, params.query)
-        candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params)
+        candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params, deadline)
         if on_candidates is not None:
             on_candidates(candidates)
         wanted = params.candidates if params.candidates is not None else params.rerank_k
@@ -175,7 +206,7 @@ class Searcher:
                                                    len(candidates))
         to_rerank = [m.id for m in candidates[:rerank_k]]
         stats: dict[str, int] = {}
-        feats = clock.run("fetch", self.fetch, to_rerank, stats) if to_rerank else {}
+        feats = clock.run("fetch", self.fetch, to_rerank, stats, deadline) if to_rerank else {}
         reranked = [pid for pid in to_rerank if pid in feats]
         itm, cosine = (clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked]) if reranked
                        else (np.zeros(0, np.float32), np.zeros(0, np.float32)))

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     store_timeout_s: float = Field(10.0, gt=0)  # per call to a vector or blob store
     store_retries: int = Field(3, ge=0)
     fetch_timeout_s: float = Field(5.0, gt=0)  # all of a query's feature fetches together
+    # a store that fails this many calls in a row (a slow fetch counts) is not called for breaker_reset_s
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(10.0, gt=0)
     # caches (Redis at redis_url; an outage slows search, never fails it)
     cache_results_ttl_s: int = Field(300, ge=0)  # 0 turns the query result cache off
     # the Redis feature cache pays off in front of a remote blob store; a local folder (page-cached) answers a

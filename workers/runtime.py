@@ -75,6 +75,8 @@ def get() -> Runtime:
 
 
 def _store_state(rt: Runtime) -> str:
+    if rt.searcher.breakers["vector_store"].state == "open":  # known down: leave it alone until the trial
+        return "down (circuit open)"
     try:
         rt.searcher.vectors.stats()
         return "ok"
@@ -92,7 +94,9 @@ def _heartbeat(rt: Runtime) -> None:
         if time.monotonic() - checked > 30:
             state, checked = _store_state(rt), time.monotonic()
         try:
-            rt.writer.r.set(key, json.dumps({**rt.info, "vector_store": state, "at": time.time()}), ex=ttl)
+            breakers = {name: b.state for name, b in rt.searcher.breakers.items()}
+            rt.writer.r.set(key, json.dumps({**rt.info, "vector_store": state, "breakers": breakers,
+                                             "at": time.time()}), ex=ttl)
         except redis.RedisError as exc:  # Redis away: keep trying; the key expires meanwhile
             log.warning("heartbeat failed: %s", exc)
         _stop.wait(max(ttl / 3, 0.5))

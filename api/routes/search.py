@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from api.deps import GuardDep, Jobs, LimitedCaller, SettingsDep
 from api.schemas import ErrorResponse, LegacySearchResponse, SearchRequest
 from api.service import enqueue
-from pipeline.errors import Conflict, DeadlineExceeded, ImgSearchError, InvalidRequest
+from pipeline.errors import Conflict, DeadlineExceeded, ImgSearchError, InvalidRequest, Unavailable
 
 router = APIRouter(tags=["search"])
 
@@ -29,8 +29,9 @@ async def search(body: SearchRequest, jobs: Jobs, settings: SettingsDep, guard: 
     if done.status == "failed":
         err = done.error
         code, message = (err.code, err.message) if err else ("search_failed", "the search failed")
-        # the job's reason, with its own status: a deadline is a 504, a cancellation a 409, the rest 500
+        # the job's reason, with its own status: a deadline is a 504, a cancellation a 409, a store that is
+        # down a 503, the rest 500
         kind = {"deadline_exceeded": DeadlineExceeded, "cancelled": Conflict, "invalid_request": InvalidRequest}.get(
-            code, ImgSearchError)
+            code, Unavailable if code.endswith("unavailable") else ImgSearchError)
         raise kind(message, code=code)
     return {"results": [[r.id, r.score] for r in done.results or []]}

@@ -54,7 +54,8 @@ class GcsBlobStore:
             return missing
         except Exception as exc:
             log.warning("gcs %s %s failed: %s", what, key, type(exc).__name__)
-            raise Unavailable(f"the blob store (gcs) failed on {what} of {key}: {type(exc).__name__}") from exc
+            raise Unavailable(f"the blob store (gcs) failed on {what} of {key}: {type(exc).__name__}",
+                              code="blob_store_unavailable") from exc
 
     def get(self, key: str) -> bytes | None:
         return self._run("get", key, lambda b: b.download_as_bytes(timeout=self.timeout, retry=self.retry), None)

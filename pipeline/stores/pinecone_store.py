@@ -23,13 +23,33 @@ def _client(api_key: str, host: str | None, index_name: str | None, timeout: flo
         from pinecone import Pinecone, RetryConfig
     except ImportError as exc:
         raise StoreError("VECTOR_STORE=pinecone needs the pinecone client: pip install 'imgsearch[pinecone]'") from exc
-    pc = Pinecone(api_key=api_key, timeout=timeout,
-                  retry_config=RetryConfig(max_retries=retries, backoff_factor=0.1, max_wait=5.0))
+    # backoff between retries capped at the per-call timeout: a store that is down costs a few timeouts
+    policy = RetryConfig(max_retries=retries, backoff_factor=0.1, max_wait=min(5.0, timeout))
+    pc = Pinecone(api_key=api_key, timeout=timeout, retry_config=policy)
     if host:
-        return pc.Index(host=host)
-    if not index_name:
+        index = pc.Index(host=host)
+    elif index_name:
+        index = pc.Index(index_name)
+    else:
         raise StoreError("VECTOR_STORE=pinecone needs PINECONE_INDEX_NAME (or IMGSEARCH_PINECONE_HOST)")
-    return pc.Index(index_name)
+    _set_data_plane_retries(index, policy)
+    return index
+
+
+def _set_data_plane_retries(index: Any, policy: Any) -> None:
+    """The client takes a retry policy for its control plane only; its data-plane REST client keeps a built-in
+    one (4 attempts, jittered waits up to a minute), which would hold a query far past any job's deadline.
+    Where this version of the client is built as expected, its data-plane HTTP client gets ours; elsewhere
+    the built-in one stands and the job's deadline still bounds the wait."""
+    try:
+        from dataclasses import replace
+
+        from pinecone._internal.constants import DATA_PLANE_API_VERSION
+        from pinecone._internal.http_client import HTTPClient
+
+        index._http = HTTPClient(replace(index._config, retry_config=policy), DATA_PLANE_API_VERSION)
+    except (ImportError, AttributeError, TypeError) as exc:
+        log.warning("pinecone: the data-plane retry policy is the client's own (%s)", exc)
 
 
 def batches(items: Sequence[dict[str, Any]], max_count: int = MAX_BATCH,
@@ -61,7 +81,7 @@ class PineconeVectorStore:
             status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
             log.warning("pinecone %s failed: %s %s", what, type(exc).__name__, status)
             raise Unavailable(f"the vector store (pinecone) failed on {what}: {type(exc).__name__}"
-                              + (f" {status}" if status else "")) from exc
+                              + (f" {status}" if status else ""), code="vector_store_unavailable") from exc
 
     def upsert(self, items: Sequence[tuple[str, Vector, Metadata]], namespace: str = "") -> int:
         vectors = [{"id": vid, "values": np.asarray(vec, np.float32).tolist(), "metadata": meta}

@@ -81,3 +81,44 @@ def test_redis_feature_cache_only_in_front_of_remote_blobs() -> None:
     assert Settings(blob_store="gcs").feature_cache_on
     assert Settings(cache_features="on").feature_cache_on
     assert not Settings(blob_store="gcs", cache_features="off").feature_cache_on
+
+
+def test_the_breaker_opens_after_failures_in_a_row_then_lets_one_trial_through() -> None:
+    from pipeline.breaker import Breaker, CircuitOpen
+    from pipeline.errors import InvalidRequest, Unavailable
+
+    now = [0.0]
+    b = Breaker("vector_store", failures=3, reset_s=10, clock=lambda: now[0])
+
+    def fail() -> None:
+        raise Unavailable("down")
+
+    def mistaken() -> None:
+        raise InvalidRequest("bad filter")
+
+    for _ in range(2):
+        with pytest.raises(Unavailable):
+            b.call(fail)
+    assert b.call(lambda: 7) == 7 and b.state == "closed"  # a success resets the count
+    with pytest.raises(InvalidRequest):
+        b.call(mistaken)  # a caller's mistake is not the store's failure
+    for _ in range(3):
+        with pytest.raises(Unavailable):
+            b.call(fail)
+    assert b.state == "open" and b.opened == 1
+    with pytest.raises(CircuitOpen) as exc:
+        b.call(lambda: 7)
+    assert exc.value.code == "vector_store_unavailable" and "10.0 s" in exc.value.message
+    now[0] = 10.5  # half-open: one trial; a second caller meanwhile is refused
+    with b.guard():
+        assert b.state == "half_open"
+        with pytest.raises(CircuitOpen):
+            b.call(lambda: 7)
+    assert b.state == "closed"
+    for _ in range(3):
+        with pytest.raises(Unavailable):
+            b.call(fail)
+    now[0] = 21.0
+    with pytest.raises(Unavailable):
+        b.call(fail)  # the trial failed: open again, for another reset_s
+    assert b.state == "open" and b.opened == 3
