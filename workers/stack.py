@@ -92,12 +92,16 @@ def redis_alive(url: str) -> bool:
         return False
 
 
-def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout: float = 10.0) -> Proc:
+def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout: float = 10.0, *,
+                persist: bool = False) -> Proc:
+    """A redis-server on loopback; ``persist``: every write in an append-only file (fsync always), so a
+    restart keeps jobs and the queue, as a deployment's Redis must."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (or set REDIS_URL)")
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+    proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
                             "--dir", str(workdir)], None, log_path)
     wait_for(lambda: redis_alive(f"redis://127.0.0.1:{port}/0") or not proc.alive(), timeout, "redis-server")
     if not proc.alive():

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.jobs import job_key
 from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
@@ -113,47 +111,6 @@ def test_a_failing_stage_ends_the_job_failed(live) -> None:  # type: ignore[no-u
     # ...and one that passes validation but matches nothing ends done with no results, not failed
     job = live.wait(live.submit("a red circle", filter={"subreddit": "no-such-sub"}))
     assert job["status"] == "done" and job["results"] == []
-
-
-@pytest.fixture
-def fragile(redis_server, store_dir, tiny_models, tmp_path) -> Iterator[Live]:  # type: ignore[no-untyped-def]
-    # a short visibility timeout so the test sees a dead worker's job come back within seconds
-    env = settings_env(store_dir, tiny_models, redis_server.url(6), IMGSEARCH_VISIBILITY_TIMEOUT_S="3",
-                       IMGSEARCH_JOB_DEADLINE_S="120")
-    redis.Redis.from_url(redis_server.url(6)).flushdb()
-    running = start_stack(env, tmp_path / "logs")
-    yield running
-    running.stop()
-
-
-def test_killed_worker_job_is_redelivered_and_completes(fragile) -> None:  # type: ignore[no-untyped-def]
-    r = redis.Redis.from_url(fragile.env["IMGSEARCH_REDIS_URL"])
-    worker = fragile.procs[0]
-    jobs: list[str] = []
-    caught: list[str] = []
-    with ThreadPoolExecutor(8) as pool:
-        for attempt in range(10):  # until the kill lands while a job is running (almost always the first try)
-            # submit faster than one worker drains them, so the queue is never empty when the kill lands
-            batch = list(pool.map(lambda i: fragile.submit(f"a red circle number {i}"), range(40)))
-            jobs += batch
-
-            def statuses(batch: list[str] = batch) -> list[str]:
-                return [json.loads(raw)["status"] for raw in r.mget([job_key(j) for j in batch])]
-
-            stack.wait_for(lambda: "running" in statuses(), 60, "a job to start running", interval=0.002)
-            worker.kill()  # SIGKILL the whole worker, parent and child
-            caught = [j for j, s in zip(batch, statuses(), strict=True) if s == "running"]
-            if caught:
-                break
-            worker = stack.start_worker(fragile.env, fragile.logs / f"retry{attempt}.log", name="retry")
-            fragile.procs.append(worker)
-    assert caught, "never caught a job mid-run"
-    fragile.procs.append(stack.start_worker(fragile.env, fragile.logs / "second.log", name="second"))
-    results = {j: fragile.wait(j, timeout=90) for j in jobs}
-    assert all(job["status"] == "done" for job in results.values()), {j: v["status"] for j, v in results.items()}
-    # the job caught mid-run started twice: once on the dead worker, once on the second
-    started = [e for e in r.xrange(f"imgsearch:job:{caught[0]}:events") if e[1][b"event"] == b"started"]
-    assert len(started) == 2
 
 
 @pytest.mark.slow
