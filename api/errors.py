@@ -57,6 +57,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body FastAPI could not parse (not UTF-8, nested past the decoder's depth)
+            return error_response(422, "invalid_request", f"the body is not JSON text in UTF-8 ({exc.detail})")
         return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail),
                               dict(exc.headers or {}))
 

@@ -13,7 +13,7 @@ from pipeline.types import Job
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"query": "a surprised pikachu face"},
         {"query": "a cat looking at a computer", "limit": 10, "offset": 10, "min_score": 0.2,
          "filter": {"subreddit": ["memes", "me_irl"], "created_after": 1735689600, "min_post_score": 1000}},
@@ -38,6 +38,8 @@ class SearchRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _non_blank(cls, v: str) -> str:
+        if _CONTROL.search(v):  # NUL, escape sequences and the like: no one types them into a search box
+            raise ValueError("the query holds control characters (only tab and line breaks are allowed)")
         v = v.strip()
         if not v:
             raise ValueError("the query is empty")
@@ -48,6 +50,7 @@ class SearchRequest(BaseModel):
         return v
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab, LF, CR
 _POST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

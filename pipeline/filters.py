@@ -33,18 +33,22 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "$nin": lambda a, b: not any(_eq(a, x) for x in b),
 }
 OPERATORS = (*_COMPARE, "$and", "$or")
+MAX_DEPTH = 8  # $and / $or nested deeper than this is refused (no sane filter needs it; recursion is bounded)
+MAX_VALUES = 1000  # values in one $in / $nin list
 
 
-def validate(flt: Any) -> None:
+def validate(flt: Any, depth: int = 0) -> None:
     """Raise InvalidRequest naming the first thing wrong with a filter."""
     if not isinstance(flt, Mapping):
         raise InvalidRequest("a filter must be a JSON object")
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(f"$and / $or nested more than {MAX_DEPTH} deep")
     for key, value in flt.items():
         if key in ("$and", "$or"):
             if not isinstance(value, list) or not value:
                 raise InvalidRequest(f"{key} takes a non-empty list of filters")
             for sub in value:
-                validate(sub)
+                validate(sub, depth + 1)
         elif key.startswith("$"):
             raise InvalidRequest(f"unknown filter operator {key!r}; valid: {', '.join(OPERATORS)}")
         elif isinstance(value, Mapping):
@@ -53,6 +57,8 @@ def validate(flt: Any) -> None:
                     raise InvalidRequest(f"unknown filter operator {op!r} on {key!r}; valid: {', '.join(_COMPARE)}")
                 if op in ("$in", "$nin") and not isinstance(arg, list):
                     raise InvalidRequest(f"{op} on {key!r} takes a list")
+                if op in ("$in", "$nin") and len(arg) > MAX_VALUES:
+                    raise InvalidRequest(f"{op} on {key!r} takes at most {MAX_VALUES} values")
                 if op in ("$gt", "$gte", "$lt", "$lte") and (
                         isinstance(arg, bool) or not isinstance(arg, (int, float))):
                     raise InvalidRequest(f"{op} on {key!r} takes a number")

@@ -15,7 +15,7 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance,
 from tests.conftest import settings_env
 from tests.live import start_stack
 
-pytestmark = [pytest.mark.fuzz, pytest.mark.integration]
+pytestmark = [pytest.mark.fuzz, pytest.mark.faults, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
