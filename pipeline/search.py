@@ -179,6 +179,22 @@ class Searcher:
         done = set(reranked)
         return out + [self.result(m, m.score) for m in candidates if m.id not in done]
 
+    def warm_up(self, query: str = "a warm-up query") -> dict[str, float]:
+        """One query through every stage, cached nowhere, so the first real query pays no lazy load (an
+        index read from disk, a filter's bitmap, a store's connections, an engine's first run). Milliseconds
+        per stage; a stage that fails here is logged and left to fail (or succeed) on a real query."""
+        clock = _Clock(None)
+        try:
+            vector = clock.run("encode", self.encode, query)
+            candidates = clock.run("retrieve", self.retrieve, vector, SearchParams(query=query))
+            ids = [m.id for m in candidates[:self.settings.rerank_k]]
+            feats = clock.run("fetch", self.fetch, ids) if ids else {}
+            if feats:
+                clock.run("rerank", self.rerank, query, list(feats.values()))
+        except Exception as exc:  # noqa: BLE001 - a store down at start: the worker still serves, its circuit decides
+            log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)
+        return clock.timings
+
     # --- the whole query ---
     def search(self, params: SearchParams, *, deadline: float | None = None,
                on_candidates: Callable[[list[Match]], None] | None = None,

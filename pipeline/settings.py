@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(5.0, ge=0)
     heartbeat_ttl_s: int = Field(15, ge=2)
     worker_concurrency: int = Field(1, ge=1)
+    warm_up: bool = True  # a worker runs one query through every stage before it reports ready
 
     # --- ingest ---
     ingest_queue: str = "ingest"  # its own queue: a run never holds a search worker

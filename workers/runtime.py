@@ -57,10 +57,12 @@ def load(settings: Settings | None = None) -> Runtime:
                                 if settings.feature_cache_on else None,
                                 results=ResultCache(caches, settings.cache_results_ttl_s),
                                 local=LocalLRU(settings.cache_local_mb << 20))
-            searcher.encode("warm up")  # the first real query pays no lazy-init cost
+            loaded = time.perf_counter() - t0
+            # before the heartbeat, so /readyz counts this worker only once its first query would be warm
+            warm = searcher.warm_up() if settings.warm_up else {}
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
                     "queue": os.environ.get("IMGSEARCH_WORKER_QUEUE", settings.search_queue),
-                    "load_s": round(time.perf_counter() - t0, 3), **engines.describe()}
+                    "load_s": round(loaded, 3), "warm_up_ms": warm, **engines.describe()}
             limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
                 if settings.limits_redis_url else None
             _runtime = Runtime(settings, engines, searcher,
