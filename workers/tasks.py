@@ -19,7 +19,8 @@ class SearchTask(BaseModel):
     job_id: str
 
 
-@app.task(name=SEARCH_TASK, acks_late=True, reject_on_worker_lost=True)
+# the job record is the result: nothing is written to the result backend
+@app.task(name=SEARCH_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def search(payload: dict[str, Any]) -> dict[str, Any]:
     task = SearchTask.model_validate(payload)
     job = run_job(task.job_id, runtime.get().searcher, runtime.get().writer)
