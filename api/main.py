@@ -26,14 +26,19 @@ log = logging.getLogger(__name__)
 
 
 async def _reap_forever(jobs: JobService) -> None:
-    """End the jobs no worker will end, every ``reaper_interval_s`` (any API process may: ends are conditional)."""
+    """Every ``reaper_interval_s``: send stranded jobs again, and end the jobs no worker will end (any API
+    process may: ends are conditional, and a job sent twice ends once)."""
     while True:
         await asyncio.sleep(jobs.settings.reaper_interval_s)
         try:
+            sent = await jobs.rescue()
             ended = await jobs.reap()
         except Exception as exc:  # noqa: BLE001 - Redis away: try again next round
             log.warning("reaper: %s: %s", type(exc).__name__, exc)
             continue
+        if sent:
+            metrics.RESCUED.inc(len(sent))
+            log.warning("sent %d stranded job(s) again: %s", len(sent), ", ".join(sent[:10]))
         if ended:
             metrics.REAPED.inc(len(ended))
             log.warning("reaper ended %d job(s) past their deadline: %s", len(ended), ", ".join(ended[:10]))

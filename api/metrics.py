@@ -19,6 +19,8 @@ LATENCY = Histogram("imgsearch_http_request_seconds", "HTTP request latency by r
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 REAPED = Counter("imgsearch_jobs_reaped", "Jobs this API process ended because no worker did by their deadline",
                  registry=REGISTRY)
+RESCUED = Counter("imgsearch_jobs_rescued", "Stranded jobs this API process sent again (lost message, dead worker)",
+                  registry=REGISTRY)
 
 
 def observe(route: str, method: str, status: int, seconds: float) -> None:

@@ -109,3 +109,4 @@ class JobView(Job):
         "stats": {"features_local": 0, "features_blob": 32}}]})
 
     inflight_key: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    worker: SkipJsonSchema[str | None] = Field(None, exclude=True)

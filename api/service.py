@@ -22,10 +22,12 @@ from pipeline.jobs import (
     WRITE_SCRIPT,
     cancel_key,
     events_key,
+    heartbeat_key,
     job_key,
     parse_events,
     parse_job,
     reaped,
+    resent_key,
     write_args,
 )
 from pipeline.settings import Settings
@@ -40,6 +42,7 @@ class JobService:
     def __init__(self, settings: Settings, redis: aioredis.Redis, celery: Celery) -> None:
         self.settings, self.redis, self.celery = settings, redis, celery
         self._write_script = redis.register_script(WRITE_SCRIPT)
+        self._stranded_since: dict[str, float] = {}  # job id -> when this process first saw it stranded
 
     async def _write(self, job: Job, *events: tuple[str, dict[str, Any]], create: bool = False) -> bool:
         """The record and events at once, unless the job already ended (see pipeline.jobs.WRITE_SCRIPT)."""
@@ -92,6 +95,43 @@ class JobService:
             if job.inflight_key:
                 await self.redis.zrem(job.inflight_key, job_id)
         return job
+
+    async def rescue(self, now: float | None = None) -> list[str]:
+        """Send again the open jobs no worker will otherwise run before their deadline: queued for
+        ``rescue_after_s`` while the queue is empty (their message was lost, e.g. in flight to a worker when
+        Redis stopped), or running on a worker whose heartbeat expired (it died; its message comes back only
+        after the visibility timeout, past the deadline). A job sent twice still ends once (the first end
+        wins), so a wrong guess costs one wasted run, never a second result."""
+        now = now or time.time()
+        s = self.settings
+        ids = [i.decode() if isinstance(i, bytes) else str(i)
+               for i in await self.redis.zrangebyscore(OPEN_KEY, now, "+inf", start=0, num=2000)]
+        if not ids or not s.rescue_max:
+            return []
+        queue_empty = await self.redis.llen(s.search_queue) == 0
+        jobs = [parse_job(raw) for raw in await self.redis.mget([job_key(i) for i in ids])]
+        seen: dict[str, float] = {}
+        for job in jobs:
+            if job is None or job.status in TERMINAL:
+                continue
+            # queued with nothing left in the queue: its message is held by a worker (about to start it) or lost;
+            # only one still so after rescue_after_s counts
+            if (job.status == "queued" and queue_empty) or (
+                    job.status == "running" and job.worker and not await self.redis.exists(heartbeat_key(job.worker))):
+                seen[job.id] = self._stranded_since.get(job.id, now)
+        self._stranded_since = seen
+        sent = []
+        for job_id in [j for j, since in seen.items() if now - since >= s.rescue_after_s]:
+            del self._stranded_since[job_id]
+            n = await self.redis.incr(resent_key(job_id))
+            await self.redis.expire(resent_key(job_id), s.job_ttl_s)
+            if n > s.rescue_max:
+                continue
+            send = partial(self.celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id,
+                           queue=s.search_queue)
+            await anyio.to_thread.run_sync(send)
+            sent.append(job_id)
+        return sent
 
     async def reap(self, now: float | None = None) -> list[str]:
         """End the jobs still open ``reaper_grace_s`` past their deadline: no worker will (all dead, or the

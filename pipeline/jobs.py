@@ -48,12 +48,6 @@ def heartbeat_key(worker: str) -> str:
 HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
 
 
-def stage_event(pipe: Any, job_id: str, name: str, data: dict[str, Any], ttl: int, maxlen: int) -> None:
-    pipe.xadd(events_key(job_id), {"event": name, "data": json.dumps(data, separators=(",", ":"))},
-              maxlen=maxlen, approximate=True)
-    pipe.expire(events_key(job_id), ttl)
-
-
 # Writes a job's record and appends its events, unless the job already ended: the first end wins, so a job run
 # twice (redelivered while its first worker still ran, cancelled or reaped meanwhile) ends once, with one set of
 # results. A job that ends leaves the open set; a new one joins it, scored by its deadline.
@@ -83,6 +77,18 @@ return 1
 """
 
 
+# Appends one event to a job that has not ended (a second run of an ended job adds nothing to its stream).
+EVENT_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local st = cjson.decode(cur)['status']
+if st == 'done' or st == 'failed' then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[1], 'data', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
 def write_args(job: Job, events: list[tuple[str, dict[str, Any]]], ttl: int, maxlen: int,
                create: bool = False) -> tuple[list[str], list[Any]]:
     """Keys and arguments of one WRITE_SCRIPT call (run by the API's async client or a worker's sync one)."""
@@ -91,6 +97,10 @@ def write_args(job: Job, events: list[tuple[str, dict[str, Any]]], ttl: int, max
     for name, data in events:
         args += [name, json.dumps(data, separators=(",", ":"))]
     return [job_key(job.id), events_key(job.id), OPEN_KEY], args
+
+
+def resent_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:resent"
 
 
 def reaped(job: Job) -> Job:
@@ -117,17 +127,19 @@ def parse_events(entries: list[tuple[Any, dict[Any, Any]]]) -> list[tuple[str, s
 
 def public(job: Job) -> dict[str, Any]:
     """The job as clients see it: ``{"id", "status", "query", "results"?, "error"?, "timings"?}`` and a few extras."""
-    return job.model_dump(mode="json", exclude_none=True, exclude={"inflight_key"})
+    return job.model_dump(mode="json", exclude_none=True, exclude={"inflight_key", "worker"})
 
 
 class JobWriter:
     """The worker's side: moves a job through running -> done/failed and appends its events."""
 
     def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None,
-                 retry_s: float = 15.0) -> None:
+                 retry_s: float = 15.0, worker: str | None = None) -> None:
         self.r, self.ttl, self.maxlen, self.retry_s = client, ttl, maxlen, retry_s
+        self.worker = worker  # this process's heartbeat name, written into the jobs it runs
         self.limits = limits or client  # where the API counts each caller's jobs in flight
         self._write = client.register_script(WRITE_SCRIPT)
+        self._event = client.register_script(EVENT_SCRIPT)
 
     def cancelled(self, job_id: str) -> bool:
         try:
@@ -161,9 +173,12 @@ class JobWriter:
                 wait = min(wait * 2, 2.0)
 
     def event(self, job_id: str, event: str, data: dict[str, Any]) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        stage_event(pipe, job_id, event, data, self.ttl, self.maxlen)
-        pipe.execute()
+        """A progress event (best effort: the end's record and events carry everything a client needs)."""
+        try:
+            self._event(keys=[job_key(job_id), events_key(job_id)],
+                        args=[event, json.dumps(data, separators=(",", ":")), self.maxlen, self.ttl])
+        except redis.RedisError as exc:
+            log.warning("job %s: %s event not written: %s", job_id, event, exc)
 
 
 def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
@@ -192,7 +207,7 @@ def run_job(job_id: str, searcher: Searcher, writer: JobWriter) -> Job | None:
 def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job | None:
     """The job run to its end, or None if it had already ended elsewhere (nothing of this run is kept)."""
     job_id = job.id
-    job.status, job.started_at = "running", time.time()
+    job.status, job.started_at, job.worker = "running", time.time(), writer.worker
     if not writer.write(job, ("started", {"id": job_id})):
         return None
     params = SearchParams.model_validate({"query": job.query, **job.params})

@@ -91,8 +91,18 @@ class Settings(BaseSettings):
     # the API ends jobs still open this long past their deadline (every reaper_interval_s; 0: no reaper)
     reaper_grace_s: float = Field(5.0, ge=0)
     reaper_interval_s: float = Field(5.0, ge=0)
+    # ...and sends again, before their deadline, jobs stranded: still queued this long with the queue empty (the
+    # message was lost with a Redis restart), or running on a worker whose heartbeat is gone (the worker died)
+    rescue_after_s: float = Field(10.0, gt=0)
+    rescue_max: int = Field(2, ge=0)  # times one job is sent again
     heartbeat_ttl_s: int = Field(15, ge=2)
-    worker_concurrency: int = Field(1, ge=1)
+    # a worker process runs worker_concurrency jobs at once on threads (the stores' waits overlap), and their
+    # model calls are batched together: up to batch_max queries per call, gathered for at most batch_wait_ms
+    # while other jobs are running (a lone query does not wait); batch_max 1 turns batching off
+    worker_pool: Literal["threads", "prefork", "solo"] = "threads"
+    worker_concurrency: int = Field(4, ge=1)
+    batch_max: int = Field(8, ge=1, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     warm_up: bool = True  # a worker runs one query through every stage before it reports ready
 
     # --- ingest ---

@@ -11,6 +11,7 @@ from pipeline.settings import Settings, get_settings
 SEARCH_TASK = "imgsearch.search"
 INGEST_TASK = "imgsearch.ingest"
 TAKEDOWN_TASK = "imgsearch.takedown"
+NOOP_TASK = "imgsearch.noop"  # ends a job at once: the queue's own round trip, for bench.load
 
 
 def schedule(spec: str) -> Any:
@@ -33,6 +34,7 @@ def schedule(spec: str) -> Any:
 def celery_config(settings: Settings) -> dict[str, Any]:
     return dict(
         broker_url=settings.redis_url,
+        broker_transport="workers.broker:Transport",  # kombu's Redis transport, see workers/broker.py
         result_backend=settings.redis_url,
         # JSON only: nothing pickled crosses a process or the network
         task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
@@ -50,7 +52,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # ingest runs on its own queue (its own workers), so a run never holds a search worker; a takedown is
         # quick and goes to the search workers, which hold the stores
         task_routes={SEARCH_TASK: {"queue": settings.search_queue}, INGEST_TASK: {"queue": settings.ingest_queue},
-                     TAKEDOWN_TASK: {"queue": settings.search_queue}},
+                     TAKEDOWN_TASK: {"queue": settings.search_queue},
+                     NOOP_TASK: {"queue": settings.search_queue}},
         beat_schedule={"ingest": {"task": INGEST_TASK, "schedule": schedule(settings.ingest_schedule),
                                   "args": [{"source": settings.ingest_source}],
                                   "options": {"queue": settings.ingest_queue}}},

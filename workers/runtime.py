@@ -66,7 +66,8 @@ def load(settings: Settings | None = None) -> Runtime:
             limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
                 if settings.limits_redis_url else None
             _runtime = Runtime(settings, engines, searcher,
-                               JobWriter(client, settings.job_ttl_s, settings.events_maxlen, limits), info)
+                               JobWriter(client, settings.job_ttl_s, settings.events_maxlen, limits,
+                                         worker=f"{info['host']}:{info['pid']}"), info)
             threading.Thread(target=_heartbeat, args=(_runtime,), name="heartbeat", daemon=True).start()
             log.info("worker process ready: %s", info)
         return _runtime

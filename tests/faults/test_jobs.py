@@ -127,3 +127,38 @@ def test_the_reaper_ends_a_job_no_worker_will(redis_server) -> None:  # type: ig
         assert _events(redis_server, db, job["id"]) == ["queued", "failed"]
         assert redis.Redis.from_url(redis_server.url(db)).zcard(OPEN_KEY) == 0
         assert "imgsearch_jobs_reaped_total 1.0" in c.get("/metrics").text
+
+
+def test_stranded_jobs_are_sent_again_before_their_deadline(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A queued job whose message is gone from an empty queue (lost with a Redis restart), and a running job
+    whose worker's heartbeat expired (the worker died): each is sent again once it stayed so rescue_after_s,
+    at most rescue_max times; jobs merely waiting in the queue are not. The rescue rounds run here by hand at
+    chosen times (no background loop), so nothing depends on timing."""
+    import json
+
+    from pipeline.jobs import JobWriter, job_key
+    from pipeline.types import Job
+
+    db = 7
+    r = redis.Redis.from_url(redis_server.url(db))
+    with _client(redis_server, db, reaper_interval_s=0, rescue_after_s=5, rescue_max=2) as c:
+        def rescue(at: float) -> list[str]:
+            return sorted(c.portal.call(c.app.state.jobs.rescue, at))  # type: ignore[union-attr]
+
+        def queued_ids() -> list[str]:
+            return sorted(json.loads(m)["headers"]["id"] for m in r.lrange("search", 0, -1))
+
+        lost = c.post("/v1/jobs", json={"query": "lost"}).json()["id"]
+        waiting = c.post("/v1/jobs", json={"query": "waiting"}).json()["id"]
+        t = time.time()
+        assert rescue(t) == [] and rescue(t + 10) == []  # in the queue: waiting, not stranded
+        r.delete("search")  # both messages lost
+        assert rescue(t + 11) == []  # stranded since now...
+        assert rescue(t + 17) == sorted([lost, waiting]) == queued_ids()  # ...and still so 6 s later: sent again
+        job = Job.model_validate_json(r.get(job_key(lost)) or b"{}")
+        job.status, job.worker = "running", "gone-host:4242"  # started on a worker that then died
+        JobWriter(r, 60, 64).write(job, ("started", {"id": job.id}))
+        r.delete("search")
+        assert rescue(t + 18) == [] and rescue(t + 24) == sorted([lost, waiting])
+        r.delete("search")
+        assert rescue(t + 30) == [] and rescue(t + 40) == [] and queued_ids() == []  # rescue_max reached

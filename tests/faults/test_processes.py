@@ -30,9 +30,11 @@ def _event_names(r: redis.Redis, job_id: str) -> list[str]:
 
 @pytest.fixture
 def fragile(redis_server, store_dir, tiny_models, tmp_path) -> Iterator[Live]:  # type: ignore[no-untyped-def]
-    # a short visibility timeout so the test sees a dead worker's job come back within seconds
-    env = settings_env(store_dir, tiny_models, redis_server.url(6), IMGSEARCH_VISIBILITY_TIMEOUT_S="3",
-                       IMGSEARCH_JOB_DEADLINE_S="120", IMGSEARCH_CACHE_RESULTS_TTL_S="0")
+    # the default visibility timeout (past the deadline): the dead worker's jobs come back because the API
+    # sees its heartbeat gone (2 s here) and sends them again
+    env = settings_env(store_dir, tiny_models, redis_server.url(6), IMGSEARCH_HEARTBEAT_TTL_S="2",
+                       IMGSEARCH_RESCUE_AFTER_S="2", IMGSEARCH_REAPER_INTERVAL_S="0.5",
+                       IMGSEARCH_CACHE_RESULTS_TTL_S="0")
     redis.Redis.from_url(redis_server.url(6)).flushdb()
     running = start_stack(env, tmp_path / "logs")
     yield running
@@ -40,10 +42,11 @@ def fragile(redis_server, store_dir, tiny_models, tmp_path) -> Iterator[Live]:  
 
 
 def test_sigkill_a_worker_with_20_jobs_in_flight_a_second_finishes_them(fragile: Live) -> None:
-    """None lost, none ended twice: the job the dead worker was running is delivered again and run again, and
-    each job has one set of results and one end."""
+    """None lost, none ended twice: the job the dead worker was running is sent again and run again, and each
+    job has one set of results and one end, all well within the deadline (long before the visibility timeout
+    would bring the dead worker's messages back)."""
     r = redis.Redis.from_url(fragile.env["IMGSEARCH_REDIS_URL"])
-    worker = fragile.procs[0]
+    fragile.procs[0].stop()  # the 20 jobs wait in the queue for the worker that is to die with them
     jobs: list[str] = []
     caught: list[str] = []
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
@@ -54,6 +57,8 @@ def test_sigkill_a_worker_with_20_jobs_in_flight_a_second_finishes_them(fragile:
             def statuses(batch: list[str] = batch) -> list[str]:
                 return [json.loads(raw)["status"] for raw in r.mget([job_key(j) for j in batch])]
 
+            worker = stack.start_worker(fragile.env, fragile.logs / f"doomed{attempt}.log", name="doomed")
+            fragile.procs.append(worker)
             stack.wait_for(lambda: "running" in statuses(), 60, "a job to start running", interval=0.002)
             worker.kill()  # SIGKILL the whole worker, parent and child, as the OOM killer would
             now = statuses()
@@ -61,11 +66,9 @@ def test_sigkill_a_worker_with_20_jobs_in_flight_a_second_finishes_them(fragile:
             if caught:
                 assert sum(s in ("queued", "running") for s in now) >= IN_FLIGHT // 2  # most still in flight
                 break
-            worker = stack.start_worker(fragile.env, fragile.logs / f"retry{attempt}.log", name="retry")
-            fragile.procs.append(worker)
     assert caught, "never caught a job mid-run"
     fragile.procs.append(stack.start_worker(fragile.env, fragile.logs / "second.log", name="second"))
-    results = {j: fragile.wait(j, timeout=90) for j in jobs}
+    results = {j: fragile.wait(j, timeout=30) for j in jobs}
     assert [v["status"] for v in results.values()] == ["done"] * len(jobs), {j: v.get("error") for j, v in results.items()}
     for j, job in results.items():
         names = _event_names(r, j)
@@ -111,7 +114,7 @@ def test_redis_stopped_and_restarted_under_a_stream_of_submissions(store_dir, ti
     server = stack.start_redis(port, rdir, tmp_path / "redis.log", persist=True)
     url = f"redis://127.0.0.1:{port}/0"
     env = settings_env(store_dir, tiny_models, url, IMGSEARCH_REDIS_SOCKET_TIMEOUT_S="1",
-                       IMGSEARCH_JOB_DEADLINE_S="60", IMGSEARCH_REAPER_INTERVAL_S="1")
+                       IMGSEARCH_JOB_DEADLINE_S="60", IMGSEARCH_REAPER_INTERVAL_S="1", IMGSEARCH_RESCUE_AFTER_S="3")
     live = start_stack(env, tmp_path / "logs")
     subs = Submissions(live.base)
     client = threading.Thread(target=subs.run, daemon=True)
