@@ -81,6 +81,32 @@ class BlipBase:
             cos_out.append(l2(image_proj) @ text_feat)
         return np.concatenate(itm_out), np.concatenate(cos_out).astype(np.float32)
 
+    def score_many(self, items: Sequence[tuple[str, Sequence[NDArray[Any]]]],
+                   pairs_per_call: int = 128) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
+        """``score`` for several queries at once (cross-query batching): one ITC pass for all the queries and
+        ITM passes over all their (query, candidate) pairs together, each query padded to the longest (its
+        padding masked, so each query's scores equal ``score``'s)."""
+        items = [(q, f) for q, f in items]
+        if len(items) == 1 or not any(len(f) for _, f in items):
+            return [self.score(q, f) for q, f in items]
+        tok = self.tokenizer([q for q, _ in items], truncation=True, max_length=self.max_tokens, padding="longest",
+                             return_tensors="np")
+        ids, mask = tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64)
+        text_feat = l2(self._itc_core(ids, mask))
+        owner = np.concatenate([np.full(len(f), i) for i, (_, f) in enumerate(items)]).astype(np.int64)
+        feats = [x for _, f in items for x in f]
+        itm_all, cos_all = np.zeros(len(feats), np.float32), np.zeros(len(feats), np.float32)
+        for start in range(0, len(feats), pairs_per_call):
+            rows = owner[start:start + pairs_per_call]
+            itm, proj = self._itm_core(ids[rows], mask[rows], np.stack(feats[start:start + pairs_per_call]))
+            itm_all[start:start + len(rows)] = np.asarray(itm, np.float32)
+            cos_all[start:start + len(rows)] = np.einsum("nd,nd->n", l2(np.asarray(proj, np.float32)), text_feat[rows])
+        out, at = [], 0
+        for _, f in items:
+            out.append((itm_all[at:at + len(f)], cos_all[at:at + len(f)]))
+            at += len(f)
+        return out
+
 
 class BlipCores(torch.nn.Module):
     """The three BLIP cores as torch modules' forward passes; also what the ONNX export traces."""

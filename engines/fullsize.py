@@ -39,6 +39,17 @@ def blip_large_config(vocab: int = VOCAB) -> BlipConfig:
         projection_dim=256)
 
 
+def blip_base_config(vocab: int = VOCAB) -> BlipConfig:
+    """BLIP ITM base (ViT-B/16 at 384 px): what the load benchmark runs on a CPU, for both systems."""
+    return BlipConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                         sep_token_id=3),
+        vision_config=dict(image_size=384, patch_size=16, hidden_size=768, intermediate_size=3072,
+                           num_hidden_layers=12, num_attention_heads=12),
+        projection_dim=256)
+
+
 def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip", "blip"), seed: int = 0) -> dict[str, Path]:
     """Write the requested full-size random-weight models under ``root`` (skipping ones already there)."""
     root = Path(root)
@@ -53,10 +64,11 @@ def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip"
         if name == "siglip":
             SiglipModel(siglip_config()).save_pretrained(folder)
             SiglipImageProcessorPil(size={"height": 512, "width": 512}).save_pretrained(folder)
-        elif name == "blip":
-            BlipForImageTextRetrieval(blip_large_config()).save_pretrained(folder)
+        elif name in ("blip", "blip-base"):
+            config = blip_large_config() if name == "blip" else blip_base_config()
+            BlipForImageTextRetrieval(config).save_pretrained(folder)
             BlipImageProcessorPil(size={"height": 384, "width": 384}).save_pretrained(folder)
         else:
-            raise ValueError(f"unknown model {name!r}; valid: siglip, blip")
+            raise ValueError(f"unknown model {name!r}; valid: siglip, blip, blip-base")
         tokenizer.save_pretrained(folder)
     return out

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from pipeline import features as featcodec
 from pipeline import filters
+from pipeline.batching import Active, Batcher
 from pipeline.breaker import Breaker
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, decode_cached
 from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError
@@ -75,10 +76,21 @@ class Searcher:
         self._store_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self.breakers = {name: Breaker(name, settings.breaker_failures, settings.breaker_reset_s)
                          for name in ("vector_store", "blob_store")}
+        # cross-query batching: the jobs this process runs at once share their model calls
+        self.active = Active()
+        self._encode: Batcher[str, Vector] | None = None
+        self._rerank: Batcher[tuple[str, Sequence[NDArray[Any]]], tuple[NDArray[np.float32], NDArray[np.float32]]] | None = None
+        if settings.batch_max > 1:
+            wait = settings.batch_wait_ms / 1000
+            self._encode = Batcher("encode", lambda qs: list(text.encode_text(list(qs))), max_items=settings.batch_max,
+                                   wait_s=wait, active=self.active)
+            many = getattr(reranker, "score_many", None)
+            self._rerank = Batcher("rerank", many if many is not None else (lambda xs: [reranker.score(*x) for x in xs]),
+                                   max_items=settings.batch_max, wait_s=wait, active=self.active)
 
     # --- stages ---
     def encode(self, query: str) -> Vector:
-        return self.text.encode_text([query])[0]
+        return self._encode(query) if self._encode is not None else self.text.encode_text([query])[0]
 
     def retrieve(self, vector: Vector, params: SearchParams, deadline: float | None = None) -> list[Match]:
         """The nearest candidates; within the deadline (the call is left behind if the store is slower), and
@@ -162,6 +174,8 @@ class Searcher:
         return out
 
     def rerank(self, query: str, feats: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        if self._rerank is not None:
+            return self._rerank((query, feats))
         return self.reranker.score(query, feats)
 
     def result(self, m: Match, score: float, itm: float | None = None, cosine: float | None = None) -> Result:
@@ -199,6 +213,12 @@ class Searcher:
     def search(self, params: SearchParams, *, deadline: float | None = None,
                on_candidates: Callable[[list[Match]], None] | None = None,
                cancelled: Callable[[], bool] | None = None) -> SearchOutcome:
+        with self.active.job():
+            return self._search(params, deadline, on_candidates, cancelled)
+
+    def _search(self, params: SearchParams, deadline: float | None,
+                on_candidates: Callable[[list[Match]], None] | None,
+                cancelled: Callable[[], bool] | None) -> SearchOutcome:
         t0 = time.perf_counter()
         key = None
         if self.results is not None:

@@ -38,7 +38,9 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 @cli.command()
-def worker(pool: str = "prefork", concurrency: Annotated[int, typer.Option()] = 0, name: str = "",
+def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_WORKER_POOL), prefork or solo")] = "",
+           concurrency: Annotated[int, typer.Option(help="jobs at once (default: IMGSEARCH_WORKER_CONCURRENCY)")] = 0,
+           name: str = "",
            queue: Annotated[str, typer.Option(help="search (default) or ingest")] = "search",
            loglevel: str = "INFO") -> None:
     """Run a worker: engines load once per process; jobs come from the search queue, or ingest runs from the
@@ -60,7 +62,7 @@ def worker(pool: str = "prefork", concurrency: Annotated[int, typer.Option()] = 
         from engines.registry import prepare_ingest_process
 
         prepare_ingest_process(s)  # before the engines load (prefork children inherit it)
-    app.worker_main(["worker", "--pool", pool, "--concurrency", str(concurrency or s.worker_concurrency),
+    app.worker_main(["worker", "--pool", pool or s.worker_pool, "--concurrency", str(concurrency or s.worker_concurrency),
                      "--queues", queues[queue], "--hostname", name or f"{queue}@%h", "--loglevel", loglevel,
                      "--without-mingle", "--without-gossip"])
 

@@ -110,9 +110,14 @@ def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout:
 
 
 def start_worker(env: Mapping[str, str], log_path: Path | None = None, *, name: str = "worker",
-                 pool: str = "prefork", concurrency: int = 1) -> Proc:
-    return _spawn(name, [sys.executable, "-m", "workers.cli", "worker", "--pool", pool, "--concurrency",
-                         str(concurrency), "--name", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h"], env, log_path)
+                 pool: str | None = None, concurrency: int | None = None) -> Proc:
+    """A worker as ``imgsearch worker`` runs it: the pool and concurrency of its settings unless given."""
+    argv = [sys.executable, "-m", "workers.cli", "worker", "--name", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h"]
+    if pool:
+        argv += ["--pool", pool]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    return _spawn(name, argv, env, log_path)
 
 
 def start_api(env: Mapping[str, str], port: int, log_path: Path | None = None) -> Proc:
