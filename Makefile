@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup redis-server chromium clean lint
+.PHONY: demo test setup redis-server chromium clean lint cloudfunction
 
 setup: $(STAMP) redis-server
 
@@ -35,7 +35,12 @@ test: setup chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) data build
+	rm -rf $(VENV) data build deploy/cloudfunctions/wheels
+
+# the Cloud Function's source folder gets the product's wheel (see deploy/cloudfunctions/requirements.txt)
+cloudfunction: setup
+	rm -rf deploy/cloudfunctions/wheels
+	$(VENV)/bin/python -m pip wheel -q --no-deps -w deploy/cloudfunctions/wheels .
 
 lint: setup
 	$(VENV)/bin/python -m pip install -q ruff mypy

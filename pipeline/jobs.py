@@ -246,3 +246,37 @@ def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job | None:
         if not writer.write(job, ("failed", {"id": job_id, "error": job.error.model_dump()})):
             return None
     return job
+
+
+def submit_blocking(r: redis.Redis, celery: Any, settings: Any, query: str, params: dict[str, Any]) -> Job:
+    """Queue a search job from a synchronous client (the Cloud Function), as the API does: the record and its
+    first event written at once, then the task sent; the record removed again if the broker refused it."""
+    import uuid
+
+    from workers.celery_app import SEARCH_TASK
+
+    now = time.time()
+    wanted = params.pop("deadline_s", None)
+    job = Job(id=uuid.uuid4().hex, status="queued", query=query, params={k: v for k, v in params.items() if v is not None},
+              created_at=now, deadline_at=now + (min(wanted, settings.job_deadline_s) if wanted else settings.job_deadline_s))
+    keys, args = write_args(job, [("queued", {"id": job.id})], settings.job_ttl_s, settings.events_maxlen, create=True)
+    r.register_script(WRITE_SCRIPT)(keys=keys, args=args)
+    try:
+        celery.send_task(SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id, queue=settings.search_queue)
+    except Exception:
+        r.delete(job_key(job.id), events_key(job.id))
+        r.zrem(OPEN_KEY, job.id)
+        raise
+    return job
+
+
+def wait_blocking(r: redis.Redis, job_id: str, timeout: float) -> Job | None:
+    """The job once it ended (following its event stream), or None after ``timeout`` seconds."""
+    until, last = time.monotonic() + timeout, "0"
+    while (left := until - time.monotonic()) > 0:
+        got = r.xread({events_key(job_id): last}, block=max(1, int(min(left, 1.0) * 1000)), count=100)
+        for entry_id, name, _ in parse_events(got[0][1] if got else []):  # type: ignore[index, arg-type]
+            last = entry_id
+            if name in TERMINAL:
+                return parse_job(r.get(job_key(job_id)))
+    return None

@@ -42,6 +42,8 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
            concurrency: Annotated[int, typer.Option(help="jobs at once (default: IMGSEARCH_WORKER_CONCURRENCY)")] = 0,
            name: str = "",
            queue: Annotated[str, typer.Option(help="search (default) or ingest")] = "search",
+           health_port: Annotated[int, typer.Option(help="serve GET /healthz here (200 once this host's worker "
+                                                         "is warm), for platforms that probe a port")] = 0,
            loglevel: str = "INFO") -> None:
     """Run a worker: engines load once per process; jobs come from the search queue, or ingest runs from the
     ingest queue (give ingest its own workers, so a run never holds one that answers queries)."""
@@ -58,6 +60,8 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
         typer.echo(f"error: --queue must be search or ingest, not {queue!r}", err=True)
         raise typer.Exit(2)
     os.environ["IMGSEARCH_WORKER_QUEUE"] = queues[queue]  # the heartbeat says which queue this worker serves
+    if health_port:
+        _serve_health(health_port)
     if queue == "ingest":
         from engines.registry import prepare_ingest_process
 
@@ -65,6 +69,44 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
     app.worker_main(["worker", "--pool", pool or s.worker_pool, "--concurrency", str(concurrency or s.worker_concurrency),
                      "--queues", queues[queue], "--hostname", name or f"{queue}@%h", "--loglevel", loglevel,
                      "--without-mingle", "--without-gossip"])
+
+
+def _worker_healthy() -> bool:
+    """A heartbeat from a worker process on this host with its engines loaded (they are warm by then)."""
+    import json
+    import socket
+
+    import redis
+
+    from pipeline.jobs import HEARTBEAT_PATTERN
+    from pipeline.settings import get_settings
+
+    try:
+        r = redis.Redis.from_url(get_settings().redis_url, socket_timeout=2, socket_connect_timeout=2)
+        keys = list(r.scan_iter(match=HEARTBEAT_PATTERN))
+        beats = [json.loads(raw) for raw in (r.mget(keys) if keys else []) if raw]
+    except (redis.RedisError, ValueError):
+        return False
+    host = socket.gethostname()
+    return any(b.get("host") == host and b.get("engines_loaded") for b in beats)
+
+
+def _serve_health(port: int) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
+            ok = self.path.split("?")[0] == "/healthz" and _worker_healthy()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Health)  # a platform's prober reaches it from outside
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
 
 
 def _preflight(s: Any) -> None:
@@ -131,6 +173,23 @@ def delete(post_ids: Annotated[list[str], typer.Argument(help="Post ids to take 
 
     for out in takedown_posts(post_ids):
         typer.echo(f"{out['id']}: {out['vectors']} vector(s), blobs {out['blobs'] or 'none'} removed")
+
+
+@cli.command()
+def health(worker: Annotated[bool, typer.Option("--worker", help="this host's worker, not the API")] = False,
+           port: int = 8000) -> None:
+    """Exit 0 if healthy (for container healthchecks): the API answers /healthz on this host, or a worker on
+    this host has a live heartbeat (engines loaded, warm)."""
+    import httpx
+
+    if worker:
+        ok = _worker_healthy()
+    else:
+        try:
+            ok = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+    raise typer.Exit(0 if ok else 1)
 
 
 @cli.command()

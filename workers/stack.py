@@ -130,8 +130,13 @@ def live_workers(redis_url: str) -> int:
     return sum(1 for _ in r.scan_iter(match=HEARTBEAT_PATTERN))
 
 
-def api_ready(base_url: str) -> bool:
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether ``GET url`` answers 200 now (False for any other status or no answer)."""
     try:
-        return httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200
+        return httpx.get(url, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def api_ready(base_url: str) -> bool:
+    return http_ok(f"{base_url}/readyz")

@@ -107,13 +107,7 @@ def test_flower_watches_the_workers_behind_basic_auth(live, tmp_path) -> None:  
                         tmp_path / "flower.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        stack.wait_for(up, 60, "Flower to answer")
+        stack.wait_for(lambda: stack.http_ok(f"{base}/healthcheck"), 60, "Flower to answer")
         assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401
         seen: dict[str, Any] = {}
 

@@ -77,6 +77,8 @@ def test_sigkill_a_worker_with_20_jobs_in_flight_a_second_finishes_them(fragile:
         assert ids and len(ids) == len(set(ids))
     # the job caught mid-run started twice: once on the dead worker, once on the second
     assert _event_names(r, caught[0]).count("started") == 2
+    print(f"sigkill: {len(jobs)} accepted, {sum(v['status'] == 'done' for v in results.values())} done, 0 failed, "
+          f"0 lost; {len(caught)} caught running, each started twice and ended once")
 
 
 @dataclass

@@ -39,7 +39,11 @@ class Faulty:
     def run(self, query: str, **params: Any) -> tuple[dict[str, Any], float]:
         """One job to its end: (the job, seconds from submit to its end as the worker recorded it)."""
         job = self.live.wait(self.live.submit(query, **params), timeout=30)
-        return job, job["finished_at"] - job["created_at"]
+        took = job["finished_at"] - job["created_at"]
+        vec, blob = self.pinecone.mode, self.gcs.mode
+        print(f"stores: vector store {vec}, blob store {blob}: {job['status']} "
+              f"{(job.get('error') or {}).get('code', 'degraded' if job.get('degraded') else 'whole')} in {took:.2f} s")
+        return job, took
 
     def breakers(self) -> dict[str, str]:
         (worker,) = httpx.get(f"{self.live.base}/readyz", timeout=5).json()["workers"]

@@ -1,0 +1,32 @@
+# A GPU worker: CUDA, torch's CUDA build, ONNX Runtime GPU and TensorRT. It builds the TensorRT engines for the
+# GPU it runs on at its first start (into the data volume, kept across restarts; never per request), then
+# serves. Build from the repository root:
+#   docker build -f docker/worker-gpu.Dockerfile -t imgsearch-worker-gpu .
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 IMGSEARCH_DATA_DIR=/data \
+    IMGSEARCH_DEVICE=cuda IMGSEARCH_ENGINE_BACKEND=tensorrt IMGSEARCH_ENGINE_PRECISION=fp16 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# the base image's Ubuntu release fixes these packages' versions
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY api api
+COPY workers workers
+COPY pipeline pipeline
+COPY engines engines
+COPY docker/worker-gpu-start.sh /usr/local/bin/worker-gpu-start
+# torch's CUDA 12.8 build first, so the `worker` extra's torch pin is met by it
+# this repository's own package: its dependencies' versions are set in pyproject.toml
+# hadolint ignore=DL3013
+RUN pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
+    && pip install ".[worker,gpu,pinecone,gcs]" \
+    && useradd --create-home --uid 10001 imgsearch \
+    && mkdir -p /data && chown imgsearch /data
+USER imgsearch
+HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 CMD ["imgsearch", "health", "--worker"]
+CMD ["worker-gpu-start"]

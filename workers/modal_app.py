@@ -1,0 +1,112 @@
+"""imgsearch on Modal: a GPU class that holds the engines (built once per GPU type into a Volume) and a web
+endpoint with the API's ``POST /search`` contract. No Redis: Modal's own queue and autoscaling stand in for
+Celery, and each container batches its concurrent queries' model calls as a worker does.
+
+    modal volume create imgsearch-data            # the stores and the engines live here
+    modal volume put imgsearch-data data/ /        # an ingested data dir (vectors/, blobs/), or use Pinecone/GCS
+    modal secret create imgsearch PINECONE_API_KEY=... IMGSEARCH_GCS_BUCKET=...   # optional, may be empty
+    modal deploy workers/modal_app.py              # prints the endpoint's URL
+
+Settings come from the ``imgsearch`` secret and the environment below (IMGSEARCH_*; see pipeline/settings.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import modal
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = os.environ.get("IMGSEARCH_MODAL_GPU", "L4")
+DATA = "/data"
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    # PyPI's Linux torch wheel is the CUDA build: what a GPU container wants
+    .pip_install_from_pyproject(str(ROOT / "pyproject.toml"), optional_dependencies=["worker", "gpu", "pinecone", "gcs"])
+    .env({"IMGSEARCH_DATA_DIR": DATA, "IMGSEARCH_DEVICE": "cuda",
+          "IMGSEARCH_ENGINE_BACKEND": os.environ.get("IMGSEARCH_ENGINE_BACKEND", "tensorrt"),
+          "IMGSEARCH_ENGINE_PRECISION": os.environ.get("IMGSEARCH_ENGINE_PRECISION", "fp16"),
+          "IMGSEARCH_CACHE_RESULTS_TTL_S": "0"})  # no Redis here: nothing to cache results in
+    .add_local_python_source("api", "pipeline", "workers", "engines")
+)
+volume = modal.Volume.from_name("imgsearch-data", create_if_missing=True)
+app = modal.App("imgsearch", image=image, secrets=[modal.Secret.from_name("imgsearch", required_keys=[])])
+
+
+@app.cls(gpu=GPU, volumes={DATA: volume}, scaledown_window=300, timeout=900)
+@modal.concurrent(max_inputs=16)  # concurrent queries share batched model calls (pipeline.batching)
+class Search:
+    @modal.enter()
+    def load(self) -> None:
+        """Once per container: build this GPU type's engines into the Volume if they are not there yet (the
+        first container of a GPU type pays it, never a request), then load them and warm up."""
+        from engines.registry import load_engines, preflight
+        from pipeline.errors import ImgSearchError
+        from pipeline.search import Searcher
+        from pipeline.settings import get_settings
+        from pipeline.stores import make_blob_store, make_vector_store
+
+        s = get_settings()
+        try:
+            preflight(s)
+        except ImgSearchError:
+            _build_engines(s)
+            volume.commit()
+        engines = load_engines(s)
+        self.searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+        self.searcher.warm_up()
+
+    @modal.method()
+    def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        from api.schemas import SearchRequest
+        from pipeline.types import SearchParams
+
+        req = SearchRequest.model_validate(body)
+        params = SearchParams.model_validate(req.model_dump(exclude={"deadline_s"}, exclude_unset=True))
+        outcome = self.searcher.search(params)
+        return {"results": [[r.id, r.score] for r in outcome.results],
+                "degraded": bool(outcome.not_reranked), "timings": outcome.timings}
+
+
+def _build_engines(s: Any) -> None:
+    from engines.export import build_onnx
+
+    precisions = ("fp32", "int8") if s.engine_precision == "int8" else ("fp32",)
+    build_onnx(s.siglip_model, s.blip_model, s.engines_path, precisions=precisions)
+    if s.engine_backend == "tensorrt":
+        from engines.blip import BlipBase
+        from engines.siglip import SiglipBase
+        from engines.trt import build_all
+
+        build_all(SiglipBase(s.siglip_model), BlipBase(s.blip_model), s.engines_path, s.engine_precision)
+
+
+@app.function()
+@modal.asgi_app()
+def web() -> Any:
+    """``POST /search`` as the API answers it: ``{"results": [[post_id, score], ...]}``, 422 on a bad query."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from pydantic import ValidationError
+
+    from api import errors
+    from api.schemas import SearchRequest
+
+    api = FastAPI(title="imgsearch on Modal")
+    errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}
+
+    @api.post("/search")
+    async def search(body: SearchRequest) -> Any:
+        try:
+            return await Search().search.remote.aio(body.model_dump(exclude_unset=True))
+        except ValidationError as exc:  # what the GPU side refused (it validates too)
+            return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)}}, status_code=422)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return api
