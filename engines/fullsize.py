@@ -29,25 +29,26 @@ def siglip_config(vocab: int = VOCAB) -> SiglipConfig:
                            num_hidden_layers=12, num_attention_heads=12))
 
 
-def blip_large_config(vocab: int = VOCAB) -> BlipConfig:
+def _blip_config(vocab: int, vision_hidden: int, vision_layers: int, vision_heads: int) -> BlipConfig:
+    """BLIP ITM: the BERT-base text side with cross-attention to the vision tower's tokens (ViT/16 at 384 px)."""
     return BlipConfig(
         text_config=dict(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                          num_attention_heads=12, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
                          sep_token_id=3),
-        vision_config=dict(image_size=384, patch_size=16, hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16),
+        vision_config=dict(image_size=384, patch_size=16, hidden_size=vision_hidden,
+                           intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
+                           num_attention_heads=vision_heads),
         projection_dim=256)
+
+
+def blip_large_config(vocab: int = VOCAB) -> BlipConfig:
+    """BLIP ITM large (ViT-L/16): the product's default reranker."""
+    return _blip_config(vocab, 1024, 24, 16)
 
 
 def blip_base_config(vocab: int = VOCAB) -> BlipConfig:
-    """BLIP ITM base (ViT-B/16 at 384 px): what the load benchmark runs on a CPU, for both systems."""
-    return BlipConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
-                         sep_token_id=3),
-        vision_config=dict(image_size=384, patch_size=16, hidden_size=768, intermediate_size=3072,
-                           num_hidden_layers=12, num_attention_heads=12),
-        projection_dim=256)
+    """BLIP ITM base (ViT-B/16): what the load benchmark runs on a CPU, for both systems."""
+    return _blip_config(vocab, 768, 12, 12)
 
 
 def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip", "blip"), seed: int = 0) -> dict[str, Path]:
