@@ -15,12 +15,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Literal, TypeVar
 
-from pipeline.errors import DeadlineExceeded, Unavailable
+from pipeline.errors import Unavailable
 
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
-# inside a guarded call, a DeadlineExceeded is the dependency not answering in time
-FAILURES = (Unavailable, DeadlineExceeded, TimeoutError, FutureTimeout, ConnectionError)
+# a job's own deadline running out is not counted here: the caller knows whether the dependency had its full
+# time (and then calls failure() itself)
+FAILURES = (Unavailable, TimeoutError, FutureTimeout, ConnectionError)
 
 
 class CircuitOpen(Unavailable):

@@ -99,11 +99,15 @@ class Searcher:
         top_k = min(1000, max(params.top_k or self.settings.top_k, params.offset + limit))
         call = partial(self.vectors.query, vector, top_k, filter=filters.for_search(params.filter),
                        namespace=params.namespace if params.namespace is not None else self.settings.namespace)
-        with self.breakers["vector_store"].guard():
+        breaker = self.breakers["vector_store"]
+        budget = None if deadline is None else max(0.0, deadline - time.time())
+        with breaker.guard():
             future = self._store_pool.submit(call)
             try:
-                matches: list[Match] = future.result(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+                matches: list[Match] = future.result(timeout=budget)
             except FutureTimeout as exc:
+                if budget is None or budget >= self.settings.store_timeout_s:  # it had its full chance: its fault
+                    breaker.failure()
                 raise DeadlineExceeded("the vector store did not answer within the job's deadline") from exc
         return matches
 
@@ -151,7 +155,7 @@ class Searcher:
             done, late = wait(futures, timeout=timeout)
             for fut in late:
                 fut.cancel()
-            if late:  # a slow store counts against its circuit once per query
+            if late and timeout >= self.settings.fetch_timeout_s:  # slow with its full time: counts once per query
                 breaker.failure()
             failed: dict[str, int] = {"late": len(late)} if late else {}
             for fut in done:
@@ -194,8 +198,8 @@ class Searcher:
         return out + [self.result(m, m.score) for m in candidates if m.id not in done]
 
     def warm_up(self, query: str = "a warm-up query") -> dict[str, float]:
-        """One query through every stage, cached nowhere, so the first real query pays no lazy load (an
-        index read from disk, a filter's bitmap, a store's connections, an engine's first run). Milliseconds
+        """One query through every stage (its result cached nowhere), so the first real query pays no lazy load
+        (an index read from disk, a filter's bitmap, a store's connections, an engine's first run). Milliseconds
         per stage; a stage that fails here is logged and left to fail (or succeed) on a real query."""
         clock = _Clock(None)
         try:
