@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -24,6 +23,7 @@ from pipeline.jobs import (
     events_key,
     heartbeat_key,
     job_key,
+    new_job,
     parse_events,
     parse_job,
     reaped,
@@ -49,26 +49,24 @@ class JobService:
         keys, args = write_args(job, list(events), self.settings.job_ttl_s, self.settings.events_maxlen, create)
         return bool(await self._write_script(keys=keys, args=args))
 
+    async def _send(self, job_id: str) -> None:
+        """The job's task on the search queue (the broker's client blocks: off the event loop)."""
+        send = partial(self.celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id,
+                       queue=self.settings.search_queue)
+        await anyio.to_thread.run_sync(send)
+
     async def submit(self, query: str, params: dict[str, Any], *, request_id: str | None = None,
                      inflight_key: str | None = None) -> Job:
         if len(query) > self.settings.max_query_chars:
             raise InvalidRequest(f"the query is {len(query)} characters long; the limit is {self.settings.max_query_chars}")
         filters.for_search(params.get("filter"))  # refused here, not later in the worker
-        params = dict(params)
-        wanted = params.pop("deadline_s", None)
-        deadline_s = min(wanted, self.settings.job_deadline_s) if wanted else self.settings.job_deadline_s
         cap = self.settings.max_queue_length
         if cap and await self.redis.llen(self.settings.search_queue) >= cap:
             raise Unavailable(f"the search queue is full ({cap} jobs waiting); retry shortly", code="queue_full")
-        now = time.time()
-        job = Job(id=uuid.uuid4().hex, status="queued", query=query,
-                  params={k: v for k, v in params.items() if v is not None}, created_at=now,
-                  deadline_at=now + deadline_s, request_id=request_id, inflight_key=inflight_key)
+        job = new_job(self.settings, query, params, request_id=request_id, inflight_key=inflight_key)
         await self._write(job, ("queued", {"id": job.id}), create=True)
-        send = partial(self.celery.send_task, SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id,
-                       queue=self.settings.search_queue)
         try:
-            await anyio.to_thread.run_sync(send)
+            await self._send(job.id)
         except Exception as exc:  # the broker is unreachable: don't leave a job that will never run
             try:
                 pipe = self.redis.pipeline(transaction=True)
@@ -127,9 +125,7 @@ class JobService:
             await self.redis.expire(resent_key(job_id), s.job_ttl_s)
             if n > s.rescue_max:
                 continue
-            send = partial(self.celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id,
-                           queue=s.search_queue)
-            await anyio.to_thread.run_sync(send)
+            await self._send(job_id)
             sent.append(job_id)
         return sent
 

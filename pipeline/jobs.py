@@ -248,17 +248,26 @@ def _run(job: Job, searcher: Searcher, writer: JobWriter) -> Job | None:
     return job
 
 
+def new_job(settings: Any, query: str, params: dict[str, Any], *, request_id: str | None = None,
+            inflight_key: str | None = None) -> Job:
+    """A queued job's record: its own ``deadline_s`` (capped by the server's) taken out of its params."""
+    import uuid
+
+    params = dict(params)
+    wanted = params.pop("deadline_s", None)
+    now = time.time()
+    return Job(id=uuid.uuid4().hex, status="queued", query=query,
+               params={k: v for k, v in params.items() if v is not None}, created_at=now,
+               deadline_at=now + (min(wanted, settings.job_deadline_s) if wanted else settings.job_deadline_s),
+               request_id=request_id, inflight_key=inflight_key)
+
+
 def submit_blocking(r: redis.Redis, celery: Any, settings: Any, query: str, params: dict[str, Any]) -> Job:
     """Queue a search job from a synchronous client (the Cloud Function), as the API does: the record and its
     first event written at once, then the task sent; the record removed again if the broker refused it."""
-    import uuid
-
     from workers.celery_app import SEARCH_TASK
 
-    now = time.time()
-    wanted = params.pop("deadline_s", None)
-    job = Job(id=uuid.uuid4().hex, status="queued", query=query, params={k: v for k, v in params.items() if v is not None},
-              created_at=now, deadline_at=now + (min(wanted, settings.job_deadline_s) if wanted else settings.job_deadline_s))
+    job = new_job(settings, query, params)
     keys, args = write_args(job, [("queued", {"id": job.id})], settings.job_ttl_s, settings.events_maxlen, create=True)
     r.register_script(WRITE_SCRIPT)(keys=keys, args=args)
     try:
