@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.errors import ModelLoadError
 
 SIGLIP_COMPONENTS = ("siglip_text", "siglip_image")
-BLIP_COMPONENTS = ("blip_vision", "blip_itc", "blip_itm")
+BLIP_COMPONENTS = ("blip_vision", "blip_itc", "blip_itm", "blip_itm_rx")  # rx: the reassociated ITM pass
 PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp16", "fp32")}
 
 

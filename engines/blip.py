@@ -2,15 +2,20 @@
 
 Ingest runs the vision tower once per image and stores its output. A query then runs only the text side:
 one unimodal pass for ITC and one batched cross-attention pass over all candidates for ITM. Both equal
-the full forward on pixels (the split changes where work happens, not the numbers).
+the full forward on pixels (the split changes where work happens, not the numbers). Where it is cheaper for
+the query's length (always, at BLIP's 35 tokens), the ITM pass runs with its cross-attention reassociated
+(``engines/crossattn.py``): the same numbers without projecting the image tokens to keys and values.
 
-``BlipBase`` holds what every backend shares (tokenizer, image processor, batching, cosine); each backend
-supplies three cores: ``_vision_core`` (pixels -> image embeds), ``_itc_core`` (query -> projected text
-feature) and ``_itm_core`` (query x image embeds -> ITM match probability and projected image feature).
+``BlipBase`` holds what every backend shares (tokenizer, image processor, batching, cosine, the choice of ITM
+pass); each backend supplies four cores: ``_vision_core`` (pixels -> image embeds), ``_itc_core`` (query ->
+projected text feature), ``_itm_core`` (the plain pass: one query row per candidate x image embeds -> ITM
+match probability and projected image feature) and ``_itm_rx_core`` (the reassociated pass: query rows, each
+candidate's query row, image embeds -> the same outputs).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,22 +25,43 @@ from numpy.typing import NDArray
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
+from engines.crossattn import ReassociatedItm, reassociation_pays
 from engines.loading import resolve, version_of
 from engines.siglip import DTYPES, l2
 
 SETTING = "IMGSEARCH_BLIP_MODEL"
+MAX_TOKENS = 35  # BLIP ITM (COCO) was trained on captions of at most 35 tokens, [CLS] and [SEP] included
+CROSS_ATTENTION = ("auto", "plain")  # auto: reassociated wherever it is cheaper; plain: transformers' own pass
+
+
+def cross_attention_shape(config: dict[str, Any]) -> dict[str, int]:
+    """What the cost of BLIP's cross-attention depends on, from the model's config.json."""
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    image, patch = int(vision.get("image_size", 384)), int(vision.get("patch_size", 16))
+    return {"hidden": int(text.get("hidden_size", 768)), "heads": int(text.get("num_attention_heads", 12)),
+            "patches": (image // patch) ** 2 + 1, "width": int(vision.get("hidden_size", 768))}
 
 
 class BlipBase:
     backend = "base"
 
-    def __init__(self, source: str, *, setting: str = SETTING, batch_size: int = 32, max_tokens: int = 64) -> None:
+    def __init__(self, source: str, *, setting: str = SETTING, batch_size: int = 32, max_tokens: int = MAX_TOKENS,
+                 cross_attention: str = "auto") -> None:
+        if cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"unknown cross_attention {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
         self.path = resolve(source, setting)
         self.version = version_of(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.processor = AutoImageProcessor.from_pretrained(self.path)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.cross_attention = cross_attention
+        self.shape = cross_attention_shape(json.loads((self.path / "config.json").read_text()))
+
+    def reassociates(self, tokens: int) -> bool:
+        """Whether a call with queries padded to ``tokens`` runs the reassociated ITM pass (decided from the
+        shapes alone, so a query's numbers never depend on what it was batched with beyond rounding)."""
+        return self.cross_attention == "auto" and reassociation_pays(tokens, **self.shape)
 
     # --- pre ---
     def pixel_inputs(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
@@ -61,6 +87,19 @@ class BlipBase:
         """``embeds``: the candidates' stored vision features, stacked, in their stored dtype."""
         raise NotImplementedError
 
+    def _itm_rx_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+                     embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        """``ids``/``mask``: one row per query; ``owner``: each candidate's query row."""
+        raise NotImplementedError
+
+    def _itm(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+             embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        """ITM for candidates ``embeds`` of the queries ``ids[owner]``, by the cheaper exact pass."""
+        if self.reassociates(ids.shape[1]):
+            used, row = np.unique(owner, return_inverse=True)  # each query's first layer once, for its own rows
+            return self._itm_rx_core(ids[used], mask[used], row.astype(np.int64), embeds)
+        return self._itm_core(ids[owner], mask[owner], embeds)
+
     # --- the Reranker protocol ---
     def vision_features(self, images: Sequence[Image.Image]) -> NDArray[np.float16]:
         return np.asarray(self._vision_core(self.pixel_inputs(images)), dtype=np.float16)
@@ -75,8 +114,7 @@ class BlipBase:
         for start in range(0, len(features), self.batch_size):
             # as stored (float16): each core casts where it runs (on the GPU, after a copy of half the bytes)
             embeds = np.stack(features[start:start + self.batch_size])
-            n = embeds.shape[0]
-            itm, image_proj = self._itm_core(np.repeat(ids, n, 0), np.repeat(mask, n, 0), embeds)
+            itm, image_proj = self._itm(ids, mask, np.zeros(embeds.shape[0], np.int64), embeds)
             itm_out.append(np.asarray(itm, np.float32))
             cos_out.append(l2(image_proj) @ text_feat)
         return np.concatenate(itm_out), np.concatenate(cos_out).astype(np.float32)
@@ -98,7 +136,7 @@ class BlipBase:
         itm_all, cos_all = np.zeros(len(feats), np.float32), np.zeros(len(feats), np.float32)
         for start in range(0, len(feats), pairs_per_call):
             rows = owner[start:start + pairs_per_call]
-            itm, proj = self._itm_core(ids[rows], mask[rows], np.stack(feats[start:start + pairs_per_call]))
+            itm, proj = self._itm(ids, mask, rows, np.stack(feats[start:start + pairs_per_call]))
             itm_all[start:start + len(rows)] = np.asarray(itm, np.float32)
             cos_all[start:start + len(rows)] = np.einsum("nd,nd->n", l2(np.asarray(proj, np.float32)), text_feat[rows])
         out, at = [], 0
@@ -114,6 +152,7 @@ class BlipCores(torch.nn.Module):
     def __init__(self, model: BlipForImageTextRetrieval) -> None:
         super().__init__()
         self.m = model
+        self.rx = ReassociatedItm(model)
 
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.m.vision_model(pixel_values=pixel_values).last_hidden_state  # type: ignore[no-any-return]
@@ -131,6 +170,10 @@ class BlipCores(torch.nn.Module):
         itm = torch.softmax(self.m.itm_head(hidden).float(), dim=-1)[:, 1]
         return itm, self.m.vision_proj(image_embeds[:, 0, :])
 
+    def itm_rx(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, owner: torch.Tensor,
+               image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rx(input_ids, attention_mask, owner, image_embeds)  # type: ignore[no-any-return]
+
 
 class TorchBlip(BlipBase):
     """Weights cast to the precision once at load, as in ``TorchSiglip``."""
@@ -138,8 +181,9 @@ class TorchBlip(BlipBase):
     backend = "torch"
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", setting: str = SETTING,
-                 batch_size: int = 32, max_tokens: int = 64) -> None:
-        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens)
+                 batch_size: int = 32, max_tokens: int = MAX_TOKENS, cross_attention: str = "auto") -> None:
+        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
+                         cross_attention=cross_attention)
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
@@ -161,6 +205,12 @@ class TorchBlip(BlipBase):
     def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
                   embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         itm, proj = self.cores.itm(self._t(ids), self._t(mask), self._t(embeds))
+        return itm.float().cpu().numpy(), proj.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _itm_rx_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+                     embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.cores.itm_rx(self._t(ids), self._t(mask), self._t(owner), self._t(embeds))
         return itm.float().cpu().numpy(), proj.float().cpu().numpy()
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engines.artifacts import onnx_path, require
+from engines.artifacts import BLIP_COMPONENTS, onnx_path, require
+from engines.blip import MAX_TOKENS as BLIP_MAX_TOKENS
 from engines.blip import SETTING as BLIP_SETTING
 from engines.blip import BlipBase
 from engines.siglip import SETTING as SIGLIP_SETTING
@@ -67,6 +68,7 @@ class Session:
     def __init__(self, path: Path, device: str, threads: int, shared: bool = True) -> None:
         self.path, self.device, self.threads, self.shared = path, device, threads, shared
         self._sess: Any = None
+        self.runs = 0  # how often it ran (tests check which graph a call took)
 
     def __call__(self, **inputs: NDArray[Any]) -> list[NDArray[Any]]:
         if self._sess is None:
@@ -82,6 +84,7 @@ class Session:
                 # per-session pools that spin after their run would steal the cores the next session needs
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers(self.device))
+        self.runs += 1
         return self._sess.run(None, inputs)  # type: ignore[no-any-return]
 
 
@@ -118,11 +121,11 @@ class OrtBlip(BlipBase):
     backend = "onnxruntime"
 
     def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
-                 threads: int = 0, batch_size: int = 32, max_tokens: int = 64, setting: str = BLIP_SETTING,
-                 shared_pool: bool = True) -> None:
-        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens)
-        self.s = _sessions(engine_dir, self.version, ("blip_vision", "blip_itc", "blip_itm"), precision, device, threads,
-                           shared_pool)
+                 threads: int = 0, batch_size: int = 32, max_tokens: int = BLIP_MAX_TOKENS, setting: str = BLIP_SETTING,
+                 shared_pool: bool = True, cross_attention: str = "auto") -> None:
+        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
+                         cross_attention=cross_attention)
+        self.s = _sessions(engine_dir, self.version, BLIP_COMPONENTS, precision, device, threads, shared_pool)
 
     def _vision_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
         return self.s["blip_vision"](pixel_values=pixel_values)[0]
@@ -133,4 +136,10 @@ class OrtBlip(BlipBase):
     def _itm_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
                   embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         itm, proj = self.s["blip_itm"](input_ids=ids, attention_mask=mask, image_embeds=embeds.astype(np.float32, copy=False))
+        return itm, proj
+
+    def _itm_rx_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+                     embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.s["blip_itm_rx"](input_ids=ids, attention_mask=mask, owner=owner,
+                                          image_embeds=embeds.astype(np.float32, copy=False))
         return itm, proj

@@ -31,7 +31,8 @@ def _torch(s: Settings) -> Engines:
     from engines.siglip import TorchSiglip
 
     siglip = TorchSiglip(s.siglip_model, device=s.device, precision=s.engine_precision, max_tokens=s.text_max_tokens)
-    blip = TorchBlip(s.blip_model, device=s.device, precision=s.engine_precision)
+    blip = TorchBlip(s.blip_model, device=s.device, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
+                     cross_attention=s.blip_cross_attention)
     return Engines(siglip, siglip, blip, "torch", s.engine_precision)
 
 
@@ -40,7 +41,8 @@ def _onnxruntime(s: Settings) -> Engines:
 
     kw = dict(device=s.device, precision=s.engine_precision, threads=s.torch_threads)
     siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, **kw)  # type: ignore[arg-type]
-    blip = OrtBlip(s.blip_model, s.engines_path, **kw)  # type: ignore[arg-type]
+    blip = OrtBlip(s.blip_model, s.engines_path, max_tokens=s.blip_max_tokens,  # type: ignore[arg-type]
+                   cross_attention=s.blip_cross_attention, **kw)
     return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision)
 
 
@@ -48,7 +50,8 @@ def _tensorrt(s: Settings) -> Engines:
     from engines.trt import TrtBlip, TrtSiglip
 
     siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens)
-    blip = TrtBlip(s.blip_model, s.engines_path, precision=s.engine_precision)
+    blip = TrtBlip(s.blip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
+                   cross_attention=s.blip_cross_attention)
     return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision)
 
 

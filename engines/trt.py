@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from engines.artifacts import EngineMissing, onnx_path
+from engines.blip import MAX_TOKENS as BLIP_MAX_TOKENS
 from engines.blip import SETTING as BLIP_SETTING
 from engines.blip import BlipBase
 from engines.siglip import SETTING as SIGLIP_SETTING
@@ -142,10 +143,12 @@ class TrtBlip(BlipBase):
     backend = "tensorrt"
 
     def __init__(self, source: str, engine_dir: Path, *, precision: str = "fp16", batch_size: int = 32,
-                 max_tokens: int = 64, setting: str = BLIP_SETTING) -> None:
-        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens)
+                 max_tokens: int = BLIP_MAX_TOKENS, setting: str = BLIP_SETTING, cross_attention: str = "auto") -> None:
+        super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
+                         cross_attention=cross_attention)
         self.itc = Plan(plan_path(engine_dir, self.version, "blip_itc", precision))
         self.itm = Plan(plan_path(engine_dir, self.version, "blip_itm", precision))
+        self.itm_rx = Plan(plan_path(engine_dir, self.version, "blip_itm_rx", precision))
         self._vision_plan = lambda: Plan(plan_path(engine_dir, self.version, "blip_vision", precision))
         self._vision: Plan | None = None
 
@@ -161,10 +164,17 @@ class TrtBlip(BlipBase):
         itm, proj = self.itm(input_ids=ids, attention_mask=mask, image_embeds=embeds.astype(np.float32, copy=False))
         return itm, proj
 
+    def _itm_rx_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+                     embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+        itm, proj = self.itm_rx(input_ids=ids, attention_mask=mask, owner=owner,
+                                image_embeds=embeds.astype(np.float32, copy=False))
+        return itm, proj
 
-def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128) -> dict[str, dict[str, Any]]:
-    """Optimisation profiles sized to the real inputs: 64-token queries, the processors' image sizes, and up to
-    ``max_batch`` rerank candidates with BLIP's patch count and width."""
+
+def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128, max_queries: int = 8) -> dict[str, dict[str, Any]]:
+    """Optimisation profiles that cover every call the worker makes: SigLIP's 64-token queries, the processors'
+    image sizes, up to ``max_queries`` queries per call (the batcher's ``batch_max``: BLIP's ITC runs one row per
+    query) and up to ``max_batch`` rerank candidates with BLIP's patch count and width."""
     import json as _json
 
     s_cfg = _json.loads((siglip.path / "config.json").read_text())["vision_config"]
@@ -174,20 +184,24 @@ def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128) -> di
     width = b_cfg.get("hidden_size", 768)
     t = siglip.max_tokens
     q = blip.max_tokens
+    nq = max(1, max_queries)
+    embeds = ((1, patches, width), (32, patches, width), (max_batch, patches, width))
     return {
-        "siglip_text": {"input_ids": ((1, t), (16, t), (64, t))},
+        "siglip_text": {"input_ids": ((1, t), (16, t), (max(64, nq), t))},
         "siglip_image": {"pixel_values": ((1, 3, s_img, s_img), (16, 3, s_img, s_img), (32, 3, s_img, s_img))},
         "blip_vision": {"pixel_values": ((1, 3, b_img, b_img), (16, 3, b_img, b_img), (32, 3, b_img, b_img))},
-        "blip_itc": {"input_ids": ((1, 1), (1, 16), (1, q)), "attention_mask": ((1, 1), (1, 16), (1, q))},
+        "blip_itc": {"input_ids": ((1, 1), (1, 16), (nq, q)), "attention_mask": ((1, 1), (1, 16), (nq, q))},
         "blip_itm": {"input_ids": ((1, 1), (32, 16), (max_batch, q)), "attention_mask": ((1, 1), (32, 16), (max_batch, q)),
-                     "image_embeds": ((1, patches, width), (32, patches, width), (max_batch, patches, width))},
+                     "image_embeds": embeds},
+        "blip_itm_rx": {"input_ids": ((1, 1), (1, 16), (nq, q)), "attention_mask": ((1, 1), (1, 16), (nq, q)),
+                        "owner": ((1,), (32,), (max_batch,)), "image_embeds": embeds},
     }
 
 
 def build_all(siglip: SiglipBase, blip: BlipBase, engine_dir: Path, precision: str = "fp16",
-              force: bool = False) -> list[Path]:
+              force: bool = False, max_queries: int = 8) -> list[Path]:
     built = []
-    for component, shapes in profiles_for(siglip, blip).items():
+    for component, shapes in profiles_for(siglip, blip, max_queries=max_queries).items():
         version = siglip.version if component.startswith("siglip") else blip.version
         plan = plan_path(engine_dir, version, component, precision)
         if force or not plan.is_file():

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     engine_dir: Path | None = None  # built engines; default {data_dir}/engines
     device: str = "cpu"
     text_max_tokens: int = 64
+    # BLIP ITM was trained on captions of at most 35 tokens ([CLS] and [SEP] included); longer queries are cut there
+    blip_max_tokens: int = Field(35, ge=2, le=512)
+    # auto: BLIP's cross-attention reassociated wherever that is cheaper (exact; engines/crossattn.py); plain:
+    # transformers' own forward, for comparison and debugging
+    blip_cross_attention: Literal["auto", "plain"] = "auto"
     torch_threads: int = 0  # 0: leave torch's default
 
     # --- search ---
