@@ -4,8 +4,14 @@ Rows: SigLIP text latency at batch 1 and 16, SigLIP image throughput at batch 16
 with 32 candidates from stored features, and the original's way of reranking (BLIP vision tower on each
 candidate's pixels, then the text encoder once per candidate) for comparison.
 
-    python -m bench.engines --quick   # tiny models + the full-size SigLIP text tower (< 3 minutes)
-    python -m bench.engines           # the full table on full-size random-weight models
+Then the rerank table: full-size BLIP-base and BLIP-large, each backend with the reassociated cross-attention
+(``IMGSEARCH_BLIP_CROSS_ATTENTION=auto``) and without it (``plain``), for queries of 8, 16, 32 and 64 tokens and
+32 and 128 candidates; each backend in a fresh process, both ways in the same process, alternating.
+
+    python -m bench.engines --quick   # tiny models, the full-size SigLIP text tower, and BLIP-base's rerank at
+                                      # 8 tokens x 32 candidates; last line: rerank_speedup_8tok=<best with the
+                                      # rewrite / best without it>
+    python -m bench.engines           # the full tables on full-size random-weight models
 
 Full-size models are random-weight models of the real architectures (engines/fullsize.py): same cost as
 the real checkpoints. They and their ONNX exports are built into ``build/`` (ignored by git).
@@ -169,6 +175,105 @@ def run(models: dict[str, Path], engines: Path, *, text_only: bool, repeat: int,
     return rows
 
 
+# --- the rerank table: with and without the reassociated cross-attention ---
+RERANK_BACKENDS = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+GPU_RERANK_BACKENDS = (("torch", "fp32"), ("torch", "fp16"), ("tensorrt", "fp16"))
+
+
+def exact_query(blip: BlipBase, tokens: int) -> str:
+    """A query that tokenizes to exactly ``tokens`` ids ([CLS] and [SEP] included)."""
+    words = [w for w in ("red", "blue", "green", "circle", "square", "small") if len(blip.tokenizer.tokenize(w)) == 1]
+    query = " ".join(words[i % len(words)] for i in range(tokens - 2))
+    assert blip.query_inputs(query)[0].shape[1] == tokens, (tokens, blip.query_inputs(query)[0].shape)
+    return query
+
+
+def rerank_times(backend: str, precision: str, folder: Path, engines: Path, feats_file: Path, lengths: tuple[int, ...],
+                 counts: tuple[int, ...], device: str) -> list[dict[str, Any]]:
+    """One backend's rerank rows, in a fresh process: for each length and candidate count, the median time of
+    ``score`` with the rewrite (auto) and without it (plain), timed alternately so both see the same machine."""
+    global DEVICE
+    DEVICE = device
+    stored = np.load(feats_file)
+    made = {}
+    for mode in ("auto", "plain"):
+        if backend == "torch":
+            made[mode] = TorchBlip(str(folder), precision=precision, device=device, max_tokens=64, cross_attention=mode)
+        elif backend == "tensorrt":
+            from engines.trt import TrtBlip
+
+            made[mode] = TrtBlip(str(folder), engines, precision=precision, max_tokens=64, cross_attention=mode)
+        else:
+            made[mode] = OrtBlip(str(folder), engines, precision=precision, device=device, max_tokens=64,
+                                 cross_attention=mode)
+    rows = []
+    for n in counts:
+        feats = list(stored[np.arange(n) % len(stored)])
+        for tokens in lengths:
+            query = exact_query(made["auto"], tokens)
+            times: dict[str, list[float]] = {"auto": [], "plain": []}
+            repeat = 3 if n <= 32 else 2
+            for mode in ("auto", "plain"):
+                made[mode].score(query, feats)  # warm-up: first-run allocations, lazy sessions
+            for _ in range(repeat):
+                for mode in ("auto", "plain"):
+                    t0 = time.perf_counter()
+                    made[mode].score(query, feats)
+                    times[mode].append((time.perf_counter() - t0) * 1000)
+            rows.append({"backend": backend, "precision": precision, "tokens": tokens, "candidates": n,
+                         "rewrite": made["auto"].reassociates(tokens),
+                         "with_ms": statistics.median(times["auto"]), "without_ms": statistics.median(times["plain"])})
+    return rows
+
+
+def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[int, ...],
+                      counts: tuple[int, ...]) -> list[dict[str, Any]]:
+    chosen = RERANK_BACKENDS if DEVICE == "cpu" else GPU_RERANK_BACKENDS
+    if DEVICE == "cpu":
+        build_onnx(str(folder), str(folder), engines, precisions=("fp32", "int8"), components=("blip_vision", "blip_itc",
+                                                                                               "blip_itm", "blip_itm_rx"))
+    else:
+        try:  # TensorRT plans of BLIP's text side, where tensorrt is installed
+            from engines.trt import blip_profiles, build_plans
+
+            build_onnx(str(folder), str(folder), engines, precisions=("fp32",))
+            blip = BlipBase(str(folder), max_tokens=64)
+            profiles = {c: p for c, p in blip_profiles(blip).items() if c != "blip_vision"}
+            build_plans(profiles, dict.fromkeys(profiles, blip.version), engines, "fp16")
+        except Exception as exc:  # no tensorrt there: the rest
+            print(f"tensorrt skipped: {type(exc).__name__}: {exc}")
+            chosen = chosen[:2]
+    one = TorchBlip(str(folder)).vision_features(images(4))
+    feats_file = engines / f"rerank-feats-{label}.npy"
+    np.save(feats_file, np.concatenate([one + np.float16(0.01) * i for i in range(8)]))
+    rows = []
+    for b, p in chosen:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            got = pool.submit(rerank_times, b, p, folder, engines, feats_file, lengths, counts, DEVICE).result()
+        rows += [{"models": label, **r} for r in got]
+    return rows
+
+
+def rerank_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| models | backend | tokens | candidates | rewrite used | with (ms) | without (ms) | speedup |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['models']} | {r['backend']} {r['precision']} | {r['tokens']} | {r['candidates']} | "
+                   f"{'yes' if r['rewrite'] else 'no'} | {r['with_ms']:.0f} | {r['without_ms']:.0f} | "
+                   f"{r['without_ms'] / r['with_ms']:.2f}x |")
+    return "\n".join(out)
+
+
+def best_speedup(rows: list[dict[str, Any]], models: str, tokens: int = 8, candidates: int = 32) -> tuple[float, str]:
+    """The best backend with the rewrite against the best backend without it, for one shape."""
+    at = [r for r in rows if r["models"] == models and r["tokens"] == tokens and r["candidates"] == candidates]
+    best_with = min(at, key=lambda r: r["with_ms"])
+    best_without = min(at, key=lambda r: r["without_ms"])
+    return best_without["without_ms"] / best_with["with_ms"], (
+        f"with: {best_with['backend']} {best_with['precision']} {best_with['with_ms']:.0f} ms; without: "
+        f"{best_without['backend']} {best_without['precision']} {best_without['without_ms']:.0f} ms")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [("siglip_text_b1_ms", "SigLIP text b1 (ms)"), ("siglip_text_b16_ms", "SigLIP text b16 (ms)"),
             ("siglip_image_b16_img_per_s", "SigLIP image b16 (img/s)"), ("blip_rerank_32_ms", "BLIP rerank 32 (ms)")]
@@ -196,6 +301,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table")
+    ap.add_argument("--rerank-only", action="store_true", help="only the rerank table (with and without the rewrite)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -204,20 +310,36 @@ def main() -> None:
     from engines.tiny import make_tiny_models
 
     t0 = time.perf_counter()
-    tiny_s, tiny_b = make_tiny_models(args.build / "tiny")
-    rows = run({"siglip": tiny_s, "blip": tiny_b}, args.build / "engines", text_only=False, repeat=args.repeat,
-               label="tiny")
-    full = make_fullsize_models(args.build / "fullsize", which=("siglip",) if args.quick else ("siglip", "blip"))
-    if args.quick:
-        full["blip"] = tiny_b  # not timed in quick mode: only the text tower is
-    rows += run(full, args.build / "engines", text_only=args.quick, repeat=args.repeat,
-                label="full-size SigLIP text" if args.quick else "full-size")
+    rows: list[dict[str, Any]] = []
+    if not args.rerank_only:
+        tiny_s, tiny_b = make_tiny_models(args.build / "tiny")
+        rows = run({"siglip": tiny_s, "blip": tiny_b}, args.build / "engines", text_only=False, repeat=args.repeat,
+                   label="tiny")
+        full = make_fullsize_models(args.build / "fullsize", which=("siglip",) if args.quick else ("siglip", "blip"))
+        if args.quick:
+            full["blip"] = tiny_b  # not timed in quick mode: only the text tower is
+        rows += run(full, args.build / "engines", text_only=args.quick, repeat=args.repeat,
+                    label="full-size SigLIP text" if args.quick else "full-size")
+    # the rerank table: the reassociated cross-attention against the plain pass
+    blips = ("blip-base",) if args.quick else ("blip-base", "blip")
+    made = make_fullsize_models(args.build / "fullsize", which=blips)
+    lengths, counts = ((8,), (32,)) if args.quick else ((8, 16, 32, 64), (32, 128))
+    rr: list[dict[str, Any]] = []
+    for name in blips:
+        label = "BLIP-base" if name == "blip-base" else "BLIP-large"
+        rr += rerank_table_rows(made[name], args.build / "engines", label, lengths, counts)
     where = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}; {time.perf_counter() - t0:.0f} s in all")
-    print(table(rows))
+    if rows:
+        print(table(rows))
+        print()
+    print(rerank_table(rr))
+    speedup, how = best_speedup(rr, "BLIP-base")
+    print(f"# best backend with the rewrite against the best without it, BLIP-base, 8 tokens, 32 candidates: {how}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2))
+        args.out.write_text(json.dumps({"engines": rows, "rerank": rr}, indent=2))
+    print(f"rerank_speedup_8tok={speedup:.2f}")
 
 
 if __name__ == "__main__":

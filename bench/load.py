@@ -321,6 +321,13 @@ def main() -> None:
     ap.add_argument("--backend", default=None, help="our engines: onnxruntime (default; int8) or torch (--quick's)")
     ap.add_argument("--precision", default=None, help="int8 for onnxruntime (default), fp32 for torch")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both systems")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="also run ours with BLIP's plain cross-attention (as before the rewrite) at the same levels, "
+                         "on --plain-backend/--plain-precision")
+    ap.add_argument("--plain-backend", default="onnxruntime", help="default onnxruntime (int8): the fastest CPU "
+                    "backend without the rewrite (bench.engines)")
+    ap.add_argument("--plain-precision", default=None)
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the lone query with batching off")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     models = args.models or ("tiny" if args.quick else "base")
@@ -342,26 +349,41 @@ def main() -> None:
         env["IMGSEARCH_TORCH_THREADS"] = str(args.threads)
         baseline_env = dict(env)
         env.update(IMGSEARCH_ENGINE_BACKEND=backend, IMGSEARCH_ENGINE_PRECISION=precision)
-        if backend == "onnxruntime":
+        plain_precision = args.plain_precision or ("int8" if args.plain_backend == "onnxruntime" else "fp32")
+        plain_env = {**env, "IMGSEARCH_ENGINE_BACKEND": args.plain_backend,
+                     "IMGSEARCH_ENGINE_PRECISION": plain_precision, "IMGSEARCH_BLIP_CROSS_ATTENTION": "plain"}
+        ort_precisions = {p for b, p in ((backend, precision), (args.plain_backend, plain_precision))
+                          if b == "onnxruntime" and (b == backend or args.compare_plain)}
+        if ort_precisions:
             from engines.export import build_onnx
 
-            print(f"building ONNX Runtime {precision} engines", flush=True)
+            print(f"building ONNX Runtime {sorted(ort_precisions)} engines", flush=True)
             t0 = time.perf_counter()
             build_onnx(env["IMGSEARCH_SIGLIP_MODEL"], env["IMGSEARCH_BLIP_MODEL"], root / "data" / "engines",
-                       precisions=(precision,))
+                       precisions=tuple(sorted(ort_precisions)))
             report["engine_build_s"] = round(time.perf_counter() - t0, 1)
+        if args.compare_plain:
+            report["ours_plain"] = f"{args.plain_backend} {plain_precision}, plain cross-attention"
+        plain_env.update({"IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0"})
         env.update({"IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0"})
         rport = stack.free_port()
         redis_proc = stack.start_redis(rport, root / "redis", root / "redis.log")
         env["IMGSEARCH_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
         rows: list[dict[str, Any]] = []
         try:
-            # ours, batching off: the lone query's cost without the batcher
-            procs, base = start_ours({**env, "IMGSEARCH_BATCH_MAX": "1"}, root, "unbatched")
-            pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
-            rows += run_system(ours_call, base, [1], duration, timeout, pid, "ours, batching off")
-            for p in reversed(procs):
-                p.stop()
+            if not args.no_unbatched:  # ours, batching off: the lone query's cost without the batcher
+                procs, base = start_ours({**env, "IMGSEARCH_BATCH_MAX": "1"}, root, "unbatched")
+                pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
+                rows += run_system(ours_call, base, [1], duration, timeout, pid, "ours, batching off")
+                for p in reversed(procs):
+                    p.stop()
+            if args.compare_plain:  # ours as before the rewrite, on its best backend then
+                plain_env["IMGSEARCH_REDIS_URL"] = env["IMGSEARCH_REDIS_URL"]
+                procs, base = start_ours(plain_env, root, "plain")
+                pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
+                rows += run_system(ours_call, base, levels, duration, timeout, pid, "ours, plain cross-attention")
+                for p in reversed(procs):
+                    p.stop()
             procs, base = start_ours(env, root, "ours")
             pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
             rows += run_system(ours_call, base, levels, duration, timeout, pid, "ours")
@@ -385,7 +407,13 @@ def main() -> None:
     base_rows = {r["concurrency"]: r for r in rows if r["system"] == "baseline"}
     both = sorted(set(ours) & set(base_rows))
     top = both[-1]
-    unbatched = next(r for r in rows if r["system"] == "ours, batching off")
+    unbatched = next((r for r in rows if r["system"] == "ours, batching off"), ours[min(ours)])
+    plain = {r["concurrency"]: r for r in rows if r["system"] == "ours, plain cross-attention"}
+    if plain:
+        report["rewrite"] = {f"c{c}": {"qps_ratio": round(ours[c]["throughput_qps"] / max(plain[c]["throughput_qps"], 1e-9), 2),
+                                       "p50_ratio": round(plain[c]["e2e_ms"]["p50"] / ours[c]["e2e_ms"]["p50"], 2)}
+                             for c in sorted(set(ours) & set(plain))}
+        report["rewrite"]["qps_c_max_over_c1"] = round(ours[max(ours)]["throughput_qps"] / ours[min(ours)]["throughput_qps"], 3)
     report["summary"] = {
         "throughput_ratio_at": top,
         "throughput_ratio": round(ours[top]["throughput_qps"] / max(base_rows[top]["throughput_qps"], 1e-9), 2),
@@ -395,7 +423,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1)}
     md = table(rows)
     print(md)
-    print(json.dumps({k: report[k] for k in ("queue", "limits", "summary")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("queue", "limits", "summary", "rewrite") if k in report}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

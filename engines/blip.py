@@ -16,6 +16,7 @@ candidate's query row, image embeds -> the same outputs).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,10 @@ class BlipBase:
         self.max_tokens = max_tokens
         self.cross_attention = cross_attention
         self.shape = cross_attention_shape(json.loads((self.path / "config.json").read_text()))
+        # held while a model call runs: a worker's engines share one (engines.registry), so the text encoder and
+        # the reranker never run at once, each with a pool of threads sized to every core (on 2 cores that
+        # oversubscription cost throughput as load rose)
+        self.lock = threading.Lock()
 
     def reassociates(self, tokens: int) -> bool:
         """Whether a call with queries padded to ``tokens`` runs the reassociated ITM pass (decided from the
@@ -102,12 +107,19 @@ class BlipBase:
 
     # --- the Reranker protocol ---
     def vision_features(self, images: Sequence[Image.Image]) -> NDArray[np.float16]:
-        return np.asarray(self._vision_core(self.pixel_inputs(images)), dtype=np.float16)
+        pixels = self.pixel_inputs(images)
+        with self.lock:
+            return np.asarray(self._vision_core(pixels), dtype=np.float16)
 
     def score(self, query: str, features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         if not len(features):
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
         ids, mask = self.query_inputs(query)
+        with self.lock:
+            return self._score(ids, mask, features)
+
+    def _score(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
+               features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         # ITC: the query's unimodal text pass runs once, whatever the number of candidates
         text_feat = l2(self._itc_core(ids, mask))[0]
         itm_out, cos_out = [], []
@@ -121,24 +133,35 @@ class BlipBase:
 
     def score_many(self, items: Sequence[tuple[str, Sequence[NDArray[Any]]]],
                    pairs_per_call: int = 128) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
-        """``score`` for several queries at once (cross-query batching): one ITC pass for all the queries and
-        ITM passes over all their (query, candidate) pairs together, each query padded to the longest (its
-        padding masked, so each query's scores equal ``score``'s)."""
+        """``score`` for several queries at once (cross-query batching): one ITC pass for all the queries (each
+        padded to the longest, its padding masked) and ITM passes over their (query, candidate) pairs, the queries
+        of one length together: the ITM pass costs per token row, so a short query is never padded to a long
+        one's length. Each query's scores equal ``score``'s."""
         items = [(q, f) for q, f in items]
         if len(items) == 1 or not any(len(f) for _, f in items):
             return [self.score(q, f) for q, f in items]
         tok = self.tokenizer([q for q, _ in items], truncation=True, max_length=self.max_tokens, padding="longest",
                              return_tensors="np")
         ids, mask = tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64)
+        with self.lock:
+            return self._score_many(items, ids, mask, pairs_per_call)
+
+    def _score_many(self, items: list[tuple[str, Sequence[NDArray[Any]]]], ids: NDArray[np.int64],
+                    mask: NDArray[np.int64], pairs_per_call: int) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
         text_feat = l2(self._itc_core(ids, mask))
         owner = np.concatenate([np.full(len(f), i) for i, (_, f) in enumerate(items)]).astype(np.int64)
         feats = [x for _, f in items for x in f]
+        lengths = mask.sum(1)[owner]
         itm_all, cos_all = np.zeros(len(feats), np.float32), np.zeros(len(feats), np.float32)
-        for start in range(0, len(feats), pairs_per_call):
-            rows = owner[start:start + pairs_per_call]
-            itm, proj = self._itm(ids, mask, rows, np.stack(feats[start:start + pairs_per_call]))
-            itm_all[start:start + len(rows)] = np.asarray(itm, np.float32)
-            cos_all[start:start + len(rows)] = np.einsum("nd,nd->n", l2(np.asarray(proj, np.float32)), text_feat[rows])
+        for n in np.unique(lengths):
+            cut = slice(None, n) if self.tokenizer.padding_side == "right" else slice(-n, None)
+            pairs = np.flatnonzero(lengths == n)
+            for start in range(0, len(pairs), pairs_per_call):
+                pick = pairs[start:start + pairs_per_call]
+                rows = owner[pick]
+                itm, proj = self._itm(ids[:, cut], mask[:, cut], rows, np.stack([feats[i] for i in pick]))
+                itm_all[pick] = np.asarray(itm, np.float32)
+                cos_all[pick] = np.einsum("nd,nd->n", l2(np.asarray(proj, np.float32)), text_feat[rows])
         out, at = [], 0
         for _, f in items:
             out.append((itm_all[at:at + len(f)], cos_all[at:at + len(f)]))

@@ -171,25 +171,33 @@ class TrtBlip(BlipBase):
         return itm, proj
 
 
-def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128, max_queries: int = 8) -> dict[str, dict[str, Any]]:
-    """Optimisation profiles that cover every call the worker makes: SigLIP's 64-token queries, the processors'
-    image sizes, up to ``max_queries`` queries per call (the batcher's ``batch_max``: BLIP's ITC runs one row per
-    query) and up to ``max_batch`` rerank candidates with BLIP's patch count and width."""
+def siglip_profiles(siglip: SiglipBase, max_queries: int = 8) -> dict[str, dict[str, Any]]:
+    """SigLIP's optimisation profiles: its 64-token queries (up to ``max_queries`` per call, and ingest's
+    batches), the processor's image size."""
     import json as _json
 
-    s_cfg = _json.loads((siglip.path / "config.json").read_text())["vision_config"]
-    b_cfg = _json.loads((blip.path / "config.json").read_text())["vision_config"]
-    s_img, b_img = s_cfg.get("image_size", 224), b_cfg.get("image_size", 384)
-    patches = (b_img // b_cfg.get("patch_size", 16)) ** 2 + 1
-    width = b_cfg.get("hidden_size", 768)
+    img = _json.loads((siglip.path / "config.json").read_text())["vision_config"].get("image_size", 224)
     t = siglip.max_tokens
-    q = blip.max_tokens
-    nq = max(1, max_queries)
+    return {
+        "siglip_text": {"input_ids": ((1, t), (16, t), (max(64, max_queries), t))},
+        "siglip_image": {"pixel_values": ((1, 3, img, img), (16, 3, img, img), (32, 3, img, img))},
+    }
+
+
+def blip_profiles(blip: BlipBase, max_batch: int = 128, max_queries: int = 8) -> dict[str, dict[str, Any]]:
+    """BLIP's optimisation profiles, covering every call the worker makes: up to ``max_queries`` queries per call
+    (the batcher's ``batch_max``; ITC and the reassociated ITM pass take one row per query) of up to its token
+    limit, and up to ``max_batch`` rerank candidates with the model's patch count and width."""
+    import json as _json
+
+    cfg = _json.loads((blip.path / "config.json").read_text())["vision_config"]
+    img = cfg.get("image_size", 384)
+    patches = (img // cfg.get("patch_size", 16)) ** 2 + 1
+    width = cfg.get("hidden_size", 768)
+    q, nq = blip.max_tokens, max(1, max_queries)
     embeds = ((1, patches, width), (32, patches, width), (max_batch, patches, width))
     return {
-        "siglip_text": {"input_ids": ((1, t), (16, t), (max(64, nq), t))},
-        "siglip_image": {"pixel_values": ((1, 3, s_img, s_img), (16, 3, s_img, s_img), (32, 3, s_img, s_img))},
-        "blip_vision": {"pixel_values": ((1, 3, b_img, b_img), (16, 3, b_img, b_img), (32, 3, b_img, b_img))},
+        "blip_vision": {"pixel_values": ((1, 3, img, img), (16, 3, img, img), (32, 3, img, img))},
         "blip_itc": {"input_ids": ((1, 1), (1, 16), (nq, q)), "attention_mask": ((1, 1), (1, 16), (nq, q))},
         "blip_itm": {"input_ids": ((1, 1), (32, 16), (max_batch, q)), "attention_mask": ((1, 1), (32, 16), (max_batch, q)),
                      "image_embeds": embeds},
@@ -198,14 +206,26 @@ def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128, max_q
     }
 
 
-def build_all(siglip: SiglipBase, blip: BlipBase, engine_dir: Path, precision: str = "fp16",
-              force: bool = False, max_queries: int = 8) -> list[Path]:
+def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128, max_queries: int = 8) -> dict[str, dict[str, Any]]:
+    """Every component's optimisation profile (``siglip_profiles`` and ``blip_profiles``)."""
+    return {**siglip_profiles(siglip, max_queries), **blip_profiles(blip, max_batch, max_queries)}
+
+
+def build_plans(profiles: dict[str, dict[str, Any]], versions: dict[str, str], engine_dir: Path, precision: str = "fp16",
+                force: bool = False) -> list[Path]:
+    """Build (or keep) one plan per component from its fp32 ONNX export; ``versions``: component -> model version."""
     built = []
-    for component, shapes in profiles_for(siglip, blip, max_queries=max_queries).items():
-        version = siglip.version if component.startswith("siglip") else blip.version
-        plan = plan_path(engine_dir, version, component, precision)
+    for component, shapes in profiles.items():
+        plan = plan_path(engine_dir, versions[component], component, precision)
         if force or not plan.is_file():
             log.info("building TensorRT %s %s", component, precision)
-            build_plan(onnx_path(engine_dir, version, component, "fp32"), plan, shapes, precision)
+            build_plan(onnx_path(engine_dir, versions[component], component, "fp32"), plan, shapes, precision)
         built.append(plan)
     return built
+
+
+def build_all(siglip: SiglipBase, blip: BlipBase, engine_dir: Path, precision: str = "fp16",
+              force: bool = False, max_queries: int = 8) -> list[Path]:
+    profiles = profiles_for(siglip, blip, max_queries=max_queries)
+    versions = {c: siglip.version if c.startswith("siglip") else blip.version for c in profiles}
+    return build_plans(profiles, versions, engine_dir, precision, force)
