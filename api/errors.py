@@ -1,4 +1,5 @@
-"""Every error leaves the API as ``{"error": {"code", "message"}}`` with a fitting status."""
+"""Every error leaves the API as ``{"error": {"code", "message"}}`` with a fitting status (the table is the
+contract's: api.contract)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.errors import Conflict, DeadlineExceeded, Forbidden, ImgSearchError, InvalidRequest, NotFound, Unavailable
+from api.contract import headers_of, status_of
+from pipeline.errors import ImgSearchError
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[ImgSearchError], int] = {InvalidRequest: 422, Forbidden: 403, NotFound: 404, Conflict: 409,
-                                          Unavailable: 503, DeadlineExceeded: 504}
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited"}
 
@@ -39,15 +39,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ImgSearchError)
     async def _ours(_: Request, exc: ImgSearchError) -> JSONResponse:
-        from api.security import RateLimited, Unauthorized
-
-        status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
-        headers = {"Retry-After": "1"} if status == 503 else None
-        if isinstance(exc, Unauthorized):
-            status, headers = 401, {"WWW-Authenticate": 'Bearer realm="imgsearch"'}
-        elif isinstance(exc, RateLimited):
-            status, headers = 429, {"Retry-After": str(exc.retry_after)}
-        return error_response(status, exc.code, exc.message, headers)
+        return error_response(status_of(exc), exc.code, exc.message, headers_of(exc))
 
     @app.exception_handler(redis.RedisError)
     async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:

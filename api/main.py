@@ -8,31 +8,35 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
+import anyio
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
 from api import errors, metrics
 from api.routes import admin, health, images, jobs, search
-from api.security import BodyLimit, Guard
-from api.service import JobService
+from api.limits import BodyLimit
 from pipeline import logs
+from pipeline.admission import Admission
+from pipeline.jobs.recovery import Recovery
+from pipeline.jobs.store import AsyncJobStore
 from pipeline.settings import Settings, get_settings
 from pipeline.stores import make_blob_store
-from workers.celery_app import client_app
+from workers.celery_app import SEARCH_TASK, client_app
 
 log = logging.getLogger(__name__)
 
 
-async def _reap_forever(jobs: JobService) -> None:
+async def _reap_forever(recovery: Recovery) -> None:
     """Every ``reaper_interval_s``: send stranded jobs again, and end the jobs no worker will end (any API
     process may: ends are conditional, and a job sent twice ends once)."""
     while True:
-        await asyncio.sleep(jobs.settings.reaper_interval_s)
+        await asyncio.sleep(recovery.settings.reaper_interval_s)
         try:
-            sent = await jobs.rescue()
-            ended = await jobs.reap()
+            sent = await recovery.rescue()
+            ended = await recovery.reap()
         except Exception as exc:  # noqa: BLE001 - Redis away: try again next round
             log.warning("reaper: %s: %s", type(exc).__name__, exc)
             continue
@@ -53,13 +57,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
             socket_connect_timeout=settings.redis_socket_timeout_s, health_check_interval=10)
-        celery = client_app(settings)
-        app.state.jobs = JobService(settings, app.state.redis, celery)
+        celery = app.state.celery = client_app(settings)
+
+        async def send(job_id: str) -> None:
+            """The job's task on the search queue (the broker's client blocks: off the event loop)."""
+            await anyio.to_thread.run_sync(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
+                                                   task_id=job_id, queue=settings.search_queue))
+
         limits = app.state.redis if not settings.limits_redis_url else aioredis.Redis.from_url(
             settings.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        app.state.guard = Guard(settings, limits)
+        app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits)
+        app.state.admission = Admission(settings, app.state.jobs, limits)
         app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature
-        reaper = asyncio.create_task(_reap_forever(app.state.jobs)) if settings.reaper_interval_s else None
+        recovery = app.state.recovery = Recovery(app.state.jobs)
+        reaper = asyncio.create_task(_reap_forever(recovery)) if settings.reaper_interval_s else None
         yield
         if reaper is not None:
             reaper.cancel()

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from pipeline import metrics as fleet
-from pipeline.jobs import HEARTBEAT_PATTERN
+from pipeline.jobs import fleet as heartbeats
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUESTS = Counter("imgsearch_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"],
@@ -46,7 +46,7 @@ async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:
     for q in queues.values():
         pipe.llen(q)
     answers = await pipe.execute()
-    workers = [k async for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)]
+    workers = await heartbeats.aread(r)
     out: list[Any] = []
     hist = HistogramMetricFamily("imgsearch_stage_seconds", "Search job time by stage (all workers)", labels=["stage"])
     for stage, raw in zip(fleet.STAGES, answers, strict=False):

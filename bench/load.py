@@ -177,7 +177,7 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
 
     import redis
 
-    from pipeline.jobs import WRITE_SCRIPT, events_key, write_args
+    from pipeline.jobs.store import WRITE_SCRIPT, events_key, write_args
     from pipeline.settings import Settings
     from pipeline.types import Job
     from workers.celery_app import NOOP_TASK, client_app

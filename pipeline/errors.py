@@ -56,3 +56,19 @@ class StoreError(ImgSearchError):
 
 class DeadlineExceeded(ImgSearchError):
     code = "deadline_exceeded"
+
+
+class Unauthorized(ImgSearchError):
+    """No valid API key where one is needed."""
+
+    code = "unauthorized"
+
+
+class RateLimited(ImgSearchError):
+    """Over a limit (the rate, or the caller's jobs in flight); ``retry_after`` in whole seconds."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after + 0.999))

@@ -73,22 +73,18 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
 
 def _worker_healthy() -> bool:
     """A heartbeat from a worker process on this host with its engines loaded (they are warm by then)."""
-    import json
     import socket
 
     import redis
 
-    from pipeline.jobs import HEARTBEAT_PATTERN
+    from pipeline.jobs import fleet
     from pipeline.settings import get_settings
 
     try:
         r = redis.Redis.from_url(get_settings().redis_url, socket_timeout=2, socket_connect_timeout=2)
-        keys = list(r.scan_iter(match=HEARTBEAT_PATTERN))
-        beats = [json.loads(raw) for raw in (r.mget(keys) if keys else []) if raw]
+        return fleet.warm_on_host(fleet.read(r), socket.gethostname())
     except (redis.RedisError, ValueError):
         return False
-    host = socket.gethostname()
-    return any(b.get("host") == host and b.get("engines_loaded") for b in beats)
 
 
 def _serve_health(port: int) -> None:
@@ -228,7 +224,7 @@ def keys_new(name: str, admin: bool = False) -> None:
     """Make an API key: prints the key (shown once) and the entry to add to IMGSEARCH_API_KEYS (its hash)."""
     import json
 
-    from api.security import hash_key, new_key
+    from pipeline.admission import hash_key, new_key
 
     key = new_key()
     typer.echo(f"key (give it to the client; it is not stored): {key}")

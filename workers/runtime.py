@@ -3,7 +3,6 @@ that tells the API (``/readyz``) which workers are live and what they loaded."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -15,7 +14,8 @@ from typing import Any
 import redis
 
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, cache_client
-from pipeline.jobs import JobWriter, heartbeat_key
+from pipeline.jobs.fleet import Heartbeat
+from pipeline.jobs.store import JobStore
 from pipeline.search import Searcher
 from pipeline.settings import Settings, get_settings
 from pipeline.stores import make_blob_store, make_vector_store
@@ -28,13 +28,13 @@ class Runtime:
     settings: Settings
     engines: Any  # engines.registry.Engines
     searcher: Searcher
-    writer: JobWriter
+    store: JobStore
     info: dict[str, Any]
+    heartbeat: Heartbeat | None = None
 
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
-_stop = threading.Event()
 
 
 def load(settings: Settings | None = None) -> Runtime:
@@ -65,10 +65,11 @@ def load(settings: Settings | None = None) -> Runtime:
                     "load_s": round(loaded, 3), "warm_up_ms": warm, **engines.describe()}
             limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
                 if settings.limits_redis_url else None
+            name = f"{info['host']}:{info['pid']}"
             _runtime = Runtime(settings, engines, searcher,
-                               JobWriter(client, settings.job_ttl_s, settings.events_maxlen, limits,
-                                         worker=f"{info['host']}:{info['pid']}"), info)
-            threading.Thread(target=_heartbeat, args=(_runtime,), name="heartbeat", daemon=True).start()
+                               JobStore.from_settings(settings, client, limits=limits, worker=name), info)
+            _runtime.heartbeat = Heartbeat(client, name, settings.heartbeat_ttl_s, info, _state(_runtime))
+            _runtime.heartbeat.start()
             log.info("worker process ready: %s", info)
         return _runtime
 
@@ -87,28 +88,20 @@ def _store_state(rt: Runtime) -> str:
         return f"down ({type(exc).__name__})"
 
 
-def _heartbeat(rt: Runtime) -> None:
-    """A key with a TTL, renewed every third of it: this worker is live, its engines loaded, its vector store
-    answering (checked every ``store_check_s``)."""
-    key = heartbeat_key(f"{rt.info['host']}:{rt.info['pid']}")
-    ttl = rt.settings.heartbeat_ttl_s
+def _state(rt: Runtime) -> Any:
+    """What each heartbeat adds to the fixed info: the circuits' states, and whether the vector store answers
+    (checked every 30 s, not every beat: a stats call is not free on a remote store)."""
     checked, state = 0.0, "unknown"
-    while not _stop.is_set():
+
+    def now() -> dict[str, Any]:
+        nonlocal checked, state
         if time.monotonic() - checked > 30:
             state, checked = _store_state(rt), time.monotonic()
-        try:
-            breakers = {name: b.state for name, b in rt.searcher.breakers.items()}
-            rt.writer.r.set(key, json.dumps({**rt.info, "vector_store": state, "breakers": breakers,
-                                             "at": time.time()}), ex=ttl)
-        except redis.RedisError as exc:  # Redis away: keep trying; the key expires meanwhile
-            log.warning("heartbeat failed: %s", exc)
-        _stop.wait(max(ttl / 3, 0.5))
+        return {"vector_store": state, "breakers": {name: b.state for name, b in rt.searcher.breakers.items()}}
+
+    return now
 
 
 def shutdown() -> None:
-    _stop.set()
-    if _runtime is not None:
-        try:
-            _runtime.writer.r.delete(heartbeat_key(f"{_runtime.info['host']}:{_runtime.info['pid']}"))
-        except redis.RedisError:
-            pass
+    if _runtime is not None and _runtime.heartbeat is not None:
+        _runtime.heartbeat.stop()

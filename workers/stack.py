@@ -21,7 +21,7 @@ from typing import IO
 import httpx
 import redis
 
-from pipeline.jobs import HEARTBEAT_PATTERN
+from pipeline.jobs import fleet
 
 
 def free_port() -> int:
@@ -126,8 +126,7 @@ def start_api(env: Mapping[str, str], port: int, log_path: Path | None = None) -
 
 
 def live_workers(redis_url: str) -> int:
-    r = redis.Redis.from_url(redis_url, socket_timeout=1)
-    return sum(1 for _ in r.scan_iter(match=HEARTBEAT_PATTERN))
+    return len(fleet.read(redis.Redis.from_url(redis_url, socket_timeout=1)))
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

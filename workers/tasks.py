@@ -8,7 +8,7 @@ from typing import Any
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 from pydantic import BaseModel
 
-from pipeline.jobs import run_job
+from pipeline.jobs.runner import end_empty, run_job
 from workers import runtime
 from workers.celery_app import INGEST_TASK, NOOP_TASK, SEARCH_TASK, TAKEDOWN_TASK, app
 
@@ -23,7 +23,7 @@ class SearchTask(BaseModel):
 @app.task(name=SEARCH_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def search(payload: dict[str, Any]) -> dict[str, Any]:
     task = SearchTask.model_validate(payload)
-    job = run_job(task.job_id, runtime.get().searcher, runtime.get().writer)
+    job = run_job(task.job_id, runtime.get().searcher, runtime.get().store)
     return {"id": task.job_id, "status": job.status if job else "missing"}
 
 
@@ -31,14 +31,7 @@ def search(payload: dict[str, Any]) -> dict[str, Any]:
 def noop(payload: dict[str, Any]) -> None:
     """A job ended with no work, through the same record and event writes as a search: what the queue itself
     costs (bench.load measures it against a bare Redis round trip)."""
-    import time
-
-    task = SearchTask.model_validate(payload)
-    writer = runtime.get().writer
-    job = writer.load(task.job_id)
-    if job is not None:
-        job.status, job.results, job.finished_at = "done", [], time.time()
-        writer.write(job, ("done", {"id": job.id}))
+    end_empty(SearchTask.model_validate(payload).job_id, runtime.get().store)
 
 
 _embedders: list[Any] | None = None  # this process's embed streams for ingest
@@ -77,7 +70,7 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
             raise
         log.info("ingest: %s", exc.message)
         return {"status": "skipped", "why": exc.message}
-    metrics.record_ingest(rt.writer.r, report.as_dict())
+    metrics.record_ingest(rt.store.r, report.as_dict())
     return {"status": "done", **report.as_dict()}
 
 

@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"],
 
 
 def _send(request: Request, name: str, payload: dict[str, Any], queue: str) -> Any:
-    return request.app.state.jobs.celery.send_task(name, args=[payload], queue=queue)
+    return request.app.state.celery.send_task(name, args=[payload], queue=queue)
 
 
 @router.delete("/posts/{post_id}", responses={202: {"description": "queued; the takedown had not ended in time"}})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api import metrics
-from pipeline.jobs import HEARTBEAT_PATTERN
+from pipeline.jobs import fleet
 
 router = APIRouter(tags=["health"])
 
@@ -26,18 +25,14 @@ async def readyz(request: Request) -> JSONResponse:
     """Ready when Redis answers and at least one search worker is live with its engines loaded and its vector
     store answering. The rate-limit store's state is reported; without it the API serves on, unlimited."""
     r = request.app.state.redis
-    body: dict[str, Any] = {"redis": "ok", "workers": [], "limits": await request.app.state.guard.state()}
+    body: dict[str, Any] = {"redis": "ok", "workers": [], "limits": await request.app.state.admission.state()}
     try:
         await r.ping()
-        keys = [k async for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)]
-        beats = await r.mget(keys) if keys else []
-        body["workers"] = [json.loads(b) for b in beats if b]
+        body["workers"] = await fleet.aread(r)
     except Exception as exc:  # any Redis failure means not ready
         body["redis"] = f"down ({type(exc).__name__})"
     queue = request.app.state.settings.search_queue  # ingest workers answer no query
-    ready = body["redis"] == "ok" and any(w.get("engines_loaded") and w.get("queue", queue) == queue
-                                          and w.get("vector_store", "ok") in ("ok", "unknown")
-                                          for w in body["workers"])
+    ready = body["redis"] == "ok" and any(fleet.serves_search(w, queue) for w in body["workers"])
     body["ready"] = ready
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import StreamingResponse
 
-from api.deps import CallerDep, GuardDep, Jobs, LimitedCaller
+from api.contract import params_of
+from api.deps import AdmissionDep, CallerDep, Jobs
 from api.schemas import ErrorResponse, JobAccepted, JobView, SearchRequest
-from api.service import enqueue
-from pipeline.jobs import public
+from pipeline import logs
+from pipeline.jobs.store import public
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -21,10 +22,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 413: 
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_ERRORS)
-async def submit(body: SearchRequest, jobs: Jobs, guard: GuardDep, caller: LimitedCaller,
-                 response: Response) -> dict[str, Any]:
+async def submit(body: SearchRequest, admission: AdmissionDep, caller: CallerDep, response: Response) -> dict[str, Any]:
     """Queue a search; poll ``links.self`` or stream ``links.events`` for its results."""
-    job = await enqueue(jobs, guard, caller, body.query, body.model_dump(exclude={"query"}, exclude_unset=True))
+    job = await admission.admit(caller, *params_of(body), request_id=logs.current().get("request_id"))
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url
     return {"id": job.id, "status": job.status, "links": {"self": url, "events": f"{url}/events"}}

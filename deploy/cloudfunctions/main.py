@@ -2,7 +2,11 @@
 Redis (Memorystore) queue as the API, answered by the same workers (Cloud Run GPU workers or any other).
 
     {"query": "a surprised pikachu face", "limit": 10}  ->  200 {"results": [[post_id, score], ...]}
-    a bad query -> 422, Redis down -> 503, the job's deadline passed -> 504: {"error": {"code", "message"}}
+    a bad query -> 422, no valid key -> 401, over a limit -> 429, Redis down -> 503, the job's deadline
+    passed -> 504: {"error": {"code", "message"}}
+
+It admits a job as the API does (pipeline.admission: keys, rate limit, caps, validation) and answers with the
+API's contract (api.contract).
 
 Deployment: see the README ("Google Cloud Functions"); settings come from the function's environment.
 """
@@ -24,51 +28,53 @@ _clients: dict[str, Any] = {}
 
 
 def _setup() -> tuple[Any, Any, Any]:
-    """One Redis client and one Celery producer per function instance, made on its first request."""
+    """One Redis client, one Celery producer and the admission over them per function instance, made on its
+    first request."""
     if not _clients:
         import redis
 
+        from pipeline.admission import Admission
+        from pipeline.jobs.store import JobStore
         from pipeline.settings import get_settings
-        from workers.celery_app import client_app
+        from workers.celery_app import SEARCH_TASK, client_app
 
         s = get_settings()
-        _clients.update(settings=s, celery=client_app(s), redis=redis.Redis.from_url(
-            s.redis_url, socket_timeout=s.redis_socket_timeout_s, socket_connect_timeout=s.redis_socket_timeout_s))
-    return _clients["settings"], _clients["redis"], _clients["celery"]
+        celery = client_app(s)
+        r = redis.Redis.from_url(s.redis_url, socket_timeout=s.redis_socket_timeout_s,
+                                 socket_connect_timeout=s.redis_socket_timeout_s)
+        limits = redis.Redis.from_url(s.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5) \
+            if s.limits_redis_url else None
+
+        def send(job_id: str) -> None:
+            celery.send_task(SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id, queue=s.search_queue)
+
+        jobs = JobStore.from_settings(s, r, limits=limits, send=send)
+        _clients.update(settings=s, celery=celery, jobs=jobs, admission=Admission(s, jobs, limits))
+    return _clients["settings"], _clients["jobs"], _clients["admission"]
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
     return status, {"error": {"code": code, "message": message}}
 
 
-def handle(body: Any) -> tuple[int, dict[str, Any]]:
-    """(status, JSON body) for one request body."""
+def handle(body: Any, token: str | None = None, peer: str = "unknown", forwarded_for: str = "") -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) for one request body: the API's admission and ``POST /search`` contract."""
     import redis
-    from pydantic import ValidationError
 
-    from api.schemas import SearchRequest
-    from pipeline.jobs import submit_blocking, wait_blocking
+    from api import contract
+    from pipeline.admission import client_address
+    from pipeline.errors import ImgSearchError
 
     try:
-        req = SearchRequest.model_validate(body if isinstance(body, dict) else {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        return _error(422, "invalid_request", f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}")
-    s, r, celery = _setup()
-    try:
-        job = submit_blocking(r, celery, s, req.query, req.model_dump(exclude={"query"}, exclude_unset=True))
-        done = wait_blocking(r, job.id, s.search_wait_s)
+        query, params = contract.request_of(body)
+        s, jobs, admission = _setup()
+        caller = admission.caller(token, client_address(peer, forwarded_for, admission.trusted))
+        job = admission.admit_sync(caller, query, params)
+        return 200, contract.answer(job.id, jobs.wait(job.id, s.search_wait_s), s.search_wait_s)
+    except ImgSearchError as exc:
+        return contract.status_of(exc), contract.error_body(exc)
     except (redis.RedisError, OSError) as exc:
         return _error(503, "unavailable", f"the job store (Redis) is unreachable: {type(exc).__name__}")
-    if done is None:
-        return _error(504, "timeout", f"job {job.id} did not finish within {s.search_wait_s:g} s")
-    if done.status == "failed":
-        err = done.error
-        code = err.code if err else "search_failed"
-        status = {"deadline_exceeded": 504, "cancelled": 409, "invalid_request": 422}.get(
-            code, 503 if code.endswith("unavailable") else 500)
-        return _error(status, code, err.message if err else "the search failed")
-    return 200, {"results": [[x.id, x.score] for x in done.results or []]}
 
 
 @_http
@@ -76,5 +82,9 @@ def search(request: Any) -> tuple[str, int, dict[str, str]]:
     if request.method != "POST":
         status, body = _error(405, "method_not_allowed", "POST a JSON body: {\"query\": ...}")
     else:
-        status, body = handle(request.get_json(silent=True))
+        headers = getattr(request, "headers", {}) or {}
+        auth = headers.get("Authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("X-API-Key")
+        status, body = handle(request.get_json(silent=True), token, getattr(request, "remote_addr", None) or "unknown",
+                              headers.get("X-Forwarded-For", ""))
     return json.dumps(body), status, {"Content-Type": "application/json"}

@@ -10,7 +10,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from pipeline.jobs import events_key, parse_events
+from pipeline.jobs.keys import events_key
+from pipeline.jobs.store import parse_events
 from pipeline.settings import Settings
 from tests.conftest import RedisServer
 from workers import stack

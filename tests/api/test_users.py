@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from api.security import hash_key
+from pipeline.admission import hash_key
 from pipeline.search import image_key
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore

@@ -11,7 +11,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from pipeline.jobs import events_key, parse_events
+from pipeline.jobs.keys import events_key
+from pipeline.jobs.store import parse_events
 from pipeline.settings import Settings
 from tests.conftest import settings_env
 from workers import stack
@@ -87,7 +88,8 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
     once met a 500 for an expired job)."""
     import threading
 
-    from pipeline.jobs import JobWriter, job_key
+    from pipeline.jobs.keys import job_key
+    from pipeline.jobs.store import JobStore
     from pipeline.types import ErrorInfo, Job
 
     db = 5
@@ -105,7 +107,7 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
         stack.wait_for(queued, 10, "the job record")
         job = Job.model_validate_json(r.get(keys[0]) or b"{}")
         job.status, job.error = "failed", ErrorInfo(code=code, message=f"it {code}")
-        JobWriter(r, 60, 64).write(job, ("failed", {"id": job.id}))  # what a worker writes when the job ends so
+        JobStore(r, 60, 64).write(job, ("failed", {"id": job.id}))  # what a worker writes when the job ends so
         t.join(30)
     resp = out["resp"]
     assert resp.status_code == status and resp.json()["error"] == {"code": code, "message": f"it {code}"}
@@ -113,7 +115,7 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
 
 def test_the_reaper_ends_a_job_no_worker_will(redis_server) -> None:  # type: ignore[no-untyped-def]
     """No worker at all: the job still ends, failed with deadline_exceeded, soon after its deadline."""
-    from pipeline.jobs import OPEN_KEY
+    from pipeline.jobs.keys import OPEN_KEY
 
     db = 6
     with _client(redis_server, db, reaper_interval_s=0.1, reaper_grace_s=0.5) as c:
@@ -136,14 +138,15 @@ def test_stranded_jobs_are_sent_again_before_their_deadline(redis_server) -> Non
     chosen times (no background loop), so nothing depends on timing."""
     import json
 
-    from pipeline.jobs import JobWriter, job_key
+    from pipeline.jobs.keys import job_key
+    from pipeline.jobs.store import JobStore
     from pipeline.types import Job
 
     db = 7
     r = redis.Redis.from_url(redis_server.url(db))
     with _client(redis_server, db, reaper_interval_s=0, rescue_after_s=5, rescue_max=2) as c:
         def rescue(at: float) -> list[str]:
-            return sorted(c.portal.call(c.app.state.jobs.rescue, at))  # type: ignore[union-attr]
+            return sorted(c.portal.call(c.app.state.recovery.rescue, at))  # type: ignore[union-attr]
 
         def queued_ids() -> list[str]:
             return sorted(json.loads(m)["headers"]["id"] for m in r.lrange("search", 0, -1))
@@ -157,7 +160,7 @@ def test_stranded_jobs_are_sent_again_before_their_deadline(redis_server) -> Non
         assert rescue(t + 17) == sorted([lost, waiting]) == queued_ids()  # ...and still so 6 s later: sent again
         job = Job.model_validate_json(r.get(job_key(lost)) or b"{}")
         job.status, job.worker = "running", "gone-host:4242"  # started on a worker that then died
-        JobWriter(r, 60, 64).write(job, ("started", {"id": job.id}))
+        JobStore(r, 60, 64).write(job, ("started", {"id": job.id}))
         r.delete("search")
         assert rescue(t + 18) == [] and rescue(t + 24) == sorted([lost, waiting])
         r.delete("search")

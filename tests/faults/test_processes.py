@@ -15,7 +15,8 @@ import httpx
 import pytest
 import redis
 
-from pipeline.jobs import events_key, job_key, parse_events
+from pipeline.jobs.keys import events_key, job_key
+from pipeline.jobs.store import parse_events
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
 from workers import stack

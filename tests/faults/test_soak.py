@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from pipeline.jobs import OPEN_KEY
+from pipeline.jobs.keys import OPEN_KEY
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.jobs import JobWriter, events_key, job_key, parse_events, run_job
+from pipeline.jobs.keys import events_key, job_key
+from pipeline.jobs.runner import run_job
+from pipeline.jobs.store import JobStore, parse_events
 from pipeline.search import Searcher, feature_key
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import Job, SearchParams
@@ -77,7 +79,7 @@ def test_missing_or_corrupt_features_keep_ann_order(store_dir, tiny_models, engi
 def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
     r = redis.Redis.from_url(redis_server.url(3))
     r.flushdb()
-    writer = JobWriter(r, ttl=60, maxlen=64)
+    writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="a" * 32, status="queued", query="a red circle", params={"limit": 5}, created_at=0.0)
     writer.write(job, ("queued", {}), create=True)
     done = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
@@ -106,7 +108,7 @@ def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, 
 @pytest.mark.integration
 def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
     r = redis.Redis.from_url(redis_server.url(3))
-    writer = JobWriter(r, ttl=60, maxlen=64)
+    writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="c" * 32, status="queued", query="late", created_at=0.0, deadline_at=1.0)
     writer.write(job, ("queued", {}), create=True)
     out = run_job(job.id, _searcher(store_dir, tiny_models, engines), writer)
@@ -116,11 +118,11 @@ def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engin
 
 @pytest.mark.integration
 def test_a_running_job_ends_cancelled_at_its_next_stage(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.jobs import cancel_key
+    from pipeline.jobs.keys import cancel_key
 
     r = redis.Redis.from_url(redis_server.url(2))
     r.flushdb()
-    writer = JobWriter(r, ttl=60, maxlen=64)
+    writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="c" * 32, status="running", query="a red circle", created_at=0.0)
     writer.write(job, create=True)
     r.set(cancel_key(job.id), b"1")  # what DELETE /v1/jobs/{id} leaves for a job a worker already holds
@@ -135,11 +137,12 @@ def test_a_running_job_ends_cancelled_at_its_next_stage(redis_server, store_dir,
 def test_of_two_ends_of_one_job_the_first_stands(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
     """A job ended elsewhere (reaped, cancelled, or finished by the worker it was redelivered to) keeps that end:
     a second run writes neither results nor a second end, and leaves the open set as it was."""
-    from pipeline.jobs import OPEN_KEY, reaped
+    from pipeline.jobs.keys import OPEN_KEY
+    from pipeline.jobs.store import reaped
 
     r = redis.Redis.from_url(redis_server.url(4))
     r.flushdb()
-    writer = JobWriter(r, ttl=60, maxlen=64)
+    writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="d" * 32, status="queued", query="a red circle", created_at=0.0, deadline_at=4e9)
     assert writer.write(job, ("queued", {}), create=True)
     assert not writer.write(job, ("queued", {}), create=True)  # one record per id

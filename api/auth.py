@@ -1,0 +1,24 @@
+"""Who is calling: the API key from the request's headers and the client's address (X-Forwarded-For believed
+only from a trusted proxy), handed to admission, which knows the keys (pipeline.admission)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from pipeline.admission import Admission, Caller, client_address
+
+
+def token(request: Request) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+
+
+def client_ip(admission: Admission, request: Request) -> str:
+    peer = request.client.host if request.client else "unknown"
+    return client_address(peer, request.headers.get("x-forwarded-for", ""), admission.trusted)
+
+
+def caller(admission: Admission, request: Request) -> Caller:
+    """The caller, authenticated when API keys are configured (Unauthorized otherwise)."""
+    return admission.caller(token(request), client_ip(admission, request))

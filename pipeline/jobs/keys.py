@@ -1,0 +1,45 @@
+"""Every Redis key of a job's life: its record, event stream, cancel flag and resend count, the open set the
+reaper walks, the workers' heartbeats, and the per-caller admission keys (token bucket, jobs in flight).
+
+(The caches keep their keys in ``pipeline.cache`` and the fleet's counters in ``pipeline.metrics``: neither is
+part of a job's life.)"""
+
+from __future__ import annotations
+
+PREFIX = "imgsearch"
+LIMITS_PREFIX = f"{PREFIX}:limits"
+TERMINAL = ("done", "failed")
+
+# every job that has not ended, scored by its deadline: what the reaper walks
+OPEN_KEY = f"{PREFIX}:jobs:open"
+HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:cancel"
+
+
+def resent_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:resent"
+
+
+def heartbeat_key(worker: str) -> str:
+    return f"{PREFIX}:worker:{worker}"
+
+
+def bucket_key(caller_id: str) -> str:
+    """The caller's token bucket (rate limit)."""
+    return f"{LIMITS_PREFIX}:bucket:{caller_id}"
+
+
+def inflight_key(caller_id: str) -> str:
+    """The caller's jobs queued or running, scored by deadline (the in-flight cap)."""
+    return f"{LIMITS_PREFIX}:inflight:{caller_id}"
