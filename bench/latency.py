@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from workers import stack
+from cli import stack
 
 QUERIES = ("a red circle", "a blue square on a white background", "a yellow triangle")
 STAGES = ("queue_wait", "encode", "retrieve", "fetch", "rerank", "fuse", "total")
@@ -49,7 +49,7 @@ def main() -> None:
                     help="leave the query result cache on (off by default: repeats would measure only the cache)")
     args = ap.parse_args()
 
-    from workers.demo import prepare
+    from cli.demo import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

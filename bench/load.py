@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from workers import stack
+from cli import stack
 
 STAGES = ("queue_wait", "encode", "retrieve", "fetch", "rerank", "fuse", "total")
 WORDS = ("red blue green yellow black white circle square triangle star small large two three shapes cat dog "

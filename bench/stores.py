@@ -196,7 +196,7 @@ def bench_fetch(root: Path, runs: int = 20) -> dict[str, Any]:
     from pipeline.search import Searcher, feature_key
     from pipeline.settings import Settings
     from pipeline.stores.local_blob import LocalBlobStore
-    from workers import stack
+    from cli import stack
 
     class _Reranker:
         version = "blip-large-bench"

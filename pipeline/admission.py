@@ -158,17 +158,21 @@ class Admission:
     """Keys, limits, caps and validation for every edge; ``admit`` (async) and ``admit_sync`` run the same
     plan through an async or a sync client."""
 
-    def __init__(self, settings: Any, jobs: AsyncJobStore | JobStore, limits: Any = None) -> None:
+    def __init__(self, settings: Any, jobs: AsyncJobStore | JobStore | None, limits: Any = None) -> None:
+        """``jobs`` None: an edge with no job store of ours (Modal) uses the keys, the checks and, given
+        ``limits``, the rate limit."""
         self.s = settings
-        self.jobs = jobs
-        self.r = limits if limits is not None else jobs.r
-        self.shared = limits is None or limits is jobs.r  # limits and jobs in one Redis: one script does all
+        self.jobs: Any = jobs
+        self.r = limits if limits is not None or jobs is None else jobs.r
+        self.shared = jobs is not None and (limits is None or limits is jobs.r)  # one Redis: one script does all
         self.keys = {k.sha256.lower(): k for k in settings.api_keys}
         self.trusted = networks(settings.trusted_proxies)
-        self._admit = self.r.register_script(ADMIT_SCRIPT)
-        self._create = jobs.r.register_script(CREATE_SCRIPT)
-        self._admit_create = jobs.r.register_script(ADMIT_CREATE_SCRIPT)
         self.down_since: float | None = None
+        if self.r is not None:
+            self._admit = self.r.register_script(ADMIT_SCRIPT)
+        if jobs is not None:
+            self._create = jobs.r.register_script(CREATE_SCRIPT)
+            self._admit_create = jobs.r.register_script(ADMIT_CREATE_SCRIPT)
 
     # --- who is calling ---
     @property

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import stack
+from cli import stack
 
 # the tests decide every setting they use; nothing leaks in from the caller's environment
 for _k in [k for k in os.environ if k.startswith("IMGSEARCH_")] + ["REDIS_URL"]:

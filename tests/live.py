@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from workers import stack
+from cli import stack
 
 
 @dataclass

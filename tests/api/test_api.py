@@ -14,7 +14,7 @@ from pipeline.jobs.keys import events_key
 from pipeline.jobs.store import parse_events
 from pipeline.settings import Settings
 from tests.conftest import RedisServer
-from workers import stack
+from cli import stack
 
 pytestmark = pytest.mark.integration
 

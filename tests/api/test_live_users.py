@@ -17,7 +17,7 @@ import redis
 
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
-from workers import stack
+from cli import stack
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(os.environ.get("IMGSEARCH_TEST_ARTIFACTS", "build/test-artifacts"))
@@ -99,11 +99,11 @@ def test_metrics_report_stages_jobs_and_caches_from_the_worker(live) -> None:  #
 
 def test_flower_watches_the_workers_behind_basic_auth(live, tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = stack.free_port()
-    refused = subprocess.run([sys.executable, "-m", "workers.cli", "flower"], env={**os.environ, **live.env},
+    refused = subprocess.run([sys.executable, "-m", "cli.main", "flower"], env={**os.environ, **live.env},
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "IMGSEARCH_FLOWER_BASIC_AUTH" in refused.stderr
     env = {**live.env, "IMGSEARCH_FLOWER_BASIC_AUTH": "watch:s3cret-pw"}
-    proc = stack._spawn("flower", [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)], env,
+    proc = stack._spawn("flower", [sys.executable, "-m", "cli.main", "flower", "--port", str(port)], env,
                         tmp_path / "flower.log")
     base = f"http://127.0.0.1:{port}"
     try:

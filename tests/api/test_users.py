@@ -19,7 +19,7 @@ from pipeline.admission import hash_key
 from pipeline.search import image_key
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore
-from workers import stack
+from cli import stack
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import redis
 import yaml
 
 from tests.conftest import settings_env
-from workers import stack
+from cli import stack
 
 pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_the_api_runs_without_the_worker_extra() -> None:
 def test_the_modal_app_declares_its_functions_without_network() -> None:
     import modal
 
-    from workers import modal_app
+    modal_app = _load(ROOT / "deploy" / "modal_app.py", "modal_app")
 
     assert isinstance(modal_app.app, modal.App) and modal_app.app.name == "imgsearch"
     assert isinstance(modal_app.Search, modal.Cls)  # the GPU class, its engines loaded in @modal.enter
@@ -130,12 +130,17 @@ def test_cloud_run_services_use_the_images_and_probe_health() -> None:
     assert worker["spec"]["template"]["metadata"]["annotations"]["run.googleapis.com/cpu-throttling"] == "false"
 
 
-def _cloud_function() -> Any:
-    spec = importlib.util.spec_from_file_location("cf_main", ROOT / "deploy" / "cloudfunctions" / "main.py")
+def _load(path: Path, name: str) -> Any:
+    """A deploy/ file as a module (deploy/ is folders of platform files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cloud_function() -> Any:
+    return _load(ROOT / "deploy" / "cloudfunctions" / "main.py", "cf_main")
 
 
 @pytest.mark.integration
@@ -150,7 +155,7 @@ def test_the_cloud_function_answers_post_search_through_a_worker(redis_server, s
 
     get_settings.cache_clear()
     port = stack.free_port()  # the worker answers GET /healthz there, as Cloud Run's probe asks it
-    worker_cli = [sys.executable, "-m", "workers.cli", "worker", "--health-port", str(port), "--name", "probed@%h"]
+    worker_cli = [sys.executable, "-m", "cli.main", "worker", "--health-port", str(port), "--name", "probed@%h"]
     worker = stack._spawn("probed", worker_cli, env, tmp_path / "worker.log")
     cf = _cloud_function()
     try:

@@ -15,7 +15,7 @@ from pipeline.jobs.keys import events_key
 from pipeline.jobs.store import parse_events
 from pipeline.settings import Settings
 from tests.conftest import settings_env
-from workers import stack
+from cli import stack
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

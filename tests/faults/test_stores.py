@@ -22,7 +22,7 @@ import redis
 from tests.conftest import make_settings, settings_env
 from tests.live import Live, start_stack
 from tests.standins.faults import FaultProxy
-from workers import stack
+from cli import stack
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.contract]
 

@@ -26,7 +26,7 @@ from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env
 from tests.standins.reddit import RedditStandin, Served, gallery, picture, post, serve
-from workers import stack
+from cli import stack
 
 pytestmark = pytest.mark.ingest
 
@@ -222,7 +222,7 @@ def test_folder_source_with_csv_and_sidecars_and_a_broken_file(tmp_path, tiny_mo
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], env={**os.environ, **env}, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env={**os.environ, **env}, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -262,7 +262,7 @@ def test_killed_midway_then_rerun_completes_with_no_duplicate_and_no_gap(reddit,
            "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps({"memes": 1000}), "IMGSEARCH_INGEST_BATCH_SIZE": "2",
            "IMGSEARCH_INGEST_CONCURRENCY": "2"}
     ledger = tmp_path / "data" / "ingest" / "ledger.sqlite3"
-    proc = stack._spawn("ingest", [sys.executable, "-m", "workers.cli", "ingest"], env, tmp_path / "first.log")
+    proc = stack._spawn("ingest", [sys.executable, "-m", "cli.main", "ingest"], env, tmp_path / "first.log")
     try:
         # killed once its first page is checkpointed, with later pages still in flight
         stack.wait_for(lambda: _ledger_value(ledger, "SELECT cursor FROM runs WHERE cursor IS NOT NULL") is not None
@@ -323,9 +323,9 @@ def test_beat_starts_ingest_runs_on_the_ingest_queue(redis_server, tmp_path, tin
                        IMGSEARCH_INGEST_FOLDER=str(demo_images), IMGSEARCH_INGEST_SCHEDULE="1",
                        IMGSEARCH_INGEST_DEDUP="off")
     ledger = tmp_path / "data" / "ingest" / "ledger.sqlite3"
-    procs = [stack._spawn("ingest-worker", [sys.executable, "-m", "workers.cli", "worker", "--queue", "ingest",
+    procs = [stack._spawn("ingest-worker", [sys.executable, "-m", "cli.main", "worker", "--queue", "ingest",
                                             "--pool", "solo"], env, tmp_path / "worker.log"),
-             stack._spawn("beat", [sys.executable, "-m", "workers.cli", "beat"], env, tmp_path / "beat.log")]
+             stack._spawn("beat", [sys.executable, "-m", "cli.main", "beat"], env, tmp_path / "beat.log")]
     try:
         # two finished runs: the first ingests the folder, the next (on schedule) finds nothing new
         stack.wait_for(lambda: (_ledger_value(ledger, "SELECT count(*) FROM runs WHERE finished IS NOT NULL") or 0) >= 2,

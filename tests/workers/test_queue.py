@@ -20,7 +20,7 @@ from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env
 from tests.live import Live, start_stack
-from workers import stack
+from cli import stack
 
 pytestmark = pytest.mark.integration
 QUERIES = ["a red circle", "a blue square on a white background", "a yellow triangle on a black background"]
@@ -113,19 +113,6 @@ def test_a_failing_stage_ends_the_job_failed(live) -> None:  # type: ignore[no-u
     assert job["status"] == "done" and job["results"] == []
 
 
-@pytest.mark.slow
-def test_demo_command_runs_queries_through_the_queue(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "demo", "--once", "--data-dir", str(tmp_path / "demo"),
-                          "--port", str(stack.free_port()), "--images", "24"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("-> job ") == 3 and "API at http://127.0.0.1:" in out.stdout
-    # the trained kit by default: each example query describes one of the first three images, in other words
-    # than its title, and that image is among the five shown
-    for k, block in enumerate(out.stdout.split("\nquery ")[1:4]):
-        assert any(f". w{k:04d} " in line for line in block.splitlines()[1:6]), block
-
-
 @pytest.mark.parity
 def test_worker_runs_on_onnxruntime_by_one_setting(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from engines.export import build_onnx
@@ -147,7 +134,7 @@ def test_worker_runs_on_onnxruntime_by_one_setting(redis_server, store_dir, tiny
 def test_worker_refuses_to_start_without_its_engine(store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
     env = settings_env(store_dir, tiny_models, "redis://127.0.0.1:1/0", IMGSEARCH_ENGINE_BACKEND="onnxruntime",
                        IMGSEARCH_ENGINE_PRECISION="int8", IMGSEARCH_ENGINE_DIR=str(tmp_path / "none"))
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "worker"], env={**os.environ, **env},
+    out = subprocess.run([sys.executable, "-m", "cli.main", "worker"], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "imgsearch engines build --backend onnxruntime --precision int8" in out.stderr

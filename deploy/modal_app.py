@@ -5,7 +5,7 @@ Celery, and each container batches its concurrent queries' model calls as a work
     modal volume create imgsearch-data            # the stores and the engines live here
     modal volume put imgsearch-data data/ /        # an ingested data dir (vectors/, blobs/), or use Pinecone/GCS
     modal secret create imgsearch PINECONE_API_KEY=... IMGSEARCH_GCS_BUCKET=...   # optional, may be empty
-    modal deploy workers/modal_app.py              # prints the endpoint's URL
+    modal deploy deploy/modal_app.py              # prints the endpoint's URL
 
 Settings come from the ``imgsearch`` secret and the environment below (IMGSEARCH_*; see pipeline/settings.py).
 """
@@ -67,7 +67,7 @@ class Search:
         req = SearchRequest.model_validate(body)
         params = SearchParams.model_validate(req.model_dump(exclude={"deadline_s"}, exclude_unset=True))
         outcome = self.searcher.search(params)
-        return {"results": [[r.id, r.score] for r in outcome.results],
+        return {"results": [r.model_dump(mode="json") for r in outcome.results],
                 "degraded": bool(outcome.not_reranked), "timings": outcome.timings}
 
 
@@ -87,23 +87,38 @@ def _build_engines(s: Any) -> None:
 @app.function()
 @modal.asgi_app()
 def web() -> Any:
-    """``POST /search`` as the API answers it: ``{"results": [[post_id, score], ...]}``, 422 on a bad query."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    """``POST /search`` as the API answers it (api.contract): ``{"results": [[post_id, score], ...]}``, after the
+    API's admission (keys, query and filter checks; the rate limit where IMGSEARCH_LIMITS_REDIS_URL names a
+    Redis: Modal's own queue stands in for ours, so there is no queue or in-flight count to cap)."""
+    import redis.asyncio as aioredis
+    from fastapi import FastAPI, Request
     from pydantic import ValidationError
 
-    from api import errors
+    from api import auth, contract, errors
     from api.schemas import SearchRequest
+    from pipeline.admission import Admission, validate
+    from pipeline.errors import InvalidRequest
+    from pipeline.settings import get_settings
+    from pipeline.types import Result
 
+    s = get_settings()
+    limits = aioredis.Redis.from_url(s.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5) \
+        if s.limits_redis_url else None
+    admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}
 
     @api.post("/search")
-    async def search(body: SearchRequest) -> Any:
+    async def search(body: SearchRequest, request: Request) -> Any:
+        caller = auth.caller(admission, request)
+        if limits is not None:
+            await admission.limit(caller)
+        validate(s, *contract.params_of(body))
         try:
-            return await Search().search.remote.aio(body.model_dump(exclude_unset=True))
+            out = await Search().search.remote.aio(body.model_dump(exclude_unset=True))
         except ValidationError as exc:  # what the GPU side refused (it validates too)
-            return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)}}, status_code=422)
+            raise InvalidRequest(str(exc)) from None
+        return contract.results_body([Result.model_validate(r) for r in out["results"]])
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

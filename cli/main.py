@@ -1,8 +1,9 @@
-"""``imgsearch``: the command line (api, worker, ingest, models, demo). Heavy imports stay inside commands,
-so ``imgsearch api`` never loads torch."""
+"""``imgsearch``: the command line (api, worker, search, ingest, models, demo). Heavy imports stay inside
+commands, so ``imgsearch api`` never loads torch."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -334,10 +335,123 @@ def demo(port: int = 8000, images: int = 48, data_dir: Path = Path("data/demo"),
          query: Annotated[list[str] | None, typer.Option(help="Your own example queries (repeatable).")] = None) -> None:
     """Make models and images, ingest, start Redis (unless REDIS_URL is set), a worker and the API, run example
     queries through the queue, print the rankings, and serve until Ctrl-C."""
-    from workers import demo as demo_mod
+    from cli import demo as demo_mod
 
     code = demo_mod.run(port=port, n_images=images, data_dir=data_dir, once=once, queries=query or ())
     raise typer.Exit(code)
+
+
+@cli.command()
+def search(query: Annotated[str, typer.Argument(help="What the image shows, in words.")],
+           limit: int = 10,
+           rerank: Annotated[bool, typer.Option(help="BLIP rerank (--no-rerank: the vector store's order)")] = True,
+           api: Annotated[str, typer.Option(help="the API's base URL")] = "http://127.0.0.1:8000",
+           key: Annotated[str, typer.Option(envvar="IMGSEARCH_API_KEY", help="an API key, if the API wants one")] = "",
+           direct: Annotated[bool, typer.Option(help="search in this process: load the models and open the stores "
+                                                     "here, no API, Redis or worker")] = False,
+           as_json: Annotated[bool, typer.Option("--json", help="print the job (JSON) instead of the table")] = False,
+           timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 60.0) -> None:
+    """Search: submit the query through the API and wait for its job, or run it here with --direct. Prints a
+    ranked table (id, score, ITM, cosine, title)."""
+    import json
+
+    from pipeline.errors import ImgSearchError
+
+    body = {"query": query, "limit": limit, "rerank": rerank}
+    try:
+        job = _search_direct(body) if direct else _search_api(api, key, body, timeout)
+    except ImgSearchError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+    elif job.get("status") != "done":
+        typer.echo(f"job {job.get('id')} {job.get('status')}: {job.get('error')}", err=True)
+    else:
+        typer.echo(ranked_table(job.get("results") or []))
+    raise typer.Exit(0 if job.get("status") == "done" else 1)
+
+
+def ranked_table(results: list[dict[str, Any]]) -> str:
+    """Results as a plain-text table, best first: rank, id, score, ITM, cosine, title."""
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = [("#", "id", "score", "itm", "cosine", "title")]
+    rows += [(str(i), r["id"], num(r.get("score")), num(r.get("itm")), num(r.get("cosine")),
+              (r.get("title") or (r.get("metadata") or {}).get("title") or "")[:60]) for i, r in enumerate(results, 1)]
+    widths = [max(len(row[c]) for row in rows) for c in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
+                     for row in rows)
+
+
+def _search_api(base: str, key: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The job, queued through the API and followed until it ended (or ``timeout``)."""
+    import time
+
+    import httpx
+
+    from pipeline.errors import DeadlineExceeded, ImgSearchError, Unavailable
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
+            r = http.post("/v1/jobs", json=body)
+            if r.status_code != 202:
+                err = r.json().get("error", {}) if "json" in r.headers.get("content-type", "") else {}
+                raise ImgSearchError(err.get("message", r.text[:200]), code=err.get("code", f"http_{r.status_code}"))
+            url, until = r.json()["links"]["self"], time.monotonic() + timeout
+            while time.monotonic() < until:
+                job: dict[str, Any] = http.get(url).json()
+                if job.get("status") in ("done", "failed"):
+                    return job
+                time.sleep(0.05)  # polling a job record on loopback: cheap, and the bound is the timeout
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"the API at {base} does not answer ({type(exc).__name__}); start it with "
+                          "`imgsearch api`, or search here with --direct") from None
+    raise DeadlineExceeded(f"the job did not end within {timeout:g} s")
+
+
+def _search_direct(body: dict[str, Any]) -> dict[str, Any]:
+    """The search run in this process, shaped as a job."""
+    import time
+
+    from engines.registry import load_engines
+    from pipeline.search import Searcher
+    from pipeline.settings import get_settings
+    from pipeline.stores import make_blob_store, make_vector_store
+    from pipeline.types import SearchParams
+
+    _logging()
+    s = get_settings()
+    _preflight(s)
+    engines = load_engines(s)
+    searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+    t0 = time.time()
+    outcome = searcher.search(SearchParams.model_validate(body))
+    return {"id": None, "status": "done", "query": body["query"], "created_at": t0, "finished_at": time.time(),
+            "results": [r.model_dump(mode="json") for r in outcome.results], "not_reranked": outcome.not_reranked,
+            "timings": outcome.timings}
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help text: each paragraph one line (the terminal wraps it), paragraphs kept apart."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+def _clean_help(app: typer.Typer) -> None:
+    """Help without the docstrings' hard line breaks; the command list shows each command's first sentence."""
+    for info in app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            info.help = _reflow(doc)
+            info.short_help = info.short_help or info.help.split("\n\n")[0].split(". ")[0].rstrip(".:")
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            _clean_help(group.typer_instance)
+
+
+_clean_help(cli)
 
 
 def main() -> Any:

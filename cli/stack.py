@@ -112,7 +112,7 @@ def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout:
 def start_worker(env: Mapping[str, str], log_path: Path | None = None, *, name: str = "worker",
                  pool: str | None = None, concurrency: int | None = None) -> Proc:
     """A worker as ``imgsearch worker`` runs it: the pool and concurrency of its settings unless given."""
-    argv = [sys.executable, "-m", "workers.cli", "worker", "--name", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h"]
+    argv = [sys.executable, "-m", "cli.main", "worker", "--name", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h"]
     if pool:
         argv += ["--pool", pool]
     if concurrency:
@@ -121,7 +121,7 @@ def start_worker(env: Mapping[str, str], log_path: Path | None = None, *, name: 
 
 
 def start_api(env: Mapping[str, str], port: int, log_path: Path | None = None) -> Proc:
-    return _spawn("api", [sys.executable, "-m", "workers.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+    return _spawn("api", [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)],
                   env, log_path)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import typer
 
-from workers import stack
+from cli import stack
 
 
 def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:

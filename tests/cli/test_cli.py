@@ -1,0 +1,82 @@
+"""The entry points: ``imgsearch search`` through the API and in process, the commands' help, and the demo
+(through real processes: Redis, a Celery worker, the API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from cli import stack
+from tests.conftest import settings_env
+from tests.live import Live, start_stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
+    env = settings_env(store_dir, tiny_models, redis_server.url(12))
+    redis.Redis.from_url(redis_server.url(12)).flushdb()
+    running = start_stack(env, tmp_path_factory.mktemp("logs"))
+    yield running
+    running.stop()
+
+
+def _imgsearch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_search_prints_a_ranked_table_through_the_api_and_in_process(live: Live) -> None:
+    table = _imgsearch(live.env, "search", "a red circle", "--limit", "3", "--api", live.base)
+    assert table.returncode == 0, table.stderr[-2000:]
+    head, *rows = table.stdout.strip().splitlines()
+    assert head.split()[:5] == ["#", "id", "score", "itm", "cosine"] and len(rows) == 3
+    as_json = _imgsearch(live.env, "search", "a red circle", "--limit", "3", "--api", live.base, "--json")
+    job = json.loads(as_json.stdout)
+    assert job["status"] == "done" and [r["id"] for r in job["results"]] == [row.split()[1] for row in rows]
+    scores = [float(row.split()[2]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
+    direct = _imgsearch(live.env, "search", "a red circle", "--limit", "3", "--direct", "--json")
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    assert [r["id"] for r in json.loads(direct.stdout)["results"]] == [r["id"] for r in job["results"]]
+    gone = _imgsearch(live.env, "search", "x", "--api", f"http://127.0.0.1:{stack.free_port()}")
+    assert gone.returncode == 1 and "does not answer" in gone.stderr
+
+
+def test_help_has_no_hard_line_breaks_inside_a_paragraph() -> None:
+    from cli.main import cli
+
+    def commands(app):  # type: ignore[no-untyped-def]
+        yield from app.registered_commands
+        for group in app.registered_groups:
+            yield from commands(group.typer_instance)
+
+    helps = [c.help for c in commands(cli) if c.help]
+    assert len(helps) > 10
+    for text in helps:
+        assert all("\n" not in para for para in text.split("\n\n")), text
+    out = subprocess.run([sys.executable, "-m", "cli.main", "--help"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0 and "search" in out.stdout
+
+
+@pytest.mark.slow
+def test_demo_command_runs_queries_through_the_queue(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--once", "--data-dir", str(tmp_path / "demo"),
+                          "--port", str(stack.free_port()), "--images", "24"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("-> job ") == 3 and "API at http://127.0.0.1:" in out.stdout
+    # the trained kit by default: each example query describes one of the first three images, in other words
+    # than its title, and that image is among the five shown
+    for k, block in enumerate(out.stdout.split("\nquery ")[1:4]):
+        assert any(f". w{k:04d} " in line for line in block.splitlines()[1:6]), block
+
+
