@@ -125,14 +125,14 @@ class serving:
     """The Reddit stand-in with ``n`` image posts (pages of 100) and their photos, on a free loopback port."""
 
     def __init__(self, n: int) -> None:
-        from tests.standins.reddit import RedditStandin, Served, post
+        from standins.reddit import RedditStandin, Served, post
 
         self.st = RedditStandin()
         self.st.files = {f"p{i:04d}.jpg": Served(body=photo(i)) for i in range(n)}
         self.posts = [post(f"p{i:04d}", "", sub="pics", score=100_000 - i) for i in range(n)]
 
     def __enter__(self) -> str:
-        from tests.standins.reddit import serve
+        from standins.reddit import serve
 
         self.server, _ = serve(self.st)
         for d in self.posts:

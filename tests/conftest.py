@@ -118,7 +118,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory, tiny_models: Models, dem
 
 @pytest.fixture(scope="session")
 def pinecone_standin() -> Iterator[object]:
-    from tests.standins.pinecone import PineconeStandIn
+    from standins.pinecone import PineconeStandIn
 
     with PineconeStandIn() as standin:
         yield standin

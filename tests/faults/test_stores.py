@@ -21,7 +21,7 @@ import redis
 
 from tests.conftest import make_settings, settings_env
 from tests.live import Live, start_stack
-from tests.standins.faults import FaultProxy
+from standins.faults import FaultProxy
 from cli import stack
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.contract]

@@ -25,7 +25,7 @@ from pipeline.search import Searcher, feature_key, image_key, post_key
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env
-from tests.standins.reddit import RedditStandin, Served, gallery, picture, post, serve
+from standins.reddit import RedditStandin, Served, gallery, picture, post, serve
 from cli import stack
 
 pytestmark = pytest.mark.ingest

@@ -13,7 +13,7 @@ from pipeline.ingest.images import BadImage, dhash, prepare, sniff
 from pipeline.ingest.ledger import HashIndex
 from pipeline.ingest.run import _Pages
 from pipeline.ingest.sources import image_of
-from tests.standins.reddit import gallery, picture, post
+from standins.reddit import gallery, picture, post
 
 pytestmark = pytest.mark.ingest
 
