@@ -48,9 +48,8 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
            loglevel: str = "INFO") -> None:
     """Run a worker: engines load once per process; jobs come from the search queue, or ingest runs from the
     ingest queue (give ingest its own workers, so a run never holds one that answers queries)."""
-    import os
-
     from pipeline.settings import get_settings
+    from workers import runtime
     from workers.celery_app import app
 
     _logging()
@@ -60,7 +59,7 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
     if queue not in queues:
         typer.echo(f"error: --queue must be search or ingest, not {queue!r}", err=True)
         raise typer.Exit(2)
-    os.environ["IMGSEARCH_WORKER_QUEUE"] = queues[queue]  # the heartbeat says which queue this worker serves
+    runtime.serve(queues[queue])  # the heartbeat says which queue this worker serves
     if health_port:
         _serve_health(health_port)
     if queue == "ingest":

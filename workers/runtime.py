@@ -35,6 +35,13 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+_queue: str | None = None  # the queue this process's worker serves (set by `imgsearch worker` before it starts)
+
+
+def serve(queue: str) -> None:
+    """Name the queue this worker serves, before its processes load (prefork children inherit it)."""
+    global _queue
+    _queue = queue
 
 
 def load(settings: Settings | None = None) -> Runtime:
@@ -61,7 +68,7 @@ def load(settings: Settings | None = None) -> Runtime:
             # before the heartbeat, so /readyz counts this worker only once its first query would be warm
             warm = searcher.warm_up() if settings.warm_up else {}
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
-                    "queue": os.environ.get("IMGSEARCH_WORKER_QUEUE", settings.search_queue),
+                    "queue": _queue or settings.search_queue,
                     "load_s": round(loaded, 3), "warm_up_ms": warm, **engines.describe()}
             limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
                 if settings.limits_redis_url else None

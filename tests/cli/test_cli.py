@@ -80,3 +80,47 @@ def test_demo_command_runs_queries_through_the_queue(tmp_path) -> None:  # type:
         assert any(f". w{k:04d} " in line for line in block.splitlines()[1:6]), block
 
 
+
+
+@pytest.mark.slow
+def test_the_demo_brings_a_killed_worker_back_and_answers_the_next_query(redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    import httpx
+
+    from pipeline.jobs import fleet
+
+    url = redis_server.url(12)
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    port = stack.free_port()
+    out = tmp_path / "demo.out"
+    demo = stack._spawn("demo", [sys.executable, "-m", "cli.main", "demo", "--data-dir", str(tmp_path / "demo"),
+                                 "--port", str(port), "--images", "8"], {"IMGSEARCH_REDIS_URL": url}, out)
+    try:
+        stack.wait_for(lambda: "serving; Ctrl-C to stop" in out.read_text() or not demo.alive(), 300, "the demo")
+        assert demo.alive(), out.read_text()[-3000:]
+        (first,) = fleet.read(r)
+        os.kill(first["pid"], signal.SIGKILL)
+        stack.wait_for(lambda: "the worker exited (signal SIGKILL); starting it again" in out.read_text(), 30,
+                       "the demo to say it restarts the worker")
+        stack.wait_for(lambda: any(b["pid"] != first["pid"] and b.get("engines_loaded") for b in fleet.read(r)),
+                       180, "a new worker's heartbeat")
+        job = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json={"query": "a red circle", "limit": 3}, timeout=10)
+        assert job.status_code == 202, job.text
+        got: dict = {}
+
+        def ended() -> bool:
+            nonlocal got
+            got = httpx.get(f"http://127.0.0.1:{port}{job.json()['links']['self']}", timeout=10).json()
+            return got["status"] in ("done", "failed")
+
+        stack.wait_for(ended, 60, "the next query")
+        assert got["status"] == "done" and len(got["results"]) == 3
+        demo.signal_group(signal.SIGTERM)
+        assert demo.popen.wait(30) == 0
+    finally:
+        demo.stop()
+    text = out.read_text()
+    # readable: the demo's own lines, no library noise
+    assert "bos_token_id" not in text and "Loading weights" not in text and "faiss" not in text.lower(), text[:2000]
