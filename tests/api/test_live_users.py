@@ -156,6 +156,20 @@ def test_the_search_page_in_headless_chromium(live) -> None:  # type: ignore[no-
         assert "reranked" in browser.find_element(By.ID, "status").text
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
+        # the search is in the URL: a shared link fills the form, filters included, and runs the search
+        assert "q=a+red+circle" in browser.current_url
+        browser.get(live.base + "/?q=a+blue+square&subreddit=no-such-sub&min_post_score=5&nsfw=1&rerank=0&limit=12")
+        wait.until(lambda b: b.find_element(By.ID, "status").text != "" and
+                   b.find_element(By.ID, "status").text != "searching…")
+        assert browser.find_element(By.ID, "q").get_attribute("value") == "a blue square"
+        assert browser.find_element(By.ID, "subreddit").get_attribute("value") == "no-such-sub"
+        assert browser.find_element(By.ID, "minpost").get_attribute("value") == "5"
+        assert browser.find_element(By.ID, "nsfw").is_selected() and not browser.find_element(By.ID, "rerank").is_selected()
+        assert browser.find_elements(By.CSS_SELECTOR, "#grid .card") == []  # the filter matched nothing: it was sent
+        browser.find_element(By.ID, "subreddit").clear()
+        browser.find_element(By.ID, "go").click()  # ...and a new search writes the form back into the URL
+        wait.until(lambda b: "subreddit=" not in b.current_url and "min_post_score=5" in b.current_url)
+        assert "rerank=0" in browser.current_url and "limit=12" in browser.current_url
     finally:
         browser.quit()
 
