@@ -45,6 +45,7 @@ def _shared_pool(threads: int) -> bool:
     if _GLOBAL_POOL is None:
         try:
             from onnxruntime.capi import _pybind_state
+            __import__("pipeline.vendor").vendor.require("onnxruntime")  # outside the range checked: RuntimeError
 
             _pybind_state.set_global_thread_pool_sizes(threads, 1)  # 0: its default, one per core
             _GLOBAL_POOL = True

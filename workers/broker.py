@@ -11,6 +11,8 @@ Here neither is attempted on a dead channel: those messages stay in the broker's
 Redis's visibility timeout restores them in the end, and the API's rescue sends a job stranded so again
 within ``rescue_after_s``. A job run twice still ends once (the first end wins), and one that already ended is
 skipped when its message comes back.
+
+Checked on the kombu versions that pipeline/vendor.py names (pyproject.toml pins them).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+from pipeline import vendor
+
 log = logging.getLogger(__name__)
+vendor.within("kombu")  # checked on a range of kombu's versions; outside it, say so (tests/test_vendor.py fails)
 
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]

@@ -47,8 +47,11 @@ def _set_data_plane_retries(index: Any, policy: Any) -> None:
         from pinecone._internal.constants import DATA_PLANE_API_VERSION
         from pinecone._internal.http_client import HTTPClient
 
+        from pipeline import vendor
+
+        vendor.require("pinecone")  # the internals below were read on these versions only
         index._http = HTTPClient(replace(index._config, retry_config=policy), DATA_PLANE_API_VERSION)
-    except (ImportError, AttributeError, TypeError) as exc:
+    except (ImportError, AttributeError, TypeError, RuntimeError) as exc:
         log.warning("pinecone: the data-plane retry policy is the client's own (%s)", exc)
 
 
