@@ -20,7 +20,7 @@ from PIL import Image
 
 from engines.blip import TorchBlip
 from engines.siglip import TorchSiglip, l2
-from pipeline.search import image_key
+from pipeline.layout import image_key
 from pipeline.settings import Settings, get_settings
 from pipeline.stores import make_blob_store, make_vector_store
 

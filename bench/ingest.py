@@ -85,7 +85,7 @@ def sequential(n: int, models: dict[str, Path], engines: Path) -> dict[str, Any]
     from pipeline import features as featcodec
     from pipeline.ingest import RedditSource
     from pipeline.ingest.images import prepare
-    from pipeline.search import feature_key, image_key, post_key
+    from pipeline.layout import feature_key, image_key, post_key
     from pipeline.stores import make_blob_store, make_vector_store
 
     with serving(n) as base, tempfile.TemporaryDirectory(dir="build") as tmp:

@@ -74,9 +74,7 @@ def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:
     vectors = make_vector_store(s)
     rep = ingest_folder(s, img_dir, e.image, e.reranker, vectors, make_blob_store(s))
     typer.echo(f"ingest: {rep.ingested} new, {rep.skipped} already there, {len(rep.failed)} failed")
-    close = getattr(vectors, "close", None)
-    if callable(close):
-        close()
+    vectors.close()
     return env, queries
 
 

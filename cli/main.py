@@ -418,14 +418,14 @@ def _search_direct(body: dict[str, Any]) -> dict[str, Any]:
     from engines.registry import load_engines
     from pipeline.search import Searcher
     from pipeline.settings import get_settings
-    from pipeline.stores import make_blob_store, make_vector_store
+    from pipeline.stores.bundle import Stores
     from pipeline.types import SearchParams
 
     _logging()
     s = get_settings()
     _preflight(s)
     engines = load_engines(s)
-    searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+    searcher = Searcher.over(s, engines.text, engines.reranker, Stores.build(s, caches=False))
     t0 = time.time()
     outcome = searcher.search(SearchParams.model_validate(body))
     return {"id": None, "status": "done", "query": body["query"], "created_at": t0, "finished_at": time.time(),

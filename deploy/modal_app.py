@@ -47,7 +47,7 @@ class Search:
         from pipeline.errors import ImgSearchError
         from pipeline.search import Searcher
         from pipeline.settings import get_settings
-        from pipeline.stores import make_blob_store, make_vector_store
+        from pipeline.stores.bundle import Stores
 
         s = get_settings()
         try:
@@ -56,7 +56,7 @@ class Search:
             _build_engines(s)
             volume.commit()
         engines = load_engines(s)
-        self.searcher = Searcher(s, engines.text, make_vector_store(s), make_blob_store(s), engines.reranker)
+        self.searcher = Searcher.over(s, engines.text, engines.reranker, Stores.build(s, caches=False))
         self.searcher.warm_up()
 
     @modal.method()

@@ -45,6 +45,11 @@ class Reranker(Protocol):
         """ITM match probabilities and ITC cosines, one of each per candidate."""
         ...
 
+    def score_many(self, items: Sequence[tuple[str, Sequence[NDArray[Any]]]]) -> list[tuple[NDArray[np.float32],
+                                                                                             NDArray[np.float32]]]:
+        """``score`` for several queries at once (cross-query batching), one answer per item, in order."""
+        ...
+
 
 @runtime_checkable
 class VectorStore(Protocol):
@@ -59,6 +64,14 @@ class VectorStore(Protocol):
                namespace: str = "") -> int: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def save(self) -> None:
+        """Make what was written durable (an embedded index writes its files; a remote store has nothing to do)."""
+        ...
+
+    def close(self) -> None:
+        """Release files and connections; the store is not used afterwards."""
+        ...
 
 
 @runtime_checkable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any
@@ -13,30 +13,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline import features as featcodec
 from pipeline import filters
 from pipeline.batching import Active, Batcher
 from pipeline.breaker import Breaker
-from pipeline.cache import FeatureCache, LocalLRU, ResultCache, decode_cached
-from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError
+from pipeline.cache import FeatureCache, LocalLRU, ResultCache
+from pipeline.errors import Cancelled, DeadlineExceeded
+from pipeline.feature_source import FeatureSource
 from pipeline.fusion import fuse, rank
 from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
 from pipeline.settings import Settings
+from pipeline.stores.bundle import Stores
 from pipeline.types import Match, Result, SearchOutcome, SearchParams, Vector
 
 log = logging.getLogger(__name__)
-
-
-def feature_key(reranker_version: str, post_id: str) -> str:
-    return f"features/{reranker_version}/{post_id}"
-
-
-def image_key(post_id: str, ext: str) -> str:
-    return f"images/{post_id}.{ext}"
-
-
-def post_key(post_id: str) -> str:
-    return f"posts/{post_id}.json"
 
 
 class _Clock:
@@ -61,8 +50,8 @@ class _Clock:
 class Searcher:
     """Runs one query through the stages; the engines and stores it holds are loaded once per process.
 
-    Features come from the closest place that has them: the worker's LRU, then Redis, then the blob store
-    (in parallel, bounded, under one deadline); whole outcomes may come from the result cache.
+    Features come from its feature source (the worker's LRU, then Redis, then the blob store); whole outcomes
+    may come from the result cache.
     """
 
     def __init__(self, settings: Settings, text: TextEncoder, vectors: VectorStore, blobs: BlobStore,
@@ -71,11 +60,12 @@ class Searcher:
         self.settings = settings
         self.text, self.vectors, self.blobs, self.reranker = text, vectors, blobs, reranker
         self.feature_cache, self.results, self.local = feature_cache, results, local
-        self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
         # vector store calls run here, so a job waits on a slow store no longer than its deadline
         self._store_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self.breakers = {name: Breaker(name, settings.breaker_failures, settings.breaker_reset_s)
                          for name in ("vector_store", "blob_store")}
+        self.features = FeatureSource(settings, blobs, self.breakers["blob_store"], feature_cache=feature_cache,
+                                      local=local, threads=fetch_threads)
         # cross-query batching: the jobs this process runs at once share their model calls
         self.active = Active()
         self._encode: Batcher[str, Vector] | None = None
@@ -84,9 +74,18 @@ class Searcher:
             wait = settings.batch_wait_ms / 1000
             self._encode = Batcher("encode", lambda qs: list(text.encode_text(list(qs))), max_items=settings.batch_max,
                                    wait_s=wait, active=self.active)
-            many = getattr(reranker, "score_many", None)
-            self._rerank = Batcher("rerank", many if many is not None else (lambda xs: [reranker.score(*x) for x in xs]),
-                                   max_items=settings.batch_max, wait_s=wait, active=self.active)
+            self._rerank = Batcher("rerank", reranker.score_many, max_items=settings.batch_max, wait_s=wait,
+                                   active=self.active)
+
+    @classmethod
+    def over(cls, settings: Settings, text: TextEncoder, reranker: Reranker, stores: Stores) -> Searcher:
+        """A Searcher over the process's stores bundle (built once; ingest and takedown share it)."""
+        return cls(settings, text, stores.vectors, stores.blobs, reranker, feature_cache=stores.feature_cache,
+                   results=stores.results, local=stores.local)
+
+    def circuits(self) -> dict[str, str]:
+        """Each store's circuit: closed, open or half-open."""
+        return {name: b.state for name, b in self.breakers.items()}
 
     # --- stages ---
     def encode(self, query: str) -> Vector:
@@ -111,71 +110,10 @@ class Searcher:
                 raise DeadlineExceeded("the vector store did not answer within the job's deadline") from exc
         return matches
 
-    def _from_blob(self, post_id: str) -> tuple[NDArray[Any] | None, bytes | None, str | None]:
-        try:
-            data = self.breakers["blob_store"].call(self.blobs.get, feature_key(self.reranker.version, post_id))
-            return (None, None, "missing") if data is None else (featcodec.decode(data), data, None)
-        except ImgSearchError as exc:  # missing, corrupt or unreachable: this candidate is not reranked
-            return None, None, exc.code
-
     def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None,
               deadline: float | None = None) -> dict[str, NDArray[Any]]:
-        """Stored BLIP features by id; ids whose features are missing, corrupt or late are left out (within
-        ``fetch_timeout_s`` and the deadline; none is asked for while the blob store's circuit is open)."""
-        version = self.reranker.version
-        counts = counts if counts is not None else {}
-        out: dict[str, NDArray[Any]] = {}
-        rest = list(ids)
-        if self.local is not None:
-            for pid in ids:
-                arr = self.local.get(f"{version}:{pid}")
-                if arr is not None:
-                    out[pid] = arr
-            rest = [pid for pid in ids if pid not in out]
-        counts["features_local"] = len(out)
-        if rest and self.feature_cache is not None:
-            for pid, data in self.feature_cache.get_many(version, rest).items():
-                arr = decode_cached(data)
-                if arr is not None:
-                    out[pid] = arr
-                    if self.local is not None:
-                        self.local.put(f"{version}:{pid}", arr)
-            counts["features_redis"] = len(out) - counts["features_local"]
-            rest = [pid for pid in rest if pid not in out]
-        fresh: dict[str, bytes] = {}
-        breaker = self.breakers["blob_store"]
-        if rest and breaker.state == "open":
-            log.warning("features of %d candidate(s) not fetched: the blob store's circuit is open", len(rest))
-            rest = []
-        if rest:
-            timeout = self.settings.fetch_timeout_s
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - time.time()))
-            futures = {self._pool.submit(self._from_blob, pid): pid for pid in rest}
-            done, late = wait(futures, timeout=timeout)
-            for fut in late:
-                fut.cancel()
-            if late and timeout >= self.settings.fetch_timeout_s:  # slow with its full time: counts once per query
-                breaker.failure()
-            failed: dict[str, int] = {"late": len(late)} if late else {}
-            for fut in done:
-                arr, raw, why = fut.result()
-                if arr is not None and raw is not None:
-                    out[futures[fut]] = arr
-                    fresh[futures[fut]] = raw
-                elif why:
-                    failed[why] = failed.get(why, 0) + 1
-            if failed:
-                log.warning("features of %d of %d candidate(s) not fetched (%s)", sum(failed.values()), len(rest),
-                            ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
-        counts["features_blob"] = len(fresh)
-        if fresh:
-            if self.feature_cache is not None:
-                self.feature_cache.put_many(version, fresh)
-            if self.local is not None:
-                for pid in fresh:
-                    self.local.put(f"{version}:{pid}", out[pid])
-        return out
+        """Stored BLIP features by id, from the feature source (see pipeline.feature_source)."""
+        return self.features.fetch(self.reranker.version, ids, counts, deadline)
 
     def rerank(self, query: str, feats: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         if self._rerank is not None:

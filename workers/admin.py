@@ -6,24 +6,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.settings import Settings, get_settings
+from pipeline.stores.bundle import Stores
 
 
-def takedown_posts(ids: Sequence[str], settings: Settings | None = None, searcher: Any = None) -> list[dict[str, Any]]:
+def takedown_posts(ids: Sequence[str], settings: Settings | None = None, stores: Stores | None = None,
+                   reranker_versions: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Remove each post from the vector store, the blob store and the Redis caches, and mark it taken down in
-    the ingest ledger so no later run brings it back. With a worker's ``searcher``, its stores and caches
-    are used (and its in-process feature LRU forgets the post); otherwise they are made from settings."""
-    from pipeline.cache import FeatureCache, ResultCache, cache_client
+    the ingest ledger so no later run brings it back. With a worker's ``stores`` (and its reranker's version),
+    those are used and its in-process feature LRU forgets the post; otherwise they are made from settings."""
     from pipeline.ingest import Ledger, takedown
-    from pipeline.stores import make_blob_store, make_vector_store
 
     s = settings or get_settings()
-    versions: list[str] = []
-    if searcher is not None:
-        vectors, blobs = searcher.vectors, searcher.blobs
-        versions.append(searcher.reranker.version)
-        feature_cache, results = searcher.feature_cache, searcher.results
-    else:
-        vectors, blobs = make_vector_store(s), make_blob_store(s)
+    versions = list(reranker_versions)
+    if stores is None:
+        stores = Stores.build(s, feature_cache=True)
         try:
             from engines.blip import SETTING
             from engines.loading import resolve, version_of
@@ -31,17 +27,12 @@ def takedown_posts(ids: Sequence[str], settings: Settings | None = None, searche
             versions.append(version_of(resolve(s.blip_model, SETTING)))
         except Exception:  # the model is not here: the ledger still names the versions that made the post
             pass
-        client = cache_client(s.redis_url)
-        feature_cache = FeatureCache(client, s.cache_features_ttl_s, s.cache_features_max)
-        results = ResultCache(client, s.cache_results_ttl_s)
     ledger = Ledger(s.ingest_dir)
     try:
-        out = [takedown(pid, vectors, blobs, ledger, reranker_versions=versions, namespace=s.namespace,
-                        feature_cache=feature_cache, results=results) for pid in ids]
+        out = [takedown(pid, stores.vectors, stores.blobs, ledger, reranker_versions=versions, namespace=s.namespace,
+                        feature_cache=stores.feature_cache, results=stores.results) for pid in ids]
     finally:
         ledger.close()
-    local = getattr(searcher, "local", None)
-    if local is not None:
-        for pid in ids:
-            local.discard_post(pid)
+    for pid in ids:
+        stores.forget(pid)
     return out

@@ -13,12 +13,11 @@ from typing import Any
 
 import redis
 
-from pipeline.cache import FeatureCache, LocalLRU, ResultCache, cache_client
 from pipeline.jobs.fleet import Heartbeat
 from pipeline.jobs.store import JobStore
 from pipeline.search import Searcher
 from pipeline.settings import Settings, get_settings
-from pipeline.stores import make_blob_store, make_vector_store
+from pipeline.stores.bundle import Stores
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +27,7 @@ class Runtime:
     settings: Settings
     engines: Any  # engines.registry.Engines
     searcher: Searcher
+    stores: Stores  # built once; search, ingest and takedown share them
     store: JobStore
     info: dict[str, Any]
     heartbeat: Heartbeat | None = None
@@ -56,14 +56,8 @@ def load(settings: Settings | None = None) -> Runtime:
             engines = load_engines(settings)
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
                                           socket_connect_timeout=settings.redis_socket_timeout_s)
-            caches = cache_client(settings.redis_url)
-            searcher = Searcher(settings, engines.text, make_vector_store(settings), make_blob_store(settings),
-                                engines.reranker,
-                                feature_cache=FeatureCache(caches, settings.cache_features_ttl_s,
-                                                           settings.cache_features_max)
-                                if settings.feature_cache_on else None,
-                                results=ResultCache(caches, settings.cache_results_ttl_s),
-                                local=LocalLRU(settings.cache_local_mb << 20))
+            stores = Stores.build(settings)
+            searcher = Searcher.over(settings, engines.text, engines.reranker, stores)
             loaded = time.perf_counter() - t0
             # before the heartbeat, so /readyz counts this worker only once its first query would be warm
             warm = searcher.warm_up() if settings.warm_up else {}
@@ -73,7 +67,7 @@ def load(settings: Settings | None = None) -> Runtime:
             limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
                 if settings.limits_redis_url else None
             name = f"{info['host']}:{info['pid']}"
-            _runtime = Runtime(settings, engines, searcher,
+            _runtime = Runtime(settings, engines, searcher, stores,
                                JobStore.from_settings(settings, client, limits=limits, worker=name), info)
             _runtime.heartbeat = Heartbeat(client, name, settings.heartbeat_ttl_s, info, _state(_runtime))
             _runtime.heartbeat.start()
@@ -86,10 +80,10 @@ def get() -> Runtime:
 
 
 def _store_state(rt: Runtime) -> str:
-    if rt.searcher.breakers["vector_store"].state == "open":  # known down: leave it alone until the trial
+    if rt.searcher.circuits()["vector_store"] == "open":  # known down: leave it alone until the trial
         return "down (circuit open)"
     try:
-        rt.searcher.vectors.stats()
+        rt.stores.vectors.stats()
         return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure: the store is not usable from here
         return f"down ({type(exc).__name__})"
@@ -104,7 +98,7 @@ def _state(rt: Runtime) -> Any:
         nonlocal checked, state
         if time.monotonic() - checked > 30:
             state, checked = _store_state(rt), time.monotonic()
-        return {"vector_store": state, "breakers": {name: b.state for name, b in rt.searcher.breakers.items()}}
+        return {"vector_store": state, "breakers": rt.searcher.circuits()}
 
     return now
 

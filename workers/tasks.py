@@ -64,7 +64,7 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
         _embedders = load_image_engines(s, rt.engines)
     try:
         report = run_ingest(s, make_source(s, task.source, task.folder), rt.engines.image, rt.engines.reranker,
-                            rt.searcher.vectors, rt.searcher.blobs, fresh=task.fresh, embedders=_embedders)
+                            rt.stores.vectors, rt.stores.blobs, fresh=task.fresh, embedders=_embedders)
     except Unavailable as exc:
         if exc.code != "ingest_running":
             raise
@@ -80,7 +80,7 @@ def takedown(payload: dict[str, Any]) -> dict[str, Any]:
 
     task = TakedownTask.model_validate(payload)
     rt = runtime.get()
-    return {"removed": takedown_posts(task.ids, rt.settings, rt.searcher)}
+    return {"removed": takedown_posts(task.ids, rt.settings, rt.stores, [rt.engines.reranker.version])}
 
 
 # Engines load once per process that runs tasks: each prefork child, or the main process of a solo or

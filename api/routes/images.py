@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from api.schemas import ErrorResponse, check_post_id
 from pipeline.errors import NotFound, Unavailable
-from pipeline.search import image_key
+from pipeline.layout import image_key
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 CACHE = "public, max-age=3600"

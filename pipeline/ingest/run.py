@@ -27,7 +27,7 @@ from pipeline.ingest.images import Prepared
 from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, HashIndex, Ledger
 from pipeline.ingest.sources import Post, Source
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
-from pipeline.search import feature_key, image_key, post_key
+from pipeline.layout import feature_key, image_key, post_key
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -129,3 +129,9 @@ class PineconeVectorStore:
         namespaces = {name: {"vector_count": int(s.vector_count)} for name, s in (res.namespaces or {}).items()}
         return {"dimension": res.dimension, "total_vector_count": int(res.total_vector_count or 0),
                 "namespaces": namespaces}
+
+    def save(self) -> None:
+        """Nothing to do: every write is durable once Pinecone answered it."""
+
+    def close(self) -> None:
+        """Nothing to release: the client's connections close with the process."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 from api.main import create_app
 from pipeline.admission import hash_key
-from pipeline.search import image_key
+from pipeline.layout import image_key
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore
 from cli import stack

@@ -21,7 +21,8 @@ from PIL import Image
 
 from pipeline.ingest import FolderSource, Ledger, RedditSource, run_ingest
 from pipeline.ingest.images import dhash
-from pipeline.search import Searcher, feature_key, image_key, post_key
+from pipeline.layout import feature_key, image_key, post_key
+from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env

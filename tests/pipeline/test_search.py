@@ -13,7 +13,8 @@ import redis
 from pipeline.jobs.keys import events_key, job_key
 from pipeline.jobs.runner import run_job
 from pipeline.jobs.store import JobStore, parse_events
-from pipeline.search import Searcher, feature_key
+from pipeline.layout import feature_key
+from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import Job, SearchParams
 from tests.conftest import make_settings
