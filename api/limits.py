@@ -10,7 +10,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimit:
-    """Refuse a request body over ``max_bytes`` with 413, whether or not it declares its length."""
+    """Refuse a request body over ``max_bytes`` with 413, whether or not it declares its length.
+
+    Our own rather than FastAPI's ``max_body_size`` (Starlette's RequestBodyLimitMiddleware): tried in its
+    place, a body declaring a Content-Length over the cap got Starlette's plain-text 413 ("Content Too Large"),
+    sent before any exception handler could give it the API's ``{"error": {"code", "message"}}`` shape."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes

@@ -6,14 +6,15 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Response, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.contract import params_of
 from api.deps import AdmissionDep, CallerDep, Jobs
 from api.schemas import ErrorResponse, JobAccepted, JobView, SearchRequest
 from pipeline import logs
 from pipeline.jobs.store import public
+from pipeline.types import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
@@ -47,23 +48,21 @@ async def cancel_job(job_id: str, jobs: Jobs, _: CallerDep) -> dict[str, Any]:
     return public(await jobs.cancel(job_id))
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse,
+async def _job(job_id: str, jobs: Jobs, _: CallerDep) -> Job:
+    """The job, or 404 before any response starts (a stream cannot change its status once it began)."""
+    return await jobs.get(job_id)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {"example": 'id: 1764180000123-0\nevent: queued\n'
                                                                           'data: {"id":"3f2a..."}\n\n'}}},
                        401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def job_events(job_id: str, jobs: Jobs, _: CallerDep,
-                     last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+async def job_events(job: Annotated[Job, Depends(_job)], jobs: Jobs,
+                     last_event_id: Annotated[str | None, Header()] = None) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: queued, started, candidates (ANN order), results (reranked), then done or failed.
-    A late client gets the whole history first; the stream closes after done or failed."""
-    await jobs.get(job_id)  # 404 before the stream starts
-
-    async def stream() -> AsyncIterator[str]:
-        async for entry in jobs.follow(job_id, last_event_id or "0"):
-            if entry is None:
-                yield ": keep-alive\n\n"
-            else:
-                entry_id, name, data = entry
-                yield f"id: {entry_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    A late client gets the whole history first; the stream closes after done or failed. FastAPI's own SSE
+    response sends the keep-alive comments while the job is quiet."""
+    async for entry in jobs.follow(job.id, last_event_id or "0"):
+        if entry is not None:  # None: a quiet second (the store looked at the record); FastAPI pings on its own
+            entry_id, name, data = entry
+            yield ServerSentEvent(raw_data=json.dumps(data, separators=(",", ":")), event=name, id=entry_id)
