@@ -22,7 +22,7 @@ from pipeline import logs
 from pipeline.admission import Admission
 from pipeline.jobs.recovery import Recovery
 from pipeline.jobs.store import AsyncJobStore
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import Settings, get_api_settings
 from pipeline.stores import make_blob_store
 from workers.celery_app import SEARCH_TASK, client_app
 
@@ -49,7 +49,7 @@ async def _reap_forever(recovery: Recovery) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or get_api_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     max_jobs_in_flight: int = Field(32, ge=0)  # per caller: queued or running; 0: no cap
     max_body_bytes: int = Field(16_384, ge=256)
     trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
+    behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
     limits_redis_url: str | None = None  # where buckets live; default redis_url
     # Flower (`imgsearch flower`): basic auth "user:password"; it refuses to start without one
     flower_basic_auth: SecretStr | None = None
@@ -176,6 +177,11 @@ class Settings(BaseSettings):
             raise ValueError("itm_weight and cosine_weight must be >= 0 and not both 0")
         if self.rerank_k > self.top_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
+        if self.env == "production" and self.flower_basic_auth is not None:
+            user, _, password = self.flower_basic_auth.get_secret_value().partition(":")
+            if not password or password.lower() in _DEFAULT_PASSWORDS or password == user:
+                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default or empty password is refused in production "
+                                 "(Flower shows every job's arguments)")
         return self
 
     @property
@@ -207,7 +213,33 @@ class Settings(BaseSettings):
         return self.data_dir / "ingest"
 
 
+_DEFAULT_PASSWORDS = {"password", "admin", "flower", "changeme", "secret", "123456", "imgsearch"}
+
+
+class ApiSettings(Settings):
+    """The API's settings: the shared ones, and, with ``env=production``, no open API (keys required) and no
+    proxy in front without the list of proxies whose X-Forwarded-For is believed."""
+
+    @model_validator(mode="after")
+    def _production(self) -> "ApiSettings":
+        if self.env != "production":
+            return self
+        if not self.api_keys:
+            raise ValueError("IMGSEARCH_ENV=production with no IMGSEARCH_API_KEYS: the API would be open to anyone")
+        if self.behind_proxy and not self.trusted_proxies:
+            raise ValueError("IMGSEARCH_BEHIND_PROXY with no IMGSEARCH_TRUSTED_PROXIES: every caller would share the "
+                             "proxy's address (one rate limit for all), or X-Forwarded-For would have to be believed "
+                             "from anyone")
+        return self
+
+
 @lru_cache
 def get_settings() -> Settings:
     """The process's settings; tests call ``get_settings.cache_clear()`` after changing the environment."""
     return Settings()
+
+
+@lru_cache
+def get_api_settings() -> ApiSettings:
+    """The API process's settings (``create_app`` reads these): they refuse unsafe values in production."""
+    return ApiSettings()
