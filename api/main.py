@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
 from api import errors, metrics
-from api.routes import admin, health, images, jobs, search
 from api.limits import BodyLimit
+from api.routes import admin, health, images, jobs, search
 from pipeline import logs
 from pipeline.admission import Admission
 from pipeline.jobs.recovery import Recovery

@@ -191,12 +191,12 @@ def bench_index(n: int, d: int, queries: int, root: Path, sweep: tuple[int, ...]
 def bench_fetch(root: Path, runs: int = 20) -> dict[str, Any]:
     import redis
 
+    from cli import stack
     from pipeline import features
     from pipeline.cache import FeatureCache, LocalLRU
     from pipeline.search import Searcher, feature_key
     from pipeline.settings import Settings
     from pipeline.stores.local_blob import LocalBlobStore
-    from cli import stack
 
     class _Reranker:
         version = "blip-large-bench"

@@ -26,8 +26,8 @@ from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import Prepared
 from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, HashIndex, Ledger
 from pipeline.ingest.sources import Post, Source
-from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.layout import feature_key, image_key, post_key
+from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from cli import stack
 from pipeline.jobs.keys import events_key
 from pipeline.jobs.store import parse_events
 from pipeline.settings import Settings
 from tests.conftest import RedisServer
-from cli import stack
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 import redis
 
+from cli import stack
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
-from cli import stack
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(os.environ.get("IMGSEARCH_TEST_ARTIFACTS", "build/test-artifacts"))

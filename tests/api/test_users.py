@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
+from cli import stack
 from pipeline.admission import hash_key
 from pipeline.layout import image_key
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore
-from cli import stack
 
 pytestmark = pytest.mark.integration
 

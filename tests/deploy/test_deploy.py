@@ -18,8 +18,8 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import settings_env
 from cli import stack
+from tests.conftest import settings_env
 
 pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[2]

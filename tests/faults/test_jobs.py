@@ -11,11 +11,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from cli import stack
 from pipeline.jobs.keys import events_key
 from pipeline.jobs.store import parse_events
 from pipeline.settings import Settings
 from tests.conftest import settings_env
-from cli import stack
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

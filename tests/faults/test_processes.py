@@ -15,11 +15,11 @@ import httpx
 import pytest
 import redis
 
+from cli import stack
 from pipeline.jobs.keys import events_key, job_key
 from pipeline.jobs.store import parse_events
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
-from cli import stack
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 IN_FLIGHT = 20

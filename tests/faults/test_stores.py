@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis
 
+from cli import stack
+from standins.faults import FaultProxy
 from tests.conftest import make_settings, settings_env
 from tests.live import Live, start_stack
-from standins.faults import FaultProxy
-from cli import stack
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.contract]
 

@@ -19,15 +19,15 @@ import pytest
 import redis
 from PIL import Image
 
+from cli import stack
 from pipeline.ingest import FolderSource, Ledger, RedditSource, run_ingest
 from pipeline.ingest.images import dhash
 from pipeline.layout import feature_key, image_key, post_key
 from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
-from tests.conftest import make_settings, settings_env
 from standins.reddit import RedditStandin, Served, gallery, picture, post, serve
-from cli import stack
+from tests.conftest import make_settings, settings_env
 
 pytestmark = pytest.mark.ingest
 

@@ -20,7 +20,6 @@ from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env
 from tests.live import Live, start_stack
-from cli import stack
 
 pytestmark = pytest.mark.integration
 QUERIES = ["a red circle", "a blue square on a white background", "a yellow triangle on a black background"]
