@@ -63,6 +63,7 @@ class PineconeStandIn:
         self.data: dict[str, dict[str, tuple[np.ndarray, dict[str, Any]]]] = {}
         self.lock = threading.Lock()
         self.fail_next: list[int] = []  # statuses to answer the next requests with
+        self.fail_path: dict[str, list[int]] = {}  # ...and the next requests to one path (e.g. "/query")
         self.delay_s = 0.0
         self.requests: list[tuple[str, str]] = []
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -141,9 +142,9 @@ class PineconeStandIn:
                     time.sleep(standin.delay_s)
                 if self.headers.get("Api-Key") != standin.api_key:
                     status, payload = 401, {"code": 16, "message": "invalid api key"}
-                elif standin.fail_next:
-                    status = standin.fail_next.pop(0)
-                    payload = {"code": 8, "message": f"injected {status}"}
+                elif standin.fail_next or standin.fail_path.get(url.path):
+                    status = (standin.fail_next or standin.fail_path[url.path]).pop(0)
+                    payload = {"code": 3 if status == 400 else 8, "message": f"injected {status}"}
                 else:
                     status, payload = standin.handle(self.command, url.path, parse_qs(url.query),
                                                      json.loads(raw) if raw else {})
