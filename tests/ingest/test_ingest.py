@@ -25,7 +25,7 @@ from pipeline.search import Searcher, feature_key, image_key, post_key
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env
-from tests.standins.reddit import RedditStandin, Served, gallery, picture, post, serve
+from tests.standins.reddit import RedditStandin, Served, gallery, picture, post, running
 from workers import stack
 
 pytestmark = pytest.mark.ingest
@@ -78,19 +78,15 @@ def populate(st: RedditStandin) -> None:
 
 @pytest.fixture
 def reddit() -> Iterator[RedditStandin]:
-    st = RedditStandin()
-    server, _ = serve(st)
-    try:
+    with running() as st:
         yield st
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def reddit_settings(st: RedditStandin, data: Path, models: Any, **kw: Any) -> Any:
     base = dict(reddit_public_url=st.base, reddit_oauth_url=st.base, reddit_token_url=f"{st.base}/api/v1/access_token",
                 reddit_subreddits={"memes": 1000, "dankmemes": 1000, "me_irl": 800}, reddit_page_size=4,
-                reddit_image_hosts=["127.0.0.1"], ingest_max_bytes=200_000, ingest_max_pixels=5_000_000,
+                reddit_image_hosts=["127.0.0.1"], ingest_allow_networks=["127.0.0.1/32"],  # the stand-in, on loopback
+                ingest_max_bytes=200_000, ingest_max_pixels=5_000_000,
                 ingest_batch_size=4, ingest_retries=1, reddit_max_wait_s=5)
     return make_settings(data, models, **{**base, **kw})
 
@@ -100,6 +96,7 @@ def reddit_env(st: RedditStandin) -> dict[str, str]:
             "IMGSEARCH_REDDIT_TOKEN_URL": f"{st.base}/api/v1/access_token",
             "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps({"memes": 1000, "dankmemes": 1000}),
             "IMGSEARCH_REDDIT_PAGE_SIZE": "4", "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]',
+            "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',  # the stand-in, on loopback
             "IMGSEARCH_INGEST_SOURCE": "reddit"}
 
 
@@ -135,7 +132,7 @@ def test_reddit_ingest_fills_the_stores_and_records_every_failure(reddit, tmp_pa
     # metadata as the DESIGN has it; NSFW kept and flagged; sizes are the image's own
     _, meta = stored["a1"]
     assert meta["title"] == "post a1" and meta["subreddit"] == "memes" and meta["score"] == 9000
-    assert meta["permalink"] == "https://www.reddit.com/r/memes/comments/a1/post_a1/"
+    assert meta["permalink"] == "/r/memes/comments/a1/post_a1/"  # a reddit path, nothing else
     assert (meta["width"], meta["height"]) == (160, 120) and meta["over_18"] is False
     assert stored["n1"][1]["over_18"] is True and stored["d1"][1]["subreddit"] == "dankmemes"
     doc = json.loads(blobs.get(post_key("a1")) or b"{}")
