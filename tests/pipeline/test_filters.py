@@ -34,3 +34,33 @@ def test_a_value_the_operator_does_not_take_is_refused(flt: dict[str, Any], why:
 ])
 def test_what_pinecone_takes_passes(flt: dict[str, Any]) -> None:
     assert filters.for_search(flt) is not None
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("flt", [
+    {"a": {"$in": [True]}}, {"a": {"$eq": [1]}}, {"a": {"$gt": "2020"}}, {"a": None}, {"a": {}},
+    {"$or": [{"a": {"$nin": [{"x": 1}]}}]}, {"a": {"$in": ["x", 2]}}, {"a": True}, {"a": {"$gte": 1.5}},
+])
+def test_the_validator_and_pinecone_agree_and_a_refusal_is_the_callers(pinecone_standin, flt: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """What the validator refuses, the Pinecone stand-in refuses with 400 (through the real client), and the
+    adapter reports that as the caller's error (Rejected), not as the store failing; what it takes, the store
+    takes too."""
+    import numpy as np
+
+    from pipeline.errors import Rejected, Unavailable
+    from pipeline.stores.pinecone_store import PineconeVectorStore
+
+    store = PineconeVectorStore(pinecone_standin.api_key, host=pinecone_standin.host, timeout=5, retries=0)
+    store.upsert([("p1", np.ones(4, np.float32), {"a": 1})], namespace="filters")
+    try:
+        filters.validate(flt)
+        refused = False
+    except InvalidRequest:
+        refused = True
+    if refused:
+        with pytest.raises(Rejected) as caught:
+            store.query(np.ones(4, np.float32), 3, filter=flt, namespace="filters")
+        assert caught.value.code == "vector_store_rejected" and "HTTP 400" in caught.value.message
+        assert not isinstance(caught.value, Unavailable)
+    else:
+        store.query(np.ones(4, np.float32), 3, filter=flt, namespace="filters")
