@@ -8,10 +8,11 @@ A folder source's posts are files: they are read from disk here, and only for po
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,24 +141,35 @@ class Downloader:
                                                 extensions={"sni_hostname": target.host})
 
     def _read(self, r: httpx.Response, deadline: float) -> bytes:
-        """The body, as raw bytes (no decompression), stopped at the cap, the deadline or a rate too low."""
+        """The body, as raw bytes (no decompression), stopped at the cap, the deadline or a rate too low. A read
+        blocked at the deadline is cut there (its socket shut down), so the deadline holds whatever the host
+        does; connecting and the headers are bounded by the request's timeouts, set to what is left of it."""
         cap, min_rate, grace = self.s.ingest_max_bytes, self.s.ingest_min_bytes_per_s, self.s.ingest_min_rate_after_s
         declared = r.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:  # a fair warning; the bytes read are what count
             raise FetchError(f"too large: {int(declared):,} bytes is over the {cap:,} allowed", permanent=True)
+        too_slow = FetchError(f"too slow: not done within the {self.s.ingest_deadline_s:g} s deadline", permanent=False)
         buf = bytearray()
         start = time.monotonic()
-        for chunk in r.iter_raw():
-            buf += chunk
-            if len(buf) > cap:
-                raise FetchError(f"too large: over the {cap:,} bytes allowed", permanent=True)
-            now = time.monotonic()
-            if now > deadline:
-                raise FetchError(f"too slow: not done within the {self.s.ingest_deadline_s:g} s deadline "
-                                 f"({len(buf):,} bytes read)", permanent=False)
-            if min_rate and now - start > grace and len(buf) / (now - start) < min_rate:
-                raise FetchError(f"too slow: {len(buf) / (now - start):,.0f} bytes/s is under the {min_rate:,} "
-                                 "allowed", permanent=False)
+        watchdog = _cut_at(r, deadline)
+        try:
+            for chunk in r.iter_raw():
+                buf += chunk
+                if len(buf) > cap:
+                    raise FetchError(f"too large: over the {cap:,} bytes allowed", permanent=True)
+                now = time.monotonic()
+                if now > deadline:
+                    raise too_slow
+                if min_rate and now - start > grace and len(buf) / (now - start) < min_rate:
+                    raise FetchError(f"too slow: {len(buf) / (now - start):,.0f} bytes/s is under the {min_rate:,} "
+                                     "allowed", permanent=False)
+        except httpx.TransportError:
+            if time.monotonic() >= deadline:  # the watchdog cut it
+                raise too_slow from None
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         return bytes(buf)
 
     def close(self) -> None:
@@ -174,3 +186,22 @@ class _Retry(Exception):
     def __init__(self, why: str, wait_s: float) -> None:
         super().__init__(why)
         self.wait_s = wait_s
+
+
+def _cut_at(r: httpx.Response, deadline: float) -> threading.Timer | None:
+    """A timer that shuts the response's socket down at ``deadline``, waking a read blocked on it (through
+    httpcore's ``network_stream`` extension; the base socket's shutdown, which a TLS socket's reader survives
+    with an error instead of a crash). None where the stream does not expose its socket."""
+    stream = r.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if not isinstance(sock, socket.socket):
+        return None
+
+    def cut() -> None:
+        with suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    timer.daemon = True
+    timer.start()
+    return timer

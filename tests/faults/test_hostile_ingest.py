@@ -153,6 +153,29 @@ def test_a_rerun_records_the_same_refusals_and_fetches_nothing_new(reddit, tmp_p
     assert reddit.internal_requests == []
 
 
+def test_a_download_ends_by_its_deadline_whatever_the_host_does(reddit, tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.ingest.download import Downloader, FetchError
+
+    hostile(reddit)
+    env = _env(reddit, tmp_path, tiny_models)
+    s = make_settings(tmp_path, tiny_models, reddit_image_hosts=["127.0.0.1"], ingest_allow_networks=["127.0.0.1/32"],
+                      **{k.removeprefix("IMGSEARCH_").lower(): v for k, v in env.items()
+                         if k.startswith("IMGSEARCH_INGEST_") and "NETWORKS" not in k and "SOURCE" not in k})
+    downloads = Downloader(s)
+    try:
+        for name, why, bound in (("drip.jpg", "bytes/s is under", GRACE_S), ("slow.jpg", "deadline", DEADLINE_S),
+                                 ("stall.jpg", "deadline", DEADLINE_S)):
+            t0 = time.monotonic()
+            with pytest.raises(FetchError, match=why):
+                downloads.fetch(reddit.image_url(name))
+            took = time.monotonic() - t0
+            print(f"{name}: refused after {took:.2f} s ({why})")
+            # the stall host's next bytes would come 0.8 s past the deadline: the read is cut at the deadline
+            assert took < bound + 0.4, (name, took)
+    finally:
+        downloads.close()
+
+
 @pytest.mark.integration
 @pytest.mark.contract
 def test_a_store_answering_bad_request_fails_the_job_as_the_callers_and_keeps_its_circuit_closed(  # type: ignore[no-untyped-def]

@@ -294,6 +294,7 @@ def hostile(st: RedditStandin) -> None:
         "to-file.jpg": Served(location="file:///etc/passwd"),
         "drip.jpg": Served(body=big, drip_bytes=64, drip_s=0.1),  # 640 bytes/s
         "slow.jpg": Served(body=big * 4, drip_bytes=4000, drip_s=0.2),  # 20 KB/s: fast enough, but not done in time
+        "stall.jpg": Served(body=big * 4, drip_bytes=5000, drip_s=1.9),  # fast enough, each read just under a timeout
         "liar.jpg": Served(body=big, claim_length=1000, repeat=100),  # says 1,000 bytes, sends megabytes
         "endless.jpg": Served(body=big, no_length=True, repeat=200),  # no length, megabytes
     }
