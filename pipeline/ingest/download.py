@@ -121,7 +121,11 @@ class Downloader:
                                  permanent=False)
             with self._request(target, min(self.s.ingest_timeout_s, remaining)) as r:
                 if r.is_redirect:  # the next hop is checked like the first
-                    url = str(httpx.URL(url).join(r.headers["location"]))
+                    try:
+                        url = str(httpx.URL(url).join(r.headers["location"]))
+                    except httpx.InvalidURL:
+                        raise FetchError(f"redirect to {shown(r.headers['location'])} refused: not a valid URL",
+                                         permanent=True) from None
                     continue
                 if r.status_code == 429 or r.status_code >= 500:
                     retry_after = r.headers.get("retry-after", "")
