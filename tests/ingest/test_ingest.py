@@ -404,3 +404,40 @@ def test_parallel_embed_streams_store_what_one_stream_stores(tmp_path, tiny_mode
     assert embed_streams(make_settings(tmp_path, tiny_models, engine_backend="onnxruntime")) == len(os.sched_getaffinity(0))
     assert embed_streams(make_settings(tmp_path, tiny_models)) == 1  # torch: its own threads
     assert embed_streams(make_settings(tmp_path, tiny_models, ingest_embed_streams=3)) == 3
+
+
+def test_a_write_that_fails_for_one_item_is_recorded_for_it_and_the_run_goes_on(tmp_path, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.errors import InvalidRequest, Unavailable
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"w{i}.jpg").write_bytes(picture(500 + i))
+    s = make_settings(tmp_path / "data", tiny_models, ingest_batch_size=5, ingest_dedup="off")
+    blobs = make_blob_store(s)
+
+    class Refusing:  # the local blob store, refusing one post's keys as a store refuses a bad key
+        def __init__(self, fail: type[Exception], pid: str) -> None:
+            self.fail, self.pid = fail, pid
+
+        def put(self, key: str, data: bytes) -> None:
+            if self.pid in key:
+                raise self.fail(f"invalid blob key {key!r}")
+            blobs.put(key, data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(blobs, name)
+
+    vectors = make_vector_store(s)
+    rep = run_ingest(s, FolderSource(folder), engines.image, engines.reranker, vectors, Refusing(InvalidRequest, "w2"))
+    assert rep.ingested == 4 and set(rep.failed) == {"w2"} and "write failed" in rep.failed["w2"]
+    assert set(vectors.fetch([f"w{i}" for i in range(5)])) == {"w0", "w1", "w3", "w4"}
+    ledger = Ledger(s.ingest_dir)
+    assert (ledger.status("w2") or {})["permanent"] is True  # the caller's kind of error: not tried again
+    assert ledger.runs()[-1]["finished"] is not None
+    # a store that is down is no item's fault: the run stops, unfinished, to resume later
+    (folder / "w5.jpg").write_bytes(picture(505))
+    with pytest.raises(Unavailable):
+        run_ingest(s, FolderSource(folder), engines.image, engines.reranker, vectors, Refusing(Unavailable, "w5"))
+    vectors.close()  # type: ignore[attr-defined]
+    assert ledger.runs()[-1]["finished"] is None
