@@ -299,6 +299,20 @@ def models_tiny(folder: Path, seed: int = 0) -> None:
     typer.echo(f"IMGSEARCH_SIGLIP_MODEL={s}\nIMGSEARCH_BLIP_MODEL={b}")
 
 
+@models_cli.command("check")
+def models_check(source: Annotated[str, typer.Argument(metavar="DIR_OR_HUB_ID", help="A model folder or a hub id.")],
+                 load: Annotated[bool, typer.Option(help="Also load the weights and run them, as a worker does.")] = True,
+                 max_tokens: Annotated[int, typer.Option(help="SigLIP's query length (IMGSEARCH_TEXT_MAX_TOKENS).")] = 64,
+                 ) -> None:
+    """Run a worker's load-time self-checks on a SigLIP or BLIP checkpoint you bring: prints the tokenizer layout,
+    the text limits, the version, the parameter counts and the memory it needs; exits 1 where a check fails."""
+    from engines.check import check_model
+
+    report = check_model(source, max_tokens=max_tokens, load=load)
+    typer.echo("\n".join(report.lines()))
+    raise typer.Exit(0 if report.ok else 1)
+
+
 @models_cli.command("train-kit")
 def models_train_kit(out: Path = KIT_DIR, seed: int = 0,
                      siglip_steps: Annotated[int, typer.Option()] = 0, blip_steps: Annotated[int, typer.Option()] = 0,
