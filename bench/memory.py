@@ -1,7 +1,8 @@
 """What a worker needs on a CPU with the real checkpoints' sizes: process RSS and load time per model and for a
 whole worker (SigLIP + BLIP), and the ONNX export sizes, on the full-size random-weight models (engines/fullsize.py:
 the real configs, a 256,000-entry SigLIP 2 vocabulary). Each load runs in a fresh process, so RSS is that
-model's alone. CPU heavy (minutes): run it once, not beside other benchmarks.
+model's alone, and starts cold (the model's files are dropped from the page cache first: safetensors are
+memory-mapped, so a warm cache hides the disk read). CPU heavy (minutes): run it once, not beside other benchmarks.
 
     python -m bench.memory [--out bench/results/memory.json] [--build build/memory] [--no-onnx]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -22,35 +24,54 @@ COMBOS = {"siglip": ("siglip",), "blip-large": ("blip",), "blip-base": ("blip-ba
           "worker (siglip + blip-large)": ("siglip", "blip"), "worker (siglip + blip-base)": ("siglip", "blip-base")}
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS), or one part of it: RssAnon (heap, the process's own) or RssFile
+    (file pages: safetensors weights are memory-mapped, and a page nobody reads is never loaded)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
 def child(models: Path, names: list[str]) -> dict[str, Any]:
-    """In a fresh process: import what a worker imports, then load (and warm up) each model with torch fp32."""
+    """In a fresh process: import what a worker imports, then load each model with torch fp32 and warm it up as a
+    search worker does (SigLIP's text tower, BLIP's text side); then read every weight once (an ingest worker
+    also runs both image towers)."""
     import torch  # noqa: F401 - counted in the base, as in a worker
 
     from engines.blip import TorchBlip
     from engines.siglip import TorchSiglip
 
-    from PIL import Image
+    import numpy as np
 
+    for name in names:  # a cold start: this model's files leave the page cache (theirs only, not the machine's)
+        for f in (models / name).iterdir():
+            with f.open("rb") as fh:
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     base = _rss_mb()
     loads, held = {}, []  # held: the models stay loaded, as in a worker, until RSS is read
     for name in names:
         t0 = time.perf_counter()
         if name == "siglip":
             held.append(TorchSiglip(str(models / name)))
-        else:
+        else:  # as a search worker warms up: the text side on stored features (its vision tower runs at ingest)
             m = TorchBlip(str(models / name))
-            m.score("a warm up query", list(m.vision_features([Image.new("RGB", (384, 384))])))
+            v = m.model.config.vision_config
+            tokens = (v.image_size // v.patch_size) ** 2 + 1
+            m.score("a warm up query", [np.zeros((tokens, v.hidden_size), np.float16)])
             held.append(m)
         loads[name] = round(time.perf_counter() - t0, 2)
-    return {"base_rss_mb": round(base), "load_s": loads, "rss_mb": round(_rss_mb()),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    out = {"base_rss_mb": round(base), "load_s": loads, "rss_mb": round(_rss_mb()),
+           "rss_anon_mb": round(_rss_mb("RssAnon")), "rss_file_mb": round(_rss_mb("RssFile"))}
+    # every weight read once: what a worker that runs every tower holds (an ingest worker runs the image towers)
+    t0 = time.perf_counter()
+    for m in held:
+        for p in m.model.parameters():
+            float(p.detach().float().sum())
+    out["read_rest_s"] = round(time.perf_counter() - t0, 2)
+    out["rss_all_weights_mb"] = round(_rss_mb())
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
 
 
 def onnx_sizes(models: Path, engines: Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ KINDS = {"siglip": "SigLIP (text and image towers: IMGSEARCH_SIGLIP_MODEL)",
 SETTINGS = {"siglip": "IMGSEARCH_SIGLIP_MODEL", "blip": "IMGSEARCH_BLIP_MODEL"}
 # what a CPU worker process holds besides the weights (Python, torch, transformers, tokenizers, the stores and
 # caches of an idle worker); measured with bench.memory, see the README
-WORKER_BASE_MB = 600
+WORKER_BASE_MB = 365
 
 
 @dataclass

@@ -331,19 +331,29 @@ def models_train_kit(out: Path = KIT_DIR, seed: int = 0,
 
 
 @cli.command("eval")
-def eval_kit(models: Path = KIT_DIR, n: int = 500, backend: str = "torch",
-             precision: str = "fp32") -> None:
-    """Retrieval quality of MODELS (the kit by default) on the held-out world: recall@1/5/10 for SigLIP alone
-    and after the BLIP rerank. Any backend: ONNX Runtime needs `imgsearch engines build` first."""
-    from engines.kit.evaluate import evaluate, table
+def eval_kit(models: Path = KIT_DIR, n: int = 500, backend: str = "torch", precision: str = "fp32",
+             manifest: Annotated[Path | None, typer.Option(help="Your own folder of images with captions "
+                                                                "(manifest.json or manifest.csv: file, caption).")] = None,
+             weights: Annotated[str, typer.Option(help="ITM weights to sweep, e.g. 0.5,0.6,0.7,0.8,1.0 "
+                                                       "(cosine gets 1 - w); one row each.")] = "") -> None:
+    """Retrieval quality of MODELS (the kit by default; a folder with siglip/ and blip/) on the held-out world, or
+    on your own captioned images (--manifest): recall@1/5/10 for SigLIP alone and after the BLIP rerank. Any
+    backend: ONNX Runtime needs `imgsearch engines build` first."""
+    from engines.kit.evaluate import evaluate_gallery, held_out, load_manifest, table
     from engines.registry import load_engines
     from pipeline.settings import get_settings
 
     s = get_settings().model_copy(update={"siglip_model": str(models / "siglip"), "blip_model": str(models / "blip"),
                                           "engine_backend": backend, "engine_precision": precision})
+    try:
+        sweep = [float(w) for w in weights.split(",") if w.strip()]
+        gallery = load_manifest(manifest) if manifest is not None else None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     engines = load_engines(s)
-    report = evaluate(engines.image, engines.reranker, n=n)
-    typer.echo(f"held-out gallery of {report['gallery']} scenes; {backend} {precision}\n{table(report)}")
+    report = evaluate_gallery(engines.image, engines.reranker, gallery or held_out(n), weights=sweep or [s.itm_weight])
+    typer.echo(f"{report['gallery']}; {backend} {precision}\n{table(report)}")
 
 
 @cli.command()
