@@ -72,11 +72,12 @@ def count_params(kind: str, path: Path) -> dict[str, int]:
 
 
 def memory(params: dict[str, int]) -> str:
-    """What the weights take per precision, and a CPU worker's whole process (measured base plus fp32 weights)."""
+    """What the weights take per precision, and what a worker process holding them takes."""
     n = params["total"]
-    return (f"weights {_mb(4 * n)} in fp32, {_mb(2 * n)} in bf16/fp16; a CPU worker holding it in fp32 needs "
-            f"about {_mb(4 * n)} plus the process's ~{WORKER_BASE_MB} MB (both models together: see the README); "
-            f"on a GPU in fp16 about {_mb(2 * n)} of GPU memory plus activations")
+    return (f"weights {_mb(4 * n)} in fp32 ({_mb(2 * n)} in bf16/fp16); a CPU worker process: ~{WORKER_BASE_MB} MB "
+            f"plus the weights it runs, up to ~{_mb(4 * n + WORKER_BASE_MB * 1e6)} once every tower has run (safetensors "
+            f"are memory-mapped: a search worker never reads the image towers); on a GPU in fp16: {_mb(2 * n)} of "
+            "weights plus activations and the CUDA context")
 
 
 def _files(path: Path) -> str:
