@@ -37,19 +37,19 @@ def child(models: Path, names: list[str]) -> dict[str, Any]:
     """In a fresh process: import what a worker imports, then load each model with torch fp32 and warm it up as a
     search worker does (SigLIP's text tower, BLIP's text side); then read every weight once (an ingest worker
     also runs both image towers)."""
+    import numpy as np
     import torch  # noqa: F401 - counted in the base, as in a worker
 
     from engines.blip import TorchBlip
     from engines.siglip import TorchSiglip
-
-    import numpy as np
 
     for name in names:  # a cold start: this model's files leave the page cache (theirs only, not the machine's)
         for f in (models / name).iterdir():
             with f.open("rb") as fh:
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     base = _rss_mb()
-    loads, held = {}, []  # held: the models stay loaded, as in a worker, until RSS is read
+    loads: dict[str, float] = {}
+    held: list[Any] = []  # held: the models stay loaded, as in a worker, until RSS is read
     for name in names:
         t0 = time.perf_counter()
         if name == "siglip":

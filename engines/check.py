@@ -64,9 +64,10 @@ def count_params(kind: str, path: Path) -> dict[str, int]:
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = SiglipModel(config) if kind == "siglip" else BlipForImageTextRetrieval(config)
-    towers = {"text": model.text_model if kind == "siglip" else model.text_encoder, "vision": model.vision_model}
-    out = {name: sum(p.numel() for p in m.parameters()) for name, m in towers.items()}
-    out["other"] = sum(p.numel() for p in model.parameters()) - sum(out.values())
+    text: Any = model.text_model if kind == "siglip" else model.text_encoder
+    towers: dict[str, Any] = {"text": text, "vision": model.vision_model}
+    out: dict[str, int] = {name: sum(int(p.numel()) for p in m.parameters()) for name, m in towers.items()}
+    out["other"] = sum(int(p.numel()) for p in model.parameters()) - sum(out.values())
     out["total"] = sum(out.values())
     return out
 

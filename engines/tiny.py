@@ -13,9 +13,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (  # type: ignore[attr-defined]
     BertTokenizerFast,
-    GemmaTokenizer,
     BlipConfig,
     BlipForImageTextRetrieval,
+    GemmaTokenizer,
     SiglipConfig,
     SiglipModel,
 )

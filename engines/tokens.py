@@ -115,7 +115,8 @@ def _diagnose(got: list[int], want: list[int], layout: TextLayout, eos_token: st
     fix = (f'set its post_processor to a TemplateProcessing with single "$A {eos_token}" (what the conversion '
            "script writes: add_bos_token=False, add_eos_token=True), or re-save the tokenizer so that")
     if got[n] != want[n] and got[n + 1:n + 3] == want[n:n + 2]:  # one token too many before the text: a BOS
-        return f"the ids start with {got[:n + 3]} where the text tower was trained on {want[:n + 2]}: {post}; {fix} it adds no BOS"
+        return (f"the ids start with {got[:n + 3]} where the text tower was trained on {want[:n + 2]}: {post}; {fix} "
+                "it adds no BOS")
     if eos not in got:
         return f"no EOS (id {eos}) in the ids: {post}; {fix} it appends EOS"
     if long and got[-1] != eos:
@@ -142,9 +143,10 @@ def check_layout(path: Path, tokenizer: Any, config: dict[str, Any], max_tokens:
         got = [int(i) for i in tokenize(tokenizer, [text], max_tokens)[0]]
         want = layout.lay_out(pieces)
         if got != want:
+            why = _diagnose(got, want, layout, str(tokenizer.convert_ids_to_tokens(eos)), long)
             raise TokenizerLayoutError(
                 f"the tokenizer files in {path} do not give the layout this SigLIP text tower was trained on "
-                f"({layout.describe(tokenizer)}): {_diagnose(got, want, layout, str(tokenizer.convert_ids_to_tokens(eos)), long)}. "
+                f"({layout.describe(tokenizer)}): {why}. "
                 f"For {'a long' if long else 'a short'} text it gave {got[:8]}...{got[-3:]}; refusing to load, "
                 "since the vectors would be silently wrong")
     return layout
