@@ -218,8 +218,9 @@ def test_offline_mode_loads_from_the_hub_cache(variants, tmp_path) -> None:  # t
     assert "acme/not-cached" in out["error"] and "HF_HUB_OFFLINE" in out["error"]
 
 
-def test_siglip_v1_sentencepiece_tokenizer_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """SigLIP (v1): a SentencePiece model (spiece.model) whose pad and EOS are both </s> (id 1)."""
+@pytest.fixture(scope="module")
+def siglip_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SigLIP (v1): a SentencePiece model (spiece.model), trained here, whose pad and EOS are both </s> (id 1)."""
     spm = pytest.importorskip("sentencepiece")
     from transformers import SiglipTokenizer  # type: ignore[attr-defined]
 
@@ -231,21 +232,38 @@ def test_siglip_v1_sentencepiece_tokenizer_loads(tmp_path) -> None:  # type: ign
         sentence_iterator=iter([" ".join(words[i:i + 6]) for i in range(len(words))] * 3), model_writer=buf,
         vocab_size=120, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
         eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
-    folder = tmp_path / "siglip-v1"
+    folder = tmp_path_factory.mktemp("v1") / "siglip-v1"
     folder.mkdir()
     (folder / "spiece.model").write_bytes(buf.getvalue())
     tokenizer = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=64)
     tokenizer.save_pretrained(folder)
     _tiny_siglip(len(tokenizer), 1, 1).save_pretrained(folder)
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    enc = TorchSiglip(str(folder))
+    return folder
+
+
+def test_siglip_v1_sentencepiece_tokenizer_loads(siglip_v1, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    enc = TorchSiglip(str(siglip_v1))
     ids = enc.text_inputs(["a red circle"])[0]
     n = int(np.flatnonzero(ids == 1)[0])
     assert n > 0 and (ids[n:] == 1).all()  # pieces, then </s> as EOS and as padding
     v = enc.encode_text(["a red circle", "two blue squares"])
     assert v.shape == (2, 32) and not np.allclose(v[0], v[1])
-    assert "spiece.model" in {p.name for p in folder.iterdir()}
-    assert version_of(folder) != version_of(_touch_copy(folder, tmp_path / "v1b"))
+    assert version_of(siglip_v1) != version_of(_touch_copy(siglip_v1, tmp_path / "v1b"))
+
+
+def test_siglip_v1_without_sentencepiece_says_what_to_install(siglip_v1) -> None:  # type: ignore[no-untyped-def]
+    code = ("import sys\n"
+            "sys.modules['sentencepiece'] = None  # as if it were not installed\n"
+            "from engines.siglip import TorchSiglip\n"
+            "from pipeline.errors import ModelLoadError\n"
+            "try:\n"
+            "    TorchSiglip(sys.argv[1])\n"
+            "except ModelLoadError as exc:\n"
+            "    print(exc.message)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(siglip_v1)], capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert "needs the sentencepiece package" in res.stdout and "imgsearch[worker]" in res.stdout, res.stderr[-2000:]
 
 
 def _touch_copy(folder: Path, dst: Path) -> Path:
