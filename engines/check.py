@@ -91,11 +91,11 @@ def _tokenizer_checks(report: Report, kind: str, path: Path, config: dict[str, A
     setting = SETTINGS[kind]
     tokenizer = load_tokenizer(path, setting)
     if kind == "siglip":
-        from engines.tokens import TokenizerLayoutError, check_layout
+        from engines.tokens import TokenizerLayoutError, check_layout, text_positions
 
-        positions = int((config.get("text_config") or {}).get("max_position_embeddings", max_tokens))
+        positions = text_positions(config, max_tokens)
         try:
-            layout = check_layout(path, tokenizer, config, min(max_tokens, positions))
+            layout = check_layout(path, tokenizer, config, max_tokens)
         except TokenizerLayoutError as exc:
             report.add("tokenizer", False, exc.message)
             return
@@ -132,6 +132,17 @@ def _load(report: Report, kind: str, source: str) -> None:
         ok = bool(np.isfinite(itm).all())
         report.add("weights", ok, f"loaded and ran in {time.perf_counter() - t0:.1f} s; image features "
                                   f"{tuple(feats.shape[1:])}, ITM {float(itm[0]):.3f}")
+
+
+def check_text_layout(source: str, max_tokens: int = 64) -> None:
+    """Before a worker starts: raise ``ModelLoadError`` (a ``TokenizerLayoutError`` naming the file to fix) where
+    the SigLIP folder's tokenizer would give another layout than its text tower was trained on. Reads the config
+    and tokenizer only, no weights; the engines run the same check when they load."""
+    from engines.siglip import SETTING
+    from engines.tokens import check_layout
+
+    path = resolve(source, SETTING)
+    check_layout(path, load_tokenizer(path, SETTING), json.loads((path / "config.json").read_text()), max_tokens)
 
 
 def check_model(source: str, *, max_tokens: int = 64, load: bool = True) -> Report:

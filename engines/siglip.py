@@ -46,11 +46,9 @@ class SiglipBase:
         self.tokenizer = load_tokenizer(self.path, setting)
         self.processor = AutoImageProcessor.from_pretrained(self.path)
         config = json.loads((self.path / "config.json").read_text())
-        # padded to this many tokens; never more than the text tower has positions (a small model may have fewer)
-        positions = (config.get("text_config") or {}).get("max_position_embeddings", max_tokens)
-        self.max_tokens = min(max_tokens, positions)
         # refuses tokenizer files that would give silently wrong vectors
-        self.layout = check_layout(self.path, self.tokenizer, config, self.max_tokens)
+        self.layout = check_layout(self.path, self.tokenizer, config, max_tokens)
+        self.max_tokens = self.layout.max_tokens  # padded to this many; a small model may have fewer positions
         self.dim = 0
 
     def _warm_up(self) -> None:

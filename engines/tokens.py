@@ -128,10 +128,17 @@ def _diagnose(got: list[int], want: list[int], layout: TextLayout, eos_token: st
     return f"the text's pieces differ: got {got[:at + 1]}, want {want[:want.index(eos) + 1]}"
 
 
+def text_positions(config: dict[str, Any], default: int = 64) -> int:
+    """How many positions the text tower has (a small model may have fewer than the 64 queries are padded to)."""
+    return int((config.get("text_config") or {}).get("max_position_embeddings", default))
+
+
 def check_layout(path: Path, tokenizer: Any, config: dict[str, Any], max_tokens: int) -> TextLayout:
-    """The trained layout of this folder's text tower, after checking that its tokenizer gives exactly it for a
-    short and a long text; raises ``TokenizerLayoutError`` naming the file to fix where it does not."""
+    """The trained layout of this folder's text tower, ``max_tokens`` long (never more than the tower's positions),
+    after checking that its tokenizer gives exactly it for a short and a long text; raises
+    ``TokenizerLayoutError`` naming the file to fix where it does not."""
     pad, eos, ids_from = _special_ids(config, tokenizer)
+    max_tokens = min(max_tokens, text_positions(config, max_tokens))
     layout = TextLayout(max_tokens, pad, eos, _prefix(tokenizer), ids_from)
     if layout.text_tokens < 1:
         raise TokenizerLayoutError(f"{path}: {max_tokens} text positions leave no room for a text")

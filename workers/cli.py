@@ -110,11 +110,13 @@ def _serve_health(port: int) -> None:
 
 
 def _preflight(s: Any) -> None:
+    from engines.check import check_text_layout
     from engines.registry import preflight
     from pipeline.errors import ImgSearchError
 
     try:
         preflight(s)
+        check_text_layout(s.siglip_model, s.text_max_tokens)  # tokenizer files that would give wrong vectors
     except (ImgSearchError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

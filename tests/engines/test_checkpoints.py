@@ -293,3 +293,15 @@ def test_models_check_passes_on_a_good_folder_and_fails_on_a_bad_one(variants) -
     assert "FAIL tokenizer" in bad.output and "tokenizer.json" in bad.output
     missing = runner.invoke(cli, ["models", "check", str(variants["conversion"] / "nope")])
     assert missing.exit_code == 1 and "FAIL" in missing.output
+
+
+def test_worker_refuses_to_start_on_a_bad_tokenizer(variants) -> None:  # type: ignore[no-untyped-def]
+    """Before it connects anywhere: the command exits with the message, rather than start without engines."""
+    from engines.kit import KIT_DIR
+
+    env = {**os.environ, "IMGSEARCH_SIGLIP_MODEL": str(variants["bos_post_processor"]),
+           "IMGSEARCH_BLIP_MODEL": str(KIT_DIR / "blip"), "REDIS_URL": "redis://127.0.0.1:1/0"}
+    res = subprocess.run([sys.executable, "-m", "workers.cli", "worker"], capture_output=True, text=True, env=env,
+                         timeout=240, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "tokenizer.json" in res.stderr and "post_processor" in res.stderr
