@@ -109,7 +109,7 @@ def _tokenizer_checks(report: Report, kind: str, path: Path, config: dict[str, A
         report.add("tokenizer", None, f"{type(tokenizer).__name__}, {len(tokenizer):,} entries: "
                                       f"'a photo of two cats' -> {tokens}")
         report.add("text limits", None, f"{positions} positions in the text side; queries are cut to the worker's "
-                                        "BLIP token limit (the setting)")
+                                        "BLIP token limit (IMGSEARCH_BLIP_MAX_TOKENS, 35 by default)")
 
 
 def _load(report: Report, kind: str, source: str) -> None:
