@@ -56,8 +56,11 @@ def blip_base_config(vocab: int = BLIP_VOCAB) -> BlipConfig:
     return _blip_config(vocab, 768, 12, 12)
 
 
-def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip", "blip"), seed: int = 0) -> dict[str, Path]:
-    """Write the requested full-size random-weight models under ``root`` (skipping ones already there)."""
+def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip", "blip"), seed: int = 0,
+                         siglip_vocab: int = SIGLIP_VOCAB) -> dict[str, Path]:
+    """Write the requested full-size random-weight models under ``root`` (skipping ones already there).
+    ``siglip_vocab``: a smaller SigLIP embedding table costs the same per token (a lookup) and exports in a
+    fraction of the time; the real 256,000 is the default, for memory and size figures."""
     root = Path(root)
     out = {}
     for name in which:
@@ -67,7 +70,7 @@ def make_fullsize_models(root: Path | str, *, which: tuple[str, ...] = ("siglip"
             continue
         torch.manual_seed(seed)
         if name == "siglip":
-            SiglipModel(siglip_config()).save_pretrained(folder)
+            SiglipModel(siglip_config(siglip_vocab)).save_pretrained(folder)
             SiglipImageProcessorPil(size={"height": 512, "width": 512}).save_pretrained(folder)
             gemma_tokenizer().save_pretrained(folder)
         elif name in ("blip", "blip-base"):
