@@ -212,9 +212,10 @@ def rerank_times(backend: str, precision: str, folder: Path, engines: Path, feat
         for tokens in lengths:
             query = exact_query(made["auto"], tokens)
             times: dict[str, list[float]] = {"auto": [], "plain": []}
-            repeat = 3 if n <= 32 else 2
-            for mode in ("auto", "plain"):
-                made[mode].score(query, feats)  # warm-up: first-run allocations, lazy sessions
+            repeat = 3 if n <= 32 else 1
+            if n == counts[0]:
+                for mode in ("auto", "plain"):
+                    made[mode].score(query, feats)  # warm-up: first-run allocations, lazy sessions
             for _ in range(repeat):
                 for mode in ("auto", "plain"):
                     t0 = time.perf_counter()
@@ -226,9 +227,9 @@ def rerank_times(backend: str, precision: str, folder: Path, engines: Path, feat
     return rows
 
 
-def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[int, ...],
-                      counts: tuple[int, ...]) -> list[dict[str, Any]]:
-    chosen = RERANK_BACKENDS if DEVICE == "cpu" else GPU_RERANK_BACKENDS
+def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[int, ...], counts: tuple[int, ...],
+                      backends: tuple[tuple[str, str], ...] | None = None) -> list[dict[str, Any]]:
+    chosen = backends or (RERANK_BACKENDS if DEVICE == "cpu" else GPU_RERANK_BACKENDS)
     if DEVICE == "cpu":
         build_onnx(str(folder), str(folder), engines, precisions=("fp32", "int8"), components=("blip_vision", "blip_itc",
                                                                                                "blip_itm", "blip_itm_rx"))
@@ -251,6 +252,7 @@ def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[in
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
             got = pool.submit(rerank_times, b, p, folder, engines, feats_file, lengths, counts, DEVICE).result()
         rows += [{"models": label, **r} for r in got]
+        print(rerank_table([{"models": label, **r} for r in got]), flush=True)  # as it goes: a long run's partial
     return rows
 
 
@@ -302,6 +304,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table")
     ap.add_argument("--rerank-only", action="store_true", help="only the rerank table (with and without the rewrite)")
+    ap.add_argument("--rerank-backends", default=None,
+                    help="backend:precision,... for the rerank table (default: all of this device's)")
+    ap.add_argument("--large-lengths", default="8,16,32,64", help="query lengths for BLIP-large's rows")
+    ap.add_argument("--large-counts", default="32,128", help="candidate counts for BLIP-large's rows")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -324,10 +330,14 @@ def main() -> None:
     blips = ("blip-base",) if args.quick else ("blip-base", "blip")
     made = make_fullsize_models(args.build / "fullsize", which=blips)
     lengths, counts = ((8,), (32,)) if args.quick else ((8, 16, 32, 64), (32, 128))
+    picked = tuple(tuple(b.split(":")) for b in args.rerank_backends.split(",")) if args.rerank_backends else None
     rr: list[dict[str, Any]] = []
     for name in blips:
         label = "BLIP-base" if name == "blip-base" else "BLIP-large"
-        rr += rerank_table_rows(made[name], args.build / "engines", label, lengths, counts)
+        if name == "blip" and not args.quick:
+            lengths = tuple(int(x) for x in args.large_lengths.split(","))
+            counts = tuple(int(x) for x in args.large_counts.split(","))
+        rr += rerank_table_rows(made[name], args.build / "engines", label, lengths, counts, picked)  # type: ignore[arg-type]
     where = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}; {time.perf_counter() - t0:.0f} s in all")
     if rows:

@@ -54,6 +54,7 @@ def settings_for(data: Path, models: dict[str, Path], engines: Path, base: str, 
     return Settings(data_dir=data, siglip_model=str(models["siglip"]), blip_model=str(models["blip"]),
                     engine_backend=backend, engine_precision=precision, engine_dir=engines,
                     reddit_public_url=base, reddit_subreddits=SUBS, reddit_image_hosts=["127.0.0.1"],
+                    ingest_allow_networks=["127.0.0.1/32"],  # the stand-in, on loopback
                     reddit_max_pages=100, ingest_dedup="phash")
 
 

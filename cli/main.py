@@ -106,11 +106,13 @@ def _serve_health(port: int) -> None:
 
 
 def _preflight(s: Any) -> None:
+    from engines.check import check_text_layout
     from engines.registry import preflight
     from pipeline.errors import ImgSearchError
 
     try:
         preflight(s)
+        check_text_layout(s.siglip_model, s.text_max_tokens)  # tokenizer files that would give wrong vectors
     except (ImgSearchError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -295,6 +297,20 @@ def models_tiny(folder: Path, seed: int = 0) -> None:
     typer.echo(f"IMGSEARCH_SIGLIP_MODEL={s}\nIMGSEARCH_BLIP_MODEL={b}")
 
 
+@models_cli.command("check")
+def models_check(source: Annotated[str, typer.Argument(metavar="DIR_OR_HUB_ID", help="A model folder or a hub id.")],
+                 load: Annotated[bool, typer.Option(help="Also load the weights and run them, as a worker does.")] = True,
+                 max_tokens: Annotated[int, typer.Option(help="SigLIP's query length (IMGSEARCH_TEXT_MAX_TOKENS).")] = 64,
+                 ) -> None:
+    """Run a worker's load-time self-checks on a SigLIP or BLIP checkpoint you bring: prints the tokenizer layout,
+    the text limits, the version, the parameter counts and the memory it needs; exits 1 where a check fails."""
+    from engines.check import check_model
+
+    report = check_model(source, max_tokens=max_tokens, load=load)
+    typer.echo("\n".join(report.lines()))
+    raise typer.Exit(0 if report.ok else 1)
+
+
 @models_cli.command("train-kit")
 def models_train_kit(out: Path = KIT_DIR, seed: int = 0,
                      siglip_steps: Annotated[int, typer.Option()] = 0, blip_steps: Annotated[int, typer.Option()] = 0,
@@ -313,19 +329,29 @@ def models_train_kit(out: Path = KIT_DIR, seed: int = 0,
 
 
 @cli.command("eval")
-def eval_kit(models: Path = KIT_DIR, n: int = 500, backend: str = "torch",
-             precision: str = "fp32") -> None:
-    """Retrieval quality of MODELS (the kit by default) on the held-out world: recall@1/5/10 for SigLIP alone
-    and after the BLIP rerank. Any backend: ONNX Runtime needs `imgsearch engines build` first."""
-    from engines.kit.evaluate import evaluate, table
+def eval_kit(models: Path = KIT_DIR, n: int = 500, backend: str = "torch", precision: str = "fp32",
+             manifest: Annotated[Path | None, typer.Option(help="Your own folder of images with captions "
+                                                                "(manifest.json or manifest.csv: file, caption).")] = None,
+             weights: Annotated[str, typer.Option(help="ITM weights to sweep, e.g. 0.5,0.6,0.7,0.8,1.0 "
+                                                       "(cosine gets 1 - w); one row each.")] = "") -> None:
+    """Retrieval quality of MODELS (the kit by default; a folder with siglip/ and blip/) on the held-out world, or
+    on your own captioned images (--manifest): recall@1/5/10 for SigLIP alone and after the BLIP rerank. Any
+    backend: ONNX Runtime needs `imgsearch engines build` first."""
+    from engines.kit.evaluate import evaluate_gallery, held_out, load_manifest, table
     from engines.registry import load_engines
     from pipeline.settings import get_settings
 
     s = get_settings().model_copy(update={"siglip_model": str(models / "siglip"), "blip_model": str(models / "blip"),
                                           "engine_backend": backend, "engine_precision": precision})
+    try:
+        sweep = [float(w) for w in weights.split(",") if w.strip()]
+        gallery = load_manifest(manifest) if manifest is not None else None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     engines = load_engines(s)
-    report = evaluate(engines.image, engines.reranker, n=n)
-    typer.echo(f"held-out gallery of {report['gallery']} scenes; {backend} {precision}\n{table(report)}")
+    report = evaluate_gallery(engines.image, engines.reranker, gallery or held_out(n), weights=sweep or [s.itm_weight])
+    typer.echo(f"{report['gallery']}; {backend} {precision}\n{table(report)}")
 
 
 @cli.command()

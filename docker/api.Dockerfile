@@ -12,7 +12,7 @@ COPY engines engines
 # the core (API) dependencies and the blob stores' clients; no `worker` extra: no torch, transformers, faiss
 # this repository's own package: its dependencies' versions are set in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install ".[gcs]" \
+RUN --mount=type=bind,source=docker/constraints.txt,target=/tmp/constraints.txt pip install -c /tmp/constraints.txt ".[gcs]" \
     && useradd --create-home --uid 10001 imgsearch \
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch

@@ -23,8 +23,9 @@ COPY docker/worker-gpu-start.sh /usr/local/bin/worker-gpu-start
 # torch's CUDA 12.8 build first, so the `worker` extra's torch pin is met by it
 # this repository's own package: its dependencies' versions are set in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
-    && pip install ".[worker,gpu,pinecone,gcs]" \
+RUN --mount=type=bind,source=docker/constraints.txt,target=/tmp/constraints.txt \
+    pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
+    && pip install -c /tmp/constraints.txt ".[worker,gpu,pinecone,gcs]" \
     && useradd --create-home --uid 10001 imgsearch \
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch

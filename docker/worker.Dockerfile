@@ -13,7 +13,8 @@ COPY engines engines
 # torch's CPU wheel: PyPI's default Linux wheel is the multi-GB CUDA build
 # this repository's own package: its dependencies' versions are set in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[worker,cpu,pinecone,gcs]" \
+RUN --mount=type=bind,source=docker/constraints.txt,target=/tmp/constraints.txt \
+    pip install -c /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[worker,cpu,pinecone,gcs]" \
     && useradd --create-home --uid 10001 imgsearch \
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch

@@ -1,14 +1,13 @@
 """SigLIP (transformers ``SiglipModel``): text tower for queries, image tower for ingest.
 
-``SiglipBase`` holds what every backend shares: the model folder, its version, the tokenizer, the image
-processor and the original's text cleaning (pre), and L2 normalisation (post). Each backend supplies the two
-cores that turn model inputs into raw features (``_text_core``, ``_image_core``).
+``SiglipBase`` holds what every backend shares: the model folder, its version, the tokenizer with the text layout
+its tower was trained on (checked at load, ``engines.tokens``), the image processor (pre), and L2 normalisation
+(post). Each backend supplies the two cores that turn model inputs into raw features (``_text_core``, ``_image_core``).
 """
 
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,19 +15,14 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
+from transformers import AutoImageProcessor, SiglipModel
 
-from engines.loading import resolve, version_of
+from engines.loading import load_tokenizer, resolve, version_of
+from engines.tokens import check_layout, tokenize
 from pipeline.types import Vector
 
-_PUNCT = str.maketrans("", "", string.punctuation)
 SETTING = "IMGSEARCH_SIGLIP_MODEL"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def canonicalize(text: str) -> str:
-    """The original's text cleaning (open_clip's 'canonicalize'): lower case, no punctuation, single spaces."""
-    return " ".join(text.lower().translate(_PUNCT).split())
 
 
 def l2(x: NDArray[Any]) -> Vector:
@@ -49,12 +43,12 @@ class SiglipBase:
     def __init__(self, source: str, *, max_tokens: int = 64, setting: str = SETTING) -> None:
         self.path = resolve(source, setting)
         self.version = version_of(self.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = load_tokenizer(self.path, setting)
         self.processor = AutoImageProcessor.from_pretrained(self.path)
-        # padded to this many tokens; never more than the text tower has positions (a small model may have fewer)
-        positions = json.loads((self.path / "config.json").read_text()).get("text_config", {}).get(
-            "max_position_embeddings", max_tokens)
-        self.max_tokens = min(max_tokens, positions)
+        config = json.loads((self.path / "config.json").read_text())
+        # refuses tokenizer files that would give silently wrong vectors
+        self.layout = check_layout(self.path, self.tokenizer, config, max_tokens)
+        self.max_tokens = self.layout.max_tokens  # padded to this many; a small model may have fewer positions
         self.dim = 0
 
     def _warm_up(self) -> None:
@@ -62,10 +56,9 @@ class SiglipBase:
 
     # --- pre ---
     def text_inputs(self, texts: Sequence[str]) -> NDArray[np.int64]:
-        # padded to max length, as SigLIP was trained: its pooled output is the last position
-        tok = self.tokenizer([canonicalize(t) for t in texts], padding="max_length", max_length=self.max_tokens,
-                             truncation=True, return_tensors="np")
-        return tok["input_ids"].astype(np.int64)  # type: ignore[no-any-return]
+        """Ids in the trained layout (pieces, EOS, padding on the right to ``max_tokens``): the text tower pools
+        the last position."""
+        return tokenize(self.tokenizer, texts, self.max_tokens)
 
     def image_inputs(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
         pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="np")["pixel_values"]

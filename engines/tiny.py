@@ -10,11 +10,12 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (  # type: ignore[attr-defined]
     BertTokenizerFast,
     BlipConfig,
     BlipForImageTextRetrieval,
+    GemmaTokenizer,
     SiglipConfig,
     SiglipModel,
 )
@@ -48,6 +49,24 @@ def wordpiece_tokenizer(words: list[str]) -> BertTokenizerFast:
 def make_tokenizer(extra_words: str = "") -> BertTokenizerFast:
     """Over a small built word list, not trained, so it is the same on every run."""
     return wordpiece_tokenizer(sorted(set((_WORDS + " " + extra_words).lower().split())))
+
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0..4, as in Gemma's vocabulary
+
+
+def gemma_tokenizer(extra_words: str = "", vocab_size: int = 600) -> GemmaTokenizer:
+    """A Gemma-style tokenizer as SigLIP 2 has it (BPE over "▁"-joined text with byte fallback; pad 0, EOS 1,
+    BOS 2), trained on the word list, with the conversion script's settings: no BOS, EOS appended, padding on
+    the right. Deterministic (the same corpus every time)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    words = sorted(set((_WORDS + " " + extra_words).lower().split()))
+    specials = GEMMA_SPECIALS + [f"<0x{b:02X}>" for b in range(256)]  # byte fallback: any text tokenises
+    tok.train_from_iterator([" ".join(words[i:i + 6]) for i in range(len(words))],
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    return GemmaTokenizer(tokenizer_object=tok, add_bos_token=False, add_eos_token=True, padding_side="right")
 
 
 def _text_cfg(vocab: int, hidden: int, tokenizer: BertTokenizerFast) -> dict[str, int]:

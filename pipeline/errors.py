@@ -40,6 +40,13 @@ class Cancelled(ImgSearchError):
     code = "cancelled"
 
 
+class Rejected(InvalidRequest):
+    """A store refused a request as malformed (a 4xx that is not about keys, limits or a missing index): the
+    caller's mistake. It fails that job with the caller's error and never counts against the store's circuit."""
+
+    code = "rejected"
+
+
 class Unavailable(ImgSearchError):
     """A dependency (Redis, a store) can't be reached; retry later."""
 

@@ -7,6 +7,7 @@ operators match numbers only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,8 +38,33 @@ MAX_DEPTH = 8  # $and / $or nested deeper than this is refused (no sane filter n
 MAX_VALUES = 1000  # values in one $in / $nin list
 
 
+# what each operator takes, as Pinecone's filter language has it: a filter Pinecone would refuse is refused here,
+# before a job is queued (the API answers 422), and never reaches a store as a request it would call malformed
+_SCALAR = "a string, a number or a boolean"
+_TAKES = {"$eq": _SCALAR, "$ne": _SCALAR, "$gt": "a number", "$gte": "a number", "$lt": "a number",
+          "$lte": "a number", "$in": "a list of strings or numbers", "$nin": "a list of strings or numbers"}
+MAX_INT = 2 ** 53  # Pinecone keeps numbers as 64-bit floats: a larger integer would not compare as written
+
+
+def _number_ok(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return abs(v) <= MAX_INT
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _value_ok(op: str, v: Any) -> bool:
+    if op in ("$eq", "$ne"):
+        return isinstance(v, (str, bool)) or _number_ok(v)
+    if op in ("$in", "$nin"):
+        return isinstance(v, list) and all(isinstance(x, str) or _number_ok(x) for x in v)
+    return _number_ok(v)
+
+
 def validate(flt: Any, depth: int = 0) -> None:
-    """Raise InvalidRequest naming the first thing wrong with a filter."""
+    """Raise InvalidRequest naming the first thing wrong with a filter: an unknown operator, a value of a type
+    the operator does not take, nesting past MAX_DEPTH, a list past MAX_VALUES."""
     if not isinstance(flt, Mapping):
         raise InvalidRequest("a filter must be a JSON object")
     if depth > MAX_DEPTH:
@@ -49,19 +75,22 @@ def validate(flt: Any, depth: int = 0) -> None:
                 raise InvalidRequest(f"{key} takes a non-empty list of filters")
             for sub in value:
                 validate(sub, depth + 1)
-        elif key.startswith("$"):
+        elif not isinstance(key, str) or not key or key.startswith("$"):
             raise InvalidRequest(f"unknown filter operator {key!r}; valid: {', '.join(OPERATORS)}")
         elif isinstance(value, Mapping):
+            if not value:
+                raise InvalidRequest(f"the condition on {key!r} is empty")
             for op, arg in value.items():
                 if op not in _COMPARE:
                     raise InvalidRequest(f"unknown filter operator {op!r} on {key!r}; valid: {', '.join(_COMPARE)}")
-                if op in ("$in", "$nin") and not isinstance(arg, list):
-                    raise InvalidRequest(f"{op} on {key!r} takes a list")
-                if op in ("$in", "$nin") and len(arg) > MAX_VALUES:
+                if op in ("$in", "$nin") and isinstance(arg, list) and len(arg) > MAX_VALUES:
                     raise InvalidRequest(f"{op} on {key!r} takes at most {MAX_VALUES} values")
-                if op in ("$gt", "$gte", "$lt", "$lte") and (
-                        isinstance(arg, bool) or not isinstance(arg, (int, float))):
-                    raise InvalidRequest(f"{op} on {key!r} takes a number")
+                if not _value_ok(op, arg):
+                    raise InvalidRequest(f"{op} on {key!r} takes {_TAKES[op]}" +
+                                         (" (integers up to 2^53)" if isinstance(arg, int) and not isinstance(arg, bool)
+                                          and op not in ("$in", "$nin") else ""))
+        elif not _value_ok("$eq", value):  # the shorthand for $eq
+            raise InvalidRequest(f"{key!r} takes {_SCALAR}, or an object of operators")
 
 
 def matches(flt: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> bool:
@@ -119,12 +148,13 @@ def for_search(flt: Mapping[str, Any] | None) -> dict[str, Any] | None:
                            ("min_post_score", "score", "$gte")):
         if key in rest:
             value = rest.pop(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not _number_ok(value):
                 raise InvalidRequest(f"filter.{key} takes a number")
             clauses.append({field: {op: value}})
     if rest:
-        validate(rest)
         clauses.append(rest)
+    for clause in clauses:  # each at the depth the caller wrote it (the $and around them adds none)
+        validate(clause)
     if not clauses:
         return None  # over_18: null and nothing else: everything
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}

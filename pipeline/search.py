@@ -24,6 +24,7 @@ from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
 from pipeline.settings import Settings
 from pipeline.stores.bundle import Stores
 from pipeline.types import Match, Result, SearchOutcome, SearchParams, Vector
+from pipeline.versions import check_versions
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ class Searcher:
         refused at once while the vector store's circuit is open."""
         limit = params.limit or self.settings.limit
         top_k = min(1000, max(params.top_k or self.settings.top_k, params.offset + limit))
-        call = partial(self.vectors.query, vector, top_k, filter=filters.for_search(params.filter),
-                       namespace=params.namespace if params.namespace is not None else self.settings.namespace)
+        namespace = params.namespace if params.namespace is not None else self.settings.namespace
+        call = partial(self.vectors.query, vector, top_k, filter=filters.for_search(params.filter), namespace=namespace)
         breaker = self.breakers["vector_store"]
         budget = None if deadline is None else max(0.0, deadline - time.time())
         with breaker.guard():
@@ -108,6 +109,7 @@ class Searcher:
                 if budget is None or budget >= self.settings.store_timeout_s:  # it had its full chance: its fault
                     breaker.failure()
                 raise DeadlineExceeded("the vector store did not answer within the job's deadline") from exc
+        check_versions(matches, self.text.version, namespace)  # another model's vectors would rank at random
         return matches
 
     def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None,

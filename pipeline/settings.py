@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -123,9 +124,17 @@ class Settings(BaseSettings):
     # parallel embed streams, each with its own engines; 0: one per core with ONNX Runtime on a CPU, else one
     ingest_embed_streams: int = Field(0, ge=0, le=16)
     ingest_concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
-    ingest_timeout_s: float = Field(20.0, gt=0)  # per download (connect + read)
+    ingest_timeout_s: float = Field(20.0, gt=0)  # per connect and per read of a download
     ingest_retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx
-    ingest_max_bytes: int = Field(20 << 20, ge=1)  # a larger download is refused
+    ingest_max_bytes: int = Field(20 << 20, ge=1)  # a larger download is refused (the bytes read count)
+    # a download's whole time, every try and redirect included: a slow host can't hold a run (and its lock)
+    ingest_deadline_s: float = Field(60.0, gt=0)
+    # ...and its slowest average rate once it has had ingest_min_rate_after_s: a drip is cut off early
+    ingest_min_bytes_per_s: int = Field(16_384, ge=0)
+    ingest_min_rate_after_s: float = Field(5.0, ge=0)
+    # loopback, private, link-local and other non-public addresses are never fetched from, except inside these
+    # networks (CIDRs): for a test's stand-in ("127.0.0.1/32") or a private mirror; keep each as narrow as that
+    ingest_allow_networks: list[str] = []
     ingest_max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard (width x height)
     ingest_max_attempts: int = Field(3, ge=1)  # runs that retry an item whose failure was transient
     # near-duplicates: "phash" (256-bit difference hash, before embedding), "embedding" (SigLIP cosine against
@@ -141,6 +150,7 @@ class Settings(BaseSettings):
     # subreddit -> minimum score, as the original service had them (JSON in the environment)
     reddit_subreddits: dict[str, int] = {"memes": 1000, "dankmemes": 1000, "me_irl": 800, "meirl": 800}
     # hosts whose links are taken as direct images (gallery images come from Reddit's own media metadata)
+    # ...and the only hosts an image is fetched from, redirects included (a gallery's images too)
     reddit_image_hosts: list[str] = ["i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"]
     reddit_sort: Literal["top", "hot", "new", "rising", "controversial"] = "top"
     reddit_period: Literal["hour", "day", "week", "month", "year", "all"] = "day"
@@ -175,6 +185,11 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.itm_weight < 0 or self.cosine_weight < 0 or self.itm_weight + self.cosine_weight <= 0:
             raise ValueError("itm_weight and cosine_weight must be >= 0 and not both 0")
+        for net in self.ingest_allow_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
         if self.rerank_k > self.top_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
         if self.env == "production" and self.flower_basic_auth is not None:

@@ -47,6 +47,51 @@ def _passes(flt: dict[str, Any], meta: dict[str, Any]) -> bool:
     return all(results)
 
 
+_RANGE = ("$gt", "$gte", "$lt", "$lte")
+
+
+def _kind(v: Any) -> str:
+    """A JSON value's type as Pinecone's documentation names them."""
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number" if v == v and abs(v) != float("inf") else "not-a-number"
+    return {str: "string", list: "array", dict: "object"}.get(type(v), "null")
+
+
+def _refusal(flt: Any, depth: int = 0) -> str | None:
+    """Why Pinecone would answer 400 to this filter (its documented value types per operator: $eq/$ne string,
+    number, boolean; ranges number; $in/$nin an array of strings or numbers), or None. Written apart from
+    pipeline.filters on purpose: a contract test compares the two readings."""
+    if _kind(flt) != "object" or depth > 10:
+        return "a filter is an object"
+    for key, cond in flt.items():
+        if key in ("$and", "$or"):
+            if _kind(cond) != "array" or not cond:
+                return f"{key} takes a non-empty array"
+            for sub in cond:
+                if why := _refusal(sub, depth + 1):
+                    return why
+            continue
+        if key.startswith("$"):
+            return f"unknown operator {key}"
+        ops = cond if _kind(cond) == "object" else {"$eq": cond}
+        if not ops:
+            return f"an empty condition on {key}"
+        for op, arg in ops.items():
+            if op in ("$eq", "$ne"):
+                allowed = _kind(arg) in ("string", "number", "boolean")
+            elif op in _RANGE:
+                allowed = _kind(arg) == "number"
+            elif op in ("$in", "$nin"):
+                allowed = _kind(arg) == "array" and all(_kind(x) in ("string", "number") for x in arg)
+            else:
+                return f"unknown operator {op}"
+            if not allowed:
+                return f"{op} on {key} does not take {_kind(arg)} {arg!r}"[:200]
+    return None
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -63,6 +108,7 @@ class PineconeStandIn:
         self.data: dict[str, dict[str, tuple[np.ndarray, dict[str, Any]]]] = {}
         self.lock = threading.Lock()
         self.fail_next: list[int] = []  # statuses to answer the next requests with
+        self.fail_path: dict[str, list[int]] = {}  # ...and the next requests to one path (e.g. "/query")
         self.delay_s = 0.0
         self.requests: list[tuple[str, str]] = []
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -89,6 +135,8 @@ class PineconeStandIn:
                 for v in body["vectors"]:
                     ns[v["id"]] = (np.asarray(v["values"], np.float32), v.get("metadata") or {})
                 return 200, {"upsertedCount": len(body["vectors"])}
+            if path in ("/query", "/vectors/delete") and body.get("filter") is not None and _refusal(body["filter"]):
+                return 400, {"code": 3, "message": f"Invalid filter: {_refusal(body['filter'])}"}
             if path == "/query":
                 q = np.asarray(body["vector"], np.float32)
                 q = q / (np.linalg.norm(q) or 1.0)
@@ -141,9 +189,9 @@ class PineconeStandIn:
                     time.sleep(standin.delay_s)
                 if self.headers.get("Api-Key") != standin.api_key:
                     status, payload = 401, {"code": 16, "message": "invalid api key"}
-                elif standin.fail_next:
-                    status = standin.fail_next.pop(0)
-                    payload = {"code": 8, "message": f"injected {status}"}
+                elif standin.fail_next or standin.fail_path.get(url.path):
+                    status = (standin.fail_next or standin.fail_path[url.path]).pop(0)
+                    payload = {"code": 3 if status == 400 else 8, "message": f"injected {status}"}
                 else:
                     status, payload = standin.handle(self.command, url.path, parse_qs(url.query),
                                                      json.loads(raw) if raw else {})

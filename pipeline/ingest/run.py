@@ -22,10 +22,12 @@ from PIL import Image
 
 from pipeline import features as featcodec
 from pipeline.cache import FeatureCache, ResultCache
+from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.ids import check_post_id, describe_bad_id, is_post_id, refused_key
 from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import Prepared
 from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, HashIndex, Ledger
-from pipeline.ingest.sources import Post, Source
+from pipeline.ingest.sources import Page, Post, Source
 from pipeline.layout import feature_key, image_key, post_key
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.settings import Settings
@@ -141,18 +143,19 @@ class IngestRun:
                 if page is None:
                     break
                 self.report.listed += page.listed
-                if page.rejected:
-                    self.report.rejected += len(page.rejected)
-                    out.put(("rejected", seq, page.rejected))
-                ids = [p.id for p in page.posts]
+                posts, rejected = _screen(page)
+                if rejected:
+                    self.report.rejected += len(rejected)
+                    out.put(("rejected", seq, rejected))
+                ids = [p.id for p in posts]
                 settled = self.ledger.settled(ids, self.versions, self.s.ingest_max_attempts)
                 self.report.skipped += len(settled)
                 seen: set[str] = set()
-                for post in page.posts:
+                for post in posts:
                     if post.id in settled or post.id in seen:
                         continue
                     seen.add(post.id)
-                    out.put(("item", seq, post, downloader.submit(post.url)))  # blocks while the queue is full
+                    out.put(("item", seq, post, downloader.submit(post)))  # blocks while the queue is full
                 out.put(("page", seq, page.cursor))
                 seq += 1
             out.put(("end",))
@@ -330,9 +333,30 @@ class IngestRun:
         t1 = time.perf_counter()
         self.t["embed"] += t1 - t0
         if kept:
-            self._write(kept, vecs, feats, writer)
+            self._write_isolated(kept, vecs, feats, writer)
         self.t["write"] += time.perf_counter() - t1
         self._flush(self.report.run_id)
+
+    def _write_isolated(self, batch: list[_Ready], vecs: np.ndarray, feats: Sequence[Any],
+                        writer: ThreadPoolExecutor) -> None:
+        """The batch's writes; if they fail, each item's on its own, so a failure is recorded for the item
+        that caused it and the run goes on. A store that is down (Unavailable) stops the run instead: that is
+        no item's fault, and the next run resumes from the checkpoint."""
+        try:
+            self._write(batch, vecs, feats, writer)
+            return
+        except Unavailable:
+            if len(batch) == 1:
+                raise
+        except Exception as exc:
+            if len(batch) == 1:
+                r = batch[0]
+                log.warning("ingest: writing %s failed: %s: %s", r.post.id, type(exc).__name__, exc)
+                self._settle(r.page, (r.post.id, self.source.name, FAILED, f"write failed: {type(exc).__name__}: {exc}",
+                                      isinstance(exc, InvalidRequest), r.prepared.phash))
+                return
+        for i in range(len(batch)):
+            self._write_isolated(batch[i:i + 1], vecs[i:i + 1], feats[i:i + 1], writer)
 
     def _write(self, batch: list[_Ready], vecs: np.ndarray, feats: Sequence[Any], writer: ThreadPoolExecutor) -> None:
         """Blobs first, the vector last: a vector exists only once everything it points at does."""
@@ -351,6 +375,20 @@ class IngestRun:
         for r in batch:
             self._settle(r.page, (r.post.id, self.source.name, INGESTED, "", False, r.prepared.phash))
         self.report.ingested += len(batch)
+
+
+def _screen(page: Page) -> tuple[list[Post], dict[str, str]]:
+    """The page's posts whose ids are valid, and every refused entry by a key safe to store: a listing's id
+    names keys, paths and rows only once it matches the post-id pattern."""
+    rejected = {pid if is_post_id(pid) else refused_key(pid): why if is_post_id(pid) else describe_bad_id(pid)
+                for pid, why in page.rejected.items()}
+    posts = []
+    for post in page.posts:
+        if is_post_id(post.id):
+            posts.append(post)
+        else:
+            rejected[refused_key(post.id)] = describe_bad_id(post.id)
+    return posts, rejected
 
 
 def run_ingest(settings: Settings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
@@ -374,6 +412,7 @@ def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledge
     """Remove a post everywhere: its vector, its blobs (image, post, features of every model that made them),
     the Redis caches (its features; cached results that may hold it), and mark it taken down so no later
     ingest brings it back. Returns what was removed."""
+    check_post_id(post_id)  # it names keys and a ledger row
     versions = set(reranker_versions)
     row = ledger.db.execute("SELECT versions FROM items WHERE id=?", (post_id,)).fetchone()
     if row and "|" in row[0]:

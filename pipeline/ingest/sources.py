@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.ids import reddit_path
+from pipeline.ingest.urls import Refused, check_form, shown
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 @dataclass
 class Post:
-    """One image post. ``url`` is the image: http(s) for Reddit, a file path for the folder source."""
+    """One image post. ``url`` is where its image came from; ``file`` is set by the folder source alone, and
+    only a post with a ``file`` is read from disk (any other is fetched over http(s), checked)."""
 
     id: str
     url: str
@@ -40,6 +43,7 @@ class Post:
     created_utc: float = 0.0
     over_18: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # a folder's other metadata fields
+    file: Path | None = None  # the folder source's image file
 
     def metadata(self) -> dict[str, Any]:
         base = {"title": self.title, "subreddit": self.subreddit, "permalink": self.permalink, "author": self.author,
@@ -110,7 +114,7 @@ class FolderSource:
             known = {k: meta.pop(k) for k in ("title", "subreddit", "permalink", "author") if k in meta}
             yield Post(id=str(meta.pop("id", path.stem)), url=str(path), score=int(meta.pop("score", 0) or 0),
                        created_utc=float(meta.pop("created_utc", 0) or 0), over_18=_truthy(meta.pop("over_18", False)),
-                       extra=meta, **{k: str(v) for k, v in known.items()})
+                       extra=meta, file=path, **{k: str(v) for k, v in known.items()})
 
     def pages(self, cursor: dict[str, Any] | None = None) -> Iterator[Page]:
         after = (cursor or {}).get("after")
@@ -120,10 +124,28 @@ class FolderSource:
                 continue
             batch.append(post)
             if len(batch) == self.page_size:
-                yield Page(batch, {"after": Path(batch[-1].url).name}, listed=len(batch))
+                yield _page(batch, {"after": Path(batch[-1].url).name})
                 batch = []
         if batch:
-            yield Page(batch, {"after": Path(batch[-1].url).name}, listed=len(batch))
+            yield _page(batch, {"after": Path(batch[-1].url).name})
+
+
+def _page(batch: list[Post], cursor: dict[str, Any]) -> Page:
+    """A folder's page: a post whose metadata names a permalink that is no reddit path is refused."""
+    posts, rejected = [], {}
+    for post in batch:
+        if post.permalink:
+            path = reddit_path(post.permalink)
+            if path is None:
+                rejected[post.id] = _bad_permalink(post.permalink)
+                continue
+            post.permalink = path
+        posts.append(post)
+    return Page(posts, cursor, rejected, listed=len(batch))
+
+
+def _bad_permalink(link: object) -> str:
+    return f"permalink {shown(str(link), 60)} refused: not a reddit path (/r/...)"
 
 
 def _csv_value(v: str | None) -> Any:
@@ -143,9 +165,11 @@ def _truthy(v: Any) -> bool:
 
 # --- reddit ---
 
-def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.com", "imgur.com")) -> tuple[str | None, str]:
+def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"),
+             ) -> tuple[str | None, str]:
     """The image URL of a listing entry's ``data``, or None and why it is not an image post. Direct links
-    only: an image file's extension on one of ``hosts`` (imgur.com/x.jpg goes to i.imgur.com)."""
+    only: an image file's extension, over http(s), on one of ``hosts`` (imgur.com/x.jpg goes to i.imgur.com);
+    a gallery's first image over http(s) on one of ``hosts`` as well. Downloads check every hop again."""
     if d.get("removed_by_category") or d.get("title") in ("[removed]", "[deleted]") or d.get("removed"):
         return None, "removed"
     if d.get("is_gallery"):
@@ -155,18 +179,27 @@ def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.
             m = media.get(it.get("media_id"), {})
             src = (m.get("s") or {}).get("u") or (m.get("s") or {}).get("gif")
             if m.get("status", "valid") == "valid" and m.get("e", "Image") in ("Image", "AnimatedImage") and src:
-                return html.unescape(src), ""
+                try:
+                    check_form(html.unescape(str(src)), hosts)
+                except Refused as exc:
+                    return None, f"gallery image {exc}"
+                return html.unescape(str(src)), ""
         return None, "gallery without a usable first image"
-    url = html.unescape(d.get("url_overridden_by_dest") or d.get("url") or "")
+    url = html.unescape(str(d.get("url_overridden_by_dest") or d.get("url") or ""))
     if d.get("is_video") or not url:
         return None, "not an image post"
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return None, "not an image post"
     ext = Path(parts.path).suffix.lower()
     if ext not in IMAGE_EXTS:
         return None, "not an image post"
-    if host not in hosts:
-        return None, f"image host {host} is not a direct one"
+    try:
+        check_form(url, hosts)
+    except Refused as exc:
+        return None, str(exc)
     return (url.replace("//imgur.com/", "//i.imgur.com/") if host == "imgur.com" else url), ""
 
 
@@ -250,16 +283,30 @@ class RedditSource:
         else:
             r = self._send("GET", f"{self.s.reddit_public_url}/r/{sub}/{self.s.reddit_sort}.json", params=params)
         body = r.json()
-        if not isinstance(body, dict) or "data" not in body:
+        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             raise Unavailable(f"r/{sub}: the listing is not a Reddit listing")
         return body["data"]
+
+    def _entry(self, d: dict[str, Any], sub: str) -> Post | str | None:
+        """A listing entry as a post, or why it is refused, or None when it is under the minimum score."""
+        score = int(d.get("score") or 0)
+        if score < self.subs[sub]:
+            return None
+        url, why = image_of(d, self.s.reddit_image_hosts)
+        if url is None:
+            return why
+        link = reddit_path(d.get("permalink"))
+        if link is None:  # a listing that is not Reddit's own (a javascript: link): never stored
+            return _bad_permalink(d.get("permalink"))
+        return Post(id=str(d["id"]), url=url, title=str(d.get("title") or ""), subreddit=str(d.get("subreddit") or sub),
+                    permalink=link, author=str(d.get("author") or ""), score=score,
+                    created_utc=float(d.get("created_utc") or 0), over_18=bool(d.get("over_18")))
 
     def pages(self, cursor: dict[str, Any] | None = None) -> Iterator[Page]:
         subs = list(self.subs)
         start = subs.index(cursor["sub"]) if cursor and cursor.get("sub") in subs else 0
         for i, sub in enumerate(subs[start:], start):
             after = cursor.get("after") if cursor and i == start else None
-            min_score = self.subs[sub]
             for page_no in range(self.s.reddit_max_pages):
                 try:
                     data = self.listing(sub, after)
@@ -267,27 +314,27 @@ class RedditSource:
                     self.failures[sub] = str(exc)
                     log.warning("reddit: r/%s: %s", sub, exc)
                     break
-                posts, rejected, below = [], {}, False
+                posts: list[Post] = []
+                rejected: dict[str, str] = {}
+                below = False
                 children = data.get("children") or []
-                for child in children:
-                    d = child.get("data") or {}
-                    pid = str(d.get("id") or "")
-                    if not pid:
+                for child in children if isinstance(children, list) else []:
+                    d = child.get("data") if isinstance(child, dict) else None
+                    if not isinstance(d, dict) or d.get("id") in (None, ""):
                         continue
-                    if int(d.get("score") or 0) < min_score:
+                    pid = str(d["id"])
+                    try:
+                        entry = self._entry(d, sub)
+                    except (TypeError, ValueError) as exc:  # a malformed entry is that entry's problem alone
+                        rejected[pid] = f"malformed listing entry: {type(exc).__name__}"
+                        continue
+                    if entry is None:
                         below = True
-                        continue
-                    url, why = image_of(d, self.s.reddit_image_hosts)
-                    if url is None:
-                        rejected[pid] = why
-                        continue
-                    link = d.get("permalink") or ""
-                    posts.append(Post(id=pid, url=url, title=str(d.get("title") or ""),
-                                      subreddit=str(d.get("subreddit") or sub),
-                                      permalink=f"https://www.reddit.com{link}" if link.startswith("/") else link,
-                                      author=str(d.get("author") or ""), score=int(d.get("score") or 0),
-                                      created_utc=float(d.get("created_utc") or 0), over_18=bool(d.get("over_18"))))
-                after = data.get("after")
+                    elif isinstance(entry, str):
+                        rejected[pid] = entry
+                    else:
+                        posts.append(entry)
+                after = data.get("after") if isinstance(data.get("after"), str) else None
                 # top listings come best first: past the minimum score, later pages only hold lower ones
                 done = not after or (below and self.s.reddit_sort == "top") or page_no + 1 == self.s.reddit_max_pages
                 nxt = {"sub": subs[i + 1], "after": None} if done and i + 1 < len(subs) else \

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import StoreError, Unavailable
+from pipeline.errors import Rejected, StoreError, Unavailable
 from pipeline.types import Match, Metadata, Vector
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,24 @@ def batches(items: Sequence[dict[str, Any]], max_count: int = MAX_BATCH,
         yield batch
 
 
+# 4xx answers about the store itself, not the request: a wrong key, an index that is missing, a timeout, a limit
+_STORE_SIDE = {401, 403, 404, 408, 429}
+
+
+def _callers_mistake(exc: Exception, status: object) -> bool:
+    """A request the store refused as malformed (400, 422, ...), or one the client refused before sending it."""
+    if isinstance(status, int):
+        return 400 <= status < 500 and status not in _STORE_SIDE
+    return isinstance(exc, ValueError) and type(exc).__module__.startswith("pinecone")
+
+
+def _said(exc: Exception) -> str:
+    """What the store said was wrong, cut short (the request's own data at most; never the key)."""
+    body = getattr(exc, "body", None)
+    message = (body.get("message") if isinstance(body, dict) else None) or str(exc)
+    return str(message)[:200]
+
+
 class PineconeVectorStore:
     def __init__(self, api_key: str, *, index_name: str | None = None, host: str | None = None,
                  timeout: float = 10.0, retries: int = 3) -> None:
@@ -82,6 +100,11 @@ class PineconeVectorStore:
             return fn(**kw)
         except Exception as exc:  # the client's errors carry the status; keep the message, drop the key
             status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+            if _callers_mistake(exc, status):
+                log.info("pinecone %s refused the request: %s %s", what, type(exc).__name__, status)
+                raise Rejected(f"the vector store (pinecone) refused the {what} request as invalid"
+                               + (f" (HTTP {status})" if status else "") + f": {_said(exc)}",
+                               code="vector_store_rejected") from exc
             log.warning("pinecone %s failed: %s %s", what, type(exc).__name__, status)
             raise Unavailable(f"the vector store (pinecone) failed on {what}: {type(exc).__name__}"
                               + (f" {status}" if status else ""), code="vector_store_unavailable") from exc

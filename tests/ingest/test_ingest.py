@@ -26,7 +26,7 @@ from pipeline.layout import feature_key, image_key, post_key
 from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
-from standins.reddit import RedditStandin, Served, gallery, picture, post, serve
+from standins.reddit import RedditStandin, Served, gallery, picture, post, running
 from tests.conftest import make_settings, settings_env
 
 pytestmark = pytest.mark.ingest
@@ -79,19 +79,15 @@ def populate(st: RedditStandin) -> None:
 
 @pytest.fixture
 def reddit() -> Iterator[RedditStandin]:
-    st = RedditStandin()
-    server, _ = serve(st)
-    try:
+    with running() as st:
         yield st
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def reddit_settings(st: RedditStandin, data: Path, models: Any, **kw: Any) -> Any:
     base = dict(reddit_public_url=st.base, reddit_oauth_url=st.base, reddit_token_url=f"{st.base}/api/v1/access_token",
                 reddit_subreddits={"memes": 1000, "dankmemes": 1000, "me_irl": 800}, reddit_page_size=4,
-                reddit_image_hosts=["127.0.0.1"], ingest_max_bytes=200_000, ingest_max_pixels=5_000_000,
+                reddit_image_hosts=["127.0.0.1"], ingest_allow_networks=["127.0.0.1/32"],  # the stand-in, on loopback
+                ingest_max_bytes=200_000, ingest_max_pixels=5_000_000,
                 ingest_batch_size=4, ingest_retries=1, reddit_max_wait_s=5)
     return make_settings(data, models, **{**base, **kw})
 
@@ -101,6 +97,7 @@ def reddit_env(st: RedditStandin) -> dict[str, str]:
             "IMGSEARCH_REDDIT_TOKEN_URL": f"{st.base}/api/v1/access_token",
             "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps({"memes": 1000, "dankmemes": 1000}),
             "IMGSEARCH_REDDIT_PAGE_SIZE": "4", "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]',
+            "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',  # the stand-in, on loopback
             "IMGSEARCH_INGEST_SOURCE": "reddit"}
 
 
@@ -136,7 +133,7 @@ def test_reddit_ingest_fills_the_stores_and_records_every_failure(reddit, tmp_pa
     # metadata as the DESIGN has it; NSFW kept and flagged; sizes are the image's own
     _, meta = stored["a1"]
     assert meta["title"] == "post a1" and meta["subreddit"] == "memes" and meta["score"] == 9000
-    assert meta["permalink"] == "https://www.reddit.com/r/memes/comments/a1/post_a1/"
+    assert meta["permalink"] == "/r/memes/comments/a1/post_a1/"  # a reddit path, nothing else
     assert (meta["width"], meta["height"]) == (160, 120) and meta["over_18"] is False
     assert stored["n1"][1]["over_18"] is True and stored["d1"][1]["subreddit"] == "dankmemes"
     doc = json.loads(blobs.get(post_key("a1")) or b"{}")
@@ -408,3 +405,40 @@ def test_parallel_embed_streams_store_what_one_stream_stores(tmp_path, tiny_mode
     assert embed_streams(make_settings(tmp_path, tiny_models, engine_backend="onnxruntime")) == len(os.sched_getaffinity(0))
     assert embed_streams(make_settings(tmp_path, tiny_models)) == 1  # torch: its own threads
     assert embed_streams(make_settings(tmp_path, tiny_models, ingest_embed_streams=3)) == 3
+
+
+def test_a_write_that_fails_for_one_item_is_recorded_for_it_and_the_run_goes_on(tmp_path, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.errors import InvalidRequest, Unavailable
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"w{i}.jpg").write_bytes(picture(500 + i))
+    s = make_settings(tmp_path / "data", tiny_models, ingest_batch_size=5, ingest_dedup="off")
+    blobs = make_blob_store(s)
+
+    class Refusing:  # the local blob store, refusing one post's keys as a store refuses a bad key
+        def __init__(self, fail: type[Exception], pid: str) -> None:
+            self.fail, self.pid = fail, pid
+
+        def put(self, key: str, data: bytes) -> None:
+            if self.pid in key:
+                raise self.fail(f"invalid blob key {key!r}")
+            blobs.put(key, data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(blobs, name)
+
+    vectors = make_vector_store(s)
+    rep = run_ingest(s, FolderSource(folder), engines.image, engines.reranker, vectors, Refusing(InvalidRequest, "w2"))
+    assert rep.ingested == 4 and set(rep.failed) == {"w2"} and "write failed" in rep.failed["w2"]
+    assert set(vectors.fetch([f"w{i}" for i in range(5)])) == {"w0", "w1", "w3", "w4"}
+    ledger = Ledger(s.ingest_dir)
+    assert (ledger.status("w2") or {})["permanent"] is True  # the caller's kind of error: not tried again
+    assert ledger.runs()[-1]["finished"] is not None
+    # a store that is down is no item's fault: the run stops, unfinished, to resume later
+    (folder / "w5.jpg").write_bytes(picture(505))
+    with pytest.raises(Unavailable):
+        run_ingest(s, FolderSource(folder), engines.image, engines.reranker, vectors, Refusing(Unavailable, "w5"))
+    vectors.close()  # type: ignore[attr-defined]
+    assert ledger.runs()[-1]["finished"] is None

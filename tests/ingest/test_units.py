@@ -25,7 +25,8 @@ pytestmark = pytest.mark.ingest
     ({}, "https://imgur.com/a/album", "not an image post"),
     ({}, "https://i.imgur.com/abc.gifv", "not an image post"),
     ({}, "https://v.redd.it/xyz", "not an image post"),
-    ({}, "https://example.com/pic.jpg", "image host example.com is not a direct one"),
+    ({}, "https://example.com/pic.jpg",
+     "URL 'https://example.com/pic.jpg' refused: host 'example.com' is not an allowed image host"),
     ({"is_video": True}, "https://i.redd.it/abc.jpg", "not an image post"),
     ({"removed_by_category": "moderator"}, "https://i.redd.it/abc.jpg", "removed"),
     ({"title": "[deleted]"}, "https://i.redd.it/abc.jpg", "removed"),
@@ -130,3 +131,71 @@ def test_the_ledger_keeps_takedowns_final_and_ingested_posts_ingested(tmp_path) 
     ledger.record([("a", "admin", "taken_down", "taken down", True, None)], "", "takedown")
     assert (ledger.status("a") or {})["status"] == "taken_down"
     ledger.close()
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("file:///etc/passwd", "scheme 'file'"), ("/etc/passwd", "no scheme"), ("ftp://i.redd.it/a.jpg", "scheme 'ftp'"),
+    ("javascript:alert(1)", "scheme 'javascript'"), ("https://i.redd.it@evil.example/a.jpg", "credentials"),
+    ("https://evil.example/a.jpg", "'evil.example' is not an allowed"), ("http://[::1/a.jpg", "not a valid URL"),
+    ("https://i.redd.it:99999/a.jpg", "not a valid URL"),
+])
+def test_a_listing_url_is_http_on_an_allowed_host_or_refused(url: str, why: str) -> None:
+    from pipeline.ingest.urls import Refused, check_form
+
+    with pytest.raises(Refused, match=why):
+        check_form(url, ["i.redd.it"])
+    assert check_form("HTTPS://I.REDD.IT./a.jpg", ["i.redd.it"]) == ("https", "i.redd.it", 443)
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("127.0.0.2", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.2", "loopback"), ("10.1.2.3", "private"),
+    ("169.254.169.254", "link-local"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
+    ("100.64.0.1", "non-global"), ("fe80::1", "link-local"), ("8.8.8.8", None), ("127.0.0.1", None),
+])
+def test_only_public_addresses_pass_unless_a_network_is_allowed(address: str, kind: str | None) -> None:
+    import ipaddress
+
+    from pipeline.ingest.urls import UrlGuard
+
+    guard = UrlGuard(["x"], allow=["127.0.0.1/32"])
+    assert guard.address_ok(ipaddress.ip_address(address)) == kind
+
+
+def test_a_download_goes_to_the_checked_address_under_the_hosts_name() -> None:
+    from pipeline.ingest.urls import Refused, UrlGuard
+
+    target = UrlGuard(["127.0.0.1"], allow=["127.0.0.1/32"]).check("http://127.0.0.1:8080/i/a.jpg?x=1#frag")
+    assert (target.pinned_url, target.host_header) == ("http://127.0.0.1:8080/i/a.jpg?x=1", "127.0.0.1:8080")
+    with pytest.raises(Refused, match="a loopback address"):  # the same host with no network allowed
+        UrlGuard(["127.0.0.1"]).check("http://127.0.0.1:8080/i/a.jpg")
+
+
+def test_listing_entries_pointing_anywhere_but_an_image_host_are_refused() -> None:
+    assert "scheme 'file'" in image_of(gallery("g", "file:///etc/passwd", "https://i.redd.it/b.jpg"))[1]
+    assert "no scheme" in image_of(gallery("g", "/etc/passwd", "https://i.redd.it/b.jpg"))[1]
+    assert "is not an allowed" in image_of(gallery("g", "https://169.254.169.254/a.jpg", "https://i.redd.it/b.jpg"))[1]
+    assert "scheme 'file'" in image_of(post("f", "file:///etc/passwd.jpg"))[1]
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("abc123", True), ("A_b-9", True), ("x" * 64, True), ("x" * 65, False), ("", False), ("..", False),
+    ("a/b", False), ("a\x00b", False), ("abc\n", False), ("a b", False), ("é", False), (12, False),
+])
+def test_one_pattern_says_what_a_post_id_is(value: object, ok: bool) -> None:
+    from pipeline.ids import is_post_id, refused_key
+
+    assert is_post_id(value) is ok
+    if not ok:
+        assert not is_post_id(refused_key(value)) and refused_key(value) == refused_key(value)
+
+
+@pytest.mark.parametrize(("link", "path"), [
+    ("/r/memes/comments/1abc/a_title/", "/r/memes/comments/1abc/a_title/"),
+    ("https://www.reddit.com/r/memes/comments/1abc/", "/r/memes/comments/1abc/"),
+    ("javascript:alert(1)", None), ("https://evil.example/r/memes/comments/1abc/", None), ("//evil.example/r/x", None),
+    ("/r/memes/comments/1abc/../../../u/x", None), ("/r/memes/comments/1abc/\njavascript:x", None), (None, None),
+])
+def test_a_permalink_is_a_reddit_path_or_nothing(link: object, path: str | None) -> None:
+    from pipeline.ids import reddit_path
+
+    assert reddit_path(link) == path
