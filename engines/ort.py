@@ -15,6 +15,7 @@ from engines.blip import SETTING as BLIP_SETTING
 from engines.blip import BlipBase
 from engines.siglip import SETTING as SIGLIP_SETTING
 from engines.siglip import SiglipBase
+from pipeline import vendor
 
 # Execution providers in order of preference, each with its options; filtered by what is installed.
 PROVIDERS: list[tuple[str, dict[str, Any]]] = [
@@ -45,7 +46,8 @@ def _shared_pool(threads: int) -> bool:
     if _GLOBAL_POOL is None:
         try:
             from onnxruntime.capi import _pybind_state
-            __import__("pipeline.vendor").vendor.require("onnxruntime")  # outside the range checked: RuntimeError
+
+            vendor.require("onnxruntime")  # outside the range the global pool was checked on: RuntimeError
 
             _pybind_state.set_global_thread_pool_sizes(threads, 1)  # 0: its default, one per core
             _GLOBAL_POOL = True
