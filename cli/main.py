@@ -258,7 +258,9 @@ def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime or tens
         from engines.siglip import SiglipBase
         from engines.trt import build_all
 
-        built = build_all(SiglipBase(s.siglip_model), BlipBase(s.blip_model), s.engines_path, precision, force)
+        built = build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
+                          BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, precision, force,
+                          max_queries=s.batch_max)
     for path in built:
         typer.echo(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
 

@@ -81,7 +81,9 @@ def _build_engines(s: Any) -> None:
         from engines.siglip import SiglipBase
         from engines.trt import build_all
 
-        build_all(SiglipBase(s.siglip_model), BlipBase(s.blip_model), s.engines_path, s.engine_precision)
+        build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
+                  BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, s.engine_precision,
+                  max_queries=s.batch_max)
 
 
 @app.function()

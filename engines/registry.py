@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engines.artifacts import check_precision
 from pipeline.protocols import ImageEncoder, Reranker, TextEncoder
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from engines.blip import BlipBase
+    from engines.siglip import SiglipBase
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,13 @@ class Engines:
                 "blip": self.reranker.version}
 
 
+def _one_at_a_time(siglip: SiglipBase, blip: BlipBase) -> None:
+    """A worker's text encoder and reranker share one lock around their model calls. Each call runs with a pool
+    of threads sized to every core; the two at once oversubscribed them, and throughput fell as load rose.
+    (Ingest's parallel embed streams, ``load_image_engines``, keep a lock each.)"""
+    blip.lock = siglip.lock
+
+
 def _torch(s: Settings) -> Engines:
     from engines.blip import TorchBlip
     from engines.siglip import TorchSiglip
@@ -33,6 +45,7 @@ def _torch(s: Settings) -> Engines:
     siglip = TorchSiglip(s.siglip_model, device=s.device, precision=s.engine_precision, max_tokens=s.text_max_tokens)
     blip = TorchBlip(s.blip_model, device=s.device, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
                      cross_attention=s.blip_cross_attention)
+    _one_at_a_time(siglip, blip)
     return Engines(siglip, siglip, blip, "torch", s.engine_precision)
 
 
@@ -43,6 +56,7 @@ def _onnxruntime(s: Settings) -> Engines:
     siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, **kw)  # type: ignore[arg-type]
     blip = OrtBlip(s.blip_model, s.engines_path, max_tokens=s.blip_max_tokens,  # type: ignore[arg-type]
                    cross_attention=s.blip_cross_attention, **kw)
+    _one_at_a_time(siglip, blip)
     return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision)
 
 
@@ -52,6 +66,7 @@ def _tensorrt(s: Settings) -> Engines:
     siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens)
     blip = TrtBlip(s.blip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
                    cross_attention=s.blip_cross_attention)
+    _one_at_a_time(siglip, blip)
     return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision)
 
 

@@ -8,6 +8,7 @@ its tower was trained on (checked at load, ``engines.tokens``), the image proces
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,7 @@ class SiglipBase:
         self.layout = check_layout(self.path, self.tokenizer, config, max_tokens)
         self.max_tokens = self.layout.max_tokens  # padded to this many; a small model may have fewer positions
         self.dim = 0
+        self.lock = threading.Lock()  # held while a model call runs; a worker shares it with its reranker (BlipBase)
 
     def _warm_up(self) -> None:
         self.dim = int(self.encode_text(["warm up"]).shape[1])
@@ -73,10 +75,14 @@ class SiglipBase:
 
     # --- the TextEncoder / ImageEncoder protocols ---
     def encode_text(self, texts: Sequence[str]) -> Vector:
-        return l2(self._text_core(self.text_inputs(texts)))
+        ids = self.text_inputs(texts)
+        with self.lock:
+            return l2(self._text_core(ids))
 
     def encode_images(self, images: Sequence[Image.Image]) -> Vector:
-        return l2(self._image_core(self.image_inputs(images)))
+        pixels = self.image_inputs(images)
+        with self.lock:
+            return l2(self._image_core(pixels))
 
 
 class TorchSiglip(SiglipBase):
