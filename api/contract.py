@@ -17,6 +17,7 @@ from pipeline.errors import (
     InvalidRequest,
     NotFound,
     RateLimited,
+    Rejected,
     Unauthorized,
     Unavailable,
 )
@@ -72,8 +73,8 @@ def answer(job_id: str, done: Job | None, waited_s: float) -> dict[str, Any]:
         err = done.error
         code, message = (err.code, err.message) if err else ("search_failed", "the search failed")
         # the job's reason, with its own status: a deadline is a 504, a cancellation a 409, a store that is
-        # down a 503, the rest 500
+        # down a 503, a request the vector store refused (the caller's mistake) a 422, the rest 500
         kind = {"deadline_exceeded": DeadlineExceeded, "cancelled": Conflict, "invalid_request": InvalidRequest}.get(
-            code, Unavailable if code.endswith("unavailable") else ImgSearchError)
+            code, Unavailable if code.endswith("unavailable") else Rejected if code.endswith("rejected") else ImgSearchError)
         raise kind(message, code=code)
     return results_body(done.results)

@@ -196,12 +196,15 @@ def test_a_store_answering_bad_request_fails_the_job_as_the_callers_and_keeps_it
                        IMGSEARCH_BREAKER_FAILURES="2", IMGSEARCH_HEARTBEAT_TTL_S="2", IMGSEARCH_CACHE_RESULTS_TTL_S="0")
     live = start_stack(env, tmp_path / "logs")
     try:
-        refusals = 5  # more than enough to open the circuit, were they counted
+        refusals = 5  # with the one below, more than enough to open the circuit, were they counted
         pinecone_standin.fail_path["/query"] = [400] * refusals
         for _ in range(refusals):
             job = live.wait(live.submit("a red circle"), timeout=30)
             assert job["status"] == "failed", job
             assert job["error"]["code"] == "vector_store_rejected" and "HTTP 400" in job["error"]["message"], job
+        pinecone_standin.fail_path["/query"] = [400]  # the original contract answers the caller's mistake with 422
+        r = httpx.post(f"{live.base}/search", json={"query": "a red circle"}, timeout=30)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "vector_store_rejected", r.text
         assert pinecone_standin.fail_path["/query"] == []  # every refusal reached the store: none was skipped
         (worker,) = httpx.get(f"{live.base}/readyz", timeout=5).json()["workers"]
         assert worker["breakers"]["vector_store"] == "closed"
