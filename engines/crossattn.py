@@ -11,7 +11,7 @@ A cross-attention head h of a layer sees the text rows ``Q_h`` (L x d) and the c
 
 So the 577 image tokens are never projected to keys and values: per layer and candidate the work goes from
 about ``2 P E D`` multiply-adds (the projections) to about ``2 L (D E + H P E)``. For a short query that is
-several times less; near 64 tokens the two meet, and ``reassociation_pays`` says which is cheaper for a call.
+several times less; near 62 tokens the two meet, and ``reassociation_pays`` says which is cheaper for a call.
 
 Two more exact savings, for every call of this forward:
 - the first layer's text-only work (embeddings, self-attention, the cross-attention query and ``Q_h W_k,h``)
@@ -43,12 +43,18 @@ def cross_attention_macs(tokens: int, *, hidden: int, heads: int, patches: int, 
     return 2 * patches * width * hidden + 2 * tokens * patches * hidden
 
 
-def reassociation_pays(tokens: int, *, hidden: int, heads: int, patches: int, width: int) -> bool:
-    """True where the reassociated cross-attention costs fewer multiply-adds than the usual one for queries
-    padded to ``tokens`` (BLIP-base and -large: below 58 tokens with 577 image tokens)."""
+def reassociation_pays(tokens: int, *, hidden: int, heads: int, patches: int, width: int,
+                       float_cost: float = 1.0) -> bool:
+    """True where the reassociated cross-attention costs less than the usual one for queries padded to
+    ``tokens``: in multiply-adds (BLIP-base and -large with 577 image tokens: up to 62 tokens), each of the
+    products with activations on both sides counted ``float_cost`` times where the backend runs the weight
+    products faster (int8) than those (float)."""
     shape = dict(hidden=hidden, heads=heads, patches=patches, width=width)
-    return cross_attention_macs(tokens, reassociated=True, **shape) < cross_attention_macs(tokens, reassociated=False,
-                                                                                             **shape)
+    rewrite = float_cost * cross_attention_macs(tokens, reassociated=True, **shape)
+    # the usual way: the key/value projections are weight products, its attention products are not
+    projections = 2 * patches * width * hidden
+    plain = projections + float_cost * (cross_attention_macs(tokens, reassociated=False, **shape) - projections)
+    return rewrite < plain
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
