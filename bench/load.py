@@ -60,7 +60,7 @@ def prepare(root: Path, models: str, n: int) -> dict[str, str]:
     from engines.registry import load_engines
     from pipeline import features as featcodec
     from pipeline.demo_data import write_demo_images
-    from pipeline.search import feature_key, image_key, post_key
+    from pipeline.layout import feature_key, image_key, post_key
     from pipeline.settings import Settings
     from pipeline.stores import make_blob_store, make_vector_store
 

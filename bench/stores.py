@@ -194,7 +194,8 @@ def bench_fetch(root: Path, runs: int = 20) -> dict[str, Any]:
     from cli import stack
     from pipeline import features
     from pipeline.cache import FeatureCache, LocalLRU
-    from pipeline.search import Searcher, feature_key
+    from pipeline.layout import feature_key
+    from pipeline.search import Searcher
     from pipeline.settings import Settings
     from pipeline.stores.local_blob import LocalBlobStore
 
