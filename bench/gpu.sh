@@ -12,5 +12,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   python3 -c 'import tensorrt; print("tensorrt", tensorrt.__version__)' 2>&1 | tail -1
 } 2>&1 | tee "$OUT/env.txt"
 timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests/engines 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+# BLIP rerank with and without the reassociated cross-attention (issue 16's GPU figure: BLIP-large, 32 candidates, fp16)
+timeout 300 python3 -m bench.engines --device cuda --rerank-only --rerank-backends torch:fp32,torch:fp16 \
+  --large-lengths 8,16 --large-counts 32,128 --build /tmp/imgsearch-build --out "$OUT/rerank-gpu.json" 2>&1 \
+  | grep -v -i "warn" | tee "$OUT/bench-rerank-gpu.txt" | tail -30
 timeout 420 python3 -m bench.engines --device cuda --build /tmp/imgsearch-build --out "$OUT/engines-gpu.json" 2>&1 \
   | grep -v -i "warn" | tee "$OUT/bench-engines-gpu.txt" | tail -30
