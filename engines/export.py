@@ -56,30 +56,6 @@ def _fuse_transformer(src: Path, dst: Path, heads: int, hidden: int) -> None:
     fused.save_model_to_file(str(dst))
 
 
-def image_matmuls(path: Path) -> dict[str, list[str]]:
-    """The reassociated ITM graph's two products with the image tokens, by node name: ``scores`` (the text
-    side's keys times the image tokens, transposed) and ``mix`` (attention probabilities times the image tokens)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    produced_by = {o: n for n in graph.node for o in n.output}
-
-    def from_image(name: str) -> bool:  # the image tokens, maybe through a Cast
-        node = produced_by.get(name)
-        return name == "image_embeds" or (node is not None and node.op_type == "Cast" and from_image(node.input[0]))
-
-    out: dict[str, list[str]] = {"scores": [], "mix": []}
-    for n in graph.node:
-        if n.op_type != "MatMul":
-            continue
-        b = produced_by.get(n.input[1])
-        if from_image(n.input[1]):
-            out["mix"].append(n.name)
-        elif b is not None and b.op_type == "Transpose" and from_image(b.input[0]):
-            out["scores"].append(n.name)
-    return out
-
-
 def _quantize(src: Path, dst: Path, fuse: tuple[int, int] | None = None) -> None:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
