@@ -9,14 +9,14 @@ from fastapi import Depends, Request
 from api import auth
 from pipeline.admission import Admission, Caller
 from pipeline.jobs.store import AsyncJobStore
-from pipeline.settings import Settings
+from pipeline.settings import ApiSettings
 
 
 def _jobs(request: Request) -> AsyncJobStore:
     return request.app.state.jobs  # type: ignore[no-any-return]
 
 
-def _settings(request: Request) -> Settings:
+def _settings(request: Request) -> ApiSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
@@ -44,7 +44,7 @@ async def _admin(request: Request, caller: Annotated[Caller, Depends(_caller)]) 
 
 
 Jobs = Annotated[AsyncJobStore, Depends(_jobs)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
+SettingsDep = Annotated[ApiSettings, Depends(_settings)]
 AdmissionDep = Annotated[Admission, Depends(_admission)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 LimitedCaller = Annotated[Caller, Depends(_limited)]

@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
 from api import errors, metrics
@@ -21,8 +20,8 @@ from api.routes import admin, health, images, jobs, search
 from pipeline import logs
 from pipeline.admission import Admission
 from pipeline.jobs.recovery import Recovery
-from pipeline.jobs.store import AsyncJobStore
-from pipeline.settings import Settings, get_api_settings
+from pipeline.jobs.store import AsyncJobStore, aconnect
+from pipeline.settings import ApiSettings, get_api_settings
 from pipeline.stores import make_blob_store
 from workers.celery_app import SEARCH_TASK, client_app
 
@@ -48,15 +47,13 @@ async def _reap_forever(recovery: Recovery) -> None:
             log.warning("reaper ended %d job(s) past their deadline: %s", len(ended), ", ".join(ended[:10]))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or get_api_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
-            socket_connect_timeout=settings.redis_socket_timeout_s, health_check_interval=10)
+        app.state.redis = aconnect(settings.redis_url, settings.redis_socket_timeout_s, health_check_interval=10)
         celery = app.state.celery = client_app(settings)
 
         async def send(job_id: str) -> None:
@@ -64,8 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await anyio.to_thread.run_sync(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
                                                    task_id=job_id, queue=settings.search_queue))
 
-        limits = app.state.redis if not settings.limits_redis_url else aioredis.Redis.from_url(
-            settings.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        limits = app.state.redis if not settings.limits_redis_url else aconnect(settings.limits_redis_url, 0.5)
         app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits)
         app.state.admission = Admission(settings, app.state.jobs, limits)
         app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature

@@ -28,12 +28,8 @@ def observe(route: str, method: str, status: int, seconds: float) -> None:
     LATENCY.labels(route).observe(seconds)
 
 
-def _num(v: Any) -> float:
-    return float(v.decode() if isinstance(v, bytes) else v)
-
-
-def _fields(raw: dict[Any, Any]) -> dict[str, float]:
-    return {(k.decode() if isinstance(k, bytes) else k): _num(v) for k, v in raw.items()}
+def _fields(raw: dict[str, str]) -> dict[str, float]:
+    return {k: float(v) for k, v in raw.items()}
 
 
 async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:

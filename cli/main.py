@@ -78,10 +78,11 @@ def _worker_healthy() -> bool:
     import redis
 
     from pipeline.jobs import fleet
+    from pipeline.jobs.store import connect
     from pipeline.settings import get_settings
 
     try:
-        r = redis.Redis.from_url(get_settings().redis_url, socket_timeout=2, socket_connect_timeout=2)
+        r = connect(get_settings().redis_url, 2)
         return fleet.warm_on_host(fleet.read(r), socket.gethostname())
     except (redis.RedisError, ValueError):
         return False

@@ -22,6 +22,7 @@ import httpx
 import redis
 
 from pipeline.jobs import fleet
+from pipeline.jobs.store import connect
 
 
 def free_port() -> int:
@@ -126,7 +127,7 @@ def start_api(env: Mapping[str, str], port: int, log_path: Path | None = None) -
 
 
 def live_workers(redis_url: str) -> int:
-    return len(fleet.read(redis.Redis.from_url(redis_url, socket_timeout=1)))
+    return len(fleet.read(connect(redis_url, 1)))
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

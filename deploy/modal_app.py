@@ -46,10 +46,10 @@ class Search:
         from engines.registry import load_engines, preflight
         from pipeline.errors import ImgSearchError
         from pipeline.search import Searcher
-        from pipeline.settings import get_settings
+        from pipeline.settings import get_worker_settings
         from pipeline.stores.bundle import Stores
 
-        s = get_settings()
+        s = get_worker_settings()
         try:
             preflight(s)
         except ImgSearchError:
@@ -92,7 +92,6 @@ def web() -> Any:
     """``POST /search`` as the API answers it (api.contract): ``{"results": [[post_id, score], ...]}``, after the
     API's admission (keys, query and filter checks; the rate limit where IMGSEARCH_LIMITS_REDIS_URL names a
     Redis: Modal's own queue stands in for ours, so there is no queue or in-flight count to cap)."""
-    import redis.asyncio as aioredis
     from fastapi import FastAPI, Request
     from pydantic import ValidationError
 
@@ -100,12 +99,12 @@ def web() -> Any:
     from api.schemas import SearchRequest
     from pipeline.admission import Admission, validate
     from pipeline.errors import InvalidRequest
-    from pipeline.settings import get_settings
+    from pipeline.jobs.store import aconnect
+    from pipeline.settings import get_api_settings
     from pipeline.types import Result
 
-    s = get_settings()
-    limits = aioredis.Redis.from_url(s.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5) \
-        if s.limits_redis_url else None
+    s = get_api_settings()
+    limits = aconnect(s.limits_redis_url, 0.5) if s.limits_redis_url else None
     admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}

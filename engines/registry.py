@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from engines.artifacts import check_precision
 from pipeline.protocols import ImageEncoder, Reranker, TextEncoder
-from pipeline.settings import Settings
+from pipeline.settings import IngestSettings, WorkerSettings
 
 if TYPE_CHECKING:
     from engines.blip import BlipBase
@@ -38,7 +38,7 @@ def _one_at_a_time(siglip: SiglipBase, blip: BlipBase) -> None:
     blip.lock = siglip.lock
 
 
-def _torch(s: Settings) -> Engines:
+def _torch(s: WorkerSettings) -> Engines:
     from engines.blip import TorchBlip
     from engines.siglip import TorchSiglip
 
@@ -49,7 +49,7 @@ def _torch(s: Settings) -> Engines:
     return Engines(siglip, siglip, blip, "torch", s.engine_precision)
 
 
-def _onnxruntime(s: Settings) -> Engines:
+def _onnxruntime(s: WorkerSettings) -> Engines:
     from engines.ort import OrtBlip, OrtSiglip
 
     kw = dict(device=s.device, precision=s.engine_precision, threads=s.torch_threads)
@@ -60,7 +60,7 @@ def _onnxruntime(s: Settings) -> Engines:
     return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision)
 
 
-def _tensorrt(s: Settings) -> Engines:
+def _tensorrt(s: WorkerSettings) -> Engines:
     from engines.trt import TrtBlip, TrtSiglip
 
     siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens)
@@ -70,11 +70,11 @@ def _tensorrt(s: Settings) -> Engines:
     return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision)
 
 
-BACKENDS: dict[str, Callable[[Settings], Engines]] = {"torch": _torch, "onnxruntime": _onnxruntime,
+BACKENDS: dict[str, Callable[[WorkerSettings], Engines]] = {"torch": _torch, "onnxruntime": _onnxruntime,
                                                       "tensorrt": _tensorrt}
 
 
-def load_engines(settings: Settings) -> Engines:
+def load_engines(settings: WorkerSettings) -> Engines:
     """Load the configured engines; a missing model or engine raises one error naming what to set or build."""
     if settings.engine_backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: {', '.join(sorted(BACKENDS))}")
@@ -88,7 +88,7 @@ def load_engines(settings: Settings) -> Engines:
     return engines
 
 
-def embed_streams(settings: Settings) -> int:
+def embed_streams(settings: IngestSettings) -> int:
     """How many embed streams an ingest run uses: IMGSEARCH_INGEST_EMBED_STREAMS, or on a CPU with ONNX Runtime
     one per core (each with one thread: on 2 cores 4 to 5% faster per image than one stream over both, and
     steadier beside the download threads); one elsewhere (torch's threads, or a GPU, gain nothing from it)."""
@@ -101,7 +101,7 @@ def embed_streams(settings: Settings) -> int:
     return 1
 
 
-def prepare_ingest_process(settings: Settings) -> None:
+def prepare_ingest_process(settings: IngestSettings) -> None:
     """Before any engine loads in a process that ingests: sessions with their own pools, if it will run
     parallel embed streams."""
     if embed_streams(settings) > 1 and settings.engine_backend == "onnxruntime":
@@ -110,7 +110,7 @@ def prepare_ingest_process(settings: Settings) -> None:
         per_session_pools()
 
 
-def load_image_engines(settings: Settings, engines: Engines | None = None) -> list[tuple[ImageEncoder, Reranker]]:
+def load_image_engines(settings: IngestSettings, engines: Engines | None = None) -> list[tuple[ImageEncoder, Reranker]]:
     """The (SigLIP image, BLIP vision) pairs an ingest run embeds with: the loaded engines alone, or as many
     single-threaded ONNX Runtime replicas (image sessions only) as ``embed_streams`` says."""
     n = embed_streams(settings)
@@ -132,7 +132,7 @@ def load_image_engines(settings: Settings, engines: Engines | None = None) -> li
             for _ in range(n)]
 
 
-def preflight(settings: Settings) -> None:
+def preflight(settings: WorkerSettings) -> None:
     """Fail fast, before a worker starts, if the configured models or built engines are missing or stale."""
     from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, onnx_path, require
     from engines.blip import SETTING as BLIP_SETTING

@@ -29,7 +29,8 @@ import redis
 from pipeline import filters
 from pipeline.errors import Forbidden, InvalidRequest, RateLimited, Unauthorized, Unavailable
 from pipeline.jobs.keys import bucket_key, inflight_key
-from pipeline.jobs.store import WRITE_FUNCTION, AsyncJobStore, JobStore, _text, new_job, write_args
+from pipeline.jobs.store import WRITE_FUNCTION, AsyncJobStore, JobStore, new_job, write_args
+from pipeline.settings import ApiSettings
 from pipeline.types import Job
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def client_address(peer: str, forwarded_for: str, trusted: list[Network]) -> str
     return chain[0] if chain else peer
 
 
-def validate(settings: Any, query: str, params: dict[str, Any]) -> None:
+def validate(settings: ApiSettings, query: str, params: dict[str, Any]) -> None:
     """The checks a query passes before it costs anything: its length, and its filter (refused here, not
     later in the worker)."""
     if len(query) > settings.max_query_chars:
@@ -158,7 +159,7 @@ class Admission:
     """Keys, limits, caps and validation for every edge; ``admit`` (async) and ``admit_sync`` run the same
     plan through an async or a sync client."""
 
-    def __init__(self, settings: Any, jobs: AsyncJobStore | JobStore | None, limits: Any = None) -> None:
+    def __init__(self, settings: ApiSettings, jobs: AsyncJobStore | JobStore | None, limits: Any = None) -> None:
         """``jobs`` None: an edge with no job store of ours (Modal) uses the keys, the checks and, given
         ``limits``, the rate limit."""
         self.s = settings
@@ -216,7 +217,7 @@ class Admission:
 
     def _verdict(self, answer: Any) -> None:
         """Raise the refusal a script answered, if any."""
-        what, figure = _text(answer[0]), float(_text(answer[1]))
+        what, figure = answer[0], float(answer[1])
         if what == "ok":
             return
         if what == "rate_limited":

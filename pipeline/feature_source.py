@@ -18,12 +18,13 @@ from pipeline.cache import FeatureCache, LocalLRU, decode_cached
 from pipeline.errors import ImgSearchError
 from pipeline.layout import feature_key
 from pipeline.protocols import BlobStore
+from pipeline.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
 class FeatureSource:
-    def __init__(self, settings: Any, blobs: BlobStore, breaker: Breaker, *, feature_cache: FeatureCache | None = None,
+    def __init__(self, settings: WorkerSettings, blobs: BlobStore, breaker: Breaker, *, feature_cache: FeatureCache | None = None,
                  local: LocalLRU | None = None, threads: int = 8) -> None:
         self.settings, self.blobs, self.breaker = settings, blobs, breaker
         self.feature_cache, self.local = feature_cache, local

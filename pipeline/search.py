@@ -21,7 +21,7 @@ from pipeline.errors import Cancelled, DeadlineExceeded
 from pipeline.feature_source import FeatureSource
 from pipeline.fusion import fuse, rank
 from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
-from pipeline.settings import Settings
+from pipeline.settings import WorkerSettings
 from pipeline.stores.bundle import Stores
 from pipeline.types import Match, Result, SearchOutcome, SearchParams, Vector
 from pipeline.versions import check_versions
@@ -55,7 +55,7 @@ class Searcher:
     may come from the result cache.
     """
 
-    def __init__(self, settings: Settings, text: TextEncoder, vectors: VectorStore, blobs: BlobStore,
+    def __init__(self, settings: WorkerSettings, text: TextEncoder, vectors: VectorStore, blobs: BlobStore,
                  reranker: Reranker, *, feature_cache: FeatureCache | None = None, results: ResultCache | None = None,
                  local: LocalLRU | None = None, fetch_threads: int = 8) -> None:
         self.settings = settings
@@ -79,7 +79,7 @@ class Searcher:
                                    active=self.active)
 
     @classmethod
-    def over(cls, settings: Settings, text: TextEncoder, reranker: Reranker, stores: Stores) -> Searcher:
+    def over(cls, settings: WorkerSettings, text: TextEncoder, reranker: Reranker, stores: Stores) -> Searcher:
         """A Searcher over the process's stores bundle (built once; ingest and takedown share it)."""
         return cls(settings, text, stores.vectors, stores.blobs, reranker, feature_cache=stores.feature_cache,
                    results=stores.results, local=stores.local)

@@ -1,4 +1,11 @@
-"""All settings of every deployable, read from the environment in one place."""
+"""All settings, read from the environment in one place: one class per deployable on a shared base.
+
+``SharedSettings`` holds what every process needs (Redis, the stores, the jobs' bounds); ``ApiSettings`` adds the
+API's (keys, limits, proxies), ``WorkerSettings`` a search worker's (models, engines, caches, batching) and
+``IngestSettings`` ingest's (sources, downloads, near-duplicates) on top of the worker's (ingest embeds with the
+same engines). ``Settings`` is all of them, for the processes that start every deployable: the CLI and the demo.
+Each process reads only its own class, so a worker never needs the API's keys and the API never sees a Reddit
+secret; env=production checks each class's own unsafe values."""
 
 from __future__ import annotations
 
@@ -22,16 +29,23 @@ def _env(name: str, *legacy: str) -> AliasChoices:
     return AliasChoices(f"IMGSEARCH_{name}", *legacy)
 
 
-class Settings(BaseSettings):
-    """Settings for the API, the workers, ingest and the demo (env prefix ``IMGSEARCH_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", env_nested_delimiter="__", extra="ignore",
-                                      populate_by_name=True)
+
+_CONFIG = SettingsConfigDict(env_prefix="IMGSEARCH_", env_nested_delimiter="__", extra="ignore", populate_by_name=True)
+_DEFAULT_PASSWORDS = {"password", "admin", "flower", "changeme", "secret", "123456", "imgsearch"}
+
+
+class SharedSettings(BaseSettings):
+    """What every deployable reads (env prefix ``IMGSEARCH_``)."""
+
+    model_config = _CONFIG
 
     # --- services ---
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL", "REDIS_URL"))
     search_queue: str = "search"
+    ingest_queue: str = "ingest"  # its own queue: a run never holds a search worker
     redis_socket_timeout_s: float = 5.0
+    limits_redis_url: str | None = None  # where buckets live; default redis_url
 
     # --- storage ---
     data_dir: Path = Path("data")
@@ -50,18 +64,105 @@ class Settings(BaseSettings):
     gcs_prefix: str = ""
     store_timeout_s: float = Field(10.0, gt=0)  # per call to a vector or blob store
     store_retries: int = Field(3, ge=0)
-    fetch_timeout_s: float = Field(5.0, gt=0)  # all of a query's feature fetches together
-    # a store that fails this many calls in a row (a slow fetch counts) is not called for breaker_reset_s
-    breaker_failures: int = Field(5, ge=1)
-    breaker_reset_s: float = Field(10.0, gt=0)
-    # caches (Redis at redis_url; an outage slows search, never fails it)
-    cache_results_ttl_s: int = Field(300, ge=0)  # 0 turns the query result cache off
-    # the Redis feature cache pays off in front of a remote blob store; a local folder (page-cached) answers a
-    # query's 32 x 1.2 MB features faster than Redis does (bench.stores), so "auto" uses it for remote ones only
-    cache_features: Literal["auto", "on", "off"] = "auto"
-    cache_features_ttl_s: int = Field(3600, ge=0)
-    cache_features_max: int = Field(20_000, ge=0)  # feature entries kept in Redis (about 1.2 MB each at full size)
-    cache_local_mb: int = Field(256, ge=0)  # each worker's in-process feature LRU
+
+    # --- a search's bounds and defaults (the API checks requests against them, workers apply them) ---
+    top_k: int = Field(32, ge=1, le=1000)
+    rerank_k: int = Field(32, ge=0, le=1000)
+    limit: int = Field(32, ge=1, le=100)
+    max_query_chars: int = 512
+
+    # --- jobs ---
+    job_ttl_s: int = Field(3600, ge=10)
+    job_deadline_s: float = Field(60.0, gt=0)  # also the cap on a request's own deadline_s
+    max_queue_length: int = Field(2000, ge=0)  # search jobs waiting; past it, new ones get 503 at once (0: no cap)
+    events_maxlen: int = Field(256, ge=16)
+    visibility_timeout_s: int = Field(0, ge=0)  # 0: derived from the job deadline
+    # the API ends jobs still open this long past their deadline (every reaper_interval_s; 0: no reaper)
+    reaper_grace_s: float = Field(5.0, ge=0)
+    reaper_interval_s: float = Field(5.0, ge=0)
+    # ...and sends again, before their deadline, jobs stranded: still queued this long with the queue empty (the
+    # message was lost with a Redis restart), or running on a worker whose heartbeat is gone (the worker died)
+    rescue_after_s: float = Field(10.0, gt=0)
+    rescue_max: int = Field(2, ge=0)  # times one job is sent again
+    heartbeat_ttl_s: int = Field(15, ge=2)
+
+    # --- Flower (`imgsearch flower`), which watches the workers ---
+    # Flower (`imgsearch flower`): basic auth "user:password"; it refuses to start without one
+    flower_basic_auth: SecretStr | None = None
+    flower_port: int = 5555
+
+    # --- logging ---
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    env: Literal["development", "production"] = "development"
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> "SharedSettings":
+        if self.rerank_k > self.top_k:
+            raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
+        if self.flower_basic_auth is not None:
+            user, sep, password = self.flower_basic_auth.get_secret_value().partition(":")
+            if not sep or not user or not password:
+                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH must be \"user:password\", both non-empty")
+            if self.env == "production" and (password.lower() in _DEFAULT_PASSWORDS or password == user):
+                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default password is refused in production (Flower "
+                                 "shows every job's arguments)")
+        return self
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before an unacknowledged job is redelivered: past any job's deadline, so a live job is
+        never run twice, but short enough that a dead worker's job is picked up again."""
+        return self.visibility_timeout_s or int(self.job_deadline_s * 2 + 30)
+
+    @property
+    def vector_dir(self) -> Path:
+        return self.data_dir / "vectors"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def ingest_dir(self) -> Path:
+        return self.data_dir / "ingest"
+
+
+class _ApiFields(SharedSettings):
+    # --- keys, limits, the page ---
+    # API keys as SHA-256 hashes (`imgsearch keys new` makes one): none configured, the API is open (local use)
+    # and its admin routes closed; configured, every /v1 route and /search need a key, admin routes an admin's
+    api_keys: list[ApiKey] = []
+    rate_limit_per_min: int = Field(120, ge=0)  # per API key, or per client address without keys; 0: off
+    rate_limit_burst: int = Field(30, ge=1)
+    max_jobs_in_flight: int = Field(32, ge=0)  # per caller: queued or running; 0: no cap
+    max_body_bytes: int = Field(16_384, ge=256)
+    trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
+    behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
+    search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
+
+
+class ApiSettings(_ApiFields):
+    """The API's settings (and its other edges': the Cloud Function, the Modal endpoint). With ``env=production``
+    they refuse an open API (no keys) and a proxy in front without the list of proxies whose X-Forwarded-For is
+    believed."""
+
+    @model_validator(mode="after")
+    def _production(self) -> "ApiSettings":
+        if self.env != "production":
+            return self
+        if not self.api_keys:
+            raise ValueError("IMGSEARCH_ENV=production with no IMGSEARCH_API_KEYS: the API would be open to anyone")
+        if self.behind_proxy and not self.trusted_proxies:
+            raise ValueError("IMGSEARCH_BEHIND_PROXY with no IMGSEARCH_TRUSTED_PROXIES: every caller would share the "
+                             "proxy's address (one rate limit for all), or X-Forwarded-For would have to be believed "
+                             "from anyone")
+        return self
+
+
+class WorkerSettings(SharedSettings):
+    """A search worker's settings: the models, their engines, the caches and the batching."""
 
     # --- models and engines ---
     siglip_model: str = "google/siglip2-base-patch16-512"
@@ -79,29 +180,25 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0: leave torch's default
 
     # --- search ---
-    top_k: int = Field(32, ge=1, le=1000)
-    rerank_k: int = Field(32, ge=0, le=1000)
-    limit: int = Field(32, ge=1, le=100)
     image_url: str = "/v1/images/{id}"  # each result's image link ({id}: the post id); a CDN's URL works too
     itm_weight: float = 0.7
     cosine_weight: float = 0.3
-    max_query_chars: int = 512
+    fetch_timeout_s: float = Field(5.0, gt=0)  # all of a query's feature fetches together
+    # a store that fails this many calls in a row (a slow fetch counts) is not called for breaker_reset_s
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(10.0, gt=0)
 
-    # --- jobs ---
-    job_ttl_s: int = Field(3600, ge=10)
-    job_deadline_s: float = Field(60.0, gt=0)  # also the cap on a request's own deadline_s
-    max_queue_length: int = Field(2000, ge=0)  # search jobs waiting; past it, new ones get 503 at once (0: no cap)
-    search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
-    events_maxlen: int = Field(256, ge=16)
-    visibility_timeout_s: int = Field(0, ge=0)  # 0: derived from the job deadline
-    # the API ends jobs still open this long past their deadline (every reaper_interval_s; 0: no reaper)
-    reaper_grace_s: float = Field(5.0, ge=0)
-    reaper_interval_s: float = Field(5.0, ge=0)
-    # ...and sends again, before their deadline, jobs stranded: still queued this long with the queue empty (the
-    # message was lost with a Redis restart), or running on a worker whose heartbeat is gone (the worker died)
-    rescue_after_s: float = Field(10.0, gt=0)
-    rescue_max: int = Field(2, ge=0)  # times one job is sent again
-    heartbeat_ttl_s: int = Field(15, ge=2)
+    # --- caches ---
+    # caches (Redis at redis_url; an outage slows search, never fails it)
+    cache_results_ttl_s: int = Field(300, ge=0)  # 0 turns the query result cache off
+    # the Redis feature cache pays off in front of a remote blob store; a local folder (page-cached) answers a
+    # query's 32 x 1.2 MB features faster than Redis does (bench.stores), so "auto" uses it for remote ones only
+    cache_features: Literal["auto", "on", "off"] = "auto"
+    cache_features_ttl_s: int = Field(3600, ge=0)
+    cache_features_max: int = Field(20_000, ge=0)  # feature entries kept in Redis (about 1.2 MB each at full size)
+    cache_local_mb: int = Field(256, ge=0)  # each worker's in-process feature LRU
+
+    # --- the worker process ---
     # a worker process runs worker_concurrency jobs at once on threads (the stores' waits overlap), and their
     # model calls are batched together: up to batch_max queries per call, gathered for at most batch_wait_ms
     # while other jobs are running (a lone query does not wait); batch_max 1 turns batching off
@@ -111,8 +208,28 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     warm_up: bool = True  # a worker runs one query through every stage before it reports ready
 
+    @model_validator(mode="after")
+    def _check_worker(self) -> "WorkerSettings":
+        if self.itm_weight < 0 or self.cosine_weight < 0 or self.itm_weight + self.cosine_weight <= 0:
+            raise ValueError("itm_weight and cosine_weight must be >= 0 and not both 0")
+        return self
+
+    @property
+    def feature_cache_on(self) -> bool:
+        if self.cache_features == "auto":
+            return self.blob_store != "local" and self.cache_features_ttl_s > 0
+        return self.cache_features == "on" and self.cache_features_ttl_s > 0
+
+    @property
+    def engines_path(self) -> Path:
+        return self.engine_dir or self.data_dir / "engines"
+
+
+class IngestSettings(WorkerSettings):
+    """Ingest's settings: a worker's (ingest embeds with the same engines and writes the same stores) plus the
+    sources, the downloads and the near-duplicate checks."""
+
     # --- ingest ---
-    ingest_queue: str = "ingest"  # its own queue: a run never holds a search worker
     ingest_source: Literal["reddit", "folder"] = "reddit"
     ingest_folder: Path | None = None  # the folder source's directory
     # when beat starts a run: a crontab line ("m h dom mon dow", UTC) or a number of seconds between runs
@@ -142,6 +259,8 @@ class Settings(BaseSettings):
     ingest_dedup: Literal["phash", "embedding", "off"] = "phash"
     ingest_phash_max_distance: int = Field(10, ge=0, le=256)  # bits that may differ for a near-duplicate
     ingest_dedup_cosine: float = Field(0.97, gt=0, le=1)
+
+    # --- Reddit ---
     # Reddit: app-only OAuth when both credentials are set, the public JSON listings otherwise
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
     reddit_client_secret: SecretStr | None = Field(
@@ -160,97 +279,26 @@ class Settings(BaseSettings):
     reddit_public_url: str = "https://www.reddit.com"
     reddit_oauth_url: str = "https://oauth.reddit.com"
     reddit_token_url: str = "https://www.reddit.com/api/v1/access_token"
-    # --- API: keys, limits, the page ---
-    # API keys as SHA-256 hashes (`imgsearch keys new` makes one): none configured, the API is open (local use)
-    # and its admin routes closed; configured, every /v1 route and /search need a key, admin routes an admin's
-    api_keys: list[ApiKey] = []
-    rate_limit_per_min: int = Field(120, ge=0)  # per API key, or per client address without keys; 0: off
-    rate_limit_burst: int = Field(30, ge=1)
-    max_jobs_in_flight: int = Field(32, ge=0)  # per caller: queued or running; 0: no cap
-    max_body_bytes: int = Field(16_384, ge=256)
-    trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
-    behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
-    limits_redis_url: str | None = None  # where buckets live; default redis_url
-    # Flower (`imgsearch flower`): basic auth "user:password"; it refuses to start without one
-    flower_basic_auth: SecretStr | None = None
-    flower_port: int = 5555
-
-    # --- logging ---
-    log_level: str = "INFO"
-    log_json: bool = False
-
-    env: Literal["development", "production"] = "development"
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
-        if self.itm_weight < 0 or self.cosine_weight < 0 or self.itm_weight + self.cosine_weight <= 0:
-            raise ValueError("itm_weight and cosine_weight must be >= 0 and not both 0")
+    def _check_ingest(self) -> "IngestSettings":
         for net in self.ingest_allow_networks:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
-        if self.rerank_k > self.top_k:
-            raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
-        if self.env == "production" and self.flower_basic_auth is not None:
-            user, _, password = self.flower_basic_auth.get_secret_value().partition(":")
-            if not password or password.lower() in _DEFAULT_PASSWORDS or password == user:
-                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default or empty password is refused in production "
-                                 "(Flower shows every job's arguments)")
         return self
 
-    @property
-    def visibility_timeout(self) -> int:
-        """Seconds before an unacknowledged job is redelivered: past any job's deadline, so a live job is
-        never run twice, but short enough that a dead worker's job is picked up again."""
-        return self.visibility_timeout_s or int(self.job_deadline_s * 2 + 30)
 
-    @property
-    def feature_cache_on(self) -> bool:
-        if self.cache_features == "auto":
-            return self.blob_store != "local" and self.cache_features_ttl_s > 0
-        return self.cache_features == "on" and self.cache_features_ttl_s > 0
-
-    @property
-    def engines_path(self) -> Path:
-        return self.engine_dir or self.data_dir / "engines"
-
-    @property
-    def vector_dir(self) -> Path:
-        return self.data_dir / "vectors"
-
-    @property
-    def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
-
-    @property
-    def ingest_dir(self) -> Path:
-        return self.data_dir / "ingest"
-
-
-_DEFAULT_PASSWORDS = {"password", "admin", "flower", "changeme", "secret", "123456", "imgsearch"}
-
-
-class ApiSettings(Settings):
-    """The API's settings: the shared ones, and, with ``env=production``, no open API (keys required) and no
-    proxy in front without the list of proxies whose X-Forwarded-For is believed."""
-
-    @model_validator(mode="after")
-    def _production(self) -> "ApiSettings":
-        if self.env != "production":
-            return self
-        if not self.api_keys:
-            raise ValueError("IMGSEARCH_ENV=production with no IMGSEARCH_API_KEYS: the API would be open to anyone")
-        if self.behind_proxy and not self.trusted_proxies:
-            raise ValueError("IMGSEARCH_BEHIND_PROXY with no IMGSEARCH_TRUSTED_PROXIES: every caller would share the "
-                             "proxy's address (one rate limit for all), or X-Forwarded-For would have to be believed "
-                             "from anyone")
-        return self
+class Settings(IngestSettings, _ApiFields):
+    """Every deployable's settings at once, for the processes that start them all (the CLI, the demo) and for
+    tests. A deployed process reads its own class instead (``get_api_settings``, ``get_worker_settings``,
+    ``get_ingest_settings``)."""
 
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings; tests call ``get_settings.cache_clear()`` after changing the environment."""
+    """All settings (the CLI's); ``clear_cached()`` forgets them after the environment changed."""
     return Settings()
 
 
@@ -258,3 +306,21 @@ def get_settings() -> Settings:
 def get_api_settings() -> ApiSettings:
     """The API process's settings (``create_app`` reads these): they refuse unsafe values in production."""
     return ApiSettings()
+
+
+@lru_cache
+def get_worker_settings() -> WorkerSettings:
+    """A search worker's settings."""
+    return WorkerSettings()
+
+
+@lru_cache
+def get_ingest_settings() -> IngestSettings:
+    """An ingest worker's settings."""
+    return IngestSettings()
+
+
+def clear_cached() -> None:
+    """Forget every class's cached settings: the next call reads the environment again (tests use it)."""
+    for get in (get_settings, get_api_settings, get_worker_settings, get_ingest_settings):
+        get.cache_clear()

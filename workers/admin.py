@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import WorkerSettings, get_worker_settings
 from pipeline.stores.bundle import Stores
 
 
-def takedown_posts(ids: Sequence[str], settings: Settings | None = None, stores: Stores | None = None,
+def takedown_posts(ids: Sequence[str], settings: WorkerSettings | None = None, stores: Stores | None = None,
                    reranker_versions: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Remove each post from the vector store, the blob store and the Redis caches, and mark it taken down in
     the ingest ledger so no later run brings it back. With a worker's ``stores`` (and its reranker's version),
     those are used and its in-process feature LRU forgets the post; otherwise they are made from settings."""
     from pipeline.ingest import Ledger, takedown
 
-    s = settings or get_settings()
+    s = settings or get_worker_settings()
     versions = list(reranker_versions)
     if stores is None:
         stores = Stores.build(s, feature_cache=True)

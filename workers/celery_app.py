@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import IngestSettings, SharedSettings, get_ingest_settings
 
 SEARCH_TASK = "imgsearch.search"
 INGEST_TASK = "imgsearch.ingest"
@@ -31,7 +31,7 @@ def schedule(spec: str) -> Any:
                    day_of_week=day_of_week)
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: SharedSettings) -> dict[str, Any]:
     return dict(
         broker_url=settings.redis_url,
         broker_transport="workers.broker:Transport",  # kombu's Redis transport, see workers/broker.py
@@ -54,9 +54,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_routes={SEARCH_TASK: {"queue": settings.search_queue}, INGEST_TASK: {"queue": settings.ingest_queue},
                      TAKEDOWN_TASK: {"queue": settings.search_queue},
                      NOOP_TASK: {"queue": settings.search_queue}},
+        # beat's schedule, read from ingest's settings (an app that only sends, the API's, has none)
         beat_schedule={"ingest": {"task": INGEST_TASK, "schedule": schedule(settings.ingest_schedule),
                                   "args": [{"source": settings.ingest_source}],
-                                  "options": {"queue": settings.ingest_queue}}},
+                                  "options": {"queue": settings.ingest_queue}}}
+        if isinstance(settings, IngestSettings) else {},
         task_default_queue=settings.search_queue,
         # the API must answer 503 quickly when Redis is down, not retry for long
         task_publish_retry=True,
@@ -68,13 +70,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     )
 
 
-def client_app(settings: Settings) -> Celery:
+def client_app(settings: SharedSettings) -> Celery:
     """A Celery app that only sends tasks (by name), for the API: it holds its own broker connections."""
     client = Celery("imgsearch-client", set_as_current=False)
     client.conf.update(celery_config(settings))
     return client
 
 
-# The worker's app. Its configuration is a promise, read when first needed, never at import.
+# The worker's (and beat's) app. Its configuration is a promise, read when first needed, never at import: ingest's
+# settings, since a worker may serve the ingest queue and beat schedules it (a search task reads the worker's own).
 app = Celery("imgsearch", include=["workers.tasks"])
-app.add_defaults(lambda: celery_config(get_settings()))
+app.add_defaults(lambda: celery_config(get_ingest_settings()))

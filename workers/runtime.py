@@ -11,12 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from pipeline.jobs.fleet import Heartbeat
-from pipeline.jobs.store import JobStore
+from pipeline.jobs.store import JobStore, connect
 from pipeline.search import Searcher
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import WorkerSettings, get_worker_settings
 from pipeline.stores.bundle import Stores
 
 log = logging.getLogger(__name__)
@@ -24,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    settings: Settings
+    settings: WorkerSettings
     engines: Any  # engines.registry.Engines
     searcher: Searcher
     stores: Stores  # built once; search, ingest and takedown share them
@@ -44,18 +42,17 @@ def serve(queue: str) -> None:
     _queue = queue
 
 
-def load(settings: Settings | None = None) -> Runtime:
+def load(settings: WorkerSettings | None = None) -> Runtime:
     """Load the engines and stores of this process (once) and start its heartbeat."""
     global _runtime
     with _lock:
         if _runtime is None:
             from engines.registry import load_engines
 
-            settings = settings or get_settings()
+            settings = settings or get_worker_settings()
             t0 = time.perf_counter()
             engines = load_engines(settings)
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
-                                          socket_connect_timeout=settings.redis_socket_timeout_s)
+            client = connect(settings.redis_url, settings.redis_socket_timeout_s)
             stores = Stores.build(settings)
             searcher = Searcher.over(settings, engines.text, engines.reranker, stores)
             loaded = time.perf_counter() - t0
@@ -64,8 +61,7 @@ def load(settings: Settings | None = None) -> Runtime:
             info = {"host": socket.gethostname(), "pid": os.getpid(), "engines_loaded": True,
                     "queue": _queue or settings.search_queue,
                     "load_s": round(loaded, 3), "warm_up_ms": warm, **engines.describe()}
-            limits = redis.Redis.from_url(settings.limits_redis_url, socket_timeout=1, socket_connect_timeout=1) \
-                if settings.limits_redis_url else None
+            limits = connect(settings.limits_redis_url, 1) if settings.limits_redis_url else None
             name = f"{info['host']}:{info['pid']}"
             _runtime = Runtime(settings, engines, searcher, stores,
                                JobStore.from_settings(settings, client, limits=limits, worker=name), info)

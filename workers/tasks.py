@@ -55,11 +55,12 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline import metrics
     from pipeline.errors import Unavailable
     from pipeline.ingest import make_source, run_ingest
+    from pipeline.settings import get_ingest_settings
 
     global _embedders
     task = IngestTask.model_validate(payload)
     rt = runtime.get()
-    s = rt.settings
+    s = get_ingest_settings()  # the ingest deployable's settings: sources, downloads (read once per process)
     if _embedders is None:  # once per process, as the engines
         _embedders = load_image_engines(s, rt.engines)
     try:

@@ -31,19 +31,15 @@ def _setup() -> tuple[Any, Any, Any]:
     """One Redis client, one Celery producer and the admission over them per function instance, made on its
     first request."""
     if not _clients:
-        import redis
-
         from pipeline.admission import Admission
-        from pipeline.jobs.store import JobStore
-        from pipeline.settings import get_settings
+        from pipeline.jobs.store import JobStore, connect
+        from pipeline.settings import get_api_settings
         from workers.celery_app import SEARCH_TASK, client_app
 
-        s = get_settings()
+        s = get_api_settings()
         celery = client_app(s)
-        r = redis.Redis.from_url(s.redis_url, socket_timeout=s.redis_socket_timeout_s,
-                                 socket_connect_timeout=s.redis_socket_timeout_s)
-        limits = redis.Redis.from_url(s.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5) \
-            if s.limits_redis_url else None
+        r = connect(s.redis_url, s.redis_socket_timeout_s)
+        limits = connect(s.limits_redis_url, 0.5) if s.limits_redis_url else None
 
         def send(job_id: str) -> None:
             celery.send_task(SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id, queue=s.search_queue)

@@ -10,13 +10,13 @@ from pipeline.ingest.ledger import Ledger
 from pipeline.ingest.run import VECTOR_FIELDS, IngestReport, IngestRun, run_ingest, takedown
 from pipeline.ingest.sources import FolderSource, Post, RedditSource, Source, make_source
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
-from pipeline.settings import Settings
+from pipeline.settings import IngestSettings
 
 __all__ = ["VECTOR_FIELDS", "FolderSource", "IngestReport", "IngestRun", "Ledger", "Post", "RedditSource", "Source",
            "ingest_folder", "make_source", "run_ingest", "takedown"]
 
 
-def ingest_folder(settings: Settings, folder: Path | str, image_encoder: ImageEncoder, reranker: Reranker,
+def ingest_folder(settings: IngestSettings, folder: Path | str, image_encoder: ImageEncoder, reranker: Reranker,
                   vectors: VectorStore, blobs: BlobStore, **kw: Any) -> IngestReport:
     """Ingest a folder of images (with optional metadata) into the stores: a folder-source run."""
     return run_ingest(settings, FolderSource(folder), image_encoder, reranker, vectors, blobs, **kw)

@@ -20,7 +20,7 @@ import httpx
 
 from pipeline.ingest.images import BadImage, Prepared, prepare
 from pipeline.ingest.urls import Refused, Target, UrlGuard, shown
-from pipeline.settings import Settings
+from pipeline.settings import IngestSettings
 
 if TYPE_CHECKING:
     from pipeline.ingest.sources import Post
@@ -37,7 +37,7 @@ class FetchError(Exception):
 
 
 class Downloader:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: IngestSettings) -> None:
         self.s = settings
         self.guard = UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks)
         self.pool = ThreadPoolExecutor(settings.ingest_concurrency, thread_name_prefix="download")

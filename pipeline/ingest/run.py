@@ -30,7 +30,7 @@ from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_
 from pipeline.ingest.sources import Page, Post, Source
 from pipeline.layout import feature_key, image_key, post_key
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
-from pipeline.settings import Settings
+from pipeline.settings import IngestSettings
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class _Pages:
 
 
 class IngestRun:
-    def __init__(self, settings: Settings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
+    def __init__(self, settings: IngestSettings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
                  vectors: VectorStore, blobs: BlobStore, ledger: Ledger, *, namespace: str = "",
                  on_progress: Callable[[IngestReport], None] | None = None,
                  embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> None:
@@ -391,7 +391,7 @@ def _screen(page: Page) -> tuple[list[Post], dict[str, str]]:
     return posts, rejected
 
 
-def run_ingest(settings: Settings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
+def run_ingest(settings: IngestSettings, source: Source, image_encoder: ImageEncoder, reranker: Reranker,
                vectors: VectorStore, blobs: BlobStore, *, ledger: Ledger | None = None, namespace: str | None = None,
                fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None,
                embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> IngestReport:

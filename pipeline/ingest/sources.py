@@ -21,7 +21,7 @@ import httpx
 from pipeline.errors import InvalidRequest, Unavailable
 from pipeline.ids import reddit_path
 from pipeline.ingest.urls import Refused, check_form, shown
-from pipeline.settings import Settings
+from pipeline.settings import IngestSettings
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class RedditSource:
 
     name = "reddit"
 
-    def __init__(self, settings: Settings, client: httpx.Client | None = None,
+    def __init__(self, settings: IngestSettings, client: httpx.Client | None = None,
                  sleep: Any = time.sleep) -> None:
         self.s = settings
         self.subs = dict(settings.reddit_subreddits)
@@ -352,7 +352,7 @@ def _retry_after(r: httpx.Response) -> float | None:
         return None
 
 
-def make_source(settings: Settings, name: str | None = None, folder: Path | str | None = None) -> Source:
+def make_source(settings: IngestSettings, name: str | None = None, folder: Path | str | None = None) -> Source:
     name = name or settings.ingest_source
     if name == "folder":
         path = folder or settings.ingest_folder

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from pipeline.jobs.keys import OPEN_KEY, TERMINAL, heartbeat_key, job_key, resent_key
-from pipeline.jobs.store import AsyncJobStore, _text, failed_event, parse_job, reaped
+from pipeline.jobs.store import AsyncJobStore, failed_event, parse_job, reaped
 
 
 class Recovery:
@@ -26,7 +26,7 @@ class Recovery:
         wins), so a wrong guess costs one wasted run, never a second result."""
         now = now or time.time()
         s, r = self.settings, self.store.r
-        ids = [_text(i) for i in await r.zrangebyscore(OPEN_KEY, now, "+inf", start=0, num=2000)]
+        ids = [str(i) for i in await r.zrangebyscore(OPEN_KEY, now, "+inf", start=0, num=2000)]
         if not ids or not s.rescue_max:
             return []
         queue_empty = await r.llen(s.search_queue) == 0
@@ -57,7 +57,7 @@ class Recovery:
         queue lost them). Ends written only where the job is still open, so a late worker's end stands."""
         cutoff = (now or time.time()) - self.settings.reaper_grace_s
         r = self.store.r
-        ids = [_text(i) for i in await r.zrangebyscore(OPEN_KEY, "-inf", cutoff, start=0, num=500)]
+        ids = [str(i) for i in await r.zrangebyscore(OPEN_KEY, "-inf", cutoff, start=0, num=500)]
         ended: list[str] = []
         for job_id in ids:
             job = parse_job(await r.get(job_key(job_id)))

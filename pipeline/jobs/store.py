@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from pipeline.errors import Conflict, NotFound, Unavailable
 from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, job_key
+from pipeline.settings import SharedSettings
 from pipeline.types import ErrorInfo, Job
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,27 @@ def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def _text(v: Any) -> str:
-    # a client made without decode_responses (a test's, a caller's own) answers bytes
-    return v.decode() if isinstance(v, bytes) else str(v)
+def connect(url: str, timeout_s: float, **kw: Any) -> redis.Redis:
+    """A client for the job code (records, events, limits, heartbeats): it answers ``str``
+    (``decode_responses``), as every reader here expects; ``max_connections`` and the like pass through."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                decode_responses=True, **kw)
 
 
-def new_job(settings: Any, query: str, params: dict[str, Any], *, request_id: str | None = None,
+def aconnect(url: str, timeout_s: float, **kw: Any) -> aioredis.Redis:
+    """``connect``'s asynchronous twin (the API's)."""
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                   decode_responses=True, **kw)
+
+
+def require_text(client: Any) -> None:
+    """Refuse a client that answers bytes: every reader of job records, events and beats takes ``str``."""
+    if not client.get_connection_kwargs().get("decode_responses"):
+        raise TypeError("the job store needs a Redis client made with decode_responses=True "
+                        "(pipeline.jobs.store.connect makes one)")
+
+
+def new_job(settings: SharedSettings, query: str, params: dict[str, Any], *, request_id: str | None = None,
             inflight_key: str | None = None, job_id: str | None = None) -> Job:
     """A queued job's record: its own ``deadline_s`` (capped by the server's) taken out of its params."""
     params = dict(params)
@@ -140,8 +156,7 @@ def parse_events(entries: list[tuple[Any, dict[Any, Any]]]) -> list[tuple[str, s
     """``(stream id, event name, data)`` for each entry of an XRANGE/XREAD answer."""
     out = []
     for entry_id, fields in entries:
-        f = {_text(k): _text(v) for k, v in fields.items()}
-        out.append((_text(entry_id), f["event"], json.loads(f["data"])))
+        out.append((entry_id, fields["event"], json.loads(fields["data"])))
     return out
 
 
@@ -155,6 +170,7 @@ class JobStore:
 
     def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None,
                  retry_s: float = 15.0, worker: str | None = None, send: Send | None = None) -> None:
+        require_text(client)
         self.r, self.ttl, self.maxlen, self.retry_s = client, ttl, maxlen, retry_s
         self.worker = worker  # this process's heartbeat name, written into the jobs it runs
         self.limits = limits or client  # where admission counts each caller's jobs in flight
@@ -163,7 +179,7 @@ class JobStore:
         self._event = client.register_script(EVENT_SCRIPT)
 
     @classmethod
-    def from_settings(cls, settings: Any, client: redis.Redis, **kw: Any) -> JobStore:
+    def from_settings(cls, settings: SharedSettings, client: redis.Redis, **kw: Any) -> JobStore:
         return cls(client, settings.job_ttl_s, settings.events_maxlen, **kw)
 
     def cancelled(self, job_id: str) -> bool:
@@ -242,8 +258,9 @@ class JobStore:
 class AsyncJobStore:
     """The asynchronous store: what the API uses to submit, read, cancel, follow and wait on jobs."""
 
-    def __init__(self, settings: Any, client: aioredis.Redis, send: AsyncSend,
+    def __init__(self, settings: SharedSettings, client: aioredis.Redis, send: AsyncSend,
                  limits: aioredis.Redis | None = None) -> None:
+        require_text(client)
         self.settings, self.r, self.send = settings, client, send
         self.limits = limits or client
         self.ttl, self.maxlen = settings.job_ttl_s, settings.events_maxlen

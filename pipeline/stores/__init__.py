@@ -5,22 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from pipeline.protocols import BlobStore, VectorStore
-from pipeline.settings import Settings
+from pipeline.settings import SharedSettings
 
 
-def _local_vector(settings: Settings) -> VectorStore:
+def _local_vector(settings: SharedSettings) -> VectorStore:
     from pipeline.stores.local_vector import LocalVectorStore
 
     return LocalVectorStore(settings.vector_dir, nprobe=settings.local_nprobe)
 
 
-def _local_blob(settings: Settings) -> BlobStore:
+def _local_blob(settings: SharedSettings) -> BlobStore:
     from pipeline.stores.local_blob import LocalBlobStore
 
     return LocalBlobStore(settings.blob_dir)
 
 
-def _pinecone(settings: Settings) -> VectorStore:
+def _pinecone(settings: SharedSettings) -> VectorStore:
     from pipeline.errors import StoreError
     from pipeline.stores.pinecone_store import PineconeVectorStore
 
@@ -31,7 +31,7 @@ def _pinecone(settings: Settings) -> VectorStore:
                                retries=settings.store_retries)
 
 
-def _gcs(settings: Settings) -> BlobStore:
+def _gcs(settings: SharedSettings) -> BlobStore:
     from pipeline.errors import StoreError
     from pipeline.stores.gcs_blob import GcsBlobStore
 
@@ -41,20 +41,20 @@ def _gcs(settings: Settings) -> BlobStore:
                         timeout=settings.store_timeout_s)
 
 
-VECTOR_STORES: dict[str, Callable[[Settings], VectorStore]] = {"local": _local_vector, "pinecone": _pinecone}
-BLOB_STORES: dict[str, Callable[[Settings], BlobStore]] = {"local": _local_blob, "gcs": _gcs}
+VECTOR_STORES: dict[str, Callable[[SharedSettings], VectorStore]] = {"local": _local_vector, "pinecone": _pinecone}
+BLOB_STORES: dict[str, Callable[[SharedSettings], BlobStore]] = {"local": _local_blob, "gcs": _gcs}
 
 
-def _pick(registry: Mapping[str, Callable[[Settings], object]], name: str, what: str) -> Callable[[Settings], object]:
+def _pick(registry: Mapping[str, Callable[[SharedSettings], object]], name: str, what: str) -> Callable[[SharedSettings], object]:
     try:
         return registry[name]
     except KeyError:
         raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(sorted(registry))}") from None
 
 
-def make_vector_store(settings: Settings) -> VectorStore:
+def make_vector_store(settings: SharedSettings) -> VectorStore:
     return _pick(VECTOR_STORES, settings.vector_store, "vector store")(settings)  # type: ignore[return-value]
 
 
-def make_blob_store(settings: Settings) -> BlobStore:
+def make_blob_store(settings: SharedSettings) -> BlobStore:
     return _pick(BLOB_STORES, settings.blob_store, "blob store")(settings)  # type: ignore[return-value]

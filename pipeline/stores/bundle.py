@@ -4,10 +4,10 @@ store, and the caches in front of them (query results and features in Redis, fea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, cache_client
 from pipeline.protocols import BlobStore, VectorStore
+from pipeline.settings import WorkerSettings
 from pipeline.stores import make_blob_store, make_vector_store
 
 
@@ -20,7 +20,7 @@ class Stores:
     local: LocalLRU | None = None  # this process's features
 
     @classmethod
-    def build(cls, settings: Any, *, caches: bool = True, feature_cache: bool | None = None) -> Stores:
+    def build(cls, settings: WorkerSettings, *, caches: bool = True, feature_cache: bool | None = None) -> Stores:
         """The stores named by ``settings``; ``caches``: with the Redis caches and the in-process LRU (a worker)
         or without (a one-off search); ``feature_cache``: the Redis feature cache even where this process
         would not read it (a takedown clears what other workers cached), None: as settings say."""

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from cli import stack
 from pipeline.jobs.keys import events_key
-from pipeline.jobs.store import parse_events
+from pipeline.jobs.store import connect, parse_events
 from pipeline.settings import Settings
 from tests.conftest import RedisServer
 
@@ -59,7 +59,7 @@ def test_submit_then_poll_and_stream_history(client: TestClient, redis_server) -
     job = client.get(body["links"]["self"]).json()
     assert job["id"] == body["id"] and job["status"] == "queued" and job["query"] == "a surprised pikachu face"
     assert job["params"] == {"limit": 5}
-    r = redis.Redis.from_url(redis_server.url(4))
+    r = connect(redis_server.url(4), 5)
     assert [e[1] for e in parse_events(r.xrange(events_key(body["id"])))] == ["queued"]
     # the task sits in the search queue, JSON-encoded, with the job id as its task id
     assert r.llen("search") >= 1

@@ -97,9 +97,10 @@ def test_the_demo_brings_a_killed_worker_back_and_answers_the_next_query(redis_s
     import httpx
 
     from pipeline.jobs import fleet
+    from pipeline.jobs.store import connect
 
     url = redis_server.url(12)
-    r = redis.Redis.from_url(url)
+    r = connect(url, 5)
     r.flushdb()
     port = stack.free_port()
     out = tmp_path / "demo.out"

@@ -151,9 +151,9 @@ def test_the_cloud_function_answers_post_search_through_a_worker(redis_server, s
     env = settings_env(store_dir, tiny_models, redis_server.url(db))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    from pipeline.settings import get_settings
+    from pipeline.settings import clear_cached
 
-    get_settings.cache_clear()
+    clear_cached()
     port = stack.free_port()  # the worker answers GET /healthz there, as Cloud Run's probe asks it
     worker_cli = [sys.executable, "-m", "cli.main", "worker", "--health-port", str(port), "--name", "probed@%h"]
     worker = stack._spawn("probed", worker_cli, env, tmp_path / "worker.log")
@@ -181,12 +181,12 @@ def test_the_cloud_function_answers_post_search_through_a_worker(redis_server, s
         worker.stop()
         if "celery" in cf._clients:
             cf._clients["celery"].close()
-        get_settings.cache_clear()
+        clear_cached()
     monkeypatch.setenv("IMGSEARCH_REDIS_URL", "redis://127.0.0.1:1/0")
-    get_settings.cache_clear()
+    clear_cached()
     cf._clients.clear()
     try:
         status, body = cf.handle({"query": "a red circle"})
     finally:
-        get_settings.cache_clear()
+        clear_cached()
     assert status == 503 and body["error"]["code"] == "unavailable"

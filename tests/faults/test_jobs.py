@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from cli import stack
 from pipeline.jobs.keys import events_key
-from pipeline.jobs.store import parse_events
+from pipeline.jobs.store import connect, parse_events
 from pipeline.settings import Settings
 from tests.conftest import settings_env
 
@@ -26,7 +26,7 @@ def _client(redis_server: Any, db: int, **kw: Any) -> TestClient:
 
 
 def _events(redis_server: Any, db: int, job_id: str) -> list[str]:
-    r = redis.Redis.from_url(redis_server.url(db))
+    r = connect(redis_server.url(db), 5)
     return [name for _, name, _ in parse_events(r.xrange(events_key(job_id)))]
 
 
@@ -93,7 +93,7 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
     from pipeline.types import ErrorInfo, Job
 
     db = 5
-    r = redis.Redis.from_url(redis_server.url(db))
+    r = connect(redis_server.url(db), 5)
     with _client(redis_server, db) as c:
         out: dict[str, Any] = {}
         t = threading.Thread(target=lambda: out.update(resp=c.post("/search", json={"query": "x"})))
@@ -101,11 +101,11 @@ def test_the_blocking_route_answers_a_failed_job_with_its_own_status(redis_serve
         keys: list[bytes] = []
 
         def queued() -> bool:
-            keys[:] = [k for k in r.scan_iter(match=job_key("*")) if not k.endswith(b":events")]
+            keys[:] = [k for k in r.scan_iter(match=job_key("*")) if not k.endswith(":events")]
             return bool(keys)
 
         stack.wait_for(queued, 10, "the job record")
-        job = Job.model_validate_json(r.get(keys[0]) or b"{}")
+        job = Job.model_validate_json(r.get(keys[0]) or "{}")
         job.status, job.error = "failed", ErrorInfo(code=code, message=f"it {code}")
         JobStore(r, 60, 64).write(job, ("failed", {"id": job.id}))  # what a worker writes when the job ends so
         t.join(30)
@@ -143,7 +143,7 @@ def test_stranded_jobs_are_sent_again_before_their_deadline(redis_server) -> Non
     from pipeline.types import Job
 
     db = 7
-    r = redis.Redis.from_url(redis_server.url(db))
+    r = connect(redis_server.url(db), 5)
     with _client(redis_server, db, reaper_interval_s=0, rescue_after_s=5, rescue_max=2) as c:
         def rescue(at: float) -> list[str]:
             return sorted(c.portal.call(c.app.state.recovery.rescue, at))  # type: ignore[union-attr]
@@ -158,7 +158,7 @@ def test_stranded_jobs_are_sent_again_before_their_deadline(redis_server) -> Non
         r.delete("search")  # both messages lost
         assert rescue(t + 11) == []  # stranded since now...
         assert rescue(t + 17) == sorted([lost, waiting]) == queued_ids()  # ...and still so 6 s later: sent again
-        job = Job.model_validate_json(r.get(job_key(lost)) or b"{}")
+        job = Job.model_validate_json(r.get(job_key(lost)) or "{}")
         job.status, job.worker = "running", "gone-host:4242"  # started on a worker that then died
         JobStore(r, 60, 64).write(job, ("started", {"id": job.id}))
         r.delete("search")

@@ -17,7 +17,7 @@ import redis
 
 from cli import stack
 from pipeline.jobs.keys import events_key, job_key
-from pipeline.jobs.store import parse_events
+from pipeline.jobs.store import connect, parse_events
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
 
@@ -46,7 +46,7 @@ def test_sigkill_a_worker_with_20_jobs_in_flight_a_second_finishes_them(fragile:
     """None lost, none ended twice: the job the dead worker was running is sent again and run again, and each
     job has one set of results and one end, all well within the deadline (long before the visibility timeout
     would bring the dead worker's messages back)."""
-    r = redis.Redis.from_url(fragile.env["IMGSEARCH_REDIS_URL"])
+    r = connect(fragile.env["IMGSEARCH_REDIS_URL"], 5)
     fragile.procs[0].stop()  # the 20 jobs wait in the queue for the worker that is to die with them
     jobs: list[str] = []
     caught: list[str] = []

@@ -11,14 +11,14 @@ import redis
 from pipeline.admission import Admission, Caller
 from pipeline.errors import InvalidRequest, RateLimited, Unavailable
 from pipeline.jobs.keys import OPEN_KEY, inflight_key, job_key
-from pipeline.jobs.store import JobStore
+from pipeline.jobs.store import JobStore, connect
 from pipeline.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 
 def _admission(url: str, sent: list[str], **over: object) -> tuple[Admission, redis.Redis]:
-    r = redis.Redis.from_url(url)
+    r = connect(url, 5)
     r.flushdb()
     s = Settings(redis_url=url, **over)  # type: ignore[arg-type]
     jobs = JobStore.from_settings(s, r, send=sent.append)
@@ -68,7 +68,7 @@ def test_a_job_the_queue_refuses_leaves_no_record_and_no_count(redis_server) -> 
     def refuse(_: str) -> None:
         raise ConnectionError("broker away")
 
-    r = redis.Redis.from_url(redis_server.url(11))
+    r = connect(redis_server.url(11), 5)
     r.flushdb()
     s = Settings(redis_url=redis_server.url(11))
     adm = Admission(s, JobStore.from_settings(s, r, send=refuse))

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
 from pipeline.jobs.keys import events_key, job_key
 from pipeline.jobs.runner import run_job
-from pipeline.jobs.store import JobStore, parse_events
+from pipeline.jobs.store import JobStore, connect, parse_events
 from pipeline.layout import feature_key
 from pipeline.search import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
@@ -78,7 +77,7 @@ def test_missing_or_corrupt_features_keep_ann_order(store_dir, tiny_models, engi
 
 @pytest.mark.integration
 def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    r = redis.Redis.from_url(redis_server.url(3))
+    r = connect(redis_server.url(3), 5)
     r.flushdb()
     writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="a" * 32, status="queued", query="a red circle", params={"limit": 5}, created_at=0.0)
@@ -108,7 +107,7 @@ def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, 
 
 @pytest.mark.integration
 def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
-    r = redis.Redis.from_url(redis_server.url(3))
+    r = connect(redis_server.url(3), 5)
     writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="c" * 32, status="queued", query="late", created_at=0.0, deadline_at=1.0)
     writer.write(job, ("queued", {}), create=True)
@@ -121,7 +120,7 @@ def test_job_past_its_deadline_fails(redis_server, store_dir, tiny_models, engin
 def test_a_running_job_ends_cancelled_at_its_next_stage(redis_server, store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
     from pipeline.jobs.keys import cancel_key
 
-    r = redis.Redis.from_url(redis_server.url(2))
+    r = connect(redis_server.url(2), 5)
     r.flushdb()
     writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="c" * 32, status="running", query="a red circle", created_at=0.0)
@@ -141,7 +140,7 @@ def test_of_two_ends_of_one_job_the_first_stands(redis_server, store_dir, tiny_m
     from pipeline.jobs.keys import OPEN_KEY
     from pipeline.jobs.store import reaped
 
-    r = redis.Redis.from_url(redis_server.url(4))
+    r = connect(redis_server.url(4), 5)
     r.flushdb()
     writer = JobStore(r, ttl=60, maxlen=64)
     job = Job(id="d" * 32, status="queued", query="a red circle", created_at=0.0, deadline_at=4e9)

@@ -122,3 +122,13 @@ def test_the_breaker_opens_after_failures_in_a_row_then_lets_one_trial_through()
     with pytest.raises(Unavailable):
         b.call(fail)  # the trial failed: open again, for another reset_s
     assert b.state == "open" and b.opened == 3
+
+
+def test_the_job_store_refuses_a_client_that_answers_bytes() -> None:
+    import redis
+
+    from pipeline.jobs.store import JobStore, connect
+
+    with pytest.raises(TypeError, match="decode_responses"):
+        JobStore(redis.Redis.from_url("redis://127.0.0.1:1/0"), 60, 64)  # no server needed: nothing is sent
+    assert JobStore(connect("redis://127.0.0.1:1/0", 1), 60, 64).r.get_connection_kwargs()["decode_responses"]
