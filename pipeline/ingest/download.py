@@ -20,6 +20,7 @@ import httpx
 
 from pipeline.ingest.images import BadImage, Prepared, prepare
 from pipeline.ingest.urls import Refused, Target, UrlGuard, shown
+from pipeline.retry import RetryLater, retrying
 from pipeline.settings import IngestSettings
 
 if TYPE_CHECKING:
@@ -89,24 +90,18 @@ class Downloader:
     def fetch(self, url: str) -> bytes:
         """The bytes at ``url``, within the download's deadline; FetchError says why not."""
         deadline = time.monotonic() + self.s.ingest_deadline_s
-        last, tries = "", 0
-        for attempt in range(self.s.ingest_retries + 1):
-            if attempt:
-                pause = min(0.5 * 2 ** attempt, 10)
-                if time.monotonic() + pause >= deadline:
-                    break
-                time.sleep(pause)
-            tries += 1
-            try:
-                return self._follow(url, deadline)
-            except _Retry as exc:
-                last = str(exc)
-                if exc.wait_s and time.monotonic() + exc.wait_s < deadline:
-                    time.sleep(exc.wait_s)
-            except httpx.TransportError as exc:  # timeouts, refused or reset connections: worth another try
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise FetchError(f"download failed after {tries} tries within {self.s.ingest_deadline_s:g} s: {last}",
-                         permanent=False)
+        # timeouts, refused or reset connections, 429s and 5xx are worth another try, within the deadline
+        again = retrying((httpx.TransportError, RetryLater), attempts=self.s.ingest_retries + 1,
+                         within_s=self.s.ingest_deadline_s, first_s=1.0, max_s=10.0,
+                         server_wait_max_s=self.s.reddit_max_wait_s)
+        try:
+            return again(self._follow, url, deadline)
+        except (httpx.TransportError, RetryLater) as exc:
+            tries = again.statistics.get("attempt_number", 1)
+            last = f"{type(exc).__name__}: {exc}" if isinstance(exc, httpx.TransportError) and str(exc) else \
+                str(exc) or type(exc).__name__
+            raise FetchError(f"download failed after {tries} tries within {self.s.ingest_deadline_s:g} s: {last}",
+                             permanent=False) from None
 
     def _follow(self, url: str, deadline: float) -> bytes:
         """One try: each hop checked before it is asked for, the body read under the deadline."""
@@ -129,8 +124,7 @@ class Downloader:
                     continue
                 if r.status_code == 429 or r.status_code >= 500:
                     retry_after = r.headers.get("retry-after", "")
-                    raise _Retry(f"HTTP {r.status_code}",
-                                 min(float(retry_after), self.s.reddit_max_wait_s) if retry_after.isdigit() else 0.0)
+                    raise RetryLater(f"HTTP {r.status_code}", float(retry_after) if retry_after.isdigit() else None)
                 if r.status_code >= 300:
                     raise FetchError(f"HTTP {r.status_code}", permanent=r.status_code in (401, 403, 404, 410) or
                                      r.status_code < 400)
@@ -182,14 +176,6 @@ class Downloader:
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
-
-
-class _Retry(Exception):
-    """An answer worth another try (429, 5xx), after ``wait_s`` (its Retry-After)."""
-
-    def __init__(self, why: str, wait_s: float) -> None:
-        super().__init__(why)
-        self.wait_s = wait_s
 
 
 def _cut_at(r: httpx.Response, deadline: float) -> threading.Timer | None:

@@ -17,10 +17,12 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+from tenacity import RetryCallState
 
 from pipeline.errors import InvalidRequest, Unavailable
 from pipeline.ids import reddit_path
 from pipeline.ingest.urls import Refused, check_form, shown
+from pipeline.retry import RetryLater, last_error, retrying
 from pipeline.settings import IngestSettings
 
 log = logging.getLogger(__name__)
@@ -249,27 +251,33 @@ class RedditSource:
 
     def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
         """One request with bounded retries: 429 and 5xx wait for Retry-After (or back off), timeouts retry."""
-        last = ""
-        for attempt in range(self.s.ingest_retries + 1):
-            try:
-                r = self.http.request(method, url, **kw)
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                self._wait(min(2.0 ** attempt, 30), last)
-                continue
-            if r.status_code == 429 or r.status_code >= 500:
-                last = f"HTTP {r.status_code}"
-                after = _retry_after(r)
-                self._wait(after if after is not None else min(2.0 ** attempt, 30), last)
-                continue
-            if r.status_code >= 400:
-                raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
-            # spend the rate-limit budget evenly: out of requests, wait for the window to reset
-            remaining, reset = r.headers.get("x-ratelimit-remaining"), r.headers.get("x-ratelimit-reset")
-            if remaining is not None and reset is not None and float(remaining) < 1:
-                self._wait(float(reset), "rate limit used up")
-            return r
-        raise Unavailable(f"{method} {urlsplit(url).path}: gave up after {self.s.ingest_retries + 1} tries ({last})")
+        tries = self.s.ingest_retries + 1
+        why = {"last": ""}
+
+        def note(state: RetryCallState) -> None:
+            why["last"] = last_error(state)
+
+        again = retrying((httpx.TransportError, RetryLater), attempts=tries, first_s=1.0, max_s=30.0,
+                         server_wait_max_s=self.s.reddit_max_wait_s,
+                         sleep=lambda seconds: self._wait(seconds, why["last"]), before_sleep=note)
+        try:
+            r = again(self._once, method, url, **kw)
+        except (httpx.TransportError, RetryLater) as exc:
+            last = f"{type(exc).__name__}: {exc}" if isinstance(exc, httpx.TransportError) else str(exc)
+            raise Unavailable(f"{method} {urlsplit(url).path}: gave up after {tries} tries ({last})") from None
+        # spend the rate-limit budget evenly: out of requests, wait for the window to reset
+        remaining, reset = r.headers.get("x-ratelimit-remaining"), r.headers.get("x-ratelimit-reset")
+        if remaining is not None and reset is not None and float(remaining) < 1:
+            self._wait(float(reset), "rate limit used up")
+        return r
+
+    def _once(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        r = self.http.request(method, url, **kw)
+        if r.status_code == 429 or r.status_code >= 500:
+            raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
+        if r.status_code >= 400:
+            raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
+        return r
 
     def listing(self, sub: str, after: str | None) -> dict[str, Any]:
         params = {"limit": str(self.s.reddit_page_size), "raw_json": "1"}

@@ -20,9 +20,11 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from tenacity import RetryCallState
 
 from pipeline.errors import Conflict, NotFound, Unavailable
 from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, job_key
+from pipeline.retry import last_error, retrying
 from pipeline.settings import SharedSettings
 from pipeline.types import ErrorInfo, Job
 
@@ -202,18 +204,15 @@ class JobStore:
     def write(self, job: Job, *events: tuple[str, dict[str, Any]], create: bool = False) -> bool:
         """Write the record and its events at once; False (nothing written) if the job already ended."""
         keys, args = write_args(job, list(events), self.ttl, self.maxlen, create=create)
-        give_up, wait = time.monotonic() + self.retry_s, 0.1
-        # Our own loop rather than redis-py's Retry: Retry counts attempts, and what a worker must bound here is
-        # time (a Redis restart takes seconds, whatever the number of tries).
-        while True:  # Redis restarting: the end of a job that ran is worth a few seconds' wait
-            try:
-                return bool(self._write(keys=keys, args=args))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() + wait > give_up:
-                    raise
-                log.warning("job %s: Redis unreachable (%s); writing again in %.1f s", job.id, exc, wait)
-                time.sleep(wait)
-                wait = min(wait * 2, 2.0)
+
+        def warn(state: RetryCallState) -> None:
+            log.warning("job %s: Redis unreachable (%s); writing again in %.1f s", job.id, last_error(state),
+                        state.upcoming_sleep)
+
+        # Redis restarting: the end of a job that ran is worth a few seconds' wait (bounded in time, not tries)
+        again = retrying((redis.ConnectionError, redis.TimeoutError), within_s=self.retry_s, first_s=0.1, max_s=2.0,
+                         before_sleep=warn)
+        return bool(again(self._write, keys=keys, args=args))
 
     def event(self, job_id: str, event: str, data: dict[str, Any]) -> None:
         """A progress event (best effort: the end's record and events carry everything a client needs)."""
