@@ -12,34 +12,40 @@ from pipeline.jobs.store import AsyncJobStore
 from pipeline.settings import ApiSettings
 
 
-def _jobs(request: Request) -> AsyncJobStore:
+async def _jobs(request: Request) -> AsyncJobStore:
     return request.app.state.jobs  # type: ignore[no-any-return]
 
 
-def _settings(request: Request) -> ApiSettings:
+async def _settings(request: Request) -> ApiSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _admission(request: Request) -> Admission:
+# Dependencies are coroutines, even where nothing awaits: FastAPI runs a plain function in its thread pool, a
+# thread hop per dependency and request (bench.admission)
+def _state_admission(request: Request) -> Admission:
     return request.app.state.admission  # type: ignore[no-any-return]
+
+
+async def _admission(request: Request) -> Admission:
+    return _state_admission(request)
 
 
 async def _caller(request: Request) -> Caller:
     """The caller, authenticated when API keys are configured (401 otherwise)."""
-    caller = auth.caller(_admission(request), request)
+    caller = auth.caller(_state_admission(request), request)
     request.state.caller = caller
     return caller
 
 
 async def _limited(request: Request, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     """The caller, within its rate limit (429 with Retry-After otherwise)."""
-    await _admission(request).limit(caller)
+    await _state_admission(request).limit(caller)
     return caller
 
 
 async def _admin(request: Request, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    _admission(request).check_admin(caller)
-    await _admission(request).limit(caller)
+    _state_admission(request).check_admin(caller)
+    await _state_admission(request).limit(caller)
     return caller
 
 

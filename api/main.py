@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from api import errors, metrics
 from api.limits import BodyLimit
+from api.middleware import RequestContext
 from api.routes import admin, health, images, jobs, search
-from pipeline import logs
 from pipeline.admission import Admission
 from pipeline.jobs.recovery import Recovery
 from pipeline.jobs.store import AsyncJobStore, aconnect
@@ -79,21 +76,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Any) -> Any:
-        """Every request has an id (the caller's X-Request-ID when it sends a sane one); logs and jobs carry it."""
-        rid = request.headers.get("x-request-id", "")
-        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
-            rid = uuid.uuid4().hex
-        t0 = time.perf_counter()
-        with logs.bound(request_id=rid):
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code,
-                        time.perf_counter() - t0)
-        response.headers["X-Request-ID"] = rid
-        return response
+    app.add_middleware(RequestContext)  # outermost of ours: its id and latency cover the body limit's 413 too
 
     for router in (jobs.router, search.router, images.router, health.router, admin.router):
         app.include_router(router)
