@@ -35,7 +35,10 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     _logging()
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False)
+    # proxy_headers off: the app reads X-Forwarded-For itself, from IMGSEARCH_TRUSTED_PROXIES only (uvicorn's own
+    # handling would believe it from 127.0.0.1 whatever that setting says)
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False,
+                proxy_headers=False)
 
 
 @cli.command()
@@ -211,9 +214,10 @@ def flower(port: Annotated[int, typer.Option(help="default IMGSEARCH_FLOWER_PORT
     from pipeline.settings import get_settings
 
     s = get_settings()
-    if s.flower_basic_auth is None or ":" not in s.flower_basic_auth.get_secret_value():
-        typer.echo("error: set IMGSEARCH_FLOWER_BASIC_AUTH=user:password (Flower shows every job's arguments)",
-                   err=True)
+    user, _, password = (s.flower_basic_auth.get_secret_value() if s.flower_basic_auth else "").partition(":")
+    if not user.strip() or not password.strip():  # "user:", ":password", ":" and nothing: Flower would take them
+        typer.echo("error: set IMGSEARCH_FLOWER_BASIC_AUTH=user:password, neither of them empty (Flower shows every "
+                   "job's arguments)", err=True)
         raise typer.Exit(2)
     # the credentials go by environment, not argv: argv shows in every `ps`
     env = {**os.environ, "FLOWER_BASIC_AUTH": s.flower_basic_auth.get_secret_value()}
