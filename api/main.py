@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
 from api import errors, metrics
-from api.limits import BodyLimit
+from api.limits import BodyLimit, Slots
 from api.routes import admin, health, images, jobs, search
 from pipeline import logs
 from pipeline.admission import Admission
@@ -48,15 +48,28 @@ async def _reap_forever(recovery: Recovery) -> None:
             log.warning("reaper ended %d job(s) past their deadline: %s", len(ended), ", ".join(ended[:10]))
 
 
+def _bounded(url: str, size: int, timeout: float, name: str) -> aioredis.Redis:
+    """A client whose pool holds at most ``size`` connections; past them a call waits up to ``timeout`` for one,
+    then fails as Redis being away does (503): the API never takes more of Redis's clients, which the workers
+    share, than its pools allow. Its connections carry ``name`` (CLIENT LIST tells them apart)."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=size, timeout=timeout,
+                                                    socket_timeout=timeout, socket_connect_timeout=timeout,
+                                                    health_check_interval=10, client_name=name)
+    return aioredis.Redis.from_pool(pool)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_api_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
-            socket_connect_timeout=settings.redis_socket_timeout_s, health_check_interval=10)
+        app.state.redis = _bounded(settings.redis_url, settings.redis_max_connections, settings.redis_socket_timeout_s,
+                                   "imgsearch-api")
+        # followers (event streams, POST /search's waits) block on a pool of their own: they can't starve the rest
+        streams = _bounded(settings.redis_url, settings.stream_pool_size, settings.redis_socket_timeout_s,
+                           "imgsearch-api-streams")
+        app.state.streams = Slots(settings.max_streams, settings.stream_max_s + 5)
         celery = app.state.celery = client_app(settings)
 
         async def send(job_id: str) -> None:
@@ -64,9 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await anyio.to_thread.run_sync(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
                                                    task_id=job_id, queue=settings.search_queue))
 
-        limits = app.state.redis if not settings.limits_redis_url else aioredis.Redis.from_url(
-            settings.limits_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits)
+        limits = app.state.redis if not settings.limits_redis_url else _bounded(
+            settings.limits_redis_url, settings.redis_max_connections, 0.5, "imgsearch-api-limits")
+        app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits, streams)
         app.state.admission = Admission(settings, app.state.jobs, limits)
         app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature
         recovery = app.state.recovery = Recovery(app.state.jobs)
@@ -77,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery.close()
         if limits is not app.state.redis:
             await limits.aclose()
+        await streams.aclose()
         await app.state.redis.aclose()
 
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,

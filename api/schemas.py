@@ -110,3 +110,4 @@ class JobView(Job):
 
     inflight_key: SkipJsonSchema[str | None] = Field(None, exclude=True)
     worker: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    owner: SkipJsonSchema[str | None] = Field(None, exclude=True)

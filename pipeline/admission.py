@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,8 @@ import redis
 
 from pipeline import filters
 from pipeline.errors import Forbidden, InvalidRequest, RateLimited, Unauthorized, Unavailable
-from pipeline.jobs.keys import bucket_key, inflight_key
-from pipeline.jobs.store import WRITE_FUNCTION, AsyncJobStore, JobStore, _text, new_job, write_args
+from pipeline.jobs.keys import bucket_key, inflight_key, streams_key
+from pipeline.jobs.store import WRITE_FUNCTION, AsyncJobStore, JobStore, _text, new_job, unknown_job, write_args
 from pipeline.types import Job
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,10 @@ class Admission:
     def open(self) -> bool:
         return not self.keys
 
-    def caller(self, token: str | None, address: str) -> Caller:
-        """The caller: by address while no key is configured; else by key (Unauthorized without a valid one)."""
-        if self.open:
+    def caller(self, token: str | None, address: str, public: bool = False) -> Caller:
+        """The caller: by address while no key is configured (or, on a ``public`` route, when it sends none); else
+        by key (Unauthorized without a valid one)."""
+        if self.open or (public and not token):
             return Caller(f"ip:{address}")
         if not token:
             raise Unauthorized("an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
@@ -237,6 +239,13 @@ class Admission:
         if key is None:
             raise Unauthorized("the API key is not valid")
         return Caller(f"key:{key.name}", key.name, key.admin)
+
+    def check_owner(self, caller: Caller, job: Job) -> Job:
+        """``job`` if ``caller`` may read, follow or cancel it: its own, any with an admin key, any while the API
+        is open; else the very answer an unknown id gets (NotFound), so a job's id tells nothing to others."""
+        if self.open or caller.admin or job.owner == caller.id:
+            return job
+        raise unknown_job(job.id)
 
     def check_admin(self, caller: Caller) -> None:
         if not caller.admin:
@@ -257,19 +266,23 @@ class Admission:
         validate(self.s, query, params)
         cap = self.s.max_jobs_in_flight
         job = new_job(self.s, query, params, request_id=request_id,
-                      inflight_key=inflight_key(caller.id) if cap > 0 else None)
+                      inflight_key=inflight_key(caller.id) if cap > 0 else None,
+                      owner=caller.id if caller.key_name else None)
         lkeys, largs = self._limit_args(caller, cap, job.id, job.deadline_at or 0.0)
         wkeys, wargs = write_args(job, [("queued", {"id": job.id})], self.jobs.ttl, self.jobs.maxlen, create=True)
         return job, lkeys + [self.s.search_queue] + wkeys, largs, [self.s.max_queue_length] + wargs
 
-    def _verdict(self, answer: Any) -> None:
-        """Raise the refusal a script answered, if any."""
+    def _verdict(self, answer: Any, streams: bool = False) -> None:
+        """Raise the refusal a script answered, if any (``streams``: its cap counted event streams, not jobs)."""
         what, figure = _text(answer[0]), float(_text(answer[1]))
         if what == "ok":
             return
         if what == "rate_limited":
             raise RateLimited(f"rate limit: {self.s.rate_limit_per_min} requests a minute (bursts of "
                               f"{self.s.rate_limit_burst}); retry later", figure)
+        if what == "too_many_jobs" and streams:
+            raise RateLimited(f"{figure:.0f} of your event streams are open (the cap is "
+                              f"{self.s.max_streams_per_caller}); close one first", 1.0, code="too_many_streams")
         if what == "too_many_jobs":
             raise RateLimited(f"{figure:.0f} of your jobs are still queued or running (the cap is "
                               f"{self.s.max_jobs_in_flight}); wait for them", 1.0, code="too_many_jobs")
@@ -304,6 +317,32 @@ class Admission:
             self._opened(exc)
             return
         self._verdict(answer)
+
+    async def open_stream(self, caller: Caller) -> str:
+        """Count an event stream of ``caller``, in one script: a token from its bucket (the rate limit of every
+        route) and a place among its open streams (``max_streams_per_caller``), held until ``close_stream`` or
+        for ``stream_max_s`` at most (a stream lasts no longer, so a crashed API's entries lapse). RateLimited
+        past either; the stream's token to close it with."""
+        token = uuid.uuid4().hex
+        cap = self.s.max_streams_per_caller
+        if self.r is None or (cap <= 0 and self.s.rate_limit_per_min <= 0):
+            return token
+        keys, args = self._limit_args(caller, cap, token, time.time() + self.s.stream_max_s + 5)
+        try:
+            answer = await self._admit(keys=[keys[0], streams_key(caller.id)], args=args)
+            self.down_since = None
+        except Exception as exc:  # noqa: BLE001 - the limits' Redis away: serve on without limits, as admit does
+            self._opened(exc)
+            return token
+        self._verdict(answer, streams=True)
+        return token
+
+    async def close_stream(self, caller: Caller, token: str) -> None:
+        if self.r is not None and self.s.max_streams_per_caller > 0:
+            try:
+                await self.r.zrem(streams_key(caller.id), token)
+            except Exception:  # noqa: BLE001 - the entry lapses at the stream's longest life anyway
+                pass
 
     async def admit(self, caller: Caller, query: str, params: dict[str, Any], *,
                     request_id: str | None = None) -> Job:

@@ -171,6 +171,21 @@ class Settings(BaseSettings):
     trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
     behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
     limits_redis_url: str | None = None  # where buckets live; default redis_url
+    # --- API: hostile input (streams, the Redis pools, images) ---
+    # event streams (GET /v1/jobs/{id}/events): per caller at once (429 past it; counted in the limits' Redis,
+    # so across API processes), in all on one API process (503 past it), and the longest one lasts (the client
+    # reconnects with Last-Event-ID); 0: no cap
+    max_streams_per_caller: int = Field(8, ge=0)
+    max_streams: int = Field(200, ge=1)
+    stream_max_s: float = Field(300.0, gt=0)
+    # the API's Redis connections: requests share redis_max_connections, streams and POST /search's waits
+    # their own pool (max_streams + 32), so a flood of streams never starves the other routes, and the API
+    # never holds more of Redis's clients (which it shares with the workers) than these two
+    redis_max_connections: int = Field(64, ge=4)
+    # thumbnails (`?size=`) come in these sizes only, each made once and kept in the blob store
+    thumbnail_sizes: list[int] = [128, 256, 512]
+    # images need a key when keys are configured, unless this makes them public (an <img> tag sends no key)
+    public_images: bool = False
     # Flower (`imgsearch flower`): basic auth "user:password"; it refuses to start without one
     flower_basic_auth: SecretStr | None = None
     flower_port: int = 5555
@@ -190,6 +205,8 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
+        if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
+            raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
         if self.rerank_k > self.top_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
         if self.env == "production" and self.flower_basic_auth is not None:
@@ -198,6 +215,11 @@ class Settings(BaseSettings):
                 raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default or empty password is refused in production "
                                  "(Flower shows every job's arguments)")
         return self
+
+    @property
+    def stream_pool_size(self) -> int:
+        """The API's Redis connections for event streams and POST /search's waits."""
+        return self.max_streams + 32
 
     @property
     def visibility_timeout(self) -> int:
