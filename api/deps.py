@@ -31,6 +31,18 @@ async def _caller(request: Request) -> Caller:
     return caller
 
 
+async def _image_caller(request: Request) -> Caller:
+    """The caller of an image route, within its rate limit: keyed as any route's while keys are configured,
+    unless ``public_images`` lets callers without a key in (by address); 401 or 429 otherwise. A cached image
+    costs a tenth of a token (a page shows dozens at once), a thumbnail made on demand a whole one."""
+    admission = _admission(request)
+    caller = admission.caller(auth.token(request), auth.client_ip(admission, request),
+                              public=_settings(request).public_images)
+    request.state.caller = caller
+    await admission.limit(caller, 0.1)
+    return caller
+
+
 async def _limited(request: Request, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     """The caller, within its rate limit (429 with Retry-After otherwise)."""
     await _admission(request).limit(caller)
@@ -49,3 +61,4 @@ AdmissionDep = Annotated[Admission, Depends(_admission)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 LimitedCaller = Annotated[Caller, Depends(_limited)]
 AdminCaller = Annotated[Caller, Depends(_admin)]
+ImageCaller = Annotated[Caller, Depends(_image_caller)]

@@ -82,7 +82,7 @@ def test_paging_min_score_candidates_and_rerank_off(live) -> None:  # type: igno
     r0 = ten[0]
     assert r0["title"] == r0["metadata"]["title"] and r0["permalink"] and r0["created_utc"]
     assert r0["image_url"] == f"/v1/images/{r0['id']}"
-    img = httpx.get(live.base + r0["image_url"] + "?size=64", timeout=10)
+    img = httpx.get(live.base + r0["image_url"] + "?size=256", timeout=10)
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
 
 
