@@ -58,6 +58,20 @@ def _bounded(url: str, size: int, timeout: float, name: str) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+# every answer: never sniffed into another type, never framed; a JSON answer runs nothing. (The page sets its own
+# policy, api.routes.health; the OpenAPI pages load their scripts from a CDN, so they get only the frame rule.)
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def secure(response: Any) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if "content-security-policy" not in response.headers:
+        html = response.headers.get("content-type", "").startswith("text/html")
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'" if html else API_CSP
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_api_settings()
 
@@ -111,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code,
                         time.perf_counter() - t0)
         response.headers["X-Request-ID"] = rid
+        secure(response)
         return response
 
     for router in (jobs.router, search.router, images.router, health.router, admin.router):
