@@ -214,13 +214,14 @@ def flower(port: Annotated[int, typer.Option(help="default IMGSEARCH_FLOWER_PORT
     from pipeline.settings import get_settings
 
     s = get_settings()
-    user, _, password = (s.flower_basic_auth.get_secret_value() if s.flower_basic_auth else "").partition(":")
+    creds = s.flower_basic_auth.get_secret_value() if s.flower_basic_auth else ""
+    user, _, password = creds.partition(":")
     if not user.strip() or not password.strip():  # "user:", ":password", ":" and nothing: Flower would take them
         typer.echo("error: set IMGSEARCH_FLOWER_BASIC_AUTH=user:password, neither of them empty (Flower shows every "
                    "job's arguments)", err=True)
         raise typer.Exit(2)
     # the credentials go by environment, not argv: argv shows in every `ps`
-    env = {**os.environ, "FLOWER_BASIC_AUTH": s.flower_basic_auth.get_secret_value()}
+    env = {**os.environ, "FLOWER_BASIC_AUTH": creds}
     os.execvpe(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
                                 f"--port={port or s.flower_port}", f"--address={address}"], env)
 

@@ -338,9 +338,10 @@ class Admission:
         return token
 
     async def close_stream(self, caller: Caller, token: str) -> None:
-        if self.r is not None and self.s.max_streams_per_caller > 0:
+        r: Any = self.r  # an async client here
+        if r is not None and self.s.max_streams_per_caller > 0:
             try:
-                await self.r.zrem(streams_key(caller.id), token)
+                await r.zrem(streams_key(caller.id), token)
             except Exception:  # noqa: BLE001 - the entry lapses at the stream's longest life anyway
                 pass
 

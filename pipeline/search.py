@@ -126,8 +126,8 @@ class Searcher:
     def result(self, m: Match, score: float, itm: float | None = None, cosine: float | None = None) -> Result:
         md = m.metadata
         return Result(id=m.id, score=score, itm=itm, cosine=cosine, ann_score=m.score, title=md.get("title"),
-                      subreddit=md.get("subreddit"), permalink=reddit_path(md.get("permalink")), created_utc=md.get("created_utc"),
-                      image_url=self.settings.image_url.format(id=m.id), metadata=md)
+                      subreddit=md.get("subreddit"), permalink=reddit_path(md.get("permalink")),
+                      created_utc=md.get("created_utc"), image_url=self.settings.image_url.format(id=m.id), metadata=md)
 
     def fuse(self, candidates: list[Match], reranked: list[str], itm: NDArray[np.float32],
              cosine: NDArray[np.float32]) -> list[Result]:

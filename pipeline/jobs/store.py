@@ -334,8 +334,8 @@ class AsyncJobStore:
                 if job is None:
                     return
                 if job.status in TERMINAL:  # what it wrote after ``last`` may have landed since the wait: sent, then the end
-                    rest = await self.streams.xread({key: last}, count=self.maxlen)
-                    for entry in parse_events(rest[0][1] if rest else []):  # type: ignore[index]
+                    rest: Any = await self.streams.xread({key: last}, count=self.maxlen)
+                    for entry in parse_events(rest[0][1] if rest else []):
                         yield entry
                     return
                 yield KEEPALIVE
