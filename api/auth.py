@@ -16,7 +16,7 @@ def token(request: Request) -> str | None:
 
 def client_ip(admission: Admission, request: Request) -> str:
     peer = request.client.host if request.client else "unknown"
-    return client_address(peer, request.headers.get("x-forwarded-for", ""), admission.trusted)
+    return client_address(peer, request.headers.getlist("x-forwarded-for"), admission.trusted)
 
 
 def caller(admission: Admission, request: Request) -> Caller:

@@ -1,9 +1,11 @@
 """The request body cap: a body over ``max_bytes`` gets 413 in the API's error shape, whether or not it declares
-its length. (The rate limit and the caps on jobs are admission's: pipeline.admission.)"""
+its length; and the places for event streams on this process. (The rate limit and the caps on jobs and on each
+caller's streams are admission's: pipeline.admission.)"""
 
 from __future__ import annotations
 
 import json
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,3 +61,29 @@ class BodyLimit:
 class _TooLarge(HTTPException):
     def __init__(self) -> None:
         super().__init__(413, "the request body is too large")
+
+
+class Slots:
+    """Places for long requests on one API process (event streams), each held until given back or for
+    ``lifetime`` seconds at most: a place whose stream never said goodbye lapses instead of leaking."""
+
+    def __init__(self, size: int, lifetime: float) -> None:
+        self.size, self.lifetime = size, lifetime
+        self._held: dict[object, float] = {}
+
+    def take(self) -> object | None:
+        """A place, or None while all of them are held."""
+        now = time.monotonic()
+        for slot in [s for s, until in self._held.items() if until < now]:
+            del self._held[slot]
+        if len(self._held) >= self.size:
+            return None
+        slot = object()
+        self._held[slot] = now + self.lifetime
+        return slot
+
+    def give(self, slot: object) -> None:
+        self._held.pop(slot, None)
+
+    def __len__(self) -> int:
+        return len(self._held)

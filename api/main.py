@@ -12,7 +12,7 @@ import anyio
 from fastapi import FastAPI
 
 from api import errors, metrics
-from api.limits import BodyLimit
+from api.limits import BodyLimit, Slots
 from api.middleware import RequestContext
 from api.routes import admin, health, images, jobs, search
 from pipeline.admission import Admission
@@ -50,7 +50,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.redis = aconnect(settings.redis_url, settings.redis_socket_timeout_s, health_check_interval=10)
+        app.state.redis = aconnect(settings.redis_url, settings.redis_socket_timeout_s,
+                                   max_connections=settings.redis_max_connections, name="imgsearch-api")
+        # followers (event streams, POST /search's waits) block on a pool of their own: they can't starve the rest
+        streams = aconnect(settings.redis_url, settings.redis_socket_timeout_s,
+                           max_connections=settings.stream_pool_size, name="imgsearch-api-streams")
+        app.state.streams = Slots(settings.max_streams, settings.stream_max_s + 5)
         celery = app.state.celery = client_app(settings)
 
         async def send(job_id: str) -> None:
@@ -58,8 +63,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await anyio.to_thread.run_sync(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
                                                    task_id=job_id, queue=settings.search_queue))
 
-        limits = app.state.redis if not settings.limits_redis_url else aconnect(settings.limits_redis_url, 0.5)
-        app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits)
+        limits = app.state.redis if not settings.limits_redis_url else aconnect(
+            settings.limits_redis_url, 0.5, max_connections=settings.redis_max_connections, name="imgsearch-api-limits")
+        app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits, streams)
         app.state.admission = Admission(settings, app.state.jobs, limits)
         app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature
         recovery = app.state.recovery = Recovery(app.state.jobs)
@@ -70,13 +76,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         celery.close()
         if limits is not app.state.redis:
             await limits.aclose()
+        await streams.aclose()
         await app.state.redis.aclose()
 
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext)  # outermost of ours: its id and latency cover the body limit's 413 too
+    # outermost of ours: its id, latency and security headers cover the body limit's 413 too
+    app.add_middleware(RequestContext)
 
     for router in (jobs.router, search.router, images.router, health.router, admin.router):
         app.include_router(router)

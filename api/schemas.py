@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from pipeline.errors import InvalidRequest
 from pipeline.types import Job
 
 
@@ -35,6 +35,22 @@ class SearchRequest(BaseModel):
                           "`created_before` (unix seconds), `min_post_score`. Any other key is Pinecone's filter "
                           "language (`$eq $ne $in $nin $gt $gte $lt $lte $and $or`) on the post's metadata.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, body: Any) -> Any:
+        """No ``NaN``, ``Infinity`` or ``-Infinity`` anywhere (Python's JSON decoder takes those literals, which JSON
+        has not got): refused here, once for every edge, the filter's values included."""
+        todo = [body]
+        while todo:
+            v = todo.pop()
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError("NaN and Infinity are not JSON numbers")
+            if isinstance(v, dict):
+                todo.extend(v.values())
+            elif isinstance(v, list):
+                todo.extend(v)
+        return body
+
     @field_validator("query")
     @classmethod
     def _non_blank(cls, v: str) -> str:
@@ -51,14 +67,6 @@ class SearchRequest(BaseModel):
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab, LF, CR
-_POST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def check_post_id(post_id: str) -> str:
-    """A post id as the stores key them, or 422 (it becomes part of a blob key)."""
-    if not _POST_ID.match(post_id):
-        raise InvalidRequest("post_id: letters, digits, '_' and '-' only, at most 64")
-    return post_id
 
 
 class JobLinks(BaseModel):
@@ -110,3 +118,4 @@ class JobView(Job):
 
     inflight_key: SkipJsonSchema[str | None] = Field(None, exclude=True)
     worker: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    owner: SkipJsonSchema[str | None] = Field(None, exclude=True)

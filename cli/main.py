@@ -12,7 +12,9 @@ import typer
 
 from engines.kit import KIT_DIR  # a path constant: the package's __init__ imports nothing heavy
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Asynchronous text-to-image search.")
+# no locals in tracebacks: they would print settings, keys and passwords
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Asynchronous text-to-image search.")
 models_cli = typer.Typer(no_args_is_help=True, help="Model folders.")
 cli.add_typer(models_cli, name="models")
 engines_cli = typer.Typer(no_args_is_help=True, help="Built engines (ONNX Runtime, TensorRT).")
@@ -35,7 +37,10 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     _logging()
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False)
+    # proxy_headers off: the app reads X-Forwarded-For itself, from IMGSEARCH_TRUSTED_PROXIES only (uvicorn's own
+    # handling would believe it from 127.0.0.1 whatever that setting says)
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False,
+                proxy_headers=False)
 
 
 @cli.command()
@@ -212,12 +217,14 @@ def flower(port: Annotated[int, typer.Option(help="default IMGSEARCH_FLOWER_PORT
     from pipeline.settings import get_settings
 
     s = get_settings()
-    if s.flower_basic_auth is None or ":" not in s.flower_basic_auth.get_secret_value():
-        typer.echo("error: set IMGSEARCH_FLOWER_BASIC_AUTH=user:password (Flower shows every job's arguments)",
-                   err=True)
+    creds = s.flower_basic_auth.get_secret_value() if s.flower_basic_auth else ""
+    user, _, password = creds.partition(":")
+    if not user.strip() or not password.strip():  # "user:", ":password", ":" and nothing: Flower would take them
+        typer.echo("error: set IMGSEARCH_FLOWER_BASIC_AUTH=user:password, neither of them empty (Flower shows every "
+                   "job's arguments)", err=True)
         raise typer.Exit(2)
     # the credentials go by environment, not argv: argv shows in every `ps`
-    env = {**os.environ, "FLOWER_BASIC_AUTH": s.flower_basic_auth.get_secret_value()}
+    env = {**os.environ, "FLOWER_BASIC_AUTH": creds}
     os.execvpe(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
                                 f"--port={port or s.flower_port}", f"--address={address}"], env)
 
@@ -483,7 +490,15 @@ _clean_help(cli)
 
 
 def main() -> Any:
-    return cli()
+    from pydantic import ValidationError
+
+    try:
+        return cli()
+    except ValidationError as exc:  # settings refused: say which and why, never the values (secrets among them)
+        for err in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in err["loc"])
+            typer.echo(f"error: settings: {where + ': ' if where else ''}{err['msg']}", err=True)
+        return 2
 
 
 if __name__ == "__main__":

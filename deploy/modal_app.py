@@ -96,6 +96,7 @@ def web() -> Any:
     from pydantic import ValidationError
 
     from api import auth, contract, errors
+    from api.limits import BodyLimit
     from api.schemas import SearchRequest
     from pipeline.admission import Admission, validate
     from pipeline.errors import InvalidRequest
@@ -108,6 +109,7 @@ def web() -> Any:
     admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}
+    api.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)  # the API's body cap, 413 in the same shape
 
     @api.post("/search")
     async def search(body: SearchRequest, request: Request) -> Any:

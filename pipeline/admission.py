@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,8 @@ import redis
 
 from pipeline import filters
 from pipeline.errors import Forbidden, InvalidRequest, RateLimited, Unauthorized, Unavailable
-from pipeline.jobs.keys import bucket_key, inflight_key
-from pipeline.jobs.store import WRITE_FUNCTION, AsyncJobStore, JobStore, new_job, write_args
+from pipeline.jobs.keys import bucket_key, inflight_key, streams_key
+from pipeline.jobs.store import WRITE_FUNCTION, AsyncJobStore, JobStore, new_job, unknown_job, write_args
 from pipeline.settings import ApiSettings
 from pipeline.types import Job
 
@@ -124,27 +125,75 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def networks(specs: Iterable[str]) -> list[Network]:
-    return [ipaddress.ip_network(s, strict=False) for s in specs]
+    """Trusted proxies' networks; a v4-mapped IPv6 one (``::ffff:10.0.0.0/104``) as the IPv4 one it names, since
+    addresses are unmapped before they are matched."""
+    out: list[Network] = []
+    for spec in specs:
+        net = ipaddress.ip_network(spec, strict=False)
+        mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+        out.append(ipaddress.IPv4Network((mapped, net.prefixlen - 96)) if mapped and net.prefixlen >= 96 else net)
+    return out
 
 
-def client_address(peer: str, forwarded_for: str, trusted: list[Network]) -> str:
-    """The client's address: the peer's; behind a trusted proxy, the right-most address of X-Forwarded-For
-    that is not itself a trusted proxy (what a client writes to the left of it is not believed)."""
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-    def is_trusted(addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in trusted)
 
-    if not is_trusted(peer):
-        return peer
-    chain = [a.strip() for a in forwarded_for.split(",") if a.strip()]
-    for addr in reversed(chain):
+def parse_address(text: str) -> IP | None:
+    """One address as a peer or an X-Forwarded-For entry gives it, or None for anything that is not one: a port
+    is stripped (``1.2.3.4:5678``, ``[2001:db8::1]:443``) and so is an IPv6 zone, and a v4-mapped IPv6 address
+    (``::ffff:1.2.3.4``) is the IPv4 address it carries."""
+    s = text.strip()
+    if s.startswith("["):  # [v6] or [v6]:port
+        host, sep, rest = s[1:].partition("]")
+        if not sep or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        s = host
+    elif s.count(":") == 1:  # v4:port (a bare v6 address holds two colons or more)
+        s, _, port = s.partition(":")
+        if not port.isdigit():
+            return None
+    try:
+        ip = ipaddress.ip_address(s.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def bucket_of(ip: IP) -> str:
+    """What one client's limits count against: an IPv4 address, or an IPv6 address's /64 (a host usually holds a
+    whole /64, so one bucket per address would give it 2**64 of them)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+def client_address(peer: str, forwarded_for: str | Iterable[str], trusted: list[Network]) -> str:
+    """The client's address, as its limits' bucket (``bucket_of``): the peer's; behind a trusted proxy, the
+    right-most address of X-Forwarded-For (every line of it, in order) that is not itself a trusted proxy, as is
+    standard: what a client writes to the left of it is not believed. An entry that is no address ends the walk
+    at the peer (a proxy of ours never writes one)."""
+    ip = parse_address(peer)
+    if ip is None:
+        return peer[:64] or "unknown"  # no IP peer (a unix socket): nothing better to tell callers apart by
+
+    def is_trusted(addr: IP) -> bool:
+        return any(addr in net for net in trusted)
+
+    if not is_trusted(ip):
+        return bucket_of(ip)
+    lines = [forwarded_for] if isinstance(forwarded_for, str) else list(forwarded_for)
+    chain = [a for line in lines for a in line.split(",") if a.strip()]
+    last = ip
+    for entry in reversed(chain):
+        addr = parse_address(entry)
+        if addr is None:
+            return bucket_of(ip)
         if not is_trusted(addr):
-            return addr
-    return chain[0] if chain else peer
+            return bucket_of(addr)
+        last = addr  # every hop so far is ours: the left-most of them, if nothing else is left
+    return bucket_of(last)
 
 
 def validate(settings: ApiSettings, query: str, params: dict[str, Any]) -> None:
@@ -180,9 +229,10 @@ class Admission:
     def open(self) -> bool:
         return not self.keys
 
-    def caller(self, token: str | None, address: str) -> Caller:
-        """The caller: by address while no key is configured; else by key (Unauthorized without a valid one)."""
-        if self.open:
+    def caller(self, token: str | None, address: str, public: bool = False) -> Caller:
+        """The caller: by address while no key is configured (or, on a ``public`` route, when it sends none); else
+        by key (Unauthorized without a valid one)."""
+        if self.open or (public and not token):
             return Caller(f"ip:{address}")
         if not token:
             raise Unauthorized("an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
@@ -190,6 +240,13 @@ class Admission:
         if key is None:
             raise Unauthorized("the API key is not valid")
         return Caller(f"key:{key.name}", key.name, key.admin)
+
+    def check_owner(self, caller: Caller, job: Job) -> Job:
+        """``job`` if ``caller`` may read, follow or cancel it: its own, any with an admin key, any while the API
+        is open; else the very answer an unknown id gets (NotFound), so a job's id tells nothing to others."""
+        if self.open or caller.admin or job.owner == caller.id:
+            return job
+        raise unknown_job(job.id)
 
     def check_admin(self, caller: Caller) -> None:
         if not caller.admin:
@@ -210,19 +267,23 @@ class Admission:
         validate(self.s, query, params)
         cap = self.s.max_jobs_in_flight
         job = new_job(self.s, query, params, request_id=request_id,
-                      inflight_key=inflight_key(caller.id) if cap > 0 else None)
+                      inflight_key=inflight_key(caller.id) if cap > 0 else None,
+                      owner=caller.id if caller.key_name else None)
         lkeys, largs = self._limit_args(caller, cap, job.id, job.deadline_at or 0.0)
         wkeys, wargs = write_args(job, [("queued", {"id": job.id})], self.jobs.ttl, self.jobs.maxlen, create=True)
         return job, lkeys + [self.s.search_queue] + wkeys, largs, [self.s.max_queue_length] + wargs
 
-    def _verdict(self, answer: Any) -> None:
-        """Raise the refusal a script answered, if any."""
+    def _verdict(self, answer: Any, streams: bool = False) -> None:
+        """Raise the refusal a script answered, if any (``streams``: its cap counted event streams, not jobs)."""
         what, figure = answer[0], float(answer[1])
         if what == "ok":
             return
         if what == "rate_limited":
             raise RateLimited(f"rate limit: {self.s.rate_limit_per_min} requests a minute (bursts of "
                               f"{self.s.rate_limit_burst}); retry later", figure)
+        if what == "too_many_jobs" and streams:
+            raise RateLimited(f"{figure:.0f} of your event streams are open (the cap is "
+                              f"{self.s.max_streams_per_caller}); close one first", 1.0, code="too_many_streams")
         if what == "too_many_jobs":
             raise RateLimited(f"{figure:.0f} of your jobs are still queued or running (the cap is "
                               f"{self.s.max_jobs_in_flight}); wait for them", 1.0, code="too_many_jobs")
@@ -257,6 +318,33 @@ class Admission:
             self._opened(exc)
             return
         self._verdict(answer)
+
+    async def open_stream(self, caller: Caller) -> str:
+        """Count an event stream of ``caller``, in one script: a token from its bucket (the rate limit of every
+        route) and a place among its open streams (``max_streams_per_caller``), held until ``close_stream`` or
+        for ``stream_max_s`` at most (a stream lasts no longer, so a crashed API's entries lapse). RateLimited
+        past either; the stream's token to close it with."""
+        token = uuid.uuid4().hex
+        cap = self.s.max_streams_per_caller
+        if self.r is None or (cap <= 0 and self.s.rate_limit_per_min <= 0):
+            return token
+        keys, args = self._limit_args(caller, cap, token, time.time() + self.s.stream_max_s + 5)
+        try:
+            answer = await self._admit(keys=[keys[0], streams_key(caller.id)], args=args)
+            self.down_since = None
+        except Exception as exc:  # noqa: BLE001 - the limits' Redis away: serve on without limits, as admit does
+            self._opened(exc)
+            return token
+        self._verdict(answer, streams=True)
+        return token
+
+    async def close_stream(self, caller: Caller, token: str) -> None:
+        r: Any = self.r  # an async client here
+        if r is not None and self.s.max_streams_per_caller > 0:
+            try:
+                await r.zrem(streams_key(caller.id), token)
+            except Exception:  # noqa: BLE001 - the entry lapses at the stream's longest life anyway
+                pass
 
     async def admit(self, caller: Caller, query: str, params: dict[str, Any], *,
                     request_id: str | None = None) -> Job:

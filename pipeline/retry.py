@@ -10,8 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay, stop_never
-from tenacity.stop import StopBaseT
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_any,
+    stop_before_delay,
+    stop_never,
+)
+from tenacity.stop import stop_base
 
 
 class RetryLater(Exception):
@@ -30,11 +38,12 @@ def retrying(on: tuple[type[BaseException], ...], *, attempts: int | None = None
     most ``attempts`` of them, and none whose wait would end past ``within_s`` seconds from the first. Waits
     double from ``first_s`` up to ``max_s``; a ``RetryLater`` with a wait of its own is waited that long (at most
     ``server_wait_max_s``). The last exception is raised as it was once the tries are spent."""
-    stop: StopBaseT = stop_never
+    stops: list[stop_base] = []
     if attempts is not None:
-        stop = stop_after_attempt(attempts)
+        stops.append(stop_after_attempt(attempts))
     if within_s is not None:
-        stop = stop | stop_before_delay(within_s) if attempts is not None else stop_before_delay(within_s)
+        stops.append(stop_before_delay(within_s))
+    stop = stop_any(*stops) if stops else stop_never
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None

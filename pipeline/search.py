@@ -20,6 +20,7 @@ from pipeline.cache import FeatureCache, LocalLRU, ResultCache
 from pipeline.errors import Cancelled, DeadlineExceeded
 from pipeline.feature_source import FeatureSource
 from pipeline.fusion import fuse, rank
+from pipeline.ids import reddit_path
 from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
 from pipeline.settings import WorkerSettings
 from pipeline.stores.bundle import Stores
@@ -125,8 +126,8 @@ class Searcher:
     def result(self, m: Match, score: float, itm: float | None = None, cosine: float | None = None) -> Result:
         md = m.metadata
         return Result(id=m.id, score=score, itm=itm, cosine=cosine, ann_score=m.score, title=md.get("title"),
-                      subreddit=md.get("subreddit"), permalink=md.get("permalink"), created_utc=md.get("created_utc"),
-                      image_url=self.settings.image_url.format(id=m.id), metadata=md)
+                      subreddit=md.get("subreddit"), permalink=reddit_path(md.get("permalink")),
+                      created_utc=md.get("created_utc"), image_url=self.settings.image_url.format(id=m.id), metadata=md)
 
     def fuse(self, candidates: list[Match], reranked: list[str], itm: NDArray[np.float32],
              cosine: NDArray[np.float32]) -> list[Result]:

@@ -31,7 +31,9 @@ def _env(name: str, *legacy: str) -> AliasChoices:
 
 
 
-_CONFIG = SettingsConfigDict(env_prefix="IMGSEARCH_", env_nested_delimiter="__", extra="ignore", populate_by_name=True)
+# hide_input_in_errors: a refused value is named, never shown (the input holds every IMGSEARCH_* variable, secrets too)
+_CONFIG = SettingsConfigDict(env_prefix="IMGSEARCH_", env_nested_delimiter="__", extra="ignore", populate_by_name=True,
+                             hide_input_in_errors=True)
 _DEFAULT_PASSWORDS = {"password", "admin", "flower", "changeme", "secret", "123456", "imgsearch"}
 
 
@@ -64,6 +66,9 @@ class SharedSettings(BaseSettings):
     gcs_prefix: str = ""
     store_timeout_s: float = Field(10.0, gt=0)  # per call to a vector or blob store
     store_retries: int = Field(3, ge=0)
+    # thumbnails (`GET /v1/images/{id}?size=`) come in these sizes only, each made once by the API and kept in the
+    # blob store (a takedown in a worker deletes them all)
+    thumbnail_sizes: list[int] = [128, 256, 512]
 
     # --- a search's bounds and defaults (the API checks requests against them, workers apply them) ---
     top_k: int = Field(32, ge=1, le=1000)
@@ -101,9 +106,11 @@ class SharedSettings(BaseSettings):
     def _check_shared(self) -> "SharedSettings":
         if self.rerank_k > self.top_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
+        if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
+            raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
         if self.flower_basic_auth is not None:
             user, sep, password = self.flower_basic_auth.get_secret_value().partition(":")
-            if not sep or not user or not password:
+            if not sep or not user.strip() or not password.strip():
                 raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH must be \"user:password\", both non-empty")
             if self.env == "production" and (password.lower() in _DEFAULT_PASSWORDS or password == user):
                 raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default password is refused in production (Flower "
@@ -141,6 +148,25 @@ class _ApiFields(SharedSettings):
     trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
     behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
     search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
+
+    # --- event streams, the API's Redis pools, images ---
+    # event streams (GET /v1/jobs/{id}/events): per caller at once (429 past it; counted in the limits' Redis,
+    # so across API processes), in all on one API process (503 past it), and the longest one lasts (the client
+    # reconnects with Last-Event-ID); 0: no cap
+    max_streams_per_caller: int = Field(8, ge=0)
+    max_streams: int = Field(200, ge=1)
+    stream_max_s: float = Field(300.0, gt=0)
+    # the API's Redis connections: requests share redis_max_connections, streams and POST /search's waits
+    # their own pool (max_streams + 32), so a flood of streams never starves the other routes, and the API
+    # never holds more of Redis's clients (which it shares with the workers) than these two
+    redis_max_connections: int = Field(64, ge=4)
+    # images need a key when keys are configured, unless this makes them public (an <img> tag sends no key)
+    public_images: bool = False
+
+    @property
+    def stream_pool_size(self) -> int:
+        """The API's Redis connections for event streams and POST /search's waits."""
+        return self.max_streams + 32
 
 
 class ApiSettings(_ApiFields):

@@ -86,3 +86,4 @@ class Job(BaseModel):
     request_id: str | None = None  # the HTTP request that made it, carried into the worker's logs
     inflight_key: str | None = None  # the caller's jobs-in-flight set, left when the job ends (not public)
     worker: str | None = None  # the worker process running it ("host:pid", its heartbeat's name; not public)
+    owner: str | None = None  # the caller that made it ("key:<name>"), where keys are configured (not public)

@@ -30,7 +30,8 @@ def takedown_posts(ids: Sequence[str], settings: WorkerSettings | None = None, s
     ledger = Ledger(s.ingest_dir)
     try:
         out = [takedown(pid, stores.vectors, stores.blobs, ledger, reranker_versions=versions, namespace=s.namespace,
-                        feature_cache=stores.feature_cache, results=stores.results) for pid in ids]
+                        feature_cache=stores.feature_cache, results=stores.results,
+                        thumb_sizes=s.thumbnail_sizes) for pid in ids]
     finally:
         ledger.close()
     for pid in ids:

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import AdminCaller, SettingsDep
-from api.schemas import ErrorResponse, check_post_id
+from api.schemas import ErrorResponse
 from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.ids import check_post_id
 from workers.celery_app import INGEST_TASK, TAKEDOWN_TASK
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"],

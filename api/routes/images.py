@@ -1,7 +1,10 @@
 """Post images, as ingest stored them, or as thumbnails: what a result's ``image_url`` points at.
 
-Public (an <img> tag sends no API key) and cacheable: ETag from the bytes, Cache-Control for an hour, 304 on
-If-None-Match. A taken-down post's image is gone from the blob store, so it answers 404."""
+Behind the API keys when keys are configured, unless ``IMGSEARCH_PUBLIC_IMAGES`` makes them public (an <img> tag
+sends no key; the page fetches them with its key otherwise), and rate-limited as every route is. Thumbnails
+come in the few sizes of ``IMGSEARCH_THUMBNAIL_SIZES``, each made once and kept in the blob store beside the
+image (pipeline.layout). Cacheable: ETag from the bytes, Cache-Control for an hour (private while keys guard
+them), 304 on If-None-Match. A taken-down post's image is gone from the blob store, so it answers 404."""
 
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from api.schemas import ErrorResponse, check_post_id
-from pipeline.errors import NotFound, Unavailable
-from pipeline.layout import image_key
+from api.deps import AdmissionDep, ImageCaller, SettingsDep
+from api.schemas import ErrorResponse
+from pipeline.errors import InvalidRequest, NotFound, Unavailable
+from pipeline.ids import check_post_id
+from pipeline.layout import image_key, thumb_key
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
-CACHE = "public, max-age=3600"
+MAX_AGE = "max-age=3600"
 
 
 def _thumbnail(data: bytes, size: int) -> bytes:
@@ -34,24 +39,40 @@ def _thumbnail(data: bytes, size: int) -> bytes:
 
 @router.get("/{post_id}", response_class=Response,
             responses={200: {"content": {"image/jpeg": {}}, "description": "the image (JPEG)"},
-                       304: {"description": "not modified"}, 404: {"model": ErrorResponse},
-                       422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def image(post_id: str, request: Request,
-                size: Annotated[int | None, Query(ge=16, le=1024, description="Longest side of a thumbnail, px.")] = None,
+                       304: {"description": "not modified"}, 401: {"model": ErrorResponse},
+                       404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+                       503: {"model": ErrorResponse}})
+async def image(post_id: str, request: Request, caller: ImageCaller, admission: AdmissionDep, settings: SettingsDep,
+                size: Annotated[int | None, Query(description="Longest side of a thumbnail, px: one of "
+                                                            "IMGSEARCH_THUMBNAIL_SIZES (128, 256, 512).")] = None,
                 if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The post's image (JPEG, longest side <= 1024), or a thumbnail of it with ``?size=``."""
     check_post_id(post_id)
+    if size is not None and size not in settings.thumbnail_sizes:
+        raise InvalidRequest(f"size: one of {', '.join(map(str, sorted(settings.thumbnail_sizes)))}")
     blobs = request.app.state.blobs
-    try:
-        data = await anyio.to_thread.run_sync(partial(blobs.get, image_key(post_id, "jpg")))
-    except Exception as exc:  # the blob store is unreachable
-        raise Unavailable(f"the image store is unreachable: {type(exc).__name__}") from exc
+
+    async def get(key: str) -> bytes | None:
+        try:
+            return await anyio.to_thread.run_sync(partial(blobs.get, key))  # type: ignore[no-any-return]
+        except Exception as exc:  # the blob store is unreachable
+            raise Unavailable(f"the image store is unreachable: {type(exc).__name__}") from exc
+
+    data = await get(thumb_key(post_id, size) if size else image_key(post_id, "jpg"))
+    if data is None and size:  # made once, on the first ask, and kept
+        original = await get(image_key(post_id, "jpg"))
+        if original is not None:
+            await admission.limit(caller, 0.9)  # making one costs a whole token (with the 0.1 every image costs)
+            data = await anyio.to_thread.run_sync(partial(_thumbnail, original, size))
+            try:
+                await anyio.to_thread.run_sync(partial(blobs.put, thumb_key(post_id, size), data))
+            except Exception:  # noqa: BLE001 - not kept this time: made again on the next ask
+                pass
     if data is None:
         raise NotFound(f"no image for post {post_id!r}")
-    etag = '"' + hashlib.blake2b(data + str(size).encode(), digest_size=12).hexdigest() + '"'
-    headers = {"ETag": etag, "Cache-Control": CACHE}
+    etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": ("public, " if admission.open or settings.public_images
+                                               else "private, ") + MAX_AGE}
     if if_none_match and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=304, headers=headers)
-    if size is not None:
-        data = await anyio.to_thread.run_sync(partial(_thumbnail, data, size))
     return Response(data, media_type="image/jpeg", headers=headers)

@@ -53,7 +53,8 @@ def _error(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
     return status, {"error": {"code": code, "message": message}}
 
 
-def handle(body: Any, token: str | None = None, peer: str = "unknown", forwarded_for: str = "") -> tuple[int, dict[str, Any]]:
+def handle(body: Any, token: str | None = None, peer: str = "unknown",
+           forwarded_for: str | list[str] = "") -> tuple[int, dict[str, Any]]:
     """(status, JSON body) for one request body: the API's admission and ``POST /search`` contract."""
     import redis
 
@@ -81,6 +82,8 @@ def search(request: Any) -> tuple[str, int, dict[str, str]]:
         headers = getattr(request, "headers", {}) or {}
         auth = headers.get("Authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("X-API-Key")
+        forwarded = headers.getlist("X-Forwarded-For") if hasattr(headers, "getlist") else \
+            headers.get("X-Forwarded-For", "")  # every line of it (Flask's headers), as the API reads them
         status, body = handle(request.get_json(silent=True), token, getattr(request, "remote_addr", None) or "unknown",
-                              headers.get("X-Forwarded-For", ""))
+                              forwarded)
     return json.dumps(body), status, {"Content-Type": "application/json"}

@@ -28,7 +28,7 @@ from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import Prepared
 from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, HashIndex, Ledger
 from pipeline.ingest.sources import Page, Post, Source
-from pipeline.layout import feature_key, image_key, post_key
+from pipeline.layout import feature_key, image_key, post_key, thumb_key
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.settings import IngestSettings
 
@@ -408,8 +408,8 @@ def run_ingest(settings: IngestSettings, source: Source, image_encoder: ImageEnc
 
 def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledger, *, reranker_versions: Sequence[str] = (),
              namespace: str = "", feature_cache: FeatureCache | None = None,
-             results: ResultCache | None = None) -> dict[str, Any]:
-    """Remove a post everywhere: its vector, its blobs (image, post, features of every model that made them),
+             results: ResultCache | None = None, thumb_sizes: Sequence[int] = ()) -> dict[str, Any]:
+    """Remove a post everywhere: its vector, its blobs (image, thumbnails, post, features of every model that made them),
     the Redis caches (its features; cached results that may hold it), and mark it taken down so no later
     ingest brings it back. Returns what was removed."""
     check_post_id(post_id)  # it names keys and a ledger row
@@ -419,6 +419,7 @@ def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledge
         versions.add(row[0].split("|", 1)[1])
     removed_vectors = vectors.delete(ids=[post_id], namespace=namespace)
     keys = [image_key(post_id, "jpg"), post_key(post_id)] + [feature_key(v, post_id) for v in sorted(versions)]
+    keys += [thumb_key(post_id, n) for n in thumb_sizes]
     removed_blobs = []
     for key in keys:
         if blobs.exists(key):

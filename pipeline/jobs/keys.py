@@ -43,3 +43,8 @@ def bucket_key(caller_id: str) -> str:
 def inflight_key(caller_id: str) -> str:
     """The caller's jobs queued or running, scored by deadline (the in-flight cap)."""
     return f"{LIMITS_PREFIX}:inflight:{caller_id}"
+
+
+def streams_key(caller_id: str) -> str:
+    """The caller's open event streams, scored by when each must have ended (the per-caller stream cap)."""
+    return f"{LIMITS_PREFIX}:streams:{caller_id}"

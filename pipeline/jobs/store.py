@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 from tenacity import RetryCallState
 
-from pipeline.errors import Conflict, NotFound, Unavailable
+from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, job_key
 from pipeline.retry import last_error, retrying
 from pipeline.settings import SharedSettings
@@ -77,6 +78,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
+_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")  # a Redis stream entry id
 _BLOCK_MS = 1000  # how long one XREAD of a follower blocks before it looks at the record again
 KEEPALIVE = None  # yielded by ``AsyncJobStore.follow`` when nothing happened for a while
 
@@ -102,10 +104,18 @@ def connect(url: str, timeout_s: float, **kw: Any) -> redis.Redis:
                                 decode_responses=True, **kw)
 
 
-def aconnect(url: str, timeout_s: float, **kw: Any) -> aioredis.Redis:
-    """``connect``'s asynchronous twin (the API's)."""
-    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                   decode_responses=True, **kw)
+def aconnect(url: str, timeout_s: float, *, max_connections: int | None = None, name: str | None = None,
+             **kw: Any) -> aioredis.Redis:
+    """``connect``'s asynchronous twin (the API's). With ``max_connections`` its pool holds at most that many
+    connections; past them a call waits up to ``timeout_s`` for one, then fails as Redis being away does (503),
+    so the API never takes more of Redis's clients, which the workers share, than its pools allow. ``name``
+    labels its connections (CLIENT LIST tells them apart)."""
+    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True,
+                health_check_interval=10, client_name=name, **kw)
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **opts)
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s, **opts)
+    return aioredis.Redis.from_pool(pool)
 
 
 def require_text(client: Any) -> None:
@@ -116,7 +126,7 @@ def require_text(client: Any) -> None:
 
 
 def new_job(settings: SharedSettings, query: str, params: dict[str, Any], *, request_id: str | None = None,
-            inflight_key: str | None = None, job_id: str | None = None) -> Job:
+            inflight_key: str | None = None, job_id: str | None = None, owner: str | None = None) -> Job:
     """A queued job's record: its own ``deadline_s`` (capped by the server's) taken out of its params."""
     params = dict(params)
     wanted = params.pop("deadline_s", None)
@@ -124,12 +134,28 @@ def new_job(settings: SharedSettings, query: str, params: dict[str, Any], *, req
     return Job(id=job_id or uuid.uuid4().hex, status="queued", query=query,
                params={k: v for k, v in params.items() if v is not None}, created_at=now,
                deadline_at=now + (min(wanted, settings.job_deadline_s) if wanted else settings.job_deadline_s),
-               request_id=request_id, inflight_key=inflight_key)
+               request_id=request_id, inflight_key=inflight_key, owner=owner)
 
 
 def valid_job_id(job_id: str) -> bool:
     """Whether ``job_id`` looks like one this store made (32 lower-case hex digits), before it names a key."""
     return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+
+
+def unknown_job(job_id: str) -> NotFound:
+    """The answer for a job that is not there, or not the caller's: the same either way, so ids don't leak."""
+    return NotFound(f"no job {job_id!r} (unknown or expired)")
+
+
+def event_id(last_event_id: str | None) -> str:
+    """Where a follower starts: after ``Last-Event-ID``, a stream entry id (``<ms>-<seq>``, or ``<ms>``), or from
+    the start without one; InvalidRequest for anything else, before it reaches Redis."""
+    if last_event_id is None:
+        return "0"
+    m = _EVENT_ID.fullmatch(last_event_id)
+    if m is None or any(int(p or 0) >= 1 << 64 for p in m.groups()):
+        raise InvalidRequest("Last-Event-ID: an event id as the stream sent it (<milliseconds>-<sequence>)")
+    return f"{int(m[1])}-{int(m[2] or 0)}"
 
 
 def reaped(job: Job) -> Job:
@@ -164,7 +190,7 @@ def parse_events(entries: list[tuple[Any, dict[Any, Any]]]) -> list[tuple[str, s
 
 def public(job: Job) -> dict[str, Any]:
     """The job as clients see it: ``{"id", "status", "query", "results"?, "error"?, "timings"?}`` and a few extras."""
-    return job.model_dump(mode="json", exclude_none=True, exclude={"inflight_key", "worker"})
+    return job.model_dump(mode="json", exclude_none=True, exclude={"inflight_key", "worker", "owner"})
 
 
 class JobStore:
@@ -258,10 +284,13 @@ class AsyncJobStore:
     """The asynchronous store: what the API uses to submit, read, cancel, follow and wait on jobs."""
 
     def __init__(self, settings: SharedSettings, client: aioredis.Redis, send: AsyncSend,
-                 limits: aioredis.Redis | None = None) -> None:
+                 limits: aioredis.Redis | None = None, streams: aioredis.Redis | None = None) -> None:
         require_text(client)
         self.settings, self.r, self.send = settings, client, send
         self.limits = limits or client
+        if streams is not None:
+            require_text(streams)
+        self.streams = streams or client  # what followers block on: a pool of their own, so they can't starve the rest
         self.ttl, self.maxlen = settings.job_ttl_s, settings.events_maxlen
         self._write_script = client.register_script(WRITE_SCRIPT)
 
@@ -316,17 +345,24 @@ class AsyncJobStore:
         """The job, or NotFound (an id this store could not have made names no key)."""
         job = await self.load(job_id) if valid_job_id(job_id) else None
         if job is None:
-            raise NotFound(f"no job {job_id!r} (unknown or expired)")
+            raise unknown_job(job_id)
         return job
 
     async def follow(self, job_id: str, after: str = "0") -> AsyncIterator[tuple[str, str, dict[str, Any]] | None]:
-        """The job's events from ``after`` on, blocking for new ones; ends after ``done`` or ``failed``.
-        Yields KEEPALIVE (None) when nothing happened for a while."""
-        last = after
+        """The job's events from ``after`` on, blocking for new ones; ends after ``done`` or ``failed``, and once the
+        job ended whatever ``after`` was (one past its last event, or in the future, included). Yields KEEPALIVE
+        (None) when nothing happened for a while."""
+        last, key = after, events_key(job_id)
         while True:
-            answer = await self.r.xread({events_key(job_id): last}, block=_BLOCK_MS, count=100)
+            answer = await self.streams.xread({key: last}, block=_BLOCK_MS, count=100)
             if not answer:
-                if await self.load(job_id) is None:
+                job = await self.load(job_id)
+                if job is None:
+                    return
+                if job.status in TERMINAL:  # what it wrote after ``last`` may have landed since the wait: sent, then the end
+                    rest: Any = await self.streams.xread({key: last}, count=self.maxlen)
+                    for entry in parse_events(rest[0][1] if rest else []):
+                        yield entry
                     return
                 yield KEEPALIVE
                 continue

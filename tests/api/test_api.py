@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app

@@ -82,7 +82,7 @@ def test_paging_min_score_candidates_and_rerank_off(live) -> None:  # type: igno
     r0 = ten[0]
     assert r0["title"] == r0["metadata"]["title"] and r0["permalink"] and r0["created_utc"]
     assert r0["image_url"] == f"/v1/images/{r0['id']}"
-    img = httpx.get(live.base + r0["image_url"] + "?size=64", timeout=10)
+    img = httpx.get(live.base + r0["image_url"] + "?size=256", timeout=10)
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
 
 
@@ -156,6 +156,14 @@ def test_the_search_page_in_headless_chromium(live) -> None:  # type: ignore[no-
         assert "reranked" in browser.find_element(By.ID, "status").text
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
+        # the page's CSP let its own script run and blocked nothing it needs; its links go to reddit paths only
+        assert not [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        hrefs = [c.find_element(By.TAG_NAME, "a").get_attribute("href") for c in cards]
+        assert all(h.startswith("https://www.reddit.com/r/") for h in hrefs), hrefs
+        browser.execute_script("render([{id: 'x1', score: 1, permalink: 'javascript:alert(1)'}, "
+                               "{id: 'x2', score: 1, permalink: 'https://evil.example/r/a/comments/b/'}], 'test')")
+        assert browser.execute_script("return [...document.querySelectorAll('#grid .card a')]"
+                                      ".map(a => a.hasAttribute('href'))") == [False, False]
         # the search is in the URL: a shared link fills the form, filters included, and runs the search
         assert "q=a+red+circle" in browser.current_url
         browser.get(live.base + "/?q=a+blue+square&subreddit=no-such-sub&min_post_score=5&nsfw=1&rerank=0&limit=12")

@@ -134,8 +134,8 @@ def test_images_with_thumbnails_and_cache_headers(redis_server, tmp_path: Path) 
         assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg"
         assert full.content == buf.getvalue() and "max-age" in full.headers["cache-control"]
         assert c.get("/v1/images/p1", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
-        thumb = c.get("/v1/images/p1?size=64")
-        assert Image.open(io.BytesIO(thumb.content)).size == (64, 48) and thumb.headers["etag"] != full.headers["etag"]
+        thumb = c.get("/v1/images/p1?size=128")
+        assert Image.open(io.BytesIO(thumb.content)).size == (128, 96) and thumb.headers["etag"] != full.headers["etag"]
         _error(c.get("/v1/images/nope"), 404, "not_found")
         _error(c.get("/v1/images/a.b"), 422, "invalid_request")
         _error(c.get("/v1/images/p1?size=4096"), 422, "invalid_request")

@@ -27,9 +27,9 @@ import pytest
 import redis
 
 from pipeline.ids import is_post_id, refused_key
+from standins.reddit import INTERNAL_HOST, RedditStandin, hostile, running
 from tests.conftest import make_settings, settings_env
 from tests.live import start_stack
-from standins.reddit import INTERNAL_HOST, RedditStandin, hostile, running
 
 pytestmark = [pytest.mark.faults, pytest.mark.hostile]
 

@@ -370,12 +370,17 @@ def test_admin_endpoint_takes_a_post_down_through_a_worker(redis_server, store_d
         assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
         bad = httpx.delete(f"{live.base}/v1/admin/posts/a%20b", headers={"X-API-Key": admin}, timeout=10)
         assert bad.status_code == 422
+        thumb = httpx.get(f"{live.base}/v1/images/{victim}?size=128", headers={"X-API-Key": user}, timeout=10)
+        assert thumb.status_code == 200  # made, and kept in the blob store
         r = httpx.delete(path, headers={"Authorization": f"Bearer {admin}"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["removed"]["vectors"] == 1 and f"images/{victim}.jpg" in r.json()["removed"]["blobs"]
+        assert f"thumbs/128/{victim}.jpg" in r.json()["removed"]["blobs"]
         after = search()  # the same query again: not answered from the result cache
         assert victim not in after and len(after) == 32
-        assert httpx.get(f"{live.base}/v1/images/{victim}", timeout=10).status_code == 404
+        for size in ("", "?size=128"):  # images are behind the keys while keys are configured
+            assert httpx.get(f"{live.base}/v1/images/{victim}{size}", headers={"X-API-Key": user},
+                             timeout=10).status_code == 404
     finally:
         live.stop()
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))

@@ -59,3 +59,11 @@ def test_production_checks_follow_the_deployable(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ValidationError, match="itm_weight"):
         WorkerSettings()
     assert ApiSettings(api_keys=[KEY]).env == "production"  # the API does not read the fusion weights
+
+
+def test_a_refused_setting_never_shows_the_environment_s_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGSEARCH_PINECONE_API_KEY", "pc-secret-7f3a")
+    monkeypatch.setenv("IMGSEARCH_FLOWER_BASIC_AUTH", "ops:")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "FLOWER_BASIC_AUTH" in str(refused.value) and "pc-secret-7f3a" not in str(refused.value)
