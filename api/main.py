@@ -9,13 +9,15 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from fastapi.staticfiles import StaticFiles
 
-from api import errors, metrics
+from api import errors, job_body, metrics
 from api.limits import BodyLimit
 from api.routes import admin, health, images, jobs, search
 from pipeline import logs
@@ -82,7 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       upload_max_bytes=settings.max_upload_bytes + job_body.FORM_SLACK)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Any) -> Any:
@@ -101,4 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (jobs.router, search.router, images.router, health.router, admin.router):
         app.include_router(router)
+    # the page's scripts beside it (the page itself is health.page)
+    app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     return app

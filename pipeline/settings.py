@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     itm_weight: float = 0.7
     cosine_weight: float = 0.3
     max_query_chars: int = 512
+    # --- search by image (issue 21): {"like": id}, an uploaded image, {"image_url": ...} ---
+    # an upload's cap (POST /v1/jobs as multipart/form-data); JSON bodies keep max_body_bytes
+    max_upload_bytes: int = Field(10 << 20, ge=1024)
+    # an image_url query's download: its whole time (every try and redirect); the hosts, the networks, the size
+    # and pixel caps are ingest's (reddit_image_hosts, ingest_allow_networks, max_upload_bytes, ingest_max_pixels)
+    image_query_fetch_s: float = Field(10.0, gt=0)
 
     # --- jobs ---
     job_ttl_s: int = Field(3600, ge=10)

@@ -57,7 +57,7 @@ def load(settings: Settings | None = None) -> Runtime:
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s,
                                           socket_connect_timeout=settings.redis_socket_timeout_s)
             stores = Stores.build(settings)
-            searcher = Searcher.over(settings, engines.text, engines.reranker, stores)
+            searcher = Searcher.over(settings, engines.text, engines.reranker, stores, image=engines.image)
             loaded = time.perf_counter() - t0
             # before the heartbeat, so /readyz counts this worker only once its first query would be warm
             warm = searcher.warm_up() if settings.warm_up else {}

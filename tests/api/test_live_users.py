@@ -89,9 +89,9 @@ def test_paging_min_score_candidates_and_rerank_off(live) -> None:  # type: igno
 def test_metrics_report_stages_jobs_and_caches_from_the_worker(live) -> None:  # type: ignore[no-untyped-def]
     _search(live, limit=3)
     text = httpx.get(f"{live.base}/metrics", timeout=10).text
-    assert 'imgsearch_stage_seconds_count{stage="rerank"}' in text
-    assert 'imgsearch_stage_seconds_bucket{le="+Inf",stage="encode"}' in text
-    done = [ln for ln in text.splitlines() if ln.startswith('imgsearch_jobs_total{outcome="done"}')]
+    assert 'imgsearch_stage_seconds_count{kind="text",stage="rerank"}' in text
+    assert 'imgsearch_stage_seconds_bucket{kind="text",le="+Inf",stage="encode"}' in text
+    done = [ln for ln in text.splitlines() if ln.startswith('imgsearch_jobs_total{kind="text",outcome="done"}')]
     assert done and float(done[0].split()[-1]) >= 1
     assert 'imgsearch_cache_lookups_total{cache="features",outcome="blob_store"}' in text
     assert "imgsearch_workers_live 1.0" in text
