@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from engines.kit import KIT_DIR
 from engines.kit.world import Item, make_split, write_images
@@ -88,7 +89,8 @@ def image_host(world: World) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def live(redis_server, world: World, image_host: str, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
     kit = Models(KIT_DIR / "siglip", KIT_DIR / "blip")
-    env = settings_env(world.data, kit, redis_server.url(8), IMGSEARCH_REDDIT_IMAGE_HOSTS='["localhost"]',
+    redis.Redis.from_url(redis_server.url(1)).flushdb()
+    env = settings_env(world.data, kit, redis_server.url(1), IMGSEARCH_REDDIT_IMAGE_HOSTS='["localhost"]',
                        IMGSEARCH_INGEST_ALLOW_NETWORKS='["127.0.0.1/32", "::1/128"]')
     running = start_stack(env, tmp_path_factory.mktemp("image-logs"))
     yield running
