@@ -64,7 +64,9 @@ class JobRequest(SearchRequest):
         {"query": "a surprised pikachu face"}, {"like": "1abcde", "limit": 10},
         {"image_url": "https://i.redd.it/abc123.png", "filter": {"subreddit": "memes"}}]})
 
-    query: StrictStr | None = Field(None, description="What the image shows, in words (1 to 512 characters).")
+    # optional here, required by POST /search (words only): a wider field than the parent's, on purpose
+    query: StrictStr | None = Field(  # type: ignore[assignment]
+        None, description="What the image shows, in words (1 to 512 characters).")
     like: StrictStr | None = Field(None, description="A post id: posts whose images look like that post's (it is "
                                    "left out of its own results).")
     image_url: StrictStr | None = Field(None, max_length=2048, description="An image to search by, fetched from "
@@ -72,7 +74,7 @@ class JobRequest(SearchRequest):
 
     @field_validator("query")
     @classmethod
-    def _non_blank(cls, v: str | None) -> str | None:
+    def _non_blank(cls, v: str | None) -> str | None:  # type: ignore[override]
         return None if v is None else clean_query(v)
 
     @field_validator("like")

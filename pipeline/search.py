@@ -157,9 +157,8 @@ class Searcher:
     def rerank_image(self, query: NDArray[Any] | Image.Image, feats: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
         """Cosines between the query's ITC image projection and each candidate's: ``query`` is stored BLIP
         features (a ``like`` query's post) or a picture (its vision features computed here)."""
-        if isinstance(query, Image.Image):
-            query = self.reranker.vision_features([query])[0]
-        q = self.reranker.image_projection([query])[0]
+        feats_q = self.reranker.vision_features([query])[0] if isinstance(query, Image.Image) else query
+        q = self.reranker.image_projection([feats_q])[0]
         return (self.reranker.image_projection(feats) @ q).astype(np.float32)
 
     def result(self, m: Match, score: float, itm: float | None = None, cosine: float | None = None) -> Result:
