@@ -190,6 +190,11 @@ class Searcher:
             feats = clock.run("fetch", self.fetch, ids) if ids else {}
             if feats:
                 clock.run("rerank", self.rerank, query, list(feats.values()))
+            if self.image is not None:  # a search by picture: the image towers' first run
+                picture = Image.new("RGB", (64, 64), (128, 128, 128))
+                clock.run("encode_image", self.encode_image, picture)
+                if feats:
+                    clock.run("rerank_image", self.rerank_image, picture, list(feats.values())[:1])
         except Exception as exc:  # noqa: BLE001 - a store down at start: the worker still serves, its circuit decides
             log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)
         return clock.timings

@@ -66,6 +66,12 @@ class _Images(BaseHTTPRequestHandler):
     pngs: dict[str, bytes] = {}
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        if self.path.startswith("/redirect/"):  # to the same server by its address: a host not allowed
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/{self.path[10:]}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = self.pngs.get(self.path)
         self.send_response(200 if body else 404)
         self.send_header("Content-Type", "image/png")
@@ -146,12 +152,16 @@ def test_an_uploaded_png_finds_its_scene_in_the_top_5(live: Live, world: World) 
     assert hits >= 9, f"{hits} of {len(world.queries)} scenes found in the top 5"
 
 
-def test_an_image_url_is_fetched_and_searched(live: Live, world: World, image_host: str) -> None:
+def test_an_image_url_is_fetched_and_searched_and_metrics_tell_the_kinds_apart(live: Live, world: World, image_host: str) -> None:
     scene, _ = world.queries[0]
     job = _submit(live, json={"image_url": f"{image_host}/{scene}.png", "limit": 5})
     assert job["params"]["image_url"].endswith(f"/{scene}.png")
     assert any(world.scene_of[r["id"]] == scene for r in job["results"])
-    text = httpx.get(f"{live.base}/metrics", timeout=10).text
+    redirected = httpx.post(f"{live.base}/v1/jobs", json={"image_url": f"{image_host}/redirect/{scene}.png"},
+                            timeout=30)  # every hop is checked again
+    assert redirected.status_code == 422 and redirected.json()["error"]["code"] == "url_refused", redirected.text
+    _submit(live, json={"like": next(iter(world.scene_of)), "limit": 3})
+    text = httpx.get(f"{live.base}/metrics", timeout=10).text  # each kind counted under its own label
     for kind in ("like", "image"):
         assert f'imgsearch_stage_seconds_count{{kind="{kind}",stage="encode"}}' in text
         assert f'imgsearch_jobs_total{{kind="{kind}",outcome="done"}}' in text
