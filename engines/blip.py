@@ -127,13 +127,21 @@ class BlipBase:
         return l2(cls @ weight.T + bias)
 
     def _vision_proj(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """``vision_proj``'s weight and bias, read once from the checkpoint's safetensors."""
+        """``vision_proj``'s weight and bias, read once from the checkpoint: its safetensors (one file or the
+        shard the index names), else ``pytorch_model.bin`` through torch's weights-only loader."""
         if self._proj is None:
-            from safetensors import safe_open
+            names = ("vision_proj.weight", "vision_proj.bias")
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file() or (self.path / "model.safetensors").is_file():
+                from safetensors import safe_open
 
-            with safe_open(str(self.path / "model.safetensors"), "np") as f:
-                self._proj = (np.asarray(f.get_tensor("vision_proj.weight"), np.float32),
-                              np.asarray(f.get_tensor("vision_proj.bias"), np.float32))
+                shard = json.loads(index.read_text())["weight_map"][names[0]] if index.is_file() else "model.safetensors"
+                with safe_open(str(self.path / shard), "np") as f:
+                    weight, bias = (f.get_tensor(n) for n in names)
+            else:
+                state = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+                weight, bias = (state[n].float().numpy() for n in names)
+            self._proj = (np.asarray(weight, np.float32), np.asarray(bias, np.float32))
         return self._proj
 
     def score(self, query: str, features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
