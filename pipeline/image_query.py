@@ -12,7 +12,6 @@ as the job's record. The job itself carries only the picture's SHA-256: nothing 
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +97,3 @@ def load(r: Any, job_id: str, sha256: str, max_pixels: int) -> Image.Image:
     except BadImage as exc:  # checked by the API: only a corrupted store gets here
         raise InvalidRequest(str(exc), code="bad_image") from None
 
-
-def decode(data: bytes) -> Image.Image:
-    """A stored JPEG (already checked) as RGB: for callers that hold the bytes themselves (bench, tests)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
