@@ -4,9 +4,10 @@ An upload or an ``image_url`` is hostile input like any listing: a URL is fetche
 an allowed host, a public address, every redirect checked again, a deadline, the size cap counted on the bytes
 read: ``pipeline.ingest.download``) and the bytes are decoded with ingest's guards (content sniffed, the
 decompression-bomb guard before any pixel, a GIF's first frame: ``pipeline.ingest.images``). The API runs
-these checks (Pillow alone, no model) so a bad picture gets its 4xx at once; what it keeps is the normalised
-JPEG ingest would store (longest side 1024, a few hundred KB at most), under ``image_key(job id)`` for as long
-as the job's record. The job itself carries only the picture's SHA-256: nothing pickled, no bytes in the queue.
+these checks (Pillow alone, no model) so a bad picture gets its 4xx at once; it keeps the normalised JPEG
+ingest would store (longest side 1024, a few hundred KB at most) under the job, as long as its record
+(``AsyncJobStore.keep_image``, ``JobStore.image``). The job carries only the picture's SHA-256: nothing pickled,
+no bytes in the queue.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pipeline.errors import InvalidRequest
 from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import BadImage, prepare, sniff
 from pipeline.ingest.urls import Refused, UrlGuard
-from pipeline.jobs.keys import image_key
 
 
 @dataclass(frozen=True)
@@ -72,28 +72,14 @@ def fetch(url: str, settings: Any) -> bytes:
         downloader.close()
 
 
-async def keep(r: Any, job_id: str, image: QueryImage, ttl_s: int) -> None:
-    """Store the checked picture under the job (before the job is admitted: a worker may take it at once)."""
-    await r.set(image_key(job_id), image.jpeg, ex=ttl_s)
-
-
-async def drop(r: Any, job_id: str) -> None:
-    """The picture of a job that was not admitted (best effort: it expires with the job's TTL anyway)."""
-    try:
-        await r.delete(image_key(job_id))
-    except Exception:  # noqa: BLE001 - Redis away: the refusal being answered matters more
-        pass
-
-
-def load(r: Any, job_id: str, sha256: str, max_pixels: int) -> Image.Image:
-    """The job's picture as RGB (decoded again with the same guards: Redis is not a place to trust blindly), or
-    InvalidRequest ``image_expired`` if it is gone or is not the one the job names."""
-    data = r.get(image_key(job_id))
+def picture(data: bytes | None, sha256: str, max_pixels: int) -> Image.Image:
+    """A job's kept picture (``JobStore.image``) as RGB, decoded again with the same guards (Redis is not a place
+    to trust blindly), or InvalidRequest ``image_expired`` if it is gone or is not the one the job names."""
     if data is None or hashlib.sha256(data).hexdigest() != sha256:
         raise InvalidRequest("the query image is no longer stored (the job expired); submit it again",
                              code="image_expired")
     try:
-        return prepare(bytes(data), max_pixels).image
+        return prepare(data, max_pixels).image
     except BadImage as exc:  # checked by the API: only a corrupted store gets here
         raise InvalidRequest(str(exc), code="bad_image") from None
 

@@ -12,7 +12,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from api import job_body
 from api.deps import AdmissionDep, CallerDep, Jobs
 from api.schemas import ErrorResponse, JobAccepted, JobRequest, JobView
-from pipeline import image_query, logs
+from pipeline import logs
 from pipeline.jobs.store import public
 from pipeline.types import Job
 
@@ -40,13 +40,13 @@ async def submit(request: Request, admission: AdmissionDep, caller: CallerDep, j
     ``like`` (a post id) or ``image_url``; multipart/form-data: an uploaded ``image``."""
     sub = await job_body.read(request)
     if sub.image is not None:  # stored first: a worker may take the job the moment it is sent
-        await image_query.keep(jobs.r, sub.job_id, sub.image, jobs.ttl)
+        await jobs.keep_image(sub.job_id, sub.image.jpeg)
     try:
         job = await admission.admit(caller, sub.query, sub.params, request_id=logs.current().get("request_id"),
                                     job_id=sub.job_id)
     except BaseException:
         if sub.image is not None:
-            await image_query.drop(jobs.r, sub.job_id)
+            await jobs.drop_image(sub.job_id)
         raise
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url

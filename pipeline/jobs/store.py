@@ -22,7 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from pipeline.errors import Conflict, NotFound, Unavailable
-from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, job_key
+from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, image_key, job_key
 from pipeline.types import ErrorInfo, Job
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,11 @@ class JobStore:
             raise
         return job
 
+    def image(self, job_id: str) -> bytes | None:
+        """An image query's picture, as the API kept it (pipeline.image_query), or None once it expired."""
+        data = self.r.get(image_key(job_id))
+        return None if data is None else bytes(data)  # type: ignore[arg-type]
+
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once it ended (following its event stream), or None after ``timeout`` seconds."""
         until, last = time.monotonic() + timeout, "0"
@@ -274,6 +279,18 @@ class AsyncJobStore:
                 pass
             raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
         return job
+
+    async def keep_image(self, job_id: str, data: bytes) -> None:
+        """An image query's checked picture, kept under the job as long as its record; stored before the job is
+        admitted, since a worker may take the job the moment it is sent."""
+        await self.r.set(image_key(job_id), data, ex=self.ttl)
+
+    async def drop_image(self, job_id: str) -> None:
+        """The picture of a job that was not admitted (best effort: it expires with the record's TTL anyway)."""
+        try:
+            await self.r.delete(image_key(job_id))
+        except Exception:  # noqa: BLE001 - Redis away: the refusal being answered matters more
+            pass
 
     async def release(self, job: Job) -> None:
         if job.inflight_key:
