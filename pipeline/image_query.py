@@ -19,9 +19,9 @@ from typing import Any
 from PIL import Image
 
 from pipeline.errors import InvalidRequest
-from pipeline.ingest.download import Downloader, FetchError
-from pipeline.ingest.images import BadImage, prepare, sniff
-from pipeline.ingest.urls import Refused, UrlGuard
+
+# ingest's guards are imported where used: the ingest package (its ledger, sources and run) stays out of the API
+# process until a picture comes
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ def check(data: bytes, settings: Any) -> QueryImage:
     """The picture in ``data`` normalised, or InvalidRequest: ``image_too_large`` (over the byte cap or the pixel
     cap: a decompression bomb), ``not_an_image`` (HTML, text, an unknown format) or ``bad_image`` (truncated or
     corrupt). CPU work: run it off an event loop."""
+    from pipeline.ingest.images import BadImage, prepare, sniff
+
     if len(data) > settings.max_upload_bytes:
         raise InvalidRequest(f"the image is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}",
                              code="image_too_large")
@@ -54,6 +56,9 @@ def fetch(url: str, settings: Any) -> bytes:
     InvalidRequest: ``url_refused`` (scheme, host, or an address that is not public, on any hop) or
     ``image_fetch_failed`` (the host's answer: an error status, too large, too slow). Blocking: run it in a
     thread."""
+    from pipeline.ingest.download import Downloader, FetchError
+    from pipeline.ingest.urls import Refused, UrlGuard
+
     try:
         UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks).check(url)
     except Refused as exc:
@@ -75,6 +80,8 @@ def fetch(url: str, settings: Any) -> bytes:
 def picture(data: bytes | None, sha256: str, max_pixels: int) -> Image.Image:
     """A job's kept picture (``JobStore.image``) as RGB, decoded again with the same guards (Redis is not a place
     to trust blindly), or InvalidRequest ``image_expired`` if it is gone or is not the one the job names."""
+    from pipeline.ingest.images import BadImage, prepare
+
     if data is None or hashlib.sha256(data).hexdigest() != sha256:
         raise InvalidRequest("the query image is no longer stored (the job expired); submit it again",
                              code="image_expired")
