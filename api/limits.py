@@ -18,15 +18,19 @@ class BodyLimit:
     place, a body declaring a Content-Length over the cap got Starlette's plain-text 413 ("Content Too Large"),
     sent before any exception handler could give it the API's ``{"error": {"code", "message"}}`` shape."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None) -> None:
+        """``upload_max_bytes``: the cap for a multipart/form-data body (an image query's upload)."""
+        self.app, self.max_bytes, self.upload_max_bytes = app, max_bytes, upload_max_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+        headers = dict(scope.get("headers") or [])
+        kind = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        cap = self.upload_max_bytes if kind == b"multipart/form-data" else self.max_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            return await self._refuse(send, cap)
         seen = 0
         started = False
 
@@ -35,7 +39,7 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > cap:
                     raise _TooLarge
             return msg
 
@@ -48,11 +52,11 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, cap)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, cap: int) -> None:
         body = json.dumps({"error": {"code": "payload_too_large",
-                                     "message": f"the request body is over {self.max_bytes} bytes"}}).encode()
+                                     "message": f"the request body is over {cap} bytes"}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

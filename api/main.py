@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import anyio
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
-from api import errors, metrics
+from api import errors, job_body, metrics
 from api.limits import BodyLimit, Slots
 from api.middleware import RequestContext
 from api.routes import admin, health, images, jobs, search
@@ -82,10 +84,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       upload_max_bytes=settings.max_upload_bytes + job_body.FORM_SLACK)
     # outermost of ours: its id, latency and security headers cover the body limit's 413 too
     app.add_middleware(RequestContext)
 
     for router in (jobs.router, search.router, images.router, health.router, admin.router):
         app.include_router(router)
+    # the page's scripts beside it (the page itself is health.page)
+    app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     return app

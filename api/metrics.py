@@ -34,8 +34,9 @@ def _fields(raw: dict[str, str]) -> dict[str, float]:
 
 async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:
     pipe = r.pipeline(transaction=False)
-    for stage in fleet.STAGES:
-        pipe.hgetall(fleet.stage_key(stage))
+    kinds_stages = [(kind, stage) for kind in fleet.KINDS for stage in fleet.STAGES]
+    for kind, stage in kinds_stages:
+        pipe.hgetall(fleet.stage_key(stage, kind))
     pipe.hgetall(fleet.JOBS)
     pipe.hgetall(fleet.CACHE)
     pipe.hgetall(fleet.INGEST)
@@ -44,18 +45,21 @@ async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:
     answers = await pipe.execute()
     workers = await heartbeats.aread(r)
     out: list[Any] = []
-    hist = HistogramMetricFamily("imgsearch_stage_seconds", "Search job time by stage (all workers)", labels=["stage"])
-    for stage, raw in zip(fleet.STAGES, answers, strict=False):
+    hist = HistogramMetricFamily("imgsearch_stage_seconds", "Search job time by query kind (text, like, image) and "
+                                 "stage (all workers)", labels=["kind", "stage"])
+    for (kind, stage), raw in zip(kinds_stages, answers, strict=False):
         f = _fields(raw)
         if not f.get("count"):
             continue
         buckets = [(str(le / 1000), f.get(f"le:{le}", 0.0)) for le in fleet.BUCKETS_MS] + [("+Inf", f["count"])]
-        hist.add_metric([stage], buckets, f.get("sum_ms", 0.0) / 1000)
+        hist.add_metric([kind, stage], buckets, f.get("sum_ms", 0.0) / 1000)
     out.append(hist)
-    n = len(fleet.STAGES)
-    jobs = CounterMetricFamily("imgsearch_jobs", "Search jobs ended, by outcome (all workers)", labels=["outcome"])
-    for outcome, v in sorted(_fields(answers[n]).items()):
-        jobs.add_metric([outcome], v)
+    n = len(kinds_stages)
+    jobs = CounterMetricFamily("imgsearch_jobs", "Search jobs ended, by query kind and outcome (all workers)",
+                               labels=["kind", "outcome"])
+    for field, v in sorted(_fields(answers[n]).items()):
+        kind, _, outcome = field.rpartition(":")
+        jobs.add_metric([kind or "text", outcome], v)
     out.append(jobs)
     cache = _fields(answers[n + 1])
     hits = CounterMetricFamily("imgsearch_cache_lookups", "Cache lookups: result cache hits and misses, and where "

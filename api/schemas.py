@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from pipeline.ids import POST_ID_RULE, is_post_id
 from pipeline.types import Job
 
 
@@ -54,16 +55,64 @@ class SearchRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _non_blank(cls, v: str) -> str:
-        if _CONTROL.search(v):  # NUL, escape sequences and the like: no one types them into a search box
-            raise ValueError("the query holds control characters (only tab and line breaks are allowed)")
-        v = v.strip()
-        if not v:
-            raise ValueError("the query is empty")
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape: no text a model can read
-            raise ValueError("the query is not valid Unicode text") from None
+        return clean_query(v)
+
+
+def clean_query(v: str) -> str:
+    """A query as typed: no control characters, not blank, valid Unicode; stripped."""
+    if _CONTROL.search(v):  # NUL, escape sequences and the like: no one types them into a search box
+        raise ValueError("the query holds control characters (only tab and line breaks are allowed)")
+    v = v.strip()
+    if not v:
+        raise ValueError("the query is empty")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape: no text a model can read
+        raise ValueError("the query is not valid Unicode text") from None
+    return v
+
+
+class JobRequest(SearchRequest):
+    """``POST /v1/jobs``'s JSON body: a text query, or a search by image: ``like`` (a stored post) or
+    ``image_url`` (a picture fetched under ingest's rules). An uploaded picture comes as multipart/form-data
+    instead (api.job_body)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"query": "a surprised pikachu face"}, {"like": "1abcde", "limit": 10},
+        {"image_url": "https://i.redd.it/abc123.png", "filter": {"subreddit": "memes"}}]})
+
+    # optional here, required by POST /search (words only): a wider field than the parent's, on purpose
+    query: StrictStr | None = Field(  # type: ignore[assignment]
+        None, description="What the image shows, in words (1 to 512 characters).")
+    like: StrictStr | None = Field(None, description="A post id: posts whose images look like that post's (it is "
+                                   "left out of its own results).")
+    image_url: StrictStr | None = Field(None, max_length=2048, description="An image to search by, fetched from "
+                                        "an allowed image host (IMGSEARCH_REDDIT_IMAGE_HOSTS).")
+
+    @field_validator("query")
+    @classmethod
+    def _non_blank(cls, v: str | None) -> str | None:  # type: ignore[override]
+        return None if v is None else clean_query(v)
+
+    @field_validator("like")
+    @classmethod
+    def _post_id(cls, v: str | None) -> str | None:
+        if v is not None and not is_post_id(v):
+            raise ValueError(POST_ID_RULE)
         return v
+
+    @model_validator(mode="after")
+    def _one_query(self) -> JobRequest:
+        given = [k for k in ("query", "like", "image_url") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"one query at a time: {' and '.join(given)} were both given")
+        return self
+
+    def image_options(self) -> JobRequest:
+        """The same body as an upload's options: no query of its own (the picture is the query)."""
+        if self.query is not None or self.like is not None or self.image_url is not None:
+            raise ValueError("an uploaded image is the query: options take no query, like or image_url")
+        return self
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab, LF, CR

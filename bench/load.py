@@ -10,6 +10,7 @@ achieved FLOP/s against a large matmul's, and each process's RSS. Writes JSON an
 
     python -m bench.load                      # BLIP-base sized random-weight models, concurrency 1 4 16 64
     python -m bench.load --quick              # tiny models, concurrency 1 and 16, a few seconds each
+    python -m bench.load --kind image         # search by image (uploads; --kind like: stored posts), ours alone
 
 Random-weight models cost what trained ones of the same shape do; rankings are meaningless, timings are not.
 The last line printed is ``throughput_ratio=<ours / baseline at the highest concurrency both ran>``.
@@ -104,10 +105,28 @@ def prepare(root: Path, models: str, n: int) -> dict[str, str]:
     return env
 
 
+# --- the queries: keyword arguments of a POST, drawn with a client's own random generator ---
+Request = dict[str, Any]
+
+
+def text_queries(rnd: random.Random) -> Request:
+    return {"json": {"query": " ".join(rnd.choice(WORDS) for _ in range(5))}}
+
+
+def like_queries(posts: int) -> Any:
+    return lambda rnd: {"json": {"like": f"p{rnd.randrange(posts):05d}"}}
+
+
+def image_queries(root: Path) -> Any:
+    """Uploads of the demo pictures (PNG, 128 px), each a multipart body as a client sends it."""
+    pictures = [p.read_bytes() for p in sorted((root / "images").glob("*.png"))]
+    return lambda rnd: {"files": {"image": ("query.png", rnd.choice(pictures), "image/png")}}
+
+
 # --- the two systems ---
-async def ours_call(client: httpx.AsyncClient, query: str, timeout: float) -> dict[str, Any]:
+async def ours_call(client: httpx.AsyncClient, request: Request, timeout: float) -> dict[str, Any]:
     t0 = time.perf_counter()
-    r = await client.post("/v1/jobs", json={"query": query})
+    r = await client.post("/v1/jobs", **request)
     if r.status_code != 202:
         return {"ok": False, "why": f"HTTP {r.status_code}"}
     job_id = r.json()["id"]
@@ -126,10 +145,10 @@ async def ours_call(client: httpx.AsyncClient, query: str, timeout: float) -> di
     return {"ok": True, "ms": e2e, "timings": job.get("timings", {})}
 
 
-async def baseline_call(client: httpx.AsyncClient, query: str, timeout: float) -> dict[str, Any]:
+async def baseline_call(client: httpx.AsyncClient, request: Request, timeout: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        r = await client.post("/search", json={"query": query}, timeout=timeout)
+        r = await client.post("/search", **request, timeout=timeout)
     except httpx.TimeoutException:
         return {"ok": False, "lost": True, "why": "no answer within the timeout"}
     if r.status_code != 200:
@@ -137,7 +156,8 @@ async def baseline_call(client: httpx.AsyncClient, query: str, timeout: float) -
     return {"ok": True, "ms": (time.perf_counter() - t0) * 1000, "timings": r.json().get("timings", {})}
 
 
-async def level(call: Any, base: str, concurrency: int, duration: float, timeout: float) -> dict[str, Any]:
+async def level(call: Any, base: str, concurrency: int, duration: float, timeout: float,
+                queries: Any = text_queries) -> dict[str, Any]:
     """``concurrency`` clients, each submitting its next query when the last one ended, for ``duration``
     seconds; queries in flight at the end are waited for (up to ``timeout``) and counted."""
     done: list[dict[str, Any]] = []
@@ -148,9 +168,8 @@ async def level(call: Any, base: str, concurrency: int, duration: float, timeout
         rnd = random.Random(k)
         async with httpx.AsyncClient(base_url=base, timeout=timeout) as c:
             while time.perf_counter() < until:
-                query = " ".join(rnd.choice(WORDS) for _ in range(5))
                 try:
-                    done.append(await call(c, query, timeout))
+                    done.append(await call(c, queries(rnd), timeout))
                 except httpx.HTTPError as exc:
                     done.append({"ok": False, "why": type(exc).__name__})
 
@@ -282,12 +301,12 @@ def start_baseline(env: dict[str, str], root: Path) -> tuple[stack.Proc, str]:
 
 
 def run_system(call: Any, base: str, levels: list[int], duration: float, timeout: float, pid: int | None,
-               label: str) -> list[dict[str, Any]]:
+               label: str, queries: Any = text_queries) -> list[dict[str, Any]]:
     rows = []
-    asyncio.run(level(call, base, 1, min(duration, 5), timeout))  # warm-up, not counted
+    asyncio.run(level(call, base, 1, min(duration, 5), timeout, queries))  # warm-up, not counted
     for c in levels:
         rss0 = _rss_mb(pid) if pid else float("nan")
-        row = asyncio.run(level(call, base, c, duration, timeout))
+        row = asyncio.run(level(call, base, c, duration, timeout, queries))
         row.update(system=label, rss_mb_start=round(rss0, 1), rss_mb_end=round(_rss_mb(pid), 1) if pid else None)
         print(f"  {label} c={c}: {row['throughput_qps']} q/s, p50 {row['e2e_ms']['p50']} ms, "
               f"p99 {row['e2e_ms']['p99']} ms, errors {row['errors']}, lost {row['lost']}", flush=True)
@@ -305,6 +324,39 @@ def table(rows: list[dict[str, Any]]) -> str:
                    f"{st.get('rerank', {}).get('p50', '-')} | {st.get('queue_wait', {}).get('p50', '-')} | "
                    f"{r['errors']} | {r['lost']} |")
     return "\n".join(out)
+
+
+def stage_table(rows: list[dict[str, Any]]) -> str:
+    """Each row's latency split by stage: p50 / p95 in milliseconds."""
+    out = ["| system | concurrency | q/s | e2e p50 / p95 | " + " | ".join(STAGES) + " |",
+           "|---|---|---|---|" + "---|" * len(STAGES)]
+    for r in rows:
+        st = r["stages_ms"]
+        cells = [f"{st[s]['p50']} / {st[s]['p95']}" if s in st else "-" for s in STAGES]
+        out.append(f"| {r['system']} | {r['concurrency']} | {r['throughput_qps']} | {r['e2e_ms']['p50']} / "
+                   f"{r['e2e_ms']['p95']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def image_kinds(args: argparse.Namespace, env: dict[str, str], root: Path, levels: list[int], duration: float,
+                timeout: float, report: dict[str, Any]) -> None:
+    """Search by image (``--kind like`` or ``image``): ours alone (the original searched by words only), the
+    latency split by stage at each level."""
+    queries = like_queries(args.posts) if args.kind == "like" else image_queries(root)
+    procs, base = start_ours(env, root, "ours")
+    try:
+        pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
+        rows = run_system(ours_call, base, levels, duration, timeout, pid, f"ours, {args.kind} queries", queries)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    report["rows"] = rows
+    md = stage_table(rows)
+    print(md)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        args.out.with_suffix(".md").write_text(md + "\n")
 
 
 def main() -> None:
@@ -328,6 +380,9 @@ def main() -> None:
                     "backend without the rewrite (bench.engines)")
     ap.add_argument("--plain-precision", default=None)
     ap.add_argument("--no-unbatched", action="store_true", help="skip the lone query with batching off")
+    ap.add_argument("--kind", choices=("text", "like", "image"), default="text",
+                    help="the queries: words (default, against the baseline), stored posts (like) or uploaded "
+                         "pictures (image), ours alone")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     models = args.models or ("tiny" if args.quick else "base")
@@ -340,7 +395,7 @@ def main() -> None:
     timeout = 900.0
     report: dict[str, Any] = {"models": models, "threads": args.threads, "posts": args.posts, "duration_s": duration,
                               "machine": f"{os.cpu_count()} CPUs", "ours": f"{backend} {precision}",
-                              "baseline": "torch fp32, the original's per-candidate passes"}
+                              "baseline": "torch fp32, the original's per-candidate passes", "kind": args.kind}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -371,6 +426,9 @@ def main() -> None:
         env["IMGSEARCH_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
         rows: list[dict[str, Any]] = []
         try:
+            if args.kind != "text":
+                image_kinds(args, env, root, levels, duration, timeout, report)
+                return
             if not args.no_unbatched:  # ours, batching off: the lone query's cost without the batcher
                 procs, base = start_ours({**env, "IMGSEARCH_BATCH_MAX": "1"}, root, "unbatched")
                 pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])

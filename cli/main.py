@@ -377,7 +377,10 @@ def demo(port: int = 8000, images: int = 48, data_dir: Path = Path("data/demo"),
 
 
 @cli.command()
-def search(query: Annotated[str, typer.Argument(help="What the image shows, in words.")],
+def search(query: Annotated[str | None, typer.Argument(help="What the image shows, in words.")] = None,
+           like: Annotated[str | None, typer.Option(help="a post id: posts whose images look like it")] = None,
+           image: Annotated[Path | None, typer.Option(help="a picture to search by (uploaded to the API)",
+                                                      exists=True, dir_okay=False, readable=True)] = None,
            limit: int = 10,
            rerank: Annotated[bool, typer.Option(help="BLIP rerank (--no-rerank: the vector store's order)")] = True,
            api: Annotated[str, typer.Option(help="the API's base URL")] = "http://127.0.0.1:8000",
@@ -387,14 +390,26 @@ def search(query: Annotated[str, typer.Argument(help="What the image shows, in w
            as_json: Annotated[bool, typer.Option("--json", help="print the job (JSON) instead of the table")] = False,
            timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 60.0) -> None:
     """Search: submit the query through the API and wait for its job, or run it here with --direct. Prints a
-    ranked table (id, score, ITM, cosine, title)."""
+    ranked table (id, score, ITM, cosine, title). The query is words, or --like POST_ID, or --image FILE (the
+    score of a search by image is the cosine of BLIP's image projections)."""
     import json
 
     from pipeline.errors import ImgSearchError
 
-    body = {"query": query, "limit": limit, "rerank": rerank}
+    given = [name for name, v in (("QUERY", query), ("--like", like), ("--image", image)) if v is not None]
+    if len(given) != 1:
+        typer.echo(f"error: give one of QUERY, --like or --image{' (not ' + ', '.join(given) + ')' if given else ''}",
+                   err=True)
+        raise typer.Exit(2)
+    body: dict[str, Any] = {"limit": limit, "rerank": rerank}
+    body.update({"query": query} if query is not None else {"like": like} if like is not None else {})
     try:
-        job = _search_direct(body) if direct else _search_api(api, key, body, timeout)
+        if direct and image is None and like is None:
+            job = _search_direct(body)
+        elif direct:
+            raise ImgSearchError("--direct searches by words only; search by image through the API", code="usage")
+        else:
+            job = _search_api(api, key, body, timeout, image)
     except ImgSearchError as exc:
         typer.echo(f"error: {exc.code}: {exc.message}", err=True)
         raise typer.Exit(1) from None
@@ -420,8 +435,11 @@ def ranked_table(results: list[dict[str, Any]]) -> str:
                      for row in rows)
 
 
-def _search_api(base: str, key: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """The job, queued through the API and followed until it ended (or ``timeout``)."""
+def _search_api(base: str, key: str, body: dict[str, Any], timeout: float,
+                image: Path | None = None) -> dict[str, Any]:
+    """The job, queued through the API and followed until it ended (or ``timeout``); ``image``: uploaded as the
+    query (multipart/form-data, the body's other options as JSON beside it)."""
+    import json
     import time
 
     import httpx
@@ -431,7 +449,11 @@ def _search_api(base: str, key: str, body: dict[str, Any], timeout: float) -> di
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
-            r = http.post("/v1/jobs", json=body)
+            if image is None:
+                r = http.post("/v1/jobs", json=body)
+            else:
+                r = http.post("/v1/jobs", files={"image": (image.name, image.read_bytes())},
+                              data={"options": json.dumps(body)}, timeout=60)
             if r.status_code != 202:
                 err = r.json().get("error", {}) if "json" in r.headers.get("content-type", "") else {}
                 raise ImgSearchError(err.get("message", r.text[:200]), code=err.get("code", f"http_{r.status_code}"))

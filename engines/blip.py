@@ -62,6 +62,7 @@ class BlipBase:
         # the reranker never run at once, each with a pool of threads sized to every core (on 2 cores that
         # oversubscription cost throughput as load rose)
         self.lock = threading.Lock()
+        self._proj: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
 
     # how much more a multiply-add of the reassociated pass's products costs than one of the key/value projections
     # it saves: 1 where both run in one precision; ONNX Runtime int8 (OrtBlip) projects in int8 but keeps the
@@ -115,6 +116,33 @@ class BlipBase:
         pixels = self.pixel_inputs(images)
         with self.lock:
             return np.asarray(self._vision_core(pixels), dtype=np.float16)
+
+    def image_projection(self, features: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
+        """ITC image projections: ``vision_proj`` on each stored feature's [CLS] row, L2-normalised. One small
+        matrix product (1024 x 256 for BLIP large), so NumPy runs it for every backend, outside the model lock."""
+        if not len(features):
+            return np.zeros((0, 0), np.float32)
+        weight, bias = self._vision_proj()
+        cls = np.stack([np.asarray(f[0], np.float32) for f in features])
+        return l2(cls @ weight.T + bias)
+
+    def _vision_proj(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """``vision_proj``'s weight and bias, read once from the checkpoint: its safetensors (one file or the
+        shard the index names), else ``pytorch_model.bin`` through torch's weights-only loader."""
+        if self._proj is None:
+            names = ("vision_proj.weight", "vision_proj.bias")
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file() or (self.path / "model.safetensors").is_file():
+                from safetensors import safe_open
+
+                shard = json.loads(index.read_text())["weight_map"][names[0]] if index.is_file() else "model.safetensors"
+                with safe_open(str(self.path / shard), "np") as f:
+                    weight, bias = (f.get_tensor(n) for n in names)
+            else:
+                state = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+                weight, bias = (state[n].float().numpy() for n in names)
+            self._proj = (np.asarray(weight, np.float32), np.asarray(bias, np.float32))
+        return self._proj
 
     def score(self, query: str, features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         if not len(features):
@@ -216,6 +244,13 @@ class TorchBlip(BlipBase):
         self.dtype = DTYPES[precision]
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.cores = BlipCores(self.model)
+
+    def _vision_proj(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """From the loaded model (a checkpoint with only ``pytorch_model.bin`` has no safetensors to read)."""
+        if self._proj is None:
+            proj = self.model.vision_proj
+            self._proj = (proj.weight.detach().float().cpu().numpy(), proj.bias.detach().float().cpu().numpy())
+        return self._proj
 
     def _t(self, x: NDArray[Any]) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)

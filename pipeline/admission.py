@@ -260,13 +260,13 @@ class Admission:
         return ([bucket_key(caller.id), inflight_key(caller.id)],
                 [self.s.rate_limit_burst, rate, cost, cap, repr(time.time()), job_id, repr(deadline)])
 
-    def _plan(self, caller: Caller, query: str, params: dict[str, Any],
-              request_id: str | None) -> tuple[Job, list[str], list[Any], list[Any]]:
+    def _plan(self, caller: Caller, query: str, params: dict[str, Any], request_id: str | None,
+              job_id: str | None = None) -> tuple[Job, list[str], list[Any], list[Any]]:
         """The job, and the keys and arguments of its admission: limits (A) and creation (the queue cap and
         the record)."""
         validate(self.s, query, params)
         cap = self.s.max_jobs_in_flight
-        job = new_job(self.s, query, params, request_id=request_id,
+        job = new_job(self.s, query, params, request_id=request_id, job_id=job_id,
                       inflight_key=inflight_key(caller.id) if cap > 0 else None,
                       owner=caller.id if caller.key_name else None)
         lkeys, largs = self._limit_args(caller, cap, job.id, job.deadline_at or 0.0)
@@ -347,10 +347,11 @@ class Admission:
                 pass
 
     async def admit(self, caller: Caller, query: str, params: dict[str, Any], *,
-                    request_id: str | None = None) -> Job:
+                    request_id: str | None = None, job_id: str | None = None) -> Job:
         """Admit and queue one search job for ``caller``, or raise why not (InvalidRequest, RateLimited,
-        Unavailable). The job counts against the caller's cap until a worker (or the reaper) ends it."""
-        job, keys, largs, cargs = self._plan(caller, query, params, request_id)
+        Unavailable). The job counts against the caller's cap until a worker (or the reaper) ends it.
+        ``job_id``: one the edge chose (an image query's picture is stored under it first)."""
+        job, keys, largs, cargs = self._plan(caller, query, params, request_id, job_id)
         if self.shared:
             self._verdict(await self._admit_create(keys=keys, args=largs + cargs))
         else:

@@ -15,26 +15,32 @@ PREFIX = "imgsearch:metrics"
 # stage latency buckets, milliseconds (Prometheus wants seconds: the API converts)
 BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 STAGES = ("encode", "retrieve", "fetch", "rerank", "fuse", "total", "queue_wait", "cache")
+KINDS = ("text", "like", "image")  # what a query is: a label on the stage histograms and the outcome counters
 
 
-def stage_key(stage: str) -> str:
-    return f"{PREFIX}:stage:{stage}"
+def stage_key(stage: str, kind: str = "text") -> str:
+    return f"{PREFIX}:stage:{stage}" if kind == "text" else f"{PREFIX}:stage:{kind}:{stage}"
 
 
-JOBS = f"{PREFIX}:jobs"  # outcome -> count
+def jobs_field(kind: str, outcome: str) -> str:
+    """The field of JOBS counting ``kind``'s jobs that ended ``outcome`` (text's keep their first names)."""
+    return outcome if kind == "text" else f"{kind}:{outcome}"
+
+
+JOBS = f"{PREFIX}:jobs"  # outcome (or kind:outcome) -> count
 CACHE = f"{PREFIX}:cache"  # result_hit, result_miss, features_local, features_redis, features_blob
 INGEST = f"{PREFIX}:ingest"  # ingested, duplicates, failed, rejected, runs
 
 
 def record_job(client: redis.Redis, status: str, timings: dict[str, float] | None,
-               stats: dict[str, int] | None) -> None:
+               stats: dict[str, int] | None, kind: str = "text") -> None:
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.hincrby(JOBS, status, 1)
+        pipe.hincrby(JOBS, jobs_field(kind, status), 1)
         for stage, ms in (timings or {}).items():
             if stage not in STAGES:
                 continue
-            key = stage_key(stage)
+            key = stage_key(stage, kind)
             for le in BUCKETS_MS:
                 if ms <= le:
                     pipe.hincrby(key, f"le:{le}", 1)

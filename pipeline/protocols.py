@@ -34,7 +34,8 @@ class ImageEncoder(Protocol):
 
 @runtime_checkable
 class Reranker(Protocol):
-    """BLIP ITM: vision features are computed once at ingest; at query time only the text side runs."""
+    """BLIP ITM: vision features are computed once at ingest; at query time only the text side runs (an image
+    query compares the stored features' ITC projections)."""
 
     version: str
 
@@ -48,6 +49,11 @@ class Reranker(Protocol):
     def score_many(self, items: Sequence[tuple[str, Sequence[NDArray[Any]]]]) -> list[tuple[NDArray[np.float32],
                                                                                              NDArray[np.float32]]]:
         """``score`` for several queries at once (cross-query batching), one answer per item, in order."""
+        ...
+
+    def image_projection(self, features: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
+        """The ITC image projections of vision features (one L2-normalised row each): what an image query's
+        rerank compares (no text, so no ITM)."""
         ...
 
 

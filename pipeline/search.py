@@ -1,4 +1,9 @@
-"""The search stages and the Searcher that runs them: encode -> retrieve -> fetch -> rerank -> fuse."""
+"""The search stages and the Searcher that runs them: encode -> retrieve -> fetch -> rerank -> fuse.
+
+A query is text, a stored post (``like``) or a picture (``image``). Each goes through the same stages:
+``encode`` is the SigLIP text tower, the post's stored vector (read from the vector store: no model runs) or
+the SigLIP image tower; an image query's rerank is the cosine of BLIP's ITC image projections (the query's
+against each candidate's stored one; no ITM, which needs text), its fused score that cosine."""
 
 from __future__ import annotations
 
@@ -12,16 +17,17 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
 from pipeline import filters
 from pipeline.batching import Active, Batcher
 from pipeline.breaker import Breaker
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache
-from pipeline.errors import Cancelled, DeadlineExceeded
+from pipeline.errors import Cancelled, DeadlineExceeded, NotFound, Unavailable
 from pipeline.feature_source import FeatureSource
 from pipeline.fusion import fuse, rank
 from pipeline.ids import reddit_path
-from pipeline.protocols import BlobStore, Reranker, TextEncoder, VectorStore
+from pipeline.protocols import BlobStore, ImageEncoder, Reranker, TextEncoder, VectorStore
 from pipeline.settings import WorkerSettings
 from pipeline.stores.bundle import Stores
 from pipeline.types import Match, Result, SearchOutcome, SearchParams, Vector
@@ -58,8 +64,9 @@ class Searcher:
 
     def __init__(self, settings: WorkerSettings, text: TextEncoder, vectors: VectorStore, blobs: BlobStore,
                  reranker: Reranker, *, feature_cache: FeatureCache | None = None, results: ResultCache | None = None,
-                 local: LocalLRU | None = None, fetch_threads: int = 8) -> None:
+                 local: LocalLRU | None = None, fetch_threads: int = 8, image: ImageEncoder | None = None) -> None:
         self.settings = settings
+        self.image = image  # SigLIP's image tower, for picture queries
         self.text, self.vectors, self.blobs, self.reranker = text, vectors, blobs, reranker
         self.feature_cache, self.results, self.local = feature_cache, results, local
         # vector store calls run here, so a job waits on a slow store no longer than its deadline
@@ -80,10 +87,11 @@ class Searcher:
                                    active=self.active)
 
     @classmethod
-    def over(cls, settings: WorkerSettings, text: TextEncoder, reranker: Reranker, stores: Stores) -> Searcher:
+    def over(cls, settings: WorkerSettings, text: TextEncoder, reranker: Reranker, stores: Stores,
+             image: ImageEncoder | None = None) -> Searcher:
         """A Searcher over the process's stores bundle (built once; ingest and takedown share it)."""
         return cls(settings, text, stores.vectors, stores.blobs, reranker, feature_cache=stores.feature_cache,
-                   results=stores.results, local=stores.local)
+                   results=stores.results, local=stores.local, image=image)
 
     def circuits(self) -> dict[str, str]:
         """Each store's circuit: closed, open or half-open."""
@@ -93,25 +101,49 @@ class Searcher:
     def encode(self, query: str) -> Vector:
         return self._encode(query) if self._encode is not None else self.text.encode_text([query])[0]
 
+    def encode_image(self, image: Image.Image) -> Vector:
+        if self.image is None:
+            raise Unavailable("this worker holds no image encoder", code="image_search_unavailable")
+        return self.image.encode_images([image])[0]
+
+    def _namespace(self, params: SearchParams) -> str:
+        return params.namespace if params.namespace is not None else self.settings.namespace
+
+    def lookup(self, post_id: str, params: SearchParams, deadline: float | None = None) -> Vector:
+        """A stored post's vector (a ``like`` query's encode stage: no model runs); NotFound if it is not indexed."""
+        found: dict[str, tuple[Vector, dict[str, Any]]] = self._vector_call(
+            partial(self.vectors.fetch, [post_id], namespace=self._namespace(params)), deadline)
+        if post_id not in found:
+            raise NotFound(f"no post {post_id!r} in the index (taken down, not ingested, or another namespace)",
+                           code="unknown_post")
+        vector, metadata = found[post_id]
+        check_versions([Match(id=post_id, score=1.0, metadata=metadata)], self.text.version, self._namespace(params))
+        return np.asarray(vector, np.float32)
+
     def retrieve(self, vector: Vector, params: SearchParams, deadline: float | None = None) -> list[Match]:
         """The nearest candidates; within the deadline (the call is left behind if the store is slower), and
-        refused at once while the vector store's circuit is open."""
+        refused at once while the vector store's circuit is open. A ``like`` query's own post is left out."""
         limit = params.limit or self.settings.limit
         top_k = min(1000, max(params.top_k or self.settings.top_k, params.offset + limit))
-        namespace = params.namespace if params.namespace is not None else self.settings.namespace
-        call = partial(self.vectors.query, vector, top_k, filter=filters.for_search(params.filter), namespace=namespace)
+        namespace = self._namespace(params)
+        call = partial(self.vectors.query, vector, top_k + (1 if params.like else 0),
+                       filter=filters.for_search(params.filter), namespace=namespace)
+        matches: list[Match] = self._vector_call(call, deadline)
+        check_versions(matches, self.text.version, namespace)  # another model's vectors would rank at random
+        return [m for m in matches if m.id != params.like][:top_k]
+
+    def _vector_call(self, call: Callable[[], Any], deadline: float | None) -> Any:
+        """A vector store call within the deadline, through its circuit breaker."""
         breaker = self.breakers["vector_store"]
         budget = None if deadline is None else max(0.0, deadline - time.time())
         with breaker.guard():
             future = self._store_pool.submit(call)
             try:
-                matches: list[Match] = future.result(timeout=budget)
+                return future.result(timeout=budget)
             except FutureTimeout as exc:
                 if budget is None or budget >= self.settings.store_timeout_s:  # it had its full chance: its fault
                     breaker.failure()
                 raise DeadlineExceeded("the vector store did not answer within the job's deadline") from exc
-        check_versions(matches, self.text.version, namespace)  # another model's vectors would rank at random
-        return matches
 
     def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None,
               deadline: float | None = None) -> dict[str, NDArray[Any]]:
@@ -123,18 +155,27 @@ class Searcher:
             return self._rerank((query, feats))
         return self.reranker.score(query, feats)
 
+    def rerank_image(self, query: NDArray[Any] | Image.Image, feats: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
+        """Cosines between the query's ITC image projection and each candidate's: ``query`` is stored BLIP
+        features (a ``like`` query's post) or a picture (its vision features computed here)."""
+        feats_q = self.reranker.vision_features([query])[0] if isinstance(query, Image.Image) else query
+        q = self.reranker.image_projection([feats_q])[0]
+        return (self.reranker.image_projection(feats) @ q).astype(np.float32)
+
     def result(self, m: Match, score: float, itm: float | None = None, cosine: float | None = None) -> Result:
         md = m.metadata
         return Result(id=m.id, score=score, itm=itm, cosine=cosine, ann_score=m.score, title=md.get("title"),
                       subreddit=md.get("subreddit"), permalink=reddit_path(md.get("permalink")),
                       created_utc=md.get("created_utc"), image_url=self.settings.image_url.format(id=m.id), metadata=md)
 
-    def fuse(self, candidates: list[Match], reranked: list[str], itm: NDArray[np.float32],
+    def fuse(self, candidates: list[Match], reranked: list[str], itm: NDArray[np.float32] | None,
              cosine: NDArray[np.float32]) -> list[Result]:
-        """Reranked candidates by fused score, then the rest in ANN order (their score is the ANN score)."""
+        """Reranked candidates by fused score, then the rest in ANN order (their score is the ANN score). Without
+        ITM (an image query) the score is the cosine."""
         by_id = {m.id: m for m in candidates}
-        fused = fuse(itm, cosine, self.settings.itm_weight, self.settings.cosine_weight)
-        out = [self.result(by_id[reranked[i]], float(fused[i]), float(itm[i]), float(cosine[i])) for i in rank(fused)]
+        fused = cosine if itm is None else fuse(itm, cosine, self.settings.itm_weight, self.settings.cosine_weight)
+        out = [self.result(by_id[reranked[i]], float(fused[i]), None if itm is None else float(itm[i]),
+                           float(cosine[i])) for i in rank(fused)]
         done = set(reranked)
         return out + [self.result(m, m.score) for m in candidates if m.id not in done]
 
@@ -150,6 +191,11 @@ class Searcher:
             feats = clock.run("fetch", self.fetch, ids) if ids else {}
             if feats:
                 clock.run("rerank", self.rerank, query, list(feats.values()))
+            if self.image is not None:  # a search by picture: the image towers' first run
+                picture = Image.new("RGB", (64, 64), (128, 128, 128))
+                clock.run("encode_image", self.encode_image, picture)
+                if feats:
+                    clock.run("rerank_image", self.rerank_image, picture, list(feats.values())[:1])
         except Exception as exc:  # noqa: BLE001 - a store down at start: the worker still serves, its circuit decides
             log.warning("warm-up stopped: %s: %s", type(exc).__name__, exc)
         return clock.timings
@@ -157,13 +203,16 @@ class Searcher:
     # --- the whole query ---
     def search(self, params: SearchParams, *, deadline: float | None = None,
                on_candidates: Callable[[list[Match]], None] | None = None,
-               cancelled: Callable[[], bool] | None = None) -> SearchOutcome:
+               cancelled: Callable[[], bool] | None = None, image: Image.Image | None = None) -> SearchOutcome:
+        """One query to its outcome; ``image``: the picture of an ``image`` query (``params.image`` names it)."""
+        if params.image and image is None:
+            raise ValueError("an image query needs its picture")
         with self.active.job():
-            return self._search(params, deadline, on_candidates, cancelled)
+            return self._search(params, deadline, on_candidates, cancelled, image)
 
     def _search(self, params: SearchParams, deadline: float | None,
                 on_candidates: Callable[[list[Match]], None] | None,
-                cancelled: Callable[[], bool] | None) -> SearchOutcome:
+                cancelled: Callable[[], bool] | None, image: Image.Image | None) -> SearchOutcome:
         t0 = time.perf_counter()
         key = None
         if self.results is not None:
@@ -178,7 +227,12 @@ class Searcher:
                 cached.stats = {"result_cache": 1}
                 return cached
         clock = _Clock(deadline, cancelled)
-        vector = clock.run("encode", self.encode, params.query)
+        if params.like:
+            vector = clock.run("encode", self.lookup, params.like, params, deadline)
+        elif image is not None:
+            vector = clock.run("encode", self.encode_image, image)
+        else:
+            vector = clock.run("encode", self.encode, params.query)
         candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params, deadline)
         if on_candidates is not None:
             on_candidates(candidates)
@@ -187,17 +241,28 @@ class Searcher:
                                                    len(candidates))
         to_rerank = [m.id for m in candidates[:rerank_k]]
         stats: dict[str, int] = {}
-        feats = clock.run("fetch", self.fetch, to_rerank, stats, deadline) if to_rerank else {}
+        # a like query's own features are its rerank query
+        wanted_ids = to_rerank + [params.like] if params.like and to_rerank else to_rerank
+        feats = clock.run("fetch", self.fetch, wanted_ids, stats, deadline) if wanted_ids else {}
+        query_feats: NDArray[Any] | Image.Image | None = feats.pop(params.like, None) if params.like else image
         reranked = [pid for pid in to_rerank if pid in feats]
-        itm, cosine = (clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked]) if reranked
-                       else (np.zeros(0, np.float32), np.zeros(0, np.float32)))
+        if params.kind != "text" and query_feats is None:
+            reranked = []  # the liked post's features are missing: nothing to compare, the ANN order stands
+        itm: NDArray[np.float32] | None
+        if params.kind == "text":
+            itm, cosine = (clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked])
+                           if reranked else (np.zeros(0, np.float32), np.zeros(0, np.float32)))
+        else:
+            itm = None
+            cosine = (clock.run("rerank", self.rerank_image, query_feats, [feats[pid] for pid in reranked])
+                      if reranked else np.zeros(0, np.float32))
         limit = params.limit or self.settings.limit
         ranked = clock.run("fuse", self.fuse, candidates, reranked, itm, cosine)
         if params.min_score is not None:
             ranked = [r for r in ranked if r.score >= params.min_score]
         results = ranked[params.offset:params.offset + limit]
         outcome = SearchOutcome(results=results, candidates=candidates, timings=clock.timings, stats=stats,
-                                not_reranked=[pid for pid in to_rerank if pid not in feats])
+                                not_reranked=[pid for pid in to_rerank if pid not in reranked])
         if key is not None and self.results is not None and not outcome.not_reranked:
             self.results.put(key, outcome)  # a degraded answer is not worth keeping
         return outcome

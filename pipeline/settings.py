@@ -70,6 +70,26 @@ class SharedSettings(BaseSettings):
     # blob store (a takedown in a worker deletes them all)
     thumbnail_sizes: list[int] = [128, 256, 512]
 
+    # --- fetching pictures from the internet: ingest's downloads and the API's image_url queries ---
+    ingest_concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
+    ingest_timeout_s: float = Field(20.0, gt=0)  # per connect and per read of a download
+    ingest_retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx
+    ingest_max_bytes: int = Field(20 << 20, ge=1)  # a larger download is refused (the bytes read count)
+    # a download's whole time, every try and redirect included: a slow host can't hold a run (and its lock)
+    ingest_deadline_s: float = Field(60.0, gt=0)
+    # ...and its slowest average rate once it has had ingest_min_rate_after_s: a drip is cut off early
+    ingest_min_bytes_per_s: int = Field(16_384, ge=0)
+    ingest_min_rate_after_s: float = Field(5.0, ge=0)
+    # loopback, private, link-local and other non-public addresses are never fetched from, except inside these
+    # networks (CIDRs): for a test's stand-in ("127.0.0.1/32") or a private mirror; keep each as narrow as that
+    ingest_allow_networks: list[str] = []
+    ingest_max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard (width x height)
+    reddit_user_agent: str = "linux:imgsearch-ingest:0.1 (text-to-image search; by /u/imgsearch)"
+    # hosts whose links are taken as direct images (gallery images come from Reddit's own media metadata)
+    # ...and the only hosts an image is fetched from, redirects included (a gallery's images too)
+    reddit_image_hosts: list[str] = ["i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"]
+    reddit_max_wait_s: float = Field(120.0, ge=0)  # the longest Retry-After / rate-limit reset honoured
+
     # --- a search's bounds and defaults (the API checks requests against them, workers apply them) ---
     top_k: int = Field(32, ge=1, le=1000)
     rerank_k: int = Field(32, ge=0, le=1000)
@@ -106,6 +126,11 @@ class SharedSettings(BaseSettings):
     def _check_shared(self) -> "SharedSettings":
         if self.rerank_k > self.top_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
+        for net in self.ingest_allow_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
         if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
             raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
         if self.flower_basic_auth is not None:
@@ -148,6 +173,13 @@ class _ApiFields(SharedSettings):
     trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
     behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
     search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
+
+    # --- search by image: {"like": id}, an uploaded picture, {"image_url": ...} ---
+    # an upload's cap (POST /v1/jobs as multipart/form-data); JSON bodies keep max_body_bytes
+    max_upload_bytes: int = Field(10 << 20, ge=1024)
+    # an image_url query's download: its whole time (every try and redirect); the hosts, the networks and the pixel
+    # cap are the fetching rules above, the size cap max_upload_bytes
+    image_query_fetch_s: float = Field(10.0, gt=0)
 
     # --- event streams, the API's Redis pools, images ---
     # event streams (GET /v1/jobs/{id}/events): per caller at once (429 past it; counted in the limits' Redis,
@@ -266,19 +298,6 @@ class IngestSettings(WorkerSettings):
     ingest_embed_batch: int = Field(0, ge=0, le=512)
     # parallel embed streams, each with its own engines; 0: one per core with ONNX Runtime on a CPU, else one
     ingest_embed_streams: int = Field(0, ge=0, le=16)
-    ingest_concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
-    ingest_timeout_s: float = Field(20.0, gt=0)  # per connect and per read of a download
-    ingest_retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx
-    ingest_max_bytes: int = Field(20 << 20, ge=1)  # a larger download is refused (the bytes read count)
-    # a download's whole time, every try and redirect included: a slow host can't hold a run (and its lock)
-    ingest_deadline_s: float = Field(60.0, gt=0)
-    # ...and its slowest average rate once it has had ingest_min_rate_after_s: a drip is cut off early
-    ingest_min_bytes_per_s: int = Field(16_384, ge=0)
-    ingest_min_rate_after_s: float = Field(5.0, ge=0)
-    # loopback, private, link-local and other non-public addresses are never fetched from, except inside these
-    # networks (CIDRs): for a test's stand-in ("127.0.0.1/32") or a private mirror; keep each as narrow as that
-    ingest_allow_networks: list[str] = []
-    ingest_max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard (width x height)
     ingest_max_attempts: int = Field(3, ge=1)  # runs that retry an item whose failure was transient
     # near-duplicates: "phash" (256-bit difference hash, before embedding), "embedding" (SigLIP cosine against
     # the store, after the SigLIP pass and before the BLIP one) or "off"
@@ -291,29 +310,15 @@ class IngestSettings(WorkerSettings):
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
     reddit_client_secret: SecretStr | None = Field(
         None, validation_alias=_env("REDDIT_CLIENT_SECRET", "REDDIT_CLIENT_SECRET"))
-    reddit_user_agent: str = "linux:imgsearch-ingest:0.1 (text-to-image search; by /u/imgsearch)"
     # subreddit -> minimum score, as the original service had them (JSON in the environment)
     reddit_subreddits: dict[str, int] = {"memes": 1000, "dankmemes": 1000, "me_irl": 800, "meirl": 800}
-    # hosts whose links are taken as direct images (gallery images come from Reddit's own media metadata)
-    # ...and the only hosts an image is fetched from, redirects included (a gallery's images too)
-    reddit_image_hosts: list[str] = ["i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"]
     reddit_sort: Literal["top", "hot", "new", "rising", "controversial"] = "top"
     reddit_period: Literal["hour", "day", "week", "month", "year", "all"] = "day"
     reddit_page_size: int = Field(100, ge=1, le=100)
     reddit_max_pages: int = Field(10, ge=1)  # per subreddit and run (Reddit serves about 1,000 items a listing)
-    reddit_max_wait_s: float = Field(120.0, ge=0)  # the longest Retry-After / rate-limit reset honoured
     reddit_public_url: str = "https://www.reddit.com"
     reddit_oauth_url: str = "https://oauth.reddit.com"
     reddit_token_url: str = "https://www.reddit.com/api/v1/access_token"
-
-    @model_validator(mode="after")
-    def _check_ingest(self) -> "IngestSettings":
-        for net in self.ingest_allow_networks:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
-        return self
 
 
 class Settings(IngestSettings, _ApiFields):

@@ -51,6 +51,14 @@ class SearchParams(BaseModel):
     min_score: float | None = None
     filter: dict[str, Any] | None = None  # the search API's shorthands or the filter language (filters.for_search)
     namespace: str | None = None
+    like: str | None = None  # a post id: search by its stored vector (the post left out of its results)
+    image: str | None = None  # SHA-256 of the query image the API stored under the job (pipeline.image_query)
+    image_url: str | None = None  # where that image came from, when it came from a URL (shown, not fetched again)
+
+    @property
+    def kind(self) -> str:
+        """text, like or image: what the query is (a label on the stage metrics)."""
+        return "like" if self.like else "image" if self.image else "text"
 
 
 class SearchOutcome(BaseModel):

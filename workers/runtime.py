@@ -54,7 +54,7 @@ def load(settings: WorkerSettings | None = None) -> Runtime:
             engines = load_engines(settings)
             client = connect(settings.redis_url, settings.redis_socket_timeout_s)
             stores = Stores.build(settings)
-            searcher = Searcher.over(settings, engines.text, engines.reranker, stores)
+            searcher = Searcher.over(settings, engines.text, engines.reranker, stores, image=engines.image)
             loaded = time.perf_counter() - t0
             # before the heartbeat, so /readyz counts this worker only once its first query would be warm
             warm = searcher.warm_up() if settings.warm_up else {}

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from api.contract import params_of
+from api import job_body
 from api.deps import AdmissionDep, CallerDep, Jobs, SettingsDep
-from api.schemas import ErrorResponse, JobAccepted, JobView, SearchRequest
+from api.schemas import ErrorResponse, JobAccepted, JobRequest, JobView
 from pipeline import logs
 from pipeline.errors import Unavailable
 from pipeline.jobs.store import event_id, public
@@ -24,10 +24,32 @@ _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 413: 
                                             503: {"model": ErrorResponse}}
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_ERRORS)
-async def submit(body: SearchRequest, admission: AdmissionDep, caller: CallerDep, response: Response) -> dict[str, Any]:
-    """Queue a search; poll ``links.self`` or stream ``links.events`` for its results."""
-    job = await admission.admit(caller, *params_of(body), request_id=logs.current().get("request_id"))
+# one route, two bodies (api.job_body reads them): documented here since FastAPI declares one
+_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    job_body.MULTIPART: {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The picture to search by (JPEG, PNG, GIF, "
+                  "WebP or BMP; IMGSEARCH_MAX_UPLOAD_BYTES, 10 MiB)."},
+        "options": {"type": "string", "description": "JSON: the JSON body's options (limit, filter, ...), without "
+                    "query, like or image_url."}}}}}}}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_ERRORS,
+             openapi_extra=_BODY)
+async def submit(request: Request, admission: AdmissionDep, caller: CallerDep, jobs: Jobs,
+                 response: Response) -> dict[str, Any]:
+    """Queue a search; poll ``links.self`` or stream ``links.events`` for its results. JSON: ``query`` (words),
+    ``like`` (a post id) or ``image_url``; multipart/form-data: an uploaded ``image``."""
+    sub = await job_body.read(request)
+    if sub.image is not None:  # stored first: a worker may take the job the moment it is sent
+        await jobs.keep_image(sub.job_id, sub.image.jpeg)
+    try:
+        job = await admission.admit(caller, sub.query, sub.params, request_id=logs.current().get("request_id"),
+                                    job_id=sub.job_id)
+    except BaseException:
+        if sub.image is not None:
+            await jobs.drop_image(sub.job_id)
+        raise
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url
     return {"id": job.id, "status": job.status, "links": {"self": url, "events": f"{url}/events"}}

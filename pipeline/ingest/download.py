@@ -21,7 +21,7 @@ import httpx
 from pipeline.ingest.images import BadImage, Prepared, prepare
 from pipeline.ingest.urls import Refused, Target, UrlGuard, shown
 from pipeline.retry import RetryLater, retrying
-from pipeline.settings import IngestSettings
+from pipeline.settings import SharedSettings
 
 if TYPE_CHECKING:
     from pipeline.ingest.sources import Post
@@ -38,7 +38,7 @@ class FetchError(Exception):
 
 
 class Downloader:
-    def __init__(self, settings: IngestSettings) -> None:
+    def __init__(self, settings: SharedSettings) -> None:
         self.s = settings
         self.guard = UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks)
         self.pool = ThreadPoolExecutor(settings.ingest_concurrency, thread_name_prefix="download")

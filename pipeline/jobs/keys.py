@@ -1,4 +1,4 @@
-"""Every Redis key of a job's life: its record, event stream, cancel flag and resend count, the open set the
+"""Every Redis key of a job's life: its record, event stream, cancel flag, resend count and query image, the open set the
 reaper walks, the workers' heartbeats, and the per-caller admission keys (token bucket, jobs in flight).
 
 (The caches keep their keys in ``pipeline.cache`` and the fleet's counters in ``pipeline.metrics``: neither is
@@ -25,6 +25,11 @@ def events_key(job_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:cancel"
+
+
+def image_key(job_id: str) -> str:
+    """An image query's picture (checked and normalised by the API, JPEG), kept as long as the job's record."""
+    return f"{PREFIX}:job:{job_id}:image"
 
 
 def resent_key(job_id: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline import logs, metrics
-from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError, Unavailable
+from pipeline import image_query, logs, metrics
+from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError, InvalidRequest, NotFound, Unavailable
 from pipeline.jobs.keys import TERMINAL
 from pipeline.jobs.store import JobStore, failed_event
 from pipeline.search import Searcher
@@ -32,10 +32,15 @@ def run_job(job_id: str, searcher: Searcher, store: JobStore) -> Job | None:
         finally:
             store.release(job)
         if ended is not None:
-            metrics.record_job(store.r, ended.status, ended.timings, ended.stats)
+            metrics.record_job(store.r, ended.status, ended.timings, ended.stats, kind=kind_of(ended))
             return ended
         log.info("job %s ended elsewhere (cancelled, reaped or run twice); this run's end is dropped", job_id)
         return store.load(job_id)
+
+
+def kind_of(job: Job) -> str:
+    """text, like or image (the label the fleet's metrics carry)."""
+    return SearchParams.model_validate({"query": job.query, **job.params}).kind
 
 
 def end_empty(job_id: str, store: JobStore) -> None:
@@ -61,8 +66,10 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
             store.event(job_id, "candidates", {"candidates": [m.model_dump(mode="json") for m in cands]})
 
         t0 = time.perf_counter()
+        image = image_query.picture(store.image(job_id), params.image, searcher.settings.ingest_max_pixels) \
+            if params.image else None
         outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates,
-                                  cancelled=lambda: store.cancelled(job_id))
+                                  cancelled=lambda: store.cancelled(job_id), image=image)
         if store.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
             raise Cancelled("cancelled by the client while it ran")
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
@@ -79,7 +86,7 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
     except Exception as exc:  # every failure ends the job with a reason; nothing is left "running"
         code = exc.code if isinstance(exc, ImgSearchError) else "search_failed"
         message = exc.message if isinstance(exc, ImgSearchError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, Cancelled | DeadlineExceeded | Unavailable):
+        if isinstance(exc, Cancelled | DeadlineExceeded | Unavailable | InvalidRequest | NotFound):
             log.warning("job %s failed: %s", job_id, message)
         else:
             log.exception("job %s failed: %s", job_id, message)

@@ -21,10 +21,11 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from tenacity import RetryCallState
 
 from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, job_key
+from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, image_key, job_key
 from pipeline.retry import last_error, retrying
 from pipeline.settings import SharedSettings
 from pipeline.types import ErrorInfo, Job
@@ -268,6 +269,12 @@ class JobStore:
             raise
         return job
 
+    def image(self, job_id: str) -> bytes | None:
+        """An image query's picture, as the API kept it (pipeline.image_query), or None once it expired."""
+        # raw bytes from a client that decodes answers: redis-py's own per-command switch (its DUMP uses it)
+        data = self.r.execute_command("GET", image_key(job_id), **{NEVER_DECODE: True})
+        return None if data is None else bytes(data)
+
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once it ended (following its event stream), or None after ``timeout`` seconds."""
         until, last = time.monotonic() + timeout, "0"
@@ -319,6 +326,18 @@ class AsyncJobStore:
                 pass
             raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
         return job
+
+    async def keep_image(self, job_id: str, data: bytes) -> None:
+        """An image query's checked picture, kept under the job as long as its record; stored before the job is
+        admitted, since a worker may take the job the moment it is sent."""
+        await self.r.set(image_key(job_id), data, ex=self.ttl)
+
+    async def drop_image(self, job_id: str) -> None:
+        """The picture of a job that was not admitted (best effort: it expires with the record's TTL anyway)."""
+        try:
+            await self.r.delete(image_key(job_id))
+        except Exception:  # noqa: BLE001 - Redis away: the refusal being answered matters more
+            pass
 
     async def release(self, job: Job) -> None:
         if job.inflight_key:

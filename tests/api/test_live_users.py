@@ -89,9 +89,9 @@ def test_paging_min_score_candidates_and_rerank_off(live) -> None:  # type: igno
 def test_metrics_report_stages_jobs_and_caches_from_the_worker(live) -> None:  # type: ignore[no-untyped-def]
     _search(live, limit=3)
     text = httpx.get(f"{live.base}/metrics", timeout=10).text
-    assert 'imgsearch_stage_seconds_count{stage="rerank"}' in text
-    assert 'imgsearch_stage_seconds_bucket{le="+Inf",stage="encode"}' in text
-    done = [ln for ln in text.splitlines() if ln.startswith('imgsearch_jobs_total{outcome="done"}')]
+    assert 'imgsearch_stage_seconds_count{kind="text",stage="rerank"}' in text
+    assert 'imgsearch_stage_seconds_bucket{kind="text",le="+Inf",stage="encode"}' in text
+    done = [ln for ln in text.splitlines() if ln.startswith('imgsearch_jobs_total{kind="text",outcome="done"}')]
     assert done and float(done[0].split()[-1]) >= 1
     assert 'imgsearch_cache_lookups_total{cache="features",outcome="blob_store"}' in text
     assert "imgsearch_workers_live 1.0" in text
@@ -123,63 +123,113 @@ def test_flower_watches_the_workers_behind_basic_auth(live, tmp_path) -> None:  
     assert "s3cret-pw" not in (tmp_path / "flower.log").read_text()
 
 
-@pytest.mark.browser
-def test_the_search_page_in_headless_chromium(live) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Headless Chromium through Debian's chromedriver, one for the module's page tests."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_bin):
+    binary, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver_bin):
         pytest.fail("Debian's chromium and chromium-driver are missing: `make setup` installs them")
     opts = Options()
-    opts.binary_location = chromium
+    opts.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"):
         opts.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
-    try:
-        browser.get(live.base + "/")
-        box = browser.find_element(By.ID, "q")
-        box.send_keys("a red circle")
-        browser.find_element(By.ID, "go").click()
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: b.find_element(By.ID, "grid").get_attribute("data-phase") == "results")
-        wait.until(lambda b: b.execute_script(
-            "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
-        cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
-        assert len(cards) == 24
-        phases = browser.execute_script("return window.imgsearchPhases")  # what the page rendered, in turn
-        assert [p["phase"] for p in phases][:1] == ["candidates"] and phases[-1]["phase"] == "results"
-        assert phases[0]["order"] != phases[-1]["order"]  # the order changed when the rerank landed
-        assert "reranked" in browser.find_element(By.ID, "status").text
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
-        # the page's CSP let its own script run and blocked nothing it needs; its links go to reddit paths only
-        assert not [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
-        hrefs = [c.find_element(By.TAG_NAME, "a").get_attribute("href") for c in cards]
-        assert all(h.startswith("https://www.reddit.com/r/") for h in hrefs), hrefs
-        browser.execute_script("render([{id: 'x1', score: 1, permalink: 'javascript:alert(1)'}, "
-                               "{id: 'x2', score: 1, permalink: 'https://evil.example/r/a/comments/b/'}], 'test')")
-        assert browser.execute_script("return [...document.querySelectorAll('#grid .card a')]"
-                                      ".map(a => a.hasAttribute('href'))") == [False, False]
-        # the search is in the URL: a shared link fills the form, filters included, and runs the search
-        assert "q=a+red+circle" in browser.current_url
-        browser.get(live.base + "/?q=a+blue+square&subreddit=no-such-sub&min_post_score=5&nsfw=1&rerank=0&limit=12")
-        wait.until(lambda b: b.find_element(By.ID, "status").text != "" and
-                   b.find_element(By.ID, "status").text != "searching…")
-        assert browser.find_element(By.ID, "q").get_attribute("value") == "a blue square"
-        assert browser.find_element(By.ID, "subreddit").get_attribute("value") == "no-such-sub"
-        assert browser.find_element(By.ID, "minpost").get_attribute("value") == "5"
-        assert browser.find_element(By.ID, "nsfw").is_selected() and not browser.find_element(By.ID, "rerank").is_selected()
-        assert browser.find_elements(By.CSS_SELECTOR, "#grid .card") == []  # the filter matched nothing: it was sent
-        browser.find_element(By.ID, "subreddit").clear()
-        browser.find_element(By.ID, "go").click()  # ...and a new search writes the form back into the URL
-        wait.until(lambda b: "subreddit=" not in b.current_url and "min_post_score=5" in b.current_url)
-        assert "rerank=0" in browser.current_url and "limit=12" in browser.current_url
-    finally:
-        browser.quit()
+    yield browser
+    browser.quit()
+
+
+@pytest.mark.browser
+def test_the_search_page_in_headless_chromium(live, chromium) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium
+    browser.get(live.base + "/")
+    box = browser.find_element(By.ID, "q")
+    box.send_keys("a red circle")
+    browser.find_element(By.ID, "go").click()
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.ID, "grid").get_attribute("data-phase") == "results")
+    wait.until(lambda b: b.execute_script(
+        "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+    cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
+    assert len(cards) == 24
+    phases = browser.execute_script("return window.imgsearchPhases")  # what the page rendered, in turn
+    assert [p["phase"] for p in phases][:1] == ["candidates"] and phases[-1]["phase"] == "results"
+    assert phases[0]["order"] != phases[-1]["order"]  # the order changed when the rerank landed
+    assert "reranked" in browser.find_element(By.ID, "status").text
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
+    # the page's CSP let its own script run and blocked nothing it needs; its links go to reddit paths only
+    assert not [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    hrefs = [c.find_element(By.TAG_NAME, "a").get_attribute("href") for c in cards]
+    assert all(h.startswith("https://www.reddit.com/r/") for h in hrefs), hrefs
+    browser.execute_script("render([{id: 'x1', score: 1, permalink: 'javascript:alert(1)'}, "
+                           "{id: 'x2', score: 1, permalink: 'https://evil.example/r/a/comments/b/'}], 'test')")
+    assert browser.execute_script("return [...document.querySelectorAll('#grid .card a')]"
+                                  ".map(a => a.hasAttribute('href'))") == [False, False]
+    # the search is in the URL: a shared link fills the form, filters included, and runs the search
+    assert "q=a+red+circle" in browser.current_url
+    browser.get(live.base + "/?q=a+blue+square&subreddit=no-such-sub&min_post_score=5&nsfw=1&rerank=0&limit=12")
+    wait.until(lambda b: b.find_element(By.ID, "status").text != "" and
+               b.find_element(By.ID, "status").text != "searching…")
+    assert browser.find_element(By.ID, "q").get_attribute("value") == "a blue square"
+    assert browser.find_element(By.ID, "subreddit").get_attribute("value") == "no-such-sub"
+    assert browser.find_element(By.ID, "minpost").get_attribute("value") == "5"
+    assert browser.find_element(By.ID, "nsfw").is_selected() and not browser.find_element(By.ID, "rerank").is_selected()
+    assert browser.find_elements(By.CSS_SELECTOR, "#grid .card") == []  # the filter matched nothing: it was sent
+    browser.find_element(By.ID, "subreddit").clear()
+    browser.find_element(By.ID, "go").click()  # ...and a new search writes the form back into the URL
+    wait.until(lambda b: "subreddit=" not in b.current_url and "min_post_score=5" in b.current_url)
+    assert "rerank=0" in browser.current_url and "limit=12" in browser.current_url
+
+
+def _order_of(live: Live, **kw: Any) -> str:
+    r = httpx.post(f"{live.base}/v1/jobs", timeout=30, **kw)
+    assert r.status_code == 202, r.text
+    job = live.wait(r.json()["id"])
+    assert job["status"] == "done", job
+    return ",".join(x["id"] for x in job["results"])
+
+
+@pytest.mark.browser
+def test_more_like_this_and_a_dropped_picture_on_the_page(live, chromium) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, wait = chromium, WebDriverWait(chromium, 60)
+    grid = lambda b: b.find_element(By.ID, "grid")  # noqa: E731
+    browser.get(live.base + "/?q=a+red+circle")
+    wait.until(lambda b: grid(b).get_attribute("data-phase") == "results")
+    words = grid(browser).get_attribute("data-order")
+    card = browser.find_elements(By.CSS_SELECTOR, "#grid .card")[2]
+    post = card.get_attribute("data-id")
+    card.find_element(By.CSS_SELECTOR, "button.like").click()
+    wait.until(lambda b: f"like={post}" in b.current_url and grid(b).get_attribute("data-phase") == "results"
+               and grid(b).get_attribute("data-order") != words)
+    neighbours = grid(browser).get_attribute("data-order")
+    assert post not in neighbours.split(",")
+    assert neighbours == _order_of(live, json={"like": post, "limit": 24, "rerank": True})  # that post's neighbours
+    # a picture dropped on the search box is uploaded and searched
+    picture = httpx.get(f"{live.base}/v1/images/{post}", timeout=10).content
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+        document.getElementById("q").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    """, base64.b64encode(picture).decode())
+    wait.until(lambda b: grid(b).get_attribute("data-phase") == "results"
+               and grid(b).get_attribute("data-order") != neighbours)
+    dropped = grid(browser).get_attribute("data-order")
+    assert dropped.split(",")[0] == post  # its own post first: the same picture
+    assert dropped == _order_of(live, files={"image": ("d.jpg", picture, "image/jpeg")},
+                                data={"options": '{"limit": 24, "rerank": true}'})
 
 
 def test_request_id_reaches_the_worker_logs(live) -> None:  # type: ignore[no-untyped-def]

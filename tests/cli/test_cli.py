@@ -51,6 +51,22 @@ def test_search_prints_a_ranked_table_through_the_api_and_in_process(live: Live)
     assert gone.returncode == 1 and "does not answer" in gone.stderr
 
 
+def test_search_by_a_post_and_by_a_picture_file(live: Live, store_dir: Path, demo_images: Path) -> None:
+    like = _imgsearch(live.env, "search", "--like", "demo004", "--limit", "3", "--api", live.base, "--json")
+    assert like.returncode == 0, like.stderr[-2000:]
+    job = json.loads(like.stdout)
+    ids = [r["id"] for r in job["results"]]
+    assert job["params"]["like"] == "demo004" and len(ids) == 3 and "demo004" not in ids
+    picture = _imgsearch(live.env, "search", "--image", str(demo_images / "demo004.png"), "--limit", "3",
+                         "--api", live.base)
+    assert picture.returncode == 0, picture.stderr[-2000:]
+    head, first, *_ = picture.stdout.strip().splitlines()
+    assert head.split()[:5] == ["#", "id", "score", "itm", "cosine"] and first.split()[1] == "demo004"
+    assert first.split()[3] == "-"  # no ITM for a search by image
+    both = _imgsearch(live.env, "search", "words", "--like", "demo004", "--api", live.base)
+    assert both.returncode == 2 and "one of QUERY, --like or --image" in both.stderr
+
+
 def test_help_has_no_hard_line_breaks_inside_a_paragraph() -> None:
     from cli.main import cli
 

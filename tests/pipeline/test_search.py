@@ -162,3 +162,51 @@ def test_of_two_ends_of_one_job_the_first_stands(redis_server, store_dir, tiny_m
     stored = Job.model_validate_json(r.get(job_key(other.id)))
     assert stored.status == "done" and stored.results and r.zscore(OPEN_KEY, other.id) is None
     assert [e[1] for e in parse_events(r.xrange(events_key(other.id)))].count("done") == 1
+
+
+@pytest.mark.integration
+def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, engines, demo_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """like and picture jobs through run_job: done with cosine scores, a picture gone from Redis fails clearly,
+    cancellation and deadlines hold, the fleet's counters carry the kind, and a liked post whose features are
+    missing keeps the ANN order."""
+    from pipeline import metrics
+    from pipeline.image_query import check
+    from pipeline.jobs.keys import cancel_key, image_key
+
+    r = connect(redis_server.url(2), 5)
+    r.flushdb()
+    writer = JobStore(r, ttl=60, maxlen=64)
+    searcher = _searcher(store_dir, tiny_models, engines)
+    searcher.image = engines.image
+    picture = check((demo_images / "demo007.png").read_bytes(), searcher.settings)
+
+    def run(job_id: str, params: dict, status: str = "queued", **kw) -> Job:  # type: ignore[no-untyped-def,type-arg]
+        job = Job(id=job_id * 32, status=status, query="", params=params, created_at=0.0, **kw)
+        writer.write(job, create=True)
+        out = run_job(job.id, searcher, writer)
+        assert out is not None
+        return out
+
+    r.set(image_key("d" * 32), picture.jpeg)
+    by_picture = run("d", {"image": picture.sha256, "limit": 5})
+    assert by_picture.status == "done" and by_picture.results and by_picture.results[0].id == "demo007"
+    assert all(x.itm is None and x.score == x.cosine for x in by_picture.results)
+    gone = run("e", {"image": picture.sha256})  # never kept (or expired)
+    assert gone.status == "failed" and gone.error is not None and gone.error.code == "image_expired"
+    liked = run("f", {"like": "demo007", "limit": 5})
+    assert liked.status == "done" and "demo007" not in [x.id for x in liked.results or []]
+    r.set(cancel_key("0" * 32), b"1")
+    cancelled = run("0", {"like": "demo007"}, status="running")
+    assert cancelled.error is not None and cancelled.error.code == "cancelled"
+    late = run("1", {"like": "demo007"}, deadline_at=1.0)
+    assert late.error is not None and late.error.code == "deadline_exceeded"
+    jobs = {k: int(v) for k, v in r.hgetall(metrics.JOBS).items()}
+    assert jobs == {"image:done": 1, "image:failed": 1, "like:done": 1, "like:failed": 2}
+    assert int(r.hget(metrics.stage_key("encode", "like"), "count")) == 1
+
+    data = tmp_path / "data"  # the liked post's own features are missing: nothing to compare, ANN order stands
+    shutil.copytree(store_dir, data)
+    bare = _searcher(data, tiny_models, engines)
+    bare.blobs.delete(feature_key(engines.reranker.version, "demo007"))
+    out = bare.search(SearchParams(query="", like="demo007", limit=5))
+    assert out.not_reranked and [x.score for x in out.results] == [x.ann_score for x in out.results]

@@ -46,7 +46,7 @@ def test_each_deployable_reads_only_its_own_settings() -> None:
     assert {"redis_url", "job_ttl_s", "top_k", "data_dir"} <= shared <= api & worker & ingest
     assert {"api_keys", "trusted_proxies", "rate_limit_per_min"} <= api - worker - ingest  # a worker holds no key
     assert {"blip_model", "batch_max", "cache_local_mb"} <= worker - api
-    assert {"reddit_client_secret", "ingest_allow_networks"} <= ingest - worker - api  # the API sees no Reddit secret
+    assert {"reddit_client_secret", "ingest_dedup"} <= ingest - worker - api  # the API sees no Reddit secret
     assert set(Settings.model_fields) == api | ingest  # the CLI's and the demo's: all of them
 
 

@@ -1,0 +1,98 @@
+"""The body of ``POST /v1/jobs``: JSON (a text query, ``like`` or ``image_url``) or multipart/form-data (an
+uploaded picture in the ``image`` part, the other options as JSON in an ``options`` part).
+
+One route takes both, so the body is read here rather than by FastAPI's declared-body parsing (which takes one
+content type); the JSON path validates with the same model and answers the same 422s. A picture (uploaded or
+fetched) is checked here, before admission, with ingest's guards (``pipeline.image_query``: Pillow alone, off
+the event loop), so a bomb, a truncated file or HTML gets its 4xx at once and no worker ever sees it."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from api.schemas import JobRequest
+from pipeline import image_query
+from pipeline.errors import InvalidRequest
+from pipeline.image_query import QueryImage
+from pipeline.settings import Settings
+
+MULTIPART = "multipart/form-data"
+FORM_SLACK = 64 << 10  # room in a multipart body for its boundaries, headers and options beside the picture
+
+
+@dataclass
+class Submission:
+    query: str
+    params: dict[str, Any]
+    image: QueryImage | None = None
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def is_upload(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == MULTIPART
+
+
+async def read(request: Request) -> Submission:
+    """The submission in the request's body, checked; RequestValidationError or InvalidRequest (422) if not."""
+    settings: Settings = request.app.state.settings
+    if is_upload(request.headers.get("content-type", "")):
+        return await _upload(request, settings)
+    req = _validated(await request.body())
+    if req.query is None and req.like is None and req.image_url is None:
+        raise InvalidRequest("body: give a query (words), like (a post id) or image_url; or upload an image "
+                             "as multipart/form-data")
+    params = req.model_dump(exclude={"query"}, exclude_unset=True)
+    if req.image_url is None:
+        return Submission(req.query or "", params)
+    data = await anyio.to_thread.run_sync(image_query.fetch, req.image_url, settings)
+    return await _with_image(data, params, settings)
+
+
+async def _upload(request: Request, settings: Settings) -> Submission:
+    try:
+        form = await request.form(max_files=1, max_fields=2, max_part_size=FORM_SLACK)
+    except HTTPException as exc:  # Starlette's answer to a malformed form
+        if exc.status_code == 413:  # over the upload cap (api.limits): answered as such
+            raise
+        raise InvalidRequest(f"the multipart body could not be read: {exc.detail}") from None
+    try:
+        unknown = sorted(set(form.keys()) - {"image", "options"})
+        if unknown:
+            raise InvalidRequest(f"multipart: unknown part(s) {', '.join(map(ascii, unknown))}; send 'image' (the "
+                                 "picture) and optionally 'options' (JSON)")
+        picture = form.get("image")
+        if not isinstance(picture, UploadFile):
+            raise InvalidRequest("multipart: an 'image' part holding the picture (a file) is required")
+        options = form.get("options") or "{}"
+        if not isinstance(options, str):
+            raise InvalidRequest("multipart: 'options' is JSON text, not a file")
+        req = _validated(options.encode())
+        try:
+            req.image_options()
+        except ValueError as exc:
+            raise InvalidRequest(f"options: {exc}") from None
+        data = await picture.read(settings.max_upload_bytes + 1)
+    finally:
+        await form.close()
+    return await _with_image(data, req.model_dump(exclude={"query"}, exclude_unset=True), settings)
+
+
+async def _with_image(data: bytes, params: dict[str, Any], settings: Settings) -> Submission:
+    image = await anyio.to_thread.run_sync(image_query.check, data, settings)
+    return Submission("", {**params, "image": image.sha256}, image)
+
+
+def _validated(raw: bytes) -> JobRequest:
+    try:
+        return JobRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
