@@ -9,6 +9,7 @@ the event loop), so a bomb, a truncated file or HTML gets its 4xx at once and no
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from api.schemas import JobRequest
 from pipeline import image_query
 from pipeline.errors import InvalidRequest
 from pipeline.image_query import QueryImage
-from pipeline.settings import Settings
+from pipeline.settings import ApiSettings
 
 MULTIPART = "multipart/form-data"
 FORM_SLACK = 64 << 10  # room in a multipart body for its boundaries, headers and options beside the picture
@@ -41,10 +42,13 @@ def is_upload(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == MULTIPART
 
 
-async def read(request: Request) -> Submission:
-    """The submission in the request's body, checked; RequestValidationError or InvalidRequest (422) if not."""
-    settings: Settings = request.app.state.settings
+async def read(request: Request, picture_toll: Callable[[], Awaitable[None]]) -> Submission:
+    """The submission in the request's body, checked; RequestValidationError or InvalidRequest (422) if not.
+    A picture (an upload or an image_url) pays ``picture_toll`` (a rate-limit token, 429 past it) before it is
+    read, fetched or decoded: a caller over its limit costs no download and no decode."""
+    settings: ApiSettings = request.app.state.settings
     if is_upload(request.headers.get("content-type", "")):
+        await picture_toll()
         return await _upload(request, settings)
     req = _validated(await request.body())
     if req.query is None and req.like is None and req.image_url is None:
@@ -53,11 +57,12 @@ async def read(request: Request) -> Submission:
     params = req.model_dump(exclude={"query"}, exclude_unset=True)
     if req.image_url is None:
         return Submission(req.query or "", params)
+    await picture_toll()
     data = await anyio.to_thread.run_sync(image_query.fetch, req.image_url, settings)
     return await _with_image(data, params, settings)
 
 
-async def _upload(request: Request, settings: Settings) -> Submission:
+async def _upload(request: Request, settings: ApiSettings) -> Submission:
     try:
         form = await request.form(max_files=1, max_fields=2, max_part_size=FORM_SLACK)
     except HTTPException as exc:  # Starlette's answer to a malformed form
@@ -86,7 +91,7 @@ async def _upload(request: Request, settings: Settings) -> Submission:
     return await _with_image(data, req.model_dump(exclude={"query"}, exclude_unset=True), settings)
 
 
-async def _with_image(data: bytes, params: dict[str, Any], settings: Settings) -> Submission:
+async def _with_image(data: bytes, params: dict[str, Any], settings: ApiSettings) -> Submission:
     image = await anyio.to_thread.run_sync(image_query.check, data, settings)
     return Submission("", {**params, "image": image.sha256}, image)
 

@@ -40,7 +40,8 @@ async def submit(request: Request, admission: AdmissionDep, caller: CallerDep, j
                  response: Response) -> dict[str, Any]:
     """Queue a search; poll ``links.self`` or stream ``links.events`` for its results. JSON: ``query`` (words),
     ``like`` (a post id) or ``image_url``; multipart/form-data: an uploaded ``image``."""
-    sub = await job_body.read(request)
+    # a picture costs one more token than words, paid before it is fetched or decoded
+    sub = await job_body.read(request, lambda: admission.limit(caller))
     if sub.image is not None:  # stored first: a worker may take the job the moment it is sent
         await jobs.keep_image(sub.job_id, sub.image.jpeg)
     try:

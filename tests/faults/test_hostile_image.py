@@ -114,3 +114,21 @@ def test_json_queries_of_two_kinds_at_once_are_refused(live: Live) -> None:
     for body in ({"query": "a", "like": "demo001"}, {"like": "../etc/passwd"}, {"like": "x", "image_url": "http://i.redd.it/a.png"}):
         _refused(httpx.post(f"{live.base}/v1/jobs", json=body, timeout=10), 422, "invalid_request")
     _refused(httpx.post(f"{live.base}/search", json={"like": "demo001"}, timeout=10), 422, "invalid_request")
+
+
+def test_a_caller_over_its_rate_limit_gets_429_before_its_picture_is_read(redis_server, store_dir) -> None:  # type: ignore[no-untyped-def]
+    """A picture pays its own token before it is fetched or decoded: a bomb from a caller with no tokens left is
+    refused as over the limit (429), not as a bomb (422), which would mean it was decoded; and an image_url to
+    an unknown host is not looked up."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from pipeline.settings import ApiSettings
+
+    redis.Redis.from_url(redis_server.url(12)).flushdb()
+    s = ApiSettings(redis_url=redis_server.url(12), data_dir=store_dir, rate_limit_per_min=1, rate_limit_burst=1,
+                    reaper_interval_s=0)
+    with TestClient(create_app(s)) as c:
+        assert c.post("/v1/jobs", json={"query": "a red circle"}).status_code == 202  # the one token
+        _refused(c.post("/v1/jobs", files={"image": ("b.png", BOMB, "image/png")}), 429, "rate_limited")
+        _refused(c.post("/v1/jobs", json={"image_url": "https://i.redd.it/x.png"}), 429, "rate_limited")
