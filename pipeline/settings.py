@@ -142,6 +142,18 @@ class Settings(BaseSettings):
     ingest_dedup: Literal["phash", "embedding", "off"] = "phash"
     ingest_phash_max_distance: int = Field(10, ge=0, le=256)  # bits that may differ for a near-duplicate
     ingest_dedup_cosine: float = Field(0.97, gt=0, le=1)
+    # --- beyond one machine (issue 20): a shared ledger, ingest fanned out over the workers ---
+    # the ingest ledger (items, runs, the run lease, the near-duplicate index): empty for SQLite in ingest_dir
+    # (one box); postgresql://user:password@host/db for one ledger shared by every host (it holds a password)
+    ledger_url: SecretStr | None = Field(None, validation_alias=_env("LEDGER_URL"))
+    # one run at a time across every host: a lease row in the ledger, renewed every third of this
+    ingest_lease_ttl_s: float = Field(30.0, ge=1)
+    # a run plans batches as tasks on embed_queue for any number of workers, instead of embedding in-process
+    ingest_fanout: bool = False
+    embed_queue: str = "embed"
+    # a batch's items are claimed for this long: a worker that dies with them frees them when it runs out
+    ingest_claim_ttl_s: float = Field(300.0, ge=1)
+    ingest_batch_tries: int = Field(3, ge=1)  # claims of an item before it is recorded failed for the run
     # Reddit: app-only OAuth when both credentials are set, the public JSON listings otherwise
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
     reddit_client_secret: SecretStr | None = Field(
