@@ -26,7 +26,7 @@ from pipeline.errors import InvalidRequest, Unavailable
 from pipeline.ids import check_post_id, describe_bad_id, is_post_id, refused_key
 from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import Prepared
-from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, HashIndex, Ledger
+from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, Ledger
 from pipeline.ingest.sources import Page, Post, Source
 from pipeline.layout import feature_key, image_key, post_key
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
@@ -127,7 +127,6 @@ class IngestRun:
         self.report = IngestReport(source=source.key())
         self.t = dict.fromkeys(STAGES, 0.0)
         self.pages = _Pages()
-        self.hashes: HashIndex | None = None
         self._pending: list[tuple[str, str, str, str, bool, bytes | None]] = []  # ledger rows not yet written
         self._pending_pages: list[int] = []
 
@@ -171,8 +170,6 @@ class IngestRun:
         try:
             run_id, cursor = self.ledger.open_run(self.source.key(), fresh)
             self.report.run_id, self.report.resumed = run_id, cursor is not None
-            if self.s.ingest_dedup == "phash":
-                self.hashes = HashIndex(*self.ledger.hashes(), self.s.ingest_phash_max_distance)
             q: queue.Queue[Any] = queue.Queue(maxsize=2 * self.s.ingest_batch_size + self.s.ingest_concurrency)
             producer = threading.Thread(target=self._produce, args=(cursor, downloader, q), name="ingest-list",
                                         daemon=True)
@@ -239,11 +236,9 @@ class IngestRun:
             self._settle(seq, (post.id, self.source.name, FAILED, f"{type(exc).__name__}: {exc}", False, None))
             return None
         self.report.downloaded += 1
-        if self.hashes is not None:
+        if self.s.ingest_dedup == "phash":
             t0 = time.perf_counter()
-            hit = self.hashes.match(prepared.phash)
-            if hit is None:
-                self.hashes.add(post.id, prepared.phash)
+            hit = self.ledger.near_duplicates([(post.id, prepared.phash)], self.s.ingest_phash_max_distance).get(post.id)
             self.t["dedup"] += time.perf_counter() - t0
             if hit is not None:
                 self.report.duplicates += 1
@@ -396,7 +391,7 @@ def run_ingest(settings: Settings, source: Source, image_encoder: ImageEncoder, 
                fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None,
                embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> IngestReport:
     own = ledger is None
-    ledger = ledger or Ledger(settings.ingest_dir)
+    ledger = ledger or Ledger.open(settings)
     try:
         return IngestRun(settings, source, image_encoder, reranker, vectors, blobs, ledger,
                          namespace=settings.namespace if namespace is None else namespace,
@@ -414,9 +409,9 @@ def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledge
     ingest brings it back. Returns what was removed."""
     check_post_id(post_id)  # it names keys and a ledger row
     versions = set(reranker_versions)
-    row = ledger.db.execute("SELECT versions FROM items WHERE id=?", (post_id,)).fetchone()
-    if row and "|" in row[0]:
-        versions.add(row[0].split("|", 1)[1])
+    made_by = ledger.versions_of(post_id)
+    if "|" in made_by:
+        versions.add(made_by.split("|", 1)[1])
     removed_vectors = vectors.delete(ids=[post_id], namespace=namespace)
     keys = [image_key(post_id, "jpg"), post_key(post_id)] + [feature_key(v, post_id) for v in sorted(versions)]
     removed_blobs = []
