@@ -101,8 +101,8 @@ def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout:
         raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (or set REDIS_URL)")
     workdir.mkdir(parents=True, exist_ok=True)
     durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
-    proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
-                            "--dir", str(workdir)], None, log_path)
+    proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--databases", "64",
+                            *durability, "--dir", str(workdir)], None, log_path)
     wait_for(lambda: redis_alive(f"redis://127.0.0.1:{port}/0") or not proc.alive(), timeout, "redis-server")
     if not proc.alive():
         raise RuntimeError(f"redis-server exited at start (port {port}); see {log_path}")
@@ -171,9 +171,11 @@ def stop_postgres(proc: Proc) -> None:
 
 
 def start_worker(env: Mapping[str, str], log_path: Path | None = None, *, name: str = "worker",
-                 pool: str | None = None, concurrency: int | None = None) -> Proc:
-    """A worker as ``imgsearch worker`` runs it: the pool and concurrency of its settings unless given."""
+                 pool: str | None = None, concurrency: int | None = None, queue: str | None = None) -> Proc:
+    """A worker as ``imgsearch worker`` runs it: the pool, concurrency and queue of its settings unless given."""
     argv = [sys.executable, "-m", "cli.main", "worker", "--name", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h"]
+    if queue:
+        argv += ["--queue", queue]
     if pool:
         argv += ["--pool", pool]
     if concurrency:

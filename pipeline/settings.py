@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -154,6 +155,8 @@ class Settings(BaseSettings):
     # a batch's items are claimed for this long: a worker that dies with them frees them when it runs out
     ingest_claim_ttl_s: float = Field(300.0, ge=1)
     ingest_batch_tries: int = Field(3, ge=1)  # claims of an item before it is recorded failed for the run
+    # this host's name in heartbeats, jobs and the ledger's lease; empty: the machine's (a test runs two "hosts")
+    host_name: str = Field("", max_length=200)
     # Reddit: app-only OAuth when both credentials are set, the public JSON listings otherwise
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
     reddit_client_secret: SecretStr | None = Field(
@@ -197,6 +200,10 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.itm_weight < 0 or self.cosine_weight < 0 or self.itm_weight + self.cosine_weight <= 0:
             raise ValueError("itm_weight and cosine_weight must be >= 0 and not both 0")
+        if self.ingest_fanout and self.vector_store == "local":
+            # each worker process would write its own copy of the embedded index
+            raise ValueError("IMGSEARCH_INGEST_FANOUT needs a vector store every worker shares "
+                             "(IMGSEARCH_VECTOR_STORE=pinecone), not the embedded one")
         for net in self.ingest_allow_networks:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -216,6 +223,10 @@ class Settings(BaseSettings):
         """Seconds before an unacknowledged job is redelivered: past any job's deadline, so a live job is
         never run twice, but short enough that a dead worker's job is picked up again."""
         return self.visibility_timeout_s or int(self.job_deadline_s * 2 + 30)
+
+    @property
+    def host(self) -> str:
+        return self.host_name or socket.gethostname()
 
     @property
     def feature_cache_on(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -10,6 +11,7 @@ from pipeline.settings import Settings, get_settings
 
 SEARCH_TASK = "imgsearch.search"
 INGEST_TASK = "imgsearch.ingest"
+EMBED_TASK = "imgsearch.ingest_batch"  # one batch of a fanned-out run (pipeline/ingest/fanout.py)
 TAKEDOWN_TASK = "imgsearch.takedown"
 NOOP_TASK = "imgsearch.noop"  # ends a job at once: the queue's own round trip, for bench.load
 
@@ -53,6 +55,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # quick and goes to the search workers, which hold the stores
         task_routes={SEARCH_TASK: {"queue": settings.search_queue}, INGEST_TASK: {"queue": settings.ingest_queue},
                      TAKEDOWN_TASK: {"queue": settings.search_queue},
+                     # a fanned-out run's batches go to any worker of the embed queue
+                     EMBED_TASK: {"queue": settings.embed_queue},
                      NOOP_TASK: {"queue": settings.search_queue}},
         beat_schedule={"ingest": {"task": INGEST_TASK, "schedule": schedule(settings.ingest_schedule),
                                   "args": [{"source": settings.ingest_source}],
@@ -73,6 +77,16 @@ def client_app(settings: Settings) -> Celery:
     client = Celery("imgsearch-client", set_as_current=False)
     client.conf.update(celery_config(settings))
     return client
+
+
+def batch_sender(settings: Settings) -> Callable[[dict[str, Any]], None]:
+    """How a fanned-out ingest run's coordinator sends a batch: by name, to the embed queue."""
+    client = client_app(settings)
+
+    def send(payload: dict[str, Any]) -> None:
+        client.send_task(EMBED_TASK, args=[payload], queue=settings.embed_queue)
+
+    return send
 
 
 # The worker's app. Its configuration is a promise, read when first needed, never at import.

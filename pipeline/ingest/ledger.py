@@ -164,9 +164,9 @@ class Lease:
     third of its time. A holder on this host whose process is gone is taken over at once (a killed run on one
     box need not wait out the lease); one on another host, once the lease expired."""
 
-    def __init__(self, db: _Db, name: str, ttl: float) -> None:
-        self.db, self.name, self.ttl = db, name, ttl
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    def __init__(self, db: _Db, name: str, ttl: float, host: str) -> None:
+        self.db, self.name, self.ttl, self.host = db, name, ttl, host
+        self.holder = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lost = threading.Event()  # set when a renewal found the lease taken or gone
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -178,7 +178,7 @@ class Lease:
             lock = " FOR UPDATE" if self.db.kind == "postgres" else ""
             row = self.db.one(f"SELECT holder, expires FROM leases WHERE name=?{lock}", (self.name,))
             now = self.db.now()
-            if row and row[0] and row[1] > now and not _gone(row[0]):
+            if row and row[0] and row[1] > now and not _gone(row[0], self.host):
                 raise Unavailable(f"another ingest run holds the ledger's lease ({row[0]}, {row[1] - now:.0f} s "
                                   "left); try again when it ends", code="ingest_running")
             self.db.execute("UPDATE leases SET holder=?, expires=? WHERE name=?", (self.holder, now + self.ttl, self.name))
@@ -210,11 +210,11 @@ class Lease:
             self.db.execute("UPDATE leases SET holder='', expires=0 WHERE name=? AND holder=?", (self.name, self.holder))
 
 
-def _gone(holder: str) -> bool:
-    """Whether a lease holder ``host:pid:token`` is a process of this host that no longer runs."""
+def _gone(holder: str, here: str) -> bool:
+    """Whether a lease holder ``host:pid:token`` is a process of this host (``here``) that no longer runs."""
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != here or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -226,11 +226,11 @@ def _gone(holder: str) -> bool:
 
 
 class Ledger:
-    def __init__(self, where: Path | str, *, lease_ttl: float = 30.0) -> None:
-        """``where``: a folder (SQLite) or a ``postgresql://`` URL."""
+    def __init__(self, where: Path | str, *, lease_ttl: float = 30.0, host: str = "") -> None:
+        """``where``: a folder (SQLite) or a ``postgresql://`` URL; ``host``: this host's name in the lease."""
         self._db = _Db(where)
         self._db.migrate()
-        self.lease_ttl = lease_ttl
+        self.lease_ttl, self.host = lease_ttl, host or socket.gethostname()
         self._lease: Lease | None = None
         self._index: HashIndex | None = None
         self._index_seq = 0
@@ -239,7 +239,7 @@ class Ledger:
     def open(cls, settings: Any) -> Ledger:
         """The ledger the settings name: PostgreSQL at ``ledger_url``, else SQLite in ``ingest_dir``."""
         url = settings.ledger_url.get_secret_value() if settings.ledger_url else ""
-        return cls(url or settings.ingest_dir, lease_ttl=settings.ingest_lease_ttl_s)
+        return cls(url or settings.ingest_dir, lease_ttl=settings.ingest_lease_ttl_s, host=settings.host)
 
     @property
     def shared(self) -> bool:
@@ -248,7 +248,7 @@ class Ledger:
     # --- one run at a time ---
     def lock(self) -> None:
         """Take the run lease, or raise Unavailable(ingest_running) while another live run holds it."""
-        lease = Lease(self._db, RUN_LEASE, self.lease_ttl)
+        lease = Lease(self._db, RUN_LEASE, self.lease_ttl, self.host)
         lease.acquire()
         self._lease = lease
 
@@ -337,9 +337,9 @@ class Ledger:
         return written
 
     def status(self, pid: str) -> dict[str, Any] | None:
-        r = self._db.one("SELECT status, reason, permanent, attempts, run_id FROM items WHERE id=?", (pid,))
+        r = self._db.one("SELECT status, reason, permanent, attempts, run_id, tries FROM items WHERE id=?", (pid,))
         return None if r is None else {"status": r[0], "reason": r[1], "permanent": bool(r[2]), "attempts": r[3],
-                                       "run_id": r[4]}
+                                       "run_id": r[4], "claims": r[5]}
 
     def versions_of(self, pid: str) -> str:
         """The models (``image|reranker`` versions) that made ``pid``'s stored artifacts, or ''."""

@@ -129,6 +129,7 @@ class IngestRun:
         self.pages = _Pages()
         self._pending: list[tuple[str, str, str, str, bool, bytes | None]] = []  # ledger rows not yet written
         self._pending_pages: list[int] = []
+        self.claim = ""  # a fanned-out batch's claim: only what it still holds is settled (pipeline.ingest.fanout)
 
     # --- the producer: list, skip, start downloads ---
     def _produce(self, cursor: dict[str, Any] | None, downloader: Downloader, out: queue.Queue[Any]) -> None:
@@ -142,7 +143,7 @@ class IngestRun:
                 if page is None:
                     break
                 self.report.listed += page.listed
-                posts, rejected = _screen(page)
+                posts, rejected = screen(page)
                 if rejected:
                     self.report.rejected += len(rejected)
                     out.put(("rejected", seq, rejected))
@@ -220,6 +221,28 @@ class IngestRun:
             self._embed_pool.shutdown(wait=True)
             self.ledger.unlock()
 
+    def ingest_posts(self, posts: Sequence[Post], run_id: str) -> None:
+        """Given posts (a fanned-out batch, pipeline.ingest.fanout) through the same stages as a run's: download,
+        near-duplicate check, embed, write, settled in the ledger (under ``self.claim``)."""
+        self.report.run_id = run_id
+        downloader = Downloader(self.s)
+        writer = ThreadPoolExecutor(8, thread_name_prefix="blob-write")
+        try:
+            futures = [(post, downloader.submit(post)) for post in posts]
+            ready = []
+            for post, fut in futures:
+                self.pages.add_item(0)
+                r = self._take(0, post, fut)
+                if r is not None:
+                    ready.append(r)
+            for i in range(0, len(ready), self.s.ingest_batch_size):
+                self._embed_and_write(ready[i:i + self.s.ingest_batch_size], writer)
+            self._flush(run_id)
+        finally:
+            downloader.close()
+            writer.shutdown(wait=True)
+            self._embed_pool.shutdown(wait=True)
+
     def _finish_timings(self, downloader: Downloader, t_start: float) -> None:
         self.t["download"], self.t["decode"] = downloader.busy_s, downloader.decode_s
         self.report.stages = {k: round(v, 3) for k, v in self.t.items()}
@@ -254,7 +277,7 @@ class IngestRun:
     def _flush(self, run_id: str) -> None:
         """Write the settled items to the ledger, then move the checkpoint past pages that are wholly done."""
         if self._pending:
-            self.ledger.record(self._pending, self.versions, run_id)
+            self.ledger.record(self._pending, self.versions, run_id, claim=self.claim)
             for seq in self._pending_pages:
                 self.pages.settle(seq)
             self._pending, self._pending_pages = [], []
@@ -372,7 +395,7 @@ class IngestRun:
         self.report.ingested += len(batch)
 
 
-def _screen(page: Page) -> tuple[list[Post], dict[str, str]]:
+def screen(page: Page) -> tuple[list[Post], dict[str, str]]:
     """The page's posts whose ids are valid, and every refused entry by a key safe to store: a listing's id
     names keys, paths and rows only once it matches the post-id pattern."""
     rejected = {pid if is_post_id(pid) else refused_key(pid): why if is_post_id(pid) else describe_bad_id(pid)

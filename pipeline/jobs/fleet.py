@@ -77,7 +77,7 @@ async def aread(r: aioredis.Redis) -> list[Beat]:
 
 def serves_search(beat: Beat, queue: str) -> bool:
     """A worker that can answer a query now: engines loaded, on the search queue, its vector store answering."""
-    return bool(beat.get("engines_loaded")) and beat.get("queue", queue) == queue and \
+    return bool(beat.get("engines_loaded")) and queue in str(beat.get("queue", queue)).split(",") and \
         beat.get("vector_store", "ok") in ("ok", "unknown")
 
 

@@ -1,0 +1,144 @@
+"""Two worker "hosts" (separate data dirs and host names) sharing one Redis, PostgreSQL (the ledger), the
+Pinecone stand-in and the GCS emulator. An ingest run fans out over both; one host is killed while both hold
+batches; the run completes with every item ingested once and none lost; then searches are answered by either
+host, alike."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from cli import stack
+from pipeline.ingest import FolderSource, Ledger
+from pipeline.ingest.fanout import run_fanout
+from pipeline.ingest.ledger import CLAIMED, INGESTED
+from pipeline.jobs.store import JobStore
+from pipeline.settings import Settings
+from standins.faults import FaultProxy
+from tests.conftest import settings_env
+from tests.live import Live
+from workers.celery_app import batch_sender
+
+pytestmark = [pytest.mark.integration, pytest.mark.multihost]
+DB, NS, BATCH = 21, "multihost", 4
+
+
+@dataclass
+class Pool:
+    env: dict[str, dict[str, str]]  # host name -> its environment
+    logs: Path
+    proxy: FaultProxy  # in front of the Pinecone stand-in: the test stalls writes with it
+    ledger_url: str
+    base: str = ""
+    hosts: dict[str, stack.Proc] = field(default_factory=dict)
+    api: stack.Proc | None = None
+
+    def start_host(self, host: str) -> None:
+        self.hosts[host] = stack.start_worker(self.env[host], self.logs / f"{host}.log", name=host,
+                                              queue="search,embed", pool="threads", concurrency=1)
+
+    def settings(self) -> Settings:
+        """The coordinator's settings: the hosts', on a third host name."""
+        given = {k.removeprefix("IMGSEARCH_").lower(): v for k, v in self.env["host-a"].items()
+                 if k.startswith("IMGSEARCH_")}
+        return Settings(**{**given, "host_name": "coordinator"})
+
+
+def _host_env(base: dict[str, str], host: str, data: Path) -> dict[str, str]:
+    return {**base, "IMGSEARCH_DATA_DIR": str(data), "IMGSEARCH_HOST_NAME": host}
+
+
+@pytest.fixture(scope="module")
+def pool(redis_server, postgres_server, pinecone_standin, gcs_emulator, tiny_models,  # type: ignore[no-untyped-def]
+         tmp_path_factory) -> Iterator[Pool]:
+    proxy = FaultProxy("127.0.0.1", int(pinecone_standin.host.rsplit(":", 1)[1]))
+    ledger_url = postgres_server.database("multihost")
+    base = settings_env(tmp_path_factory.mktemp("unused"), tiny_models, redis_server.url(DB),
+                        IMGSEARCH_VECTOR_STORE="pinecone", IMGSEARCH_PINECONE_API_KEY=pinecone_standin.api_key,
+                        IMGSEARCH_PINECONE_HOST=proxy.url, IMGSEARCH_NAMESPACE=NS,
+                        IMGSEARCH_BLOB_STORE="gcs", IMGSEARCH_GCS_BUCKET="imgsearch-test", IMGSEARCH_GCS_PREFIX=NS,
+                        STORAGE_EMULATOR_HOST=gcs_emulator.host, IMGSEARCH_LEDGER_URL=ledger_url,
+                        IMGSEARCH_INGEST_FANOUT="true", IMGSEARCH_INGEST_BATCH_SIZE=str(BATCH),
+                        IMGSEARCH_INGEST_CLAIM_TTL_S="4", IMGSEARCH_INGEST_DEDUP="off",
+                        IMGSEARCH_CACHE_RESULTS_TTL_S="0", IMGSEARCH_WARM_UP="false")
+    env = {h: _host_env(base, h, tmp_path_factory.mktemp(h)) for h in ("host-a", "host-b")}
+    redis.Redis.from_url(redis_server.url(DB)).flushdb()
+    p = Pool(env, tmp_path_factory.mktemp("multihost-logs"), proxy, ledger_url)
+    try:
+        for h in env:
+            p.start_host(h)
+        port = stack.free_port()
+        p.base = f"http://127.0.0.1:{port}"
+        p.api = stack.start_api(env["host-a"], port, p.logs / "api.log")
+        stack.wait_for(lambda: stack.live_workers(redis_server.url(DB)) == 2 and stack.api_ready(p.base), 120,
+                       "two hosts' workers and the API")
+        yield p
+    finally:
+        for proc in [*p.hosts.values(), *([p.api] if p.api else [])]:
+            proc.stop()
+        proxy.close()
+
+
+def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_images, engines,  # type: ignore[no-untyped-def]
+                                                                pinecone_standin) -> None:
+    s = pool.settings()
+    versions = f"{engines.image.version}|{engines.reranker.version}"
+    watch = Ledger(pool.ledger_url)
+    pool.proxy.set("delay", delay_s=3)  # every upsert stalls: batches are held while the test looks
+    out: dict[str, Any] = {}
+
+    def coordinate() -> None:
+        try:
+            out["report"] = run_fanout(s, FolderSource(demo_images), batch_sender(s), versions)
+        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
+            out["error"] = exc
+
+    coordinator = threading.Thread(target=coordinate, daemon=True)
+    coordinator.start()
+
+    def claimed() -> int:
+        return sum(1 for run in watch.runs() if run["finished"] is None
+                   for o in watch.outstanding(run["id"]) if o["status"] == CLAIMED and not o["expired"])
+
+    # one thread per host, a batch each: two batches claimed means both hosts hold one
+    stack.wait_for(lambda: claimed() == 2 * BATCH, 60, "both hosts to hold a batch")
+    pool.hosts["host-a"].kill()  # a machine lost, its batch in hand
+    pool.proxy.set("pass")
+    coordinator.join(180)
+    assert not coordinator.is_alive() and "error" not in out, out
+    report = out["report"]
+    assert report.ingested == 48 and not report.failed, report.summary()
+    assert watch.counts(report.run_id) == {INGESTED: 48}
+    vectors = {k: n for k, n in pinecone_standin.upserts.items() if k.startswith(f"{NS}/")}
+    assert len(vectors) == 48 and len(pinecone_standin.data[NS]) == 48  # nothing lost
+    redone = [k for k, n in vectors.items() if n > 1]
+    assert len(redone) <= BATCH  # written again: at most the lost host's batch (its writes are idempotent)
+    claims = [(watch.status(k.split("/", 1)[1]) or {}).get("claims") for k in vectors]
+    assert sorted(claims).count(2) == BATCH and claims.count(1) == 48 - BATCH  # the lost batch, claimed again
+    watch.close()
+
+    # host-a comes back (the same name and data dir); queries go to whichever host is free
+    pool.start_host("host-a")
+    url = pool.env["host-b"]["IMGSEARCH_REDIS_URL"]
+    stack.wait_for(lambda: stack.live_workers(url) == 2, 120, "host-a back")
+    store = JobStore(redis.Redis.from_url(url), ttl=600, maxlen=100)
+    live = Live(pool.base, pool.env["host-a"], pool.logs)
+    answers: dict[str, list[list[str]]] = {}
+    deadline = stack.time.monotonic() + 120
+    while len(answers) < 2 and stack.time.monotonic() < deadline:
+        ids = [live.submit("a red circle", limit=5) for _ in range(4)]
+        for job_id in ids:
+            job = live.wait(job_id)
+            assert job["status"] == "done", job
+            record = store.load(job_id)
+            host = (record.worker or "").split(":")[0] if record else ""
+            answers.setdefault(host, []).append([r["id"] for r in job["results"]])
+    assert set(answers) == {"host-a", "host-b"}, answers
+    first = answers["host-a"][0]
+    assert len(first) == 5 and all(r == first for rs in answers.values() for r in rs)  # one store, one answer
