@@ -49,6 +49,12 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
            loglevel: str = "INFO") -> None:
     """Run a worker: engines load once per process; jobs come from the search queue, or ingest runs from the
     ingest queue (give ingest its own workers, so a run never holds one that answers queries)."""
+    import os
+
+    # SIGTERM, what a deploy sends, starts Celery's cold shutdown with its soft part (stop consuming, give the
+    # jobs in hand IMGSEARCH_WORKER_SOFT_SHUTDOWN_S, hand back the rest) instead of a warm shutdown that waits
+    # on them without limit. Celery's process library reads this variable when it is first imported.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from pipeline.settings import get_settings
     from workers import runtime
     from workers.celery_app import app

@@ -157,6 +157,10 @@ class Settings(BaseSettings):
     ingest_batch_tries: int = Field(3, ge=1)  # claims of an item before it is recorded failed for the run
     # this host's name in heartbeats, jobs and the ledger's lease; empty: the machine's (a test runs two "hosts")
     host_name: str = Field("", max_length=200)
+    # rolling restarts: on SIGTERM a worker stops taking jobs and gives those it holds this long to finish
+    # (Celery's soft shutdown), then hands back the rest; keep it under the platform's grace period (30 s on
+    # Kubernetes by default). Celery waits this whole time whenever a job is in hand at the signal.
+    worker_soft_shutdown_s: float = Field(20.0, ge=0)
     # Reddit: app-only OAuth when both credentials are set, the public JSON listings otherwise
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
     reddit_client_secret: SecretStr | None = Field(

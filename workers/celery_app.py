@@ -42,6 +42,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
         # a job is acknowledged only once it ended; a job whose worker died is delivered again
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        # SIGTERM (a deploy; `imgsearch worker` maps it to Celery's cold shutdown) stops consuming, gives the jobs
+        # in hand this long, then cancels the rest, whose messages the channel hands back (workers/broker.py)
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout,
                                   # sweep for a dead worker's jobs often enough for the timeout to mean it
                                   "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 4)),
