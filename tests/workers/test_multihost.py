@@ -5,6 +5,7 @@ host, alike."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import pytest
 import redis
 
 from cli import stack
+from pipeline.errors import Unavailable
 from pipeline.ingest import FolderSource, Ledger
 from pipeline.ingest.fanout import run_fanout
 from pipeline.ingest.ledger import CLAIMED, INGESTED
@@ -142,3 +144,46 @@ def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_
     assert set(answers) == {"host-a", "host-b"}, answers
     first = answers["host-a"][0]
     assert len(first) == 5 and all(r == first for rs in answers.values() for r in rs)  # one store, one answer
+
+
+def test_a_run_whose_coordinator_dies_is_resumed_by_another(pool: Pool, tmp_path, pinecone_standin,  # type: ignore[no-untyped-def]
+                                                            engines) -> None:
+    """The coordinator (`imgsearch ingest` on a third host) is killed with its batches out; the workers go on;
+    the next coordinator, on another host, takes the lease once it expires, adopts the run and completes it."""
+    from standins.reddit import picture
+
+    folder = tmp_path / "more"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"more{i:02d}.jpg").write_bytes(picture(1000 + i))
+    env = {**pool.env["host-b"], "IMGSEARCH_HOST_NAME": "coordinator-1", "IMGSEARCH_INGEST_LEASE_TTL_S": "2"}
+    watch = Ledger(pool.ledger_url)
+    pool.proxy.set("delay", delay_s=3)
+    first = stack._spawn("coordinator", [sys.executable, "-m", "cli.main", "ingest", str(folder), "--source", "folder"],
+                         env, pool.logs / "coordinator-1.log")
+
+    def started() -> list[dict[str, Any]]:
+        return [run for run in watch.runs() if run["finished"] is None and run["source"].endswith(str(folder))]
+
+    try:
+        stack.wait_for(lambda: bool(started()) and started()[0]["cursor"] is not None, 60, "the run to be planned")
+        first.kill()
+    finally:
+        pool.proxy.set("pass")
+        first.stop()
+    run_id = started()[0]["id"]
+    assert watch.outstanding(run_id)  # its batches were still out
+    s = pool.settings().model_copy(update={"host_name": "coordinator-2", "ingest_lease_ttl_s": 2.0})
+    report = None
+    deadline = stack.time.monotonic() + 30
+    while report is None:  # the dead coordinator's lease runs out within 2 s; until then: ingest_running
+        try:
+            report = run_fanout(s, FolderSource(folder), batch_sender(s),
+                                 f"{engines.image.version}|{engines.reranker.version}")
+        except Unavailable as exc:
+            assert exc.code == "ingest_running" and stack.time.monotonic() < deadline
+            stack.time.sleep(0.2)
+    assert report.run_id == run_id and report.resumed
+    assert watch.counts(run_id) == {INGESTED: 12} and not report.failed
+    assert sum(1 for k in pinecone_standin.data[NS] if k.startswith("more")) == 12
+    watch.close()
