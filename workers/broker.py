@@ -10,8 +10,8 @@ down instead of letting it reconnect:
 Here neither is attempted on a dead channel: those messages stay in the broker's unacked set, from which
 Redis's visibility timeout restores them in the end, and the API's rescue sends a job stranded so again
 within ``rescue_after_s``. On a live channel (a worker stopping for a rolling restart, after its soft shutdown)
-the messages it could not finish go back to the head of their queue at once, for the next worker. A job run twice still ends once (the first end wins), and one that already ended is
-skipped when its message comes back.
+the messages it could not finish go back to the head of their queue at once, for the next worker. A job run
+twice still ends once (the first end wins), and one that already ended is skipped when its message comes back.
 
 Checked on the kombu versions that pipeline/vendor.py names (pyproject.toml pins them).
 """
@@ -48,7 +48,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
     def restore_unacked(self, client: Any = None) -> None:
         if self._dead():
             log.warning("%d messages left to the visibility timeout: their channel closed with the broker "
-                        "connection", len(self._delivered))
+                        "connection", len(self._delivered or ()))
             return
         try:
             super().restore_unacked(client)

@@ -99,7 +99,8 @@ def ingest_batch(payload: dict[str, Any]) -> dict[str, Any]:
     """One batch of a fanned-out ingest run: claim its items in the ledger, then download, dedup, embed, write
     and settle them. Delivered twice, it finds them claimed or settled and does nothing."""
     from pipeline.ingest import Ledger
-    from pipeline.ingest.fanout import BatchTask, ingest_batch as run_batch
+    from pipeline.ingest.fanout import BatchTask
+    from pipeline.ingest.fanout import ingest_batch as run_batch
 
     global _ledger
     task = BatchTask(**BatchPayload.model_validate(payload).model_dump())

@@ -322,7 +322,9 @@ class Ledger:
                     "INSERT INTO items (id, source, status, reason, permanent, attempts, phash, versions, run_id, updated,"
                     " claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status=excluded.status,"
                     " reason=excluded.reason, permanent=excluded.permanent, phash=excluded.phash,"
-                    " versions=excluded.versions, run_id=excluded.run_id, updated=excluded.updated,"
+                    " versions=excluded.versions, updated=excluded.updated,"
+                    # a claimed item stays its run's (a run that adopted it counts it), whoever settles it
+                    " run_id=CASE WHEN excluded.claim = '' THEN excluded.run_id ELSE items.run_id END,"
                     " attempts=CASE WHEN excluded.status='failed' THEN items.attempts + 1 ELSE items.attempts END"
                     # a takedown is final; a post that is gone from a listing now stays as ingested (a takedown
                     # removes it, not a listing)

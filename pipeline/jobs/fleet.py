@@ -129,6 +129,6 @@ async def queue_depths(r: aioredis.Redis, queues: list[str]) -> dict[str, tuple[
     pipe.eval(_UNACKED_BY_QUEUE, 1, UNACKED_KEY)
     answers = await pipe.execute()
     flat = answers[-1]
-    reserved = {(k.decode() if isinstance(k, bytes) else str(k)): int(n) for k, n in zip(flat[::2], flat[1::2])}
+    reserved = {(k.decode() if isinstance(k, bytes) else str(k)): int(n) for k, n in zip(flat[::2], flat[1::2], strict=True)}
     steps = len(PRIORITY_STEPS)
     return {q: (int(sum(answers[i * steps:(i + 1) * steps])), reserved.get(q, 0)) for i, q in enumerate(queues)}

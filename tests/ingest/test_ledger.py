@@ -58,9 +58,9 @@ def _takes(ledger: Ledger) -> bool:
 
 
 def test_a_renewed_lease_outlives_its_time(where: str) -> None:
-    a, b = Ledger(where, lease_ttl=1.0), Ledger(where, lease_ttl=1.0)
+    a, b = Ledger(where, lease_ttl=0.6), Ledger(where, lease_ttl=0.6)
     a.lock()
-    deadline = stack.time.monotonic() + 3  # three lease times: renewals keep it
+    deadline = stack.time.monotonic() + 1.8  # three lease times: renewals keep it
     while stack.time.monotonic() < deadline:
         assert not _takes(b)
     assert not a.lease_lost()

@@ -1,7 +1,7 @@
 """Two worker "hosts" (separate data dirs and host names) sharing one Redis, PostgreSQL (the ledger), the
-Pinecone stand-in and the GCS emulator. An ingest run fans out over both; one host is killed while both hold
-batches; the run completes with every item ingested once and none lost; then searches are answered by either
-host, alike."""
+Pinecone stand-in and the GCS emulator. A run whose coordinator is killed is completed by a coordinator on
+another host, and searches are then answered by either host, alike; a run fanned out over both survives one
+host killed while both hold batches: every item ingested once, none lost."""
 
 from __future__ import annotations
 
@@ -87,48 +87,9 @@ def pool(redis_server, postgres_server, pinecone_standin, gcs_emulator, tiny_mod
         proxy.close()
 
 
-def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_images, engines,  # type: ignore[no-untyped-def]
-                                                                pinecone_standin) -> None:
-    s = pool.settings()
-    versions = f"{engines.image.version}|{engines.reranker.version}"
-    watch = Ledger(pool.ledger_url)
-    pool.proxy.set("delay", delay_s=3)  # every upsert stalls: batches are held while the test looks
-    out: dict[str, Any] = {}
-
-    def coordinate() -> None:
-        try:
-            out["report"] = run_fanout(s, FolderSource(demo_images), batch_sender(s), versions)
-        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
-            out["error"] = exc
-
-    coordinator = threading.Thread(target=coordinate, daemon=True)
-    coordinator.start()
-
-    def claimed() -> int:
-        return sum(1 for run in watch.runs() if run["finished"] is None
-                   for o in watch.outstanding(run["id"]) if o["status"] == CLAIMED and not o["expired"])
-
-    # one thread per host, a batch each: two batches claimed means both hosts hold one
-    stack.wait_for(lambda: claimed() == 2 * BATCH, 60, "both hosts to hold a batch")
-    pool.hosts["host-a"].kill()  # a machine lost, its batch in hand
-    pool.proxy.set("pass")
-    coordinator.join(180)
-    assert not coordinator.is_alive() and "error" not in out, out
-    report = out["report"]
-    assert report.ingested == 48 and not report.failed, report.summary()
-    assert watch.counts(report.run_id) == {INGESTED: 48}
-    vectors = {k: n for k, n in pinecone_standin.upserts.items() if k.startswith(f"{NS}/")}
-    assert len(vectors) == 48 and len(pinecone_standin.data[NS]) == 48  # nothing lost
-    redone = [k for k, n in vectors.items() if n > 1]
-    assert len(redone) <= BATCH  # written again: at most the lost host's batch (its writes are idempotent)
-    claims = [(watch.status(k.split("/", 1)[1]) or {}).get("claims") for k in vectors]
-    assert sorted(claims).count(2) == BATCH and claims.count(1) == 48 - BATCH  # the lost batch, claimed again
-    watch.close()
-
-    # host-a comes back (the same name and data dir); queries go to whichever host is free
-    pool.start_host("host-a")
+def _answered_by_both(pool: Pool) -> None:
+    """Queries go to whichever host is free: both answer, alike (one store, one answer)."""
     url = pool.env["host-b"]["IMGSEARCH_REDIS_URL"]
-    stack.wait_for(lambda: stack.live_workers(url) == 2, 120, "host-a back")
     store = JobStore(redis.Redis.from_url(url), ttl=600, maxlen=100)
     live = Live(pool.base, pool.env["host-a"], pool.logs)
     answers: dict[str, list[list[str]]] = {}
@@ -143,7 +104,7 @@ def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_
             answers.setdefault(host, []).append([r["id"] for r in job["results"]])
     assert set(answers) == {"host-a", "host-b"}, answers
     first = answers["host-a"][0]
-    assert len(first) == 5 and all(r == first for rs in answers.values() for r in rs)  # one store, one answer
+    assert len(first) == 5 and all(r == first for rs in answers.values() for r in rs)
 
 
 def test_a_run_whose_coordinator_dies_is_resumed_by_another(pool: Pool, tmp_path, pinecone_standin,  # type: ignore[no-untyped-def]
@@ -186,4 +147,45 @@ def test_a_run_whose_coordinator_dies_is_resumed_by_another(pool: Pool, tmp_path
     assert report.run_id == run_id and report.resumed
     assert watch.counts(run_id) == {INGESTED: 12} and not report.failed
     assert sum(1 for k in pinecone_standin.data[NS] if k.startswith("more")) == 12
+    watch.close()
+    _answered_by_both(pool)
+
+
+def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_images, engines,  # type: ignore[no-untyped-def]
+                                                                pinecone_standin) -> None:
+    s = pool.settings()
+    versions = f"{engines.image.version}|{engines.reranker.version}"
+    watch = Ledger(pool.ledger_url)
+    pool.proxy.set("delay", delay_s=3)  # every upsert stalls: batches are held while the test looks
+    out: dict[str, Any] = {}
+
+    def coordinate() -> None:
+        try:
+            out["report"] = run_fanout(s, FolderSource(demo_images), batch_sender(s), versions)
+        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
+            out["error"] = exc
+
+    coordinator = threading.Thread(target=coordinate, daemon=True)
+    coordinator.start()
+
+    def claimed() -> int:
+        return sum(1 for run in watch.runs() if run["finished"] is None
+                   for o in watch.outstanding(run["id"]) if o["status"] == CLAIMED and not o["expired"])
+
+    # one thread per host, a batch each: two batches claimed means both hosts hold one
+    stack.wait_for(lambda: claimed() == 2 * BATCH, 60, "both hosts to hold a batch")
+    pool.hosts["host-a"].kill()  # a machine lost, its batch in hand
+    pool.proxy.set("pass")
+    coordinator.join(180)
+    assert not coordinator.is_alive() and "error" not in out, out
+    report = out["report"]
+    assert report.ingested == 48 and not report.failed, report.summary()
+    assert watch.counts(report.run_id) == {INGESTED: 48}
+    ids = {p.id for page in FolderSource(demo_images).pages() for p in page.posts}
+    vectors = {k: n for k, n in pinecone_standin.upserts.items() if k.split("/", 1)[1] in ids}
+    assert len(ids) == 48 and len(vectors) == 48 and ids <= set(pinecone_standin.data[NS])  # nothing lost
+    redone = [k for k, n in vectors.items() if n > 1]
+    assert len(redone) <= BATCH  # written again: at most the lost host's batch (its writes are idempotent)
+    claims = [(watch.status(k.split("/", 1)[1]) or {}).get("claims") for k in vectors]
+    assert sorted(claims).count(2) == BATCH and claims.count(1) == 48 - BATCH  # the lost batch, claimed again
     watch.close()
