@@ -135,3 +135,22 @@ def test_the_near_duplicate_index_is_one_for_every_host(where: str) -> None:
     assert a.hashes()[0] == ["x1", "x3"]
     a.close()
     b.close()
+
+
+def test_fanout_needs_a_shared_vector_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.settings import Settings
+
+    with pytest.raises(ValueError, match="IMGSEARCH_INGEST_FANOUT needs a vector store every worker shares"):
+        Settings(data_dir=tmp_path, ingest_fanout=True)
+    assert Settings(data_dir=tmp_path, ingest_fanout=True, vector_store="pinecone").ingest_fanout
+
+
+def test_a_planned_post_goes_through_the_ledger_whole_and_a_bad_one_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.errors import InvalidRequest
+    from pipeline.ingest.fanout import post_from_json, post_json
+    from pipeline.ingest.sources import Post
+
+    post = Post(id="abc12", url=str(tmp_path / "a.jpg"), title="t", score=3, extra={"k": "v"}, file=tmp_path / "a.jpg")
+    assert post_from_json(post_json(post)) == post
+    with pytest.raises(InvalidRequest):
+        post_from_json('{"id": "../../etc/passwd", "url": "x"}')  # an id names keys and rows: checked again
