@@ -39,6 +39,9 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[dict[str, Any]], None]
+# the coordinator plans the next page only while fewer batches than this are out: the queue stays bounded,
+# whatever the size of the listing
+MAX_OUTSTANDING_BATCHES = 64
 
 
 def post_json(post: Post) -> str:
@@ -90,6 +93,7 @@ class FanoutRun:
             self._resend(run_id, everything=True)  # a resumed run: its batches may be gone with their worker
             for page in self.source.pages(cursor):
                 self._check_lease()
+                self._wait(run_id, until=MAX_OUTSTANDING_BATCHES * self.s.ingest_batch_size)
                 self._plan_page(run_id, page)
             self._wait(run_id)
             counts = self.ledger.counts(run_id)
@@ -159,9 +163,10 @@ class FanoutRun:
             self._send(run_id, again)
         return len(outstanding) - len(spent)
 
-    def _wait(self, run_id: str) -> None:
-        """Until every item of the run is settled (the workers write the ledger; this only reads it)."""
-        while self._resend(run_id):
+    def _wait(self, run_id: str, until: int = 0) -> None:
+        """Until at most ``until`` items of the run are outstanding (the workers write the ledger; this only
+        reads it, and sends again what no live worker holds)."""
+        while self._resend(run_id) > until:
             self._check_lease()
             if self.on_progress is not None:
                 counts = self.ledger.counts(run_id)

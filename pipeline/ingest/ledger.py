@@ -400,12 +400,13 @@ class Ledger:
                              f" AND id IN ({','.join('?' * len(ids))})", (reason, token, *ids))
 
     def outstanding(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's items not yet settled: id, status, whether a claim on it expired, its claims, its post."""
+        """The run's items not yet settled: id, status, whether a claim on it expired, its claims, the last
+        reason a worker gave one back."""
         now = self._db.now()
-        rows = self._db.all("SELECT id, status, claim_expires, tries, post, reason FROM items"
+        rows = self._db.all("SELECT id, status, claim_expires, tries, reason FROM items"
                             " WHERE run_id=? AND status IN ('planned', 'claimed') ORDER BY id", (run_id,))
         return [{"id": r[0], "status": r[1], "expired": r[1] == CLAIMED and (r[2] or 0) < now, "tries": r[3],
-                 "post": r[4], "reason": r[5]} for r in rows]
+                 "reason": r[4]} for r in rows]
 
     def give_up(self, run_id: str, source: str, ids: Sequence[str], max_tries: int) -> None:
         """Items out of claims (planned after their last, or its claim expired): failed for this run, with the
