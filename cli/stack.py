@@ -131,10 +131,27 @@ def postgres_alive(url: str) -> bool:
         return False
 
 
-def start_postgres(port: int, log_path: Path | None = None, timeout: float = 30.0) -> tuple[Proc, str]:
+@dataclass
+class Postgres:
+    proc: Proc
+    url: str
+    workdir: Path
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: connections are ended), then whatever is left; the data goes with it."""
+        self.proc.signal_group(signal.SIGINT)
+        try:
+            self.proc.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_postgres(port: int, log_path: Path | None = None, timeout: float = 30.0) -> Postgres:
     """A throwaway PostgreSQL server on loopback (``initdb`` then ``postgres`` in the foreground, so the
-    process group is the server), trusting local connections; returns it and its URL (user ``imgsearch``,
-    database ``postgres``). PostgreSQL refuses to run as root: as root, both run as the ``postgres`` user,
+    process group is the server), trusting local connections; its URL names user ``imgsearch`` and database
+    ``postgres``. PostgreSQL refuses to run as root: as root, both run as the ``postgres`` user,
     in a folder of their own under the system's temp dir (a root-only parent would hide it from them).
     Durability is off: a test's ledger need not survive a power cut."""
     import tempfile
@@ -157,17 +174,7 @@ def start_postgres(port: int, log_path: Path | None = None, timeout: float = 30.
     wait_for(lambda: postgres_alive(url) or not proc.alive(), timeout, "PostgreSQL", interval=0.2)
     if not proc.alive():
         raise RuntimeError(f"postgres exited at start (port {port}); see {log_path}")
-    return proc, url
-
-
-def stop_postgres(proc: Proc) -> None:
-    """Fast shutdown (SIGINT: connections are ended), then whatever is left."""
-    proc.signal_group(signal.SIGINT)
-    try:
-        proc.popen.wait(15)
-    except subprocess.TimeoutExpired:
-        pass
-    proc.stop()
+    return Postgres(proc, url, workdir)
 
 
 def start_worker(env: Mapping[str, str], log_path: Path | None = None, *, name: str = "worker",

@@ -80,7 +80,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @dataclass
 class PostgresServer:
     url: str  # the server's own database, for creating others
-    proc: stack.Proc
+    server: stack.Postgres
 
     def database(self, name: str) -> str:
         """A new, empty database named ``name`` (dropped first if a run left it), and its URL."""
@@ -95,9 +95,9 @@ class PostgresServer:
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A PostgreSQL server of the tests' own on a free loopback port (the shared ingest ledger)."""
-    proc, url = stack.start_postgres(stack.free_port(), tmp_path_factory.mktemp("postgres") / "postgres.log")
-    yield PostgresServer(url, proc)
-    stack.stop_postgres(proc)
+    server = stack.start_postgres(stack.free_port(), tmp_path_factory.mktemp("postgres") / "postgres.log")
+    yield PostgresServer(server.url, server)
+    server.stop()
 
 
 def settings_env(data_dir: Path, models: Models, redis_url: str, **extra: str) -> dict[str, str]:
