@@ -68,7 +68,7 @@ def pool(redis_server, postgres_server, pinecone_standin, gcs_emulator, tiny_mod
                         STORAGE_EMULATOR_HOST=gcs_emulator.host, IMGSEARCH_LEDGER_URL=ledger_url,
                         IMGSEARCH_INGEST_FANOUT="true", IMGSEARCH_INGEST_BATCH_SIZE=str(BATCH),
                         IMGSEARCH_INGEST_CLAIM_TTL_S="4", IMGSEARCH_INGEST_DEDUP="off",
-                        IMGSEARCH_CACHE_RESULTS_TTL_S="0", IMGSEARCH_WARM_UP="false")
+                        IMGSEARCH_CACHE_RESULTS_TTL_S="0", IMGSEARCH_WARM_UP="false", IMGSEARCH_STORE_RETRIES="1")
     env = {h: _host_env(base, h, tmp_path_factory.mktemp(h)) for h in ("host-a", "host-b")}
     redis.Redis.from_url(redis_server.url(DB)).flushdb()
     p = Pool(env, tmp_path_factory.mktemp("multihost-logs"), proxy, ledger_url)
@@ -189,3 +189,25 @@ def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_
     claims = [(watch.status(k.split("/", 1)[1]) or {}).get("claims") for k in vectors]
     assert sorted(claims).count(2) == BATCH and claims.count(1) == 48 - BATCH  # the lost batch, claimed again
     watch.close()
+
+
+def test_a_batch_that_keeps_failing_is_recorded_with_its_reason_and_the_run_ends(pool: Pool, tmp_path,  # type: ignore[no-untyped-def]
+                                                                                  engines) -> None:
+    """The vector store refuses every write (503): each claim of the batch gives it back with why, the
+    coordinator sends it again, and after IMGSEARCH_INGEST_BATCH_TRIES claims records its items failed with the
+    last reason; the run ends instead of waiting forever."""
+    from standins.reddit import picture
+
+    folder = tmp_path / "doomed"
+    folder.mkdir()
+    for i in range(BATCH):
+        (folder / f"doomed{i}.jpg").write_bytes(picture(2000 + i))
+    s = pool.settings()
+    pool.proxy.set("status")
+    try:
+        report = run_fanout(s, FolderSource(folder), batch_sender(s), f"{engines.image.version}|{engines.reranker.version}")
+    finally:
+        pool.proxy.set("pass")
+    assert report.ingested == 0 and sorted(report.failed) == [f"doomed{i}" for i in range(BATCH)]
+    why = report.failed["doomed0"]
+    assert why.startswith(f"gave up after {s.ingest_batch_tries} claims: ") and "Unavailable" in why, why
