@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.errors import InvalidRequest
 from pipeline.ids import is_post_id
 from pipeline.ingest.ledger import CLAIMED, DUPLICATE, INGESTED, PLANNED, REJECTED, Ledger
 from pipeline.ingest.run import IngestReport, IngestRun, screen
@@ -92,7 +92,7 @@ class FanoutRun:
                 log.info("ingest %s: adopted %d outstanding items of an earlier run", run_id, adopted)
             self._resend(run_id, everything=True)  # a resumed run: its batches may be gone with their worker
             for page in self.source.pages(cursor):
-                self._check_lease()
+                self.ledger.hold()
                 self._wait(run_id, until=MAX_OUTSTANDING_BATCHES * self.s.ingest_batch_size)
                 self._plan_page(run_id, page)
             self._wait(run_id)
@@ -107,10 +107,6 @@ class FanoutRun:
             return self.report
         finally:
             self.ledger.unlock()
-
-    def _check_lease(self) -> None:
-        if self.ledger.lease_lost():
-            raise Unavailable("this ingest run lost the ledger's lease to another; it stops", code="ingest_running")
 
     def _plan_page(self, run_id: str, page: Any) -> None:
         self.report.listed += page.listed
@@ -167,7 +163,7 @@ class FanoutRun:
         """Until at most ``until`` items of the run are outstanding (the workers write the ledger; this only
         reads it, and sends again what no live worker holds)."""
         while self._resend(run_id) > until:
-            self._check_lease()
+            self.ledger.hold()
             if self.on_progress is not None:
                 counts = self.ledger.counts(run_id)
                 self.report.ingested, self.report.duplicates = counts.get(INGESTED, 0), counts.get(DUPLICATE, 0)

@@ -256,6 +256,11 @@ class Ledger:
         """Whether a renewal found the run lease taken by another run (this one must stop)."""
         return self._lease is not None and self._lease.lost.is_set()
 
+    def hold(self) -> None:
+        """Raise Unavailable(ingest_running) if this run froze past its lease and another run took it."""
+        if self.lease_lost():
+            raise Unavailable("this ingest run lost the ledger's lease to another; it stops", code="ingest_running")
+
     def renew(self) -> bool:
         """Renew the run lease now (its thread does every third of its time); False once it is lost."""
         return self._lease is not None and self._lease.renew()

@@ -276,6 +276,7 @@ class IngestRun:
 
     def _flush(self, run_id: str) -> None:
         """Write the settled items to the ledger, then move the checkpoint past pages that are wholly done."""
+        self.ledger.hold()
         if self._pending:
             self.ledger.record(self._pending, self.versions, run_id, claim=self.claim)
             for seq in self._pending_pages:

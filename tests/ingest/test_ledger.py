@@ -45,6 +45,8 @@ def test_one_run_holds_the_lease_until_it_lets_go_or_it_expires(where: str) -> N
     b._lease._stop.set()  # type: ignore[union-attr]  # b's renewals stop, as a host that froze
     stack.wait_for(lambda: _takes(a), 10, "the unrenewed lease to expire")
     assert not b.renew() and b.lease_lost()  # the frozen holder, back, learns it lost the lease
+    with pytest.raises(Unavailable):
+        b.hold()  # and a run stops at its next checkpoint
     a.close()
     b.close()
 
