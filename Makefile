@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup redis-server chromium clean lint cloudfunction lock
+.PHONY: demo test setup redis-server postgresql chromium clean lint cloudfunction lock
 
 setup: $(STAMP) redis-server
 
@@ -22,6 +22,12 @@ redis-server:
 	  echo "installing redis-server from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# Debian's PostgreSQL server, installed where it is missing (the shared ledger's tests start their own on a free port)
+postgresql:
+	@{ command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+	  echo "installing postgresql from Debian"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+
 # Debian's Chromium and its driver, for the search page's browser test (only `make test` needs them)
 chromium:
 	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
@@ -31,7 +37,7 @@ chromium:
 demo: setup
 	$(VENV)/bin/imgsearch demo $(ARGS)
 
-test: setup chromium
+test: setup postgresql chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -40,9 +40,8 @@ async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:
     pipe.hgetall(fleet.JOBS)
     pipe.hgetall(fleet.CACHE)
     pipe.hgetall(fleet.INGEST)
-    for q in queues.values():
-        pipe.llen(q)
     answers = await pipe.execute()
+    depths = await heartbeats.queue_depths(r, list(queues.values()))
     workers = await heartbeats.aread(r)
     out: list[Any] = []
     hist = HistogramMetricFamily("imgsearch_stage_seconds", "Search job time by query kind (text, like, image) and "
@@ -77,10 +76,17 @@ async def fleet_families(r: Any, queues: dict[str, str]) -> list[Any]:
     for k, v in sorted(_fields(answers[n + 2]).items()):
         ingest.add_metric([k], v)
     out.append(ingest)
-    depth = GaugeMetricFamily("imgsearch_queue_depth", "Tasks waiting in each queue", labels=["queue"])
-    for (name, _), v in zip(queues.items(), answers[n + 3:], strict=True):
-        depth.add_metric([name], float(v))
-    out.append(depth)
+    depth = GaugeMetricFamily("imgsearch_queue_depth", "Tasks waiting in each queue (all priorities)", labels=["queue"])
+    reserved = GaugeMetricFamily("imgsearch_queue_reserved", "Tasks workers took and have not acknowledged "
+                                 "(prefetched or running)", labels=["queue"])
+    backlog = GaugeMetricFamily("imgsearch_queue_backlog", "Tasks waiting plus reserved: what an autoscaler "
+                                "should read (a list's length misses reserved tasks)", labels=["queue"])
+    for name, q in queues.items():
+        waiting, held = depths[q]
+        depth.add_metric([name], float(waiting))
+        reserved.add_metric([name], float(held))
+        backlog.add_metric([name], float(waiting + held))
+    out += [depth, reserved, backlog]
     out.append(GaugeMetricFamily("imgsearch_workers_live", "Workers with a fresh heartbeat", value=len(workers)))
     out.append(GaugeMetricFamily("imgsearch_scrape_timestamp_seconds", "When this scrape read Redis", value=time.time()))
     return out

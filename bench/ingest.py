@@ -17,6 +17,15 @@ Rows, each in its own process on a fresh data dir:
   original's sleep between downloads (which would only widen the gap).
 Throughput is images ingested per second of wall time; a stage's seconds are summed over the threads that
 ran it (downloads overlap the rest, so stages can sum to more than the wall time).
+
+Fanned out (issue 20): ``--workers 1,2,3`` runs, instead, one row per worker count: that many embed workers
+(``imgsearch worker --queue embed``, one thread each) on a fresh Redis, the Pinecone stand-in and a shared
+SQLite ledger, and one coordinator (``pipeline.ingest.fanout``) in this process; throughput is from the run's
+start to its end (worker start-up excluded). ``--models kit`` uses the trained kit instead of the full-size
+towers. Two workers should reach at least 1.8x one on a machine with two free cores.
+
+    python -m bench.ingest --workers 1,2,3 --images 120 --backend torch --precision fp32
+    python -m bench.ingest --workers 1,2,3 --images 600 --models kit --backend torch --precision fp32
 """
 
 from __future__ import annotations
@@ -122,6 +131,50 @@ def sequential(n: int, models: dict[str, Path], engines: Path) -> dict[str, Any]
             "embed_share": t["embed"] / wall, "stages_s": {k: round(v, 3) for k, v in t.items()}}
 
 
+def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, backend: str, precision: str,
+               batch: int, logs: Path) -> dict[str, Any]:
+    """One fanned-out run over ``workers`` embed workers (see the module's docstring)."""
+    import redis
+
+    from cli import stack
+    from pipeline.ingest import RedditSource
+    from pipeline.ingest.fanout import run_fanout
+    from pipeline.jobs import fleet
+    from standins.pinecone import PineconeStandIn
+    from workers.celery_app import batch_sender
+
+    logs.mkdir(parents=True, exist_ok=True)
+    with serving(n) as base, tempfile.TemporaryDirectory(dir="build") as tmp, PineconeStandIn() as pc:
+        port = stack.free_port()
+        redis_proc = stack.start_redis(port, Path(tmp) / "redis")
+        url = f"redis://127.0.0.1:{port}/0"
+        env = {"IMGSEARCH_DATA_DIR": tmp, "IMGSEARCH_SIGLIP_MODEL": str(models["siglip"]),
+               "IMGSEARCH_BLIP_MODEL": str(models["blip"]), "IMGSEARCH_ENGINE_BACKEND": backend,
+               "IMGSEARCH_ENGINE_PRECISION": precision, "IMGSEARCH_ENGINE_DIR": str(engines),
+               "IMGSEARCH_REDIS_URL": url, "IMGSEARCH_TORCH_THREADS": "1", "IMGSEARCH_INGEST_EMBED_STREAMS": "1",
+               "IMGSEARCH_VECTOR_STORE": "pinecone", "IMGSEARCH_PINECONE_API_KEY": pc.api_key,
+               "IMGSEARCH_PINECONE_HOST": pc.host, "IMGSEARCH_INGEST_FANOUT": "true",
+               "IMGSEARCH_INGEST_BATCH_SIZE": str(batch), "IMGSEARCH_WARM_UP": "false",
+               "IMGSEARCH_REDDIT_PUBLIC_URL": base, "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps(SUBS),
+               "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]', "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',
+               "IMGSEARCH_REDDIT_MAX_PAGES": "100", "IMGSEARCH_INGEST_DEDUP": "phash"}
+        procs = [stack.start_worker(env, logs / f"embed-{workers}-{i}.log", name=f"embed{i}", queue="embed",
+                                    pool="threads", concurrency=1) for i in range(workers)]
+        try:
+            r = redis.Redis.from_url(url)
+            stack.wait_for(lambda: len(fleet.read(r)) == workers, 600, f"{workers} embed workers")
+            beat = fleet.read(r)[0]
+            s = settings_for(Path(tmp), models, engines, base, backend, precision).model_copy(update={
+                "redis_url": url, "vector_store": "pinecone", "ingest_fanout": True, "ingest_batch_size": batch})
+            rep = run_fanout(s, RedditSource(s), batch_sender(s), f"{beat['siglip']}|{beat['blip']}")
+        finally:
+            for proc in procs:
+                proc.stop()
+            redis_proc.stop()
+    assert rep.ingested == n and not rep.failed, (rep.ingested, rep.failed)
+    return {"images": rep.ingested, "workers": workers, "wall_s": rep.wall_s, "images_per_s": rep.images_per_s}
+
+
 class serving:
     """The Reddit stand-in with ``n`` image posts (pages of 100) and their photos, on a free loopback port."""
 
@@ -160,7 +213,13 @@ def main() -> None:
     ap.add_argument("--torch-pipelined", action="store_true", help="add the pipelined torch-fp32 row")
     ap.add_argument("--build", type=Path, default=Path("build"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--workers", default="", help="fanned out: embed worker counts, e.g. 1,2,3 (only these rows)")
+    ap.add_argument("--models", choices=("fullsize", "kit"), default="fullsize")
+    ap.add_argument("--batch", type=int, default=4, help="fanned out: images per batch task")
     args = ap.parse_args()
+    if args.workers:
+        fanout_main(args)
+        return
 
     from engines.export import build_onnx
     from engines.fullsize import make_fullsize_models
@@ -191,6 +250,39 @@ def main() -> None:
         cells = [f"{r['stages_s'].get(s, 0):.1f}" if s in r["stages_s"] else "-" for s in stages]
         print(f"| {r['way']} | {r['images']} | {r['images_per_s']:.3f} | {r['images_per_s'] / base:.2f}x | "
               f"{r['embed_share']:.0%} | " + " | ".join(cells) + " |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+def fanout_main(args: argparse.Namespace) -> None:
+    from engines.export import build_onnx
+
+    args.build.mkdir(exist_ok=True)
+    if args.models == "kit":
+        from engines.kit import KIT_DIR
+
+        models = {"siglip": KIT_DIR / "siglip", "blip": KIT_DIR / "blip"}
+    else:
+        from engines.fullsize import make_fullsize_models
+
+        models = make_fullsize_models(args.build / "fullsize")
+    engines = args.build / f"engines-{args.models}"
+    if args.backend == "onnxruntime":
+        build_onnx(str(models["siglip"]), str(models["blip"]), engines,
+                   precisions=("fp32", "int8") if args.precision == "int8" else ("fp32",))
+    rows = []
+    for w in [int(x) for x in args.workers.split(",")]:
+        rows.append({"way": f"fanned out, {args.models} {args.backend} {args.precision}",
+                     **fanned_out(args.images, w, models, engines, args.backend, args.precision, args.batch,
+                                  args.build / "logs")})
+        print(json.dumps(rows[-1]), flush=True)
+    one = rows[0]["images_per_s"] * 1 / rows[0]["workers"]
+    print(f"\n{args.models} models, {args.backend} {args.precision}, one thread per worker, batches of {args.batch}\n")
+    print("| embed workers | images | wall s | images/s | vs one worker |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workers']} | {r['images']} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "
+              f"{r['images_per_s'] / one:.2f}x |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))

@@ -47,12 +47,19 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_WORKER_POOL), prefork or solo")] = "",
            concurrency: Annotated[int, typer.Option(help="jobs at once (default: IMGSEARCH_WORKER_CONCURRENCY)")] = 0,
            name: str = "",
-           queue: Annotated[str, typer.Option(help="search (default) or ingest")] = "search",
+           queue: Annotated[str, typer.Option(help="search (default), ingest or embed (a fanned-out run's batches); "
+                                                   "several comma-separated")] = "search",
            health_port: Annotated[int, typer.Option(help="serve GET /healthz here (200 once this host's worker "
                                                          "is warm), for platforms that probe a port")] = 0,
            loglevel: str = "INFO") -> None:
     """Run a worker: engines load once per process; jobs come from the search queue, or ingest runs from the
     ingest queue (give ingest its own workers, so a run never holds one that answers queries)."""
+    import os
+
+    # SIGTERM, what a deploy sends, starts Celery's cold shutdown with its soft part (stop consuming, give the
+    # jobs in hand IMGSEARCH_WORKER_SOFT_SHUTDOWN_S, hand back the rest) instead of a warm shutdown that waits
+    # on them without limit. Celery's process library reads this variable when it is first imported.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from pipeline.settings import get_settings
     from workers import runtime
     from workers.celery_app import app
@@ -60,25 +67,27 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
     _logging()
     s = get_settings()
     _preflight(s)
-    queues = {"search": s.search_queue, "ingest": s.ingest_queue}
-    if queue not in queues:
-        typer.echo(f"error: --queue must be search or ingest, not {queue!r}", err=True)
+    queues = {"search": s.search_queue, "ingest": s.ingest_queue, "embed": s.embed_queue}
+    names = queue.split(",")
+    if not set(names) <= set(queues):
+        typer.echo(f"error: --queue must be search, ingest or embed (or several, comma-separated), not {queue!r}",
+                   err=True)
         raise typer.Exit(2)
-    runtime.serve(queues[queue])  # the heartbeat says which queue this worker serves
+    served = ",".join(queues[n] for n in names)
+    runtime.serve(served)  # the heartbeat says which queues this worker serves
     if health_port:
         _serve_health(health_port)
-    if queue == "ingest":
+    if "search" not in names:
         from engines.registry import prepare_ingest_process
 
         prepare_ingest_process(s)  # before the engines load (prefork children inherit it)
     app.worker_main(["worker", "--pool", pool or s.worker_pool, "--concurrency", str(concurrency or s.worker_concurrency),
-                     "--queues", queues[queue], "--hostname", name or f"{queue}@%h", "--loglevel", loglevel,
-                     "--without-mingle", "--without-gossip"])
+                     "--queues", served, "--hostname", name or f"{queue.replace(',', '+')}@{s.host}",
+                     "--loglevel", loglevel, "--without-mingle", "--without-gossip"])
 
 
 def _worker_healthy() -> bool:
     """A heartbeat from a worker process on this host with its engines loaded (they are warm by then)."""
-    import socket
 
     import redis
 
@@ -88,7 +97,7 @@ def _worker_healthy() -> bool:
 
     try:
         r = connect(get_settings().redis_url, 2)
-        return fleet.warm_on_host(fleet.read(r), socket.gethostname())
+        return fleet.warm_on_host(fleet.read(r), get_settings().host)
     except (redis.RedisError, ValueError):
         return False
 
@@ -158,8 +167,15 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
                            counts=f"listed {r.listed} | ingested {r.ingested} | skipped {r.skipped} | "
                                   f"duplicates {r.duplicates}")
 
-            rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
-                             on_progress=progress, embedders=embedders)
+            if s.ingest_fanout:  # this process lists and plans; the embed queue's workers do the rest
+                from pipeline.ingest.fanout import run_fanout
+                from workers.celery_app import batch_sender
+
+                rep = run_fanout(s, src, batch_sender(s), f"{e.image.version}|{e.reranker.version}", fresh=fresh,
+                                 on_progress=progress)
+            else:
+                rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
+                                 on_progress=progress, embedders=embedders)
     except ImgSearchError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None

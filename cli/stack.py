@@ -102,18 +102,88 @@ def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout:
         raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (or set REDIS_URL)")
     workdir.mkdir(parents=True, exist_ok=True)
     durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
-    proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
-                            "--dir", str(workdir)], None, log_path)
+    proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--databases", "64",
+                            *durability, "--dir", str(workdir)], None, log_path)
     wait_for(lambda: redis_alive(f"redis://127.0.0.1:{port}/0") or not proc.alive(), timeout, "redis-server")
     if not proc.alive():
         raise RuntimeError(f"redis-server exited at start (port {port}); see {log_path}")
     return proc
 
 
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on PATH, else Debian's versioned folder (the newest there)."""
+    exe = shutil.which(name)
+    if exe:
+        return exe
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise RuntimeError(f"{name} is not installed: `apt-get install postgresql` (or set IMGSEARCH_LEDGER_URL)")
+    return str(found[-1])
+
+
+def postgres_alive(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=1) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+@dataclass
+class Postgres:
+    proc: Proc
+    url: str
+    workdir: Path
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: connections are ended), then whatever is left; the data goes with it."""
+        self.proc.signal_group(signal.SIGINT)
+        try:
+            self.proc.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_postgres(port: int, log_path: Path | None = None, timeout: float = 30.0) -> Postgres:
+    """A throwaway PostgreSQL server on loopback (``initdb`` then ``postgres`` in the foreground, so the
+    process group is the server), trusting local connections; its URL names user ``imgsearch`` and database
+    ``postgres``. PostgreSQL refuses to run as root: as root, both run as the ``postgres`` user,
+    in a folder of their own under the system's temp dir (a root-only parent would hide it from them).
+    Durability is off: a test's ledger need not survive a power cut."""
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="imgsearch-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(workdir, "postgres", "postgres")
+    data = workdir / "data"
+    init = subprocess.run([*as_user, postgres_bin("initdb"), "-D", str(data), "-U", "imgsearch", "--auth=trust",
+                           "--no-sync", "-E", "UTF8"], capture_output=True, timeout=120, check=False)
+    if init.returncode:
+        raise RuntimeError(f"initdb failed: {init.stderr.decode(errors='replace')[-2000:]}")
+    proc = _spawn("postgres", [*as_user, postgres_bin("postgres"), "-D", str(data), "-p", str(port),
+                               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
+                               "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                               "-c", "max_connections=200"], None, log_path)
+    url = f"postgresql://imgsearch@127.0.0.1:{port}/postgres"
+    wait_for(lambda: postgres_alive(url) or not proc.alive(), timeout, "PostgreSQL", interval=0.2)
+    if not proc.alive():
+        raise RuntimeError(f"postgres exited at start (port {port}); see {log_path}")
+    return Postgres(proc, url, workdir)
+
+
 def start_worker(env: Mapping[str, str], log_path: Path | None = None, *, name: str = "worker",
-                 pool: str | None = None, concurrency: int | None = None) -> Proc:
-    """A worker as ``imgsearch worker`` runs it: the pool and concurrency of its settings unless given."""
+                 pool: str | None = None, concurrency: int | None = None, queue: str | None = None) -> Proc:
+    """A worker as ``imgsearch worker`` runs it: the pool, concurrency and queue of its settings unless given."""
     argv = [sys.executable, "-m", "cli.main", "worker", "--name", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h"]
+    if queue:
+        argv += ["--queue", queue]
     if pool:
         argv += ["--pool", pool]
     if concurrency:

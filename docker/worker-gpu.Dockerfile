@@ -25,7 +25,7 @@ COPY docker/worker-gpu-start.sh /usr/local/bin/worker-gpu-start
 # hadolint ignore=DL3013
 RUN --mount=type=bind,source=docker/constraints.txt,target=/tmp/constraints.txt \
     pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
-    && pip install -c /tmp/constraints.txt ".[worker,gpu,pinecone,gcs]" \
+    && pip install -c /tmp/constraints.txt ".[worker,gpu,pinecone,gcs,postgres]" \
     && useradd --create-home --uid 10001 imgsearch \
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch

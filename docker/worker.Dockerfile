@@ -14,7 +14,7 @@ COPY engines engines
 # this repository's own package: its dependencies' versions are set in pyproject.toml
 # hadolint ignore=DL3013
 RUN --mount=type=bind,source=docker/constraints.txt,target=/tmp/constraints.txt \
-    pip install -c /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[worker,cpu,pinecone,gcs]" \
+    pip install -c /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[worker,cpu,pinecone,gcs,postgres]" \
     && useradd --create-home --uid 10001 imgsearch \
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch

@@ -10,6 +10,7 @@ secret; env=production checks each class's own unsafe values."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -45,9 +46,12 @@ class SharedSettings(BaseSettings):
     # --- services ---
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL", "REDIS_URL"))
     search_queue: str = "search"
+    embed_queue: str = "embed"  # a fanned-out ingest run's batches, for any worker that serves it
     ingest_queue: str = "ingest"  # its own queue: a run never holds a search worker
     redis_socket_timeout_s: float = 5.0
     limits_redis_url: str | None = None  # where buckets live; default redis_url
+    # this host's name in heartbeats, jobs and the ledger's lease; empty: the machine's (a test runs two "hosts")
+    host_name: str = Field("", max_length=200)
 
     # --- storage ---
     data_dir: Path = Path("data")
@@ -66,6 +70,11 @@ class SharedSettings(BaseSettings):
     gcs_prefix: str = ""
     store_timeout_s: float = Field(10.0, gt=0)  # per call to a vector or blob store
     store_retries: int = Field(3, ge=0)
+    # the ingest ledger (items, runs, the run lease, the near-duplicate index; a takedown writes it too): empty for
+    # SQLite in ingest_dir (one box); postgresql://user:password@host/db for one ledger shared by every host
+    ledger_url: SecretStr | None = Field(None, validation_alias=_env("LEDGER_URL"))
+    # one run at a time across every host: a lease row in the ledger, renewed every third of this
+    ingest_lease_ttl_s: float = Field(30.0, ge=1)
     # thumbnails (`GET /v1/images/{id}?size=`) come in these sizes only, each made once by the API and kept in the
     # blob store (a takedown in a worker deletes them all)
     thumbnail_sizes: list[int] = [128, 256, 512]
@@ -159,6 +168,10 @@ class SharedSettings(BaseSettings):
     @property
     def ingest_dir(self) -> Path:
         return self.data_dir / "ingest"
+
+    @property
+    def host(self) -> str:
+        return self.host_name or socket.gethostname()
 
 
 class _ApiFields(SharedSettings):
@@ -265,6 +278,10 @@ class WorkerSettings(SharedSettings):
     batch_max: int = Field(8, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     warm_up: bool = True  # a worker runs one query through every stage before it reports ready
+    # rolling restarts: on SIGTERM a worker stops taking jobs and gives those it holds this long to finish
+    # (Celery's soft shutdown), then hands back the rest; keep it under the platform's grace period (30 s on
+    # Kubernetes by default). Celery waits this whole time whenever a job is in hand at the signal.
+    worker_soft_shutdown_s: float = Field(20.0, ge=0)
 
     @model_validator(mode="after")
     def _check_worker(self) -> "WorkerSettings":
@@ -305,6 +322,13 @@ class IngestSettings(WorkerSettings):
     ingest_phash_max_distance: int = Field(10, ge=0, le=256)  # bits that may differ for a near-duplicate
     ingest_dedup_cosine: float = Field(0.97, gt=0, le=1)
 
+    # --- ingest across the pool ---
+    # a run plans batches as tasks on embed_queue for any number of workers, instead of embedding in-process
+    ingest_fanout: bool = False
+    # a batch's items are claimed for this long: a worker that dies with them frees them when it runs out
+    ingest_claim_ttl_s: float = Field(300.0, ge=1)
+    ingest_batch_tries: int = Field(3, ge=1)  # claims of an item before it is recorded failed for the run
+
     # --- Reddit ---
     # Reddit: app-only OAuth when both credentials are set, the public JSON listings otherwise
     reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
@@ -319,6 +343,14 @@ class IngestSettings(WorkerSettings):
     reddit_public_url: str = "https://www.reddit.com"
     reddit_oauth_url: str = "https://oauth.reddit.com"
     reddit_token_url: str = "https://www.reddit.com/api/v1/access_token"
+
+    @model_validator(mode="after")
+    def _check_ingest(self) -> "IngestSettings":
+        if self.ingest_fanout and self.vector_store == "local":
+            # each worker process would write its own copy of the embedded index
+            raise ValueError("IMGSEARCH_INGEST_FANOUT needs a vector store every worker shares "
+                             "(IMGSEARCH_VECTOR_STORE=pinecone), not the embedded one")
+        return self
 
 
 class Settings(IngestSettings, _ApiFields):

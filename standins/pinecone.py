@@ -110,6 +110,7 @@ class PineconeStandIn:
         self.fail_next: list[int] = []  # statuses to answer the next requests with
         self.fail_path: dict[str, list[int]] = {}  # ...and the next requests to one path (e.g. "/query")
         self.delay_s = 0.0
+        self.upserts: dict[str, int] = {}  # "namespace/id" -> times upserted (a test counts writes redone)
         self.requests: list[tuple[str, str]] = []
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -134,6 +135,8 @@ class PineconeStandIn:
             if path == "/vectors/upsert":
                 for v in body["vectors"]:
                     ns[v["id"]] = (np.asarray(v["values"], np.float32), v.get("metadata") or {})
+                    key = f"{ns_name}/{v['id']}"
+                    self.upserts[key] = self.upserts.get(key, 0) + 1
                 return 200, {"upsertedCount": len(body["vectors"])}
             if path in ("/query", "/vectors/delete") and body.get("filter") is not None and _refusal(body["filter"]):
                 return 400, {"code": 3, "message": f"Invalid filter: {_refusal(body['filter'])}"}

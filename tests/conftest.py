@@ -77,6 +77,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@dataclass
+class PostgresServer:
+    url: str  # the server's own database, for creating others
+    server: stack.Postgres
+
+    def database(self, name: str) -> str:
+        """A new, empty database named ``name`` (dropped first if a run left it), and its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the tests' own on a free loopback port (the shared ingest ledger)."""
+    server = stack.start_postgres(stack.free_port(), tmp_path_factory.mktemp("postgres") / "postgres.log")
+    yield PostgresServer(server.url, server)
+    server.stop()
+
+
 def settings_env(data_dir: Path, models: Models, redis_url: str, **extra: str) -> dict[str, str]:
     """The environment a worker or API process of the tests runs with."""
     return {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(models.siglip),

@@ -27,7 +27,7 @@ def takedown_posts(ids: Sequence[str], settings: WorkerSettings | None = None, s
             versions.append(version_of(resolve(s.blip_model, SETTING)))
         except Exception:  # the model is not here: the ledger still names the versions that made the post
             pass
-    ledger = Ledger(s.ingest_dir)
+    ledger = Ledger.open(s)
     try:
         out = [takedown(pid, stores.vectors, stores.blobs, ledger, reranker_versions=versions, namespace=s.namespace,
                         feature_cache=stores.feature_cache, results=stores.results,

@@ -4,13 +4,14 @@ Two steps of kombu's run on a channel whose connection is already torn down when
 and fail inside kombu (``'NoneType' object has no attribute 'hostname'`` / ``'client'``), which takes the worker
 down instead of letting it reconnect:
 
-- a closing channel puts its unacknowledged messages back on the queue itself (``do_restore``);
+- a closing channel puts its unacknowledged messages back on the queue itself (``restore_unacked``);
 - a job that ends after the reconnection acknowledges its message on the dead channel.
 
 Here neither is attempted on a dead channel: those messages stay in the broker's unacked set, from which
 Redis's visibility timeout restores them in the end, and the API's rescue sends a job stranded so again
-within ``rescue_after_s``. A job run twice still ends once (the first end wins), and one that already ended is
-skipped when its message comes back.
+within ``rescue_after_s``. On a live channel (a worker stopping for a rolling restart, after its soft shutdown)
+the messages it could not finish go back to the head of their queue at once, for the next worker. A job run
+twice still ends once (the first end wins), and one that already ended is skipped when its message comes back.
 
 Checked on the kombu versions that pipeline/vendor.py names (pyproject.toml pins them).
 """
@@ -44,10 +45,20 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             return
         super().reject(delivery_tag, requeue=requeue)
 
+    def restore_unacked(self, client: Any = None) -> None:
+        if self._dead():
+            log.warning("%d messages left to the visibility timeout: their channel closed with the broker "
+                        "connection", len(self._delivered or ()))
+            return
+        try:
+            super().restore_unacked(client)
+        except Exception as exc:  # noqa: BLE001 - the broker went away meanwhile: the visibility timeout restores
+            log.warning("messages not handed back at close (%s: %s); the visibility timeout restores them",
+                        type(exc).__name__, exc)
+
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
-    do_restore = False
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 
-from pipeline.settings import IngestSettings, SharedSettings, get_ingest_settings
+from pipeline.settings import IngestSettings, SharedSettings, WorkerSettings, get_ingest_settings
 
 SEARCH_TASK = "imgsearch.search"
 INGEST_TASK = "imgsearch.ingest"
+EMBED_TASK = "imgsearch.ingest_batch"  # one batch of a fanned-out run (pipeline/ingest/fanout.py)
 TAKEDOWN_TASK = "imgsearch.takedown"
 NOOP_TASK = "imgsearch.noop"  # ends a job at once: the queue's own round trip, for bench.load
 
@@ -40,6 +42,9 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
         task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
         # a job is acknowledged only once it ended; a job whose worker died is delivered again
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        # SIGTERM (a deploy; `imgsearch worker` maps it to Celery's cold shutdown) stops consuming, gives the jobs
+        # in hand this long, then cancels the rest, whose messages the channel hands back (workers/broker.py)
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s if isinstance(settings, WorkerSettings) else 0.0,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout,
                                   # sweep for a dead worker's jobs often enough for the timeout to mean it
                                   "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 4)),
@@ -53,6 +58,8 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
         # quick and goes to the search workers, which hold the stores
         task_routes={SEARCH_TASK: {"queue": settings.search_queue}, INGEST_TASK: {"queue": settings.ingest_queue},
                      TAKEDOWN_TASK: {"queue": settings.search_queue},
+                     # a fanned-out run's batches go to any worker of the embed queue
+                     EMBED_TASK: {"queue": settings.embed_queue},
                      NOOP_TASK: {"queue": settings.search_queue}},
         # beat's schedule, read from ingest's settings (an app that only sends, the API's, has none)
         beat_schedule={"ingest": {"task": INGEST_TASK, "schedule": schedule(settings.ingest_schedule),
@@ -75,6 +82,16 @@ def client_app(settings: SharedSettings) -> Celery:
     client = Celery("imgsearch-client", set_as_current=False)
     client.conf.update(celery_config(settings))
     return client
+
+
+def batch_sender(settings: SharedSettings) -> Callable[[dict[str, Any]], None]:
+    """How a fanned-out ingest run's coordinator sends a batch: by name, to the embed queue."""
+    client = client_app(settings)
+
+    def send(payload: dict[str, Any]) -> None:
+        client.send_task(EMBED_TASK, args=[payload], queue=settings.embed_queue)
+
+    return send
 
 
 # The worker's (and beat's) app. Its configuration is a promise, read when first needed, never at import: ingest's

@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pipeline.jobs.runner import end_empty, run_job
+from pipeline.settings import get_ingest_settings
 from workers import runtime
-from workers.celery_app import INGEST_TASK, NOOP_TASK, SEARCH_TASK, TAKEDOWN_TASK, app
+from workers.celery_app import EMBED_TASK, INGEST_TASK, NOOP_TASK, SEARCH_TASK, TAKEDOWN_TASK, app, batch_sender
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,16 @@ def noop(payload: dict[str, Any]) -> None:
 
 
 _embedders: list[Any] | None = None  # this process's embed streams for ingest
+_ledger: Any = None  # this process's ledger for fanned-out batches (it caches the near-duplicate index)
+
+
+def _embed_streams(rt: runtime.Runtime) -> list[Any]:
+    global _embedders
+    if _embedders is None:  # once per process, as the engines
+        from engines.registry import load_image_engines
+
+        _embedders = load_image_engines(get_ingest_settings(), rt.engines)
+    return _embedders
 
 
 class IngestTask(BaseModel):
@@ -43,29 +54,38 @@ class IngestTask(BaseModel):
     fresh: bool = False
 
 
+class BatchPayload(BaseModel):
+    run_id: str = Field(pattern=r"^[0-9a-f]{12}$")
+    source: str = Field(max_length=64)
+    ids: list[str] = Field(max_length=512)
+    versions: str = Field(max_length=512)
+
+
 class TakedownTask(BaseModel):
     ids: list[str]
 
 
 @app.task(name=INGEST_TASK, acks_late=True, reject_on_worker_lost=True)
 def ingest(payload: dict[str, Any]) -> dict[str, Any]:
-    """One ingest run with this worker's engines. A run killed with its worker is delivered again and resumes
-    from its checkpoint; a run started while another holds the ledger's lock ends at once, saying so."""
-    from engines.registry import load_image_engines
+    """One ingest run: with this worker's engines, or (``ingest_fanout``) planned as batches for the embed
+    queue's workers. A run killed with its worker is delivered again and resumes from its checkpoint; a run
+    started while another holds the ledger's lease ends at once, saying so."""
     from pipeline import metrics
     from pipeline.errors import Unavailable
     from pipeline.ingest import make_source, run_ingest
-    from pipeline.settings import get_ingest_settings
+    from pipeline.ingest.fanout import run_fanout
 
-    global _embedders
     task = IngestTask.model_validate(payload)
     rt = runtime.get()
-    s = get_ingest_settings()  # the ingest deployable's settings: sources, downloads (read once per process)
-    if _embedders is None:  # once per process, as the engines
-        _embedders = load_image_engines(s, rt.engines)
+    s = get_ingest_settings()  # the ingest deployable's settings: sources, downloads, fan-out
     try:
-        report = run_ingest(s, make_source(s, task.source, task.folder), rt.engines.image, rt.engines.reranker,
-                            rt.stores.vectors, rt.stores.blobs, fresh=task.fresh, embedders=_embedders)
+        source = make_source(s, task.source, task.folder)
+        if s.ingest_fanout:
+            report = run_fanout(s, source, batch_sender(s), f"{rt.engines.image.version}|{rt.engines.reranker.version}",
+                                fresh=task.fresh)
+        else:
+            report = run_ingest(s, source, rt.engines.image, rt.engines.reranker, rt.stores.vectors, rt.stores.blobs,
+                                fresh=task.fresh, embedders=_embed_streams(rt))
     except Unavailable as exc:
         if exc.code != "ingest_running":
             raise
@@ -73,6 +93,23 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "skipped", "why": exc.message}
     metrics.record_ingest(rt.store.r, report.as_dict())
     return {"status": "done", **report.as_dict()}
+
+
+@app.task(name=EMBED_TASK, acks_late=True, reject_on_worker_lost=True)
+def ingest_batch(payload: dict[str, Any]) -> dict[str, Any]:
+    """One batch of a fanned-out ingest run: claim its items in the ledger, then download, dedup, embed, write
+    and settle them. Delivered twice, it finds them claimed or settled and does nothing."""
+    from pipeline.ingest import Ledger
+    from pipeline.ingest.fanout import BatchTask
+    from pipeline.ingest.fanout import ingest_batch as run_batch
+
+    global _ledger
+    task = BatchTask(**BatchPayload.model_validate(payload).model_dump())
+    rt = runtime.get()
+    if _ledger is None:
+        _ledger = Ledger.open(rt.settings)
+    return run_batch(get_ingest_settings(), task, rt.engines.image, rt.engines.reranker, rt.stores.vectors, rt.stores.blobs,
+                     _ledger, embedders=_embed_streams(rt))
 
 
 @app.task(name=TAKEDOWN_TASK, acks_late=True)

@@ -47,7 +47,8 @@ async def prometheus(request: Request) -> Response:
     s = request.app.state.settings
     try:
         families = await metrics.fleet_families(request.app.state.redis,
-                                                {"search": s.search_queue, "ingest": s.ingest_queue})
+                                                {"search": s.search_queue, "ingest": s.ingest_queue,
+                                                 "embed": s.embed_queue})
     except Exception:  # noqa: BLE001 - Redis away: this process's own metrics still go out
         families = []
     return Response(metrics.render(families), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -26,7 +26,7 @@ from pipeline.errors import InvalidRequest, Unavailable
 from pipeline.ids import check_post_id, describe_bad_id, is_post_id, refused_key
 from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import Prepared
-from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, HashIndex, Ledger
+from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, Ledger
 from pipeline.ingest.sources import Page, Post, Source
 from pipeline.layout import feature_key, image_key, post_key, thumb_key
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
@@ -127,9 +127,9 @@ class IngestRun:
         self.report = IngestReport(source=source.key())
         self.t = dict.fromkeys(STAGES, 0.0)
         self.pages = _Pages()
-        self.hashes: HashIndex | None = None
         self._pending: list[tuple[str, str, str, str, bool, bytes | None]] = []  # ledger rows not yet written
         self._pending_pages: list[int] = []
+        self.claim = ""  # a fanned-out batch's claim: only what it still holds is settled (pipeline.ingest.fanout)
 
     # --- the producer: list, skip, start downloads ---
     def _produce(self, cursor: dict[str, Any] | None, downloader: Downloader, out: queue.Queue[Any]) -> None:
@@ -143,7 +143,7 @@ class IngestRun:
                 if page is None:
                     break
                 self.report.listed += page.listed
-                posts, rejected = _screen(page)
+                posts, rejected = screen(page)
                 if rejected:
                     self.report.rejected += len(rejected)
                     out.put(("rejected", seq, rejected))
@@ -171,8 +171,6 @@ class IngestRun:
         try:
             run_id, cursor = self.ledger.open_run(self.source.key(), fresh)
             self.report.run_id, self.report.resumed = run_id, cursor is not None
-            if self.s.ingest_dedup == "phash":
-                self.hashes = HashIndex(*self.ledger.hashes(), self.s.ingest_phash_max_distance)
             q: queue.Queue[Any] = queue.Queue(maxsize=2 * self.s.ingest_batch_size + self.s.ingest_concurrency)
             producer = threading.Thread(target=self._produce, args=(cursor, downloader, q), name="ingest-list",
                                         daemon=True)
@@ -223,6 +221,28 @@ class IngestRun:
             self._embed_pool.shutdown(wait=True)
             self.ledger.unlock()
 
+    def ingest_posts(self, posts: Sequence[Post], run_id: str) -> None:
+        """Given posts (a fanned-out batch, pipeline.ingest.fanout) through the same stages as a run's: download,
+        near-duplicate check, embed, write, settled in the ledger (under ``self.claim``)."""
+        self.report.run_id = run_id
+        downloader = Downloader(self.s)
+        writer = ThreadPoolExecutor(8, thread_name_prefix="blob-write")
+        try:
+            futures = [(post, downloader.submit(post)) for post in posts]
+            ready = []
+            for post, fut in futures:
+                self.pages.add_item(0)
+                r = self._take(0, post, fut)
+                if r is not None:
+                    ready.append(r)
+            for i in range(0, len(ready), self.s.ingest_batch_size):
+                self._embed_and_write(ready[i:i + self.s.ingest_batch_size], writer)
+            self._flush(run_id)
+        finally:
+            downloader.close()
+            writer.shutdown(wait=True)
+            self._embed_pool.shutdown(wait=True)
+
     def _finish_timings(self, downloader: Downloader, t_start: float) -> None:
         self.t["download"], self.t["decode"] = downloader.busy_s, downloader.decode_s
         self.report.stages = {k: round(v, 3) for k, v in self.t.items()}
@@ -239,11 +259,9 @@ class IngestRun:
             self._settle(seq, (post.id, self.source.name, FAILED, f"{type(exc).__name__}: {exc}", False, None))
             return None
         self.report.downloaded += 1
-        if self.hashes is not None:
+        if self.s.ingest_dedup == "phash":
             t0 = time.perf_counter()
-            hit = self.hashes.match(prepared.phash)
-            if hit is None:
-                self.hashes.add(post.id, prepared.phash)
+            hit = self.ledger.near_duplicates([(post.id, prepared.phash)], self.s.ingest_phash_max_distance).get(post.id)
             self.t["dedup"] += time.perf_counter() - t0
             if hit is not None:
                 self.report.duplicates += 1
@@ -258,8 +276,9 @@ class IngestRun:
 
     def _flush(self, run_id: str) -> None:
         """Write the settled items to the ledger, then move the checkpoint past pages that are wholly done."""
+        self.ledger.hold()
         if self._pending:
-            self.ledger.record(self._pending, self.versions, run_id)
+            self.ledger.record(self._pending, self.versions, run_id, claim=self.claim)
             for seq in self._pending_pages:
                 self.pages.settle(seq)
             self._pending, self._pending_pages = [], []
@@ -377,7 +396,7 @@ class IngestRun:
         self.report.ingested += len(batch)
 
 
-def _screen(page: Page) -> tuple[list[Post], dict[str, str]]:
+def screen(page: Page) -> tuple[list[Post], dict[str, str]]:
     """The page's posts whose ids are valid, and every refused entry by a key safe to store: a listing's id
     names keys, paths and rows only once it matches the post-id pattern."""
     rejected = {pid if is_post_id(pid) else refused_key(pid): why if is_post_id(pid) else describe_bad_id(pid)
@@ -396,7 +415,7 @@ def run_ingest(settings: IngestSettings, source: Source, image_encoder: ImageEnc
                fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None,
                embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> IngestReport:
     own = ledger is None
-    ledger = ledger or Ledger(settings.ingest_dir)
+    ledger = ledger or Ledger.open(settings)
     try:
         return IngestRun(settings, source, image_encoder, reranker, vectors, blobs, ledger,
                          namespace=settings.namespace if namespace is None else namespace,
@@ -414,9 +433,9 @@ def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledge
     ingest brings it back. Returns what was removed."""
     check_post_id(post_id)  # it names keys and a ledger row
     versions = set(reranker_versions)
-    row = ledger.db.execute("SELECT versions FROM items WHERE id=?", (post_id,)).fetchone()
-    if row and "|" in row[0]:
-        versions.add(row[0].split("|", 1)[1])
+    made_by = ledger.versions_of(post_id)
+    if "|" in made_by:
+        versions.add(made_by.split("|", 1)[1])
     removed_vectors = vectors.delete(ids=[post_id], namespace=namespace)
     keys = [image_key(post_id, "jpg"), post_key(post_id)] + [feature_key(v, post_id) for v in sorted(versions)]
     keys += [thumb_key(post_id, n) for n in thumb_sizes]

@@ -3,7 +3,9 @@ the CLI's health check and the process stack all use.
 
 A heartbeat is a JSON key with a TTL (``imgsearch:worker:{host}:{pid}``), renewed every third of it: the worker
 is live, its engines loaded, its vector store answering. Reading the keys (instead of asking Celery to
-broadcast) costs one SCAN and one MGET, and needs no worker to answer."""
+broadcast) costs one SCAN and one MGET, and needs no worker to answer.
+
+Also the fleet's queue depth as an autoscaler must read it: waiting plus reserved (``queue_depths``)."""
 
 from __future__ import annotations
 
@@ -75,10 +77,58 @@ async def aread(r: aioredis.Redis) -> list[Beat]:
 
 def serves_search(beat: Beat, queue: str) -> bool:
     """A worker that can answer a query now: engines loaded, on the search queue, its vector store answering."""
-    return bool(beat.get("engines_loaded")) and beat.get("queue", queue) == queue and \
+    return bool(beat.get("engines_loaded")) and queue in str(beat.get("queue", queue)).split(",") and \
         beat.get("vector_store", "ok") in ("ok", "unknown")
 
 
 def warm_on_host(beats: list[Beat], host: str) -> bool:
     """A worker process on ``host`` with its engines loaded (they are warm by then): a container's health."""
     return any(b.get("host") == host and b.get("engines_loaded") for b in beats)
+
+
+# --- queue depth: what an autoscaler should read ---
+# Kombu's Redis transport keeps a queue as up to four lists (one per priority step: the queue's name, then the
+# name + "\x06\x16" + 3, 6 and 9), and a message a worker has taken but not acknowledged (reserved, prefetched or
+# running: acks late) in the hash ``unacked`` (delivery tag -> JSON [message, exchange, routing key]), indexed by
+# the zset ``unacked_index``. A list's length alone misses every reserved message: a saturated fleet reads about
+# zero. These names are kombu's defaults; tests/workers/test_depth.py checks them against workers/broker.py.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+UNACKED_KEY = "unacked"
+
+# Counts the unacked messages by routing key in Redis, so a scrape ships counts, not message bodies. Celery
+# routes a task to a queue by a routing key equal to the queue's name (task_routes' {"queue": name}).
+_UNACKED_BY_QUEUE = """
+local counts = {}
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+  local ok, m = pcall(cjson.decode, v)
+  if ok and type(m) == 'table' then
+    local q = m[3]
+    if type(q) ~= 'string' or q == '' then q = m[2] end
+    if type(q) == 'string' then counts[q] = (counts[q] or 0) + 1 end
+  end
+end
+local out = {}
+for q, n in pairs(counts) do out[#out + 1] = q; out[#out + 1] = n end
+return out
+"""
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s waiting messages, one per priority step."""
+    return [f"{queue}{PRIORITY_SEP}{p}" if p else queue for p in PRIORITY_STEPS]
+
+
+async def queue_depths(r: aioredis.Redis, queues: list[str]) -> dict[str, tuple[int, int]]:
+    """Per queue: (waiting, reserved). Waiting sums the queue's priority lists; reserved counts the messages
+    workers took and have not acknowledged. Their sum is the backlog an autoscaler can trust."""
+    pipe = r.pipeline(transaction=False)
+    for q in queues:
+        for key in priority_lists(q):
+            pipe.llen(key)
+    pipe.eval(_UNACKED_BY_QUEUE, 1, UNACKED_KEY)
+    answers = await pipe.execute()
+    flat = answers[-1]
+    reserved = {str(k): int(n) for k, n in zip(flat[::2], flat[1::2], strict=True)}  # a job client: str
+    steps = len(PRIORITY_STEPS)
+    return {q: (int(sum(answers[i * steps:(i + 1) * steps])), reserved.get(q, 0)) for i, q in enumerate(queues)}
