@@ -76,10 +76,12 @@ def test_sigkill_a_worker_with_20_jobs_in_flight_a_second_finishes_them(fragile:
         assert names.count("results") == 1 and names.count("done") == 1 and names[-1] == "done", (j, names)
         ids = [x["id"] for x in job["results"]]
         assert ids and len(ids) == len(set(ids))
-    # the job caught mid-run started twice: once on the dead worker, once on the second
-    assert _event_names(r, caught[0]).count("started") == 2
+    # the job caught mid-run started again: once on the dead worker, then on the second (more than once if the
+    # second worker took longer to start than two rescue rounds: each resend starts it, the first end wins)
+    starts = _event_names(r, caught[0]).count("started")
+    assert starts >= 2
     print(f"sigkill: {len(jobs)} accepted, {sum(v['status'] == 'done' for v in results.values())} done, 0 failed, "
-          f"0 lost; {len(caught)} caught running, each started twice and ended once")
+          f"0 lost; {len(caught)} caught running, started {starts} times and ended once")
 
 
 @dataclass
