@@ -100,7 +100,7 @@ class FanoutRun:
             self.report.ingested = counts.get(INGESTED, 0)
             self.report.duplicates = counts.get(DUPLICATE, 0)
             self.report.failed = self.ledger.failures(run_id)
-            self.report.source_failures = dict(getattr(self.source, "failures", {}))
+            self.report.source_failures = dict(self.source.failures)
             self.report.wall_s = round(time.perf_counter() - t0, 3)
             self.ledger.finish(run_id, self.report.as_dict())
             log.info("ingest (fanned out) %s", self.report.summary())

@@ -204,13 +204,11 @@ class IngestRun:
                 self._embed_and_write(batch, writer)
             self._flush(run_id)
             producer.join()
-            save = getattr(self.vectors, "save", None)
-            if callable(save):
-                t0 = time.perf_counter()
-                save()
-                self.t["write"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.vectors.save()
+            self.t["write"] += time.perf_counter() - t0
             self.report.failed = self.ledger.failures(run_id)
-            self.report.source_failures = dict(getattr(self.source, "failures", {}))
+            self.report.source_failures = dict(self.source.failures)
             self._finish_timings(downloader, t_start)
             self.ledger.finish(run_id, self.report.as_dict())
             log.info("ingest %s", self.report.summary())
@@ -448,8 +446,6 @@ def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledge
         feature_cache.delete(post_id)
     if results is not None:
         results.clear()  # any cached answer may list the post; answers are minutes-lived, so drop them all
-    save = getattr(vectors, "save", None)
-    if callable(save):
-        save()
+    vectors.save()
     ledger.record([(post_id, "admin", TAKEN_DOWN, "taken down", True, None)], "", "takedown")
     return {"id": post_id, "vectors": removed_vectors, "blobs": removed_blobs}

@@ -63,6 +63,7 @@ class Page:
 
 class Source(Protocol):
     name: str
+    failures: dict[str, str]  # listing failures (a subreddit that could not be listed): recorded, never fatal
 
     def key(self) -> str:
         """What identifies this source's runs (a resumed run must be of the same source and settings)."""
@@ -85,6 +86,7 @@ class FolderSource:
         if not self.folder.is_dir():
             raise InvalidRequest(f"ingest folder {self.folder} does not exist or is not a directory")
         self.page_size = page_size
+        self.failures: dict[str, str] = {}  # a folder has no listing to fail
 
     def key(self) -> str:
         return f"folder:{self.folder.resolve()}"
