@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydantic import SecretStr
 
 SUBS = {"pics": 0}
 
@@ -132,7 +133,7 @@ def sequential(n: int, models: dict[str, Path], engines: Path) -> dict[str, Any]
 
 
 def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, backend: str, precision: str,
-               batch: int, logs: Path) -> dict[str, Any]:
+               batch: int, logs: Path, ledger: str = "sqlite") -> dict[str, Any]:
     """One fanned-out run over ``workers`` embed workers (see the module's docstring)."""
     import redis
 
@@ -148,6 +149,9 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
         port = stack.free_port()
         redis_proc = stack.start_redis(port, Path(tmp) / "redis")
         url = f"redis://127.0.0.1:{port}/0"
+        # the shared ledger: one SQLite file (one box), or PostgreSQL (a pool of hosts)
+        pg = stack.start_postgres(stack.free_port(), logs / "postgres.log") if ledger == "postgres" else None
+        ledger_env = {"IMGSEARCH_LEDGER_URL": pg.url} if pg else {}
         env = {"IMGSEARCH_DATA_DIR": tmp, "IMGSEARCH_SIGLIP_MODEL": str(models["siglip"]),
                "IMGSEARCH_BLIP_MODEL": str(models["blip"]), "IMGSEARCH_ENGINE_BACKEND": backend,
                "IMGSEARCH_ENGINE_PRECISION": precision, "IMGSEARCH_ENGINE_DIR": str(engines),
@@ -157,7 +161,7 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
                "IMGSEARCH_INGEST_BATCH_SIZE": str(batch), "IMGSEARCH_WARM_UP": "false",
                "IMGSEARCH_REDDIT_PUBLIC_URL": base, "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps(SUBS),
                "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]', "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',
-               "IMGSEARCH_REDDIT_MAX_PAGES": "100", "IMGSEARCH_INGEST_DEDUP": "phash"}
+               "IMGSEARCH_REDDIT_MAX_PAGES": "100", "IMGSEARCH_INGEST_DEDUP": "phash", **ledger_env}
         procs = [stack.start_worker(env, logs / f"embed-{workers}-{i}.log", name=f"embed{i}", queue="embed",
                                     pool="threads", concurrency=1) for i in range(workers)]
         try:
@@ -165,12 +169,15 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
             stack.wait_for(lambda: len(fleet.read(r)) == workers, 600, f"{workers} embed workers")
             beat = fleet.read(r)[0]
             s = settings_for(Path(tmp), models, engines, base, backend, precision).model_copy(update={
-                "redis_url": url, "vector_store": "pinecone", "ingest_fanout": True, "ingest_batch_size": batch})
+                "redis_url": url, "vector_store": "pinecone", "ingest_fanout": True, "ingest_batch_size": batch,
+                **({"ledger_url": SecretStr(pg.url)} if pg else {})})
             rep = run_fanout(s, RedditSource(s), batch_sender(s), f"{beat['siglip']}|{beat['blip']}")
         finally:
             for proc in procs:
                 proc.stop()
             redis_proc.stop()
+            if pg:
+                pg.stop()
     assert rep.ingested == n and not rep.failed, (rep.ingested, rep.failed)
     return {"images": rep.ingested, "workers": workers, "wall_s": rep.wall_s, "images_per_s": rep.images_per_s}
 
@@ -216,6 +223,8 @@ def main() -> None:
     ap.add_argument("--workers", default="", help="fanned out: embed worker counts, e.g. 1,2,3 (only these rows)")
     ap.add_argument("--models", choices=("fullsize", "kit"), default="fullsize")
     ap.add_argument("--batch", type=int, default=4, help="fanned out: images per batch task")
+    ap.add_argument("--ledger", choices=("sqlite", "postgres"), default="sqlite",
+                    help="fanned out: the shared ledger (PostgreSQL started here on a free port)")
     args = ap.parse_args()
     if args.workers:
         fanout_main(args)
@@ -275,10 +284,11 @@ def fanout_main(args: argparse.Namespace) -> None:
     for w in [int(x) for x in args.workers.split(",")]:
         rows.append({"way": f"fanned out, {args.models} {args.backend} {args.precision}",
                      **fanned_out(args.images, w, models, engines, args.backend, args.precision, args.batch,
-                                  args.build / "logs")})
+                                  args.build / "logs", args.ledger)})
         print(json.dumps(rows[-1]), flush=True)
     one = rows[0]["images_per_s"] * 1 / rows[0]["workers"]
-    print(f"\n{args.models} models, {args.backend} {args.precision}, one thread per worker, batches of {args.batch}\n")
+    print(f"\n{args.models} models, {args.backend} {args.precision}, one thread per worker, batches of {args.batch}, "
+          f"{args.ledger} ledger\n")
     print("| embed workers | images | wall s | images/s | vs one worker |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r['images']} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "

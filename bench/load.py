@@ -133,6 +133,8 @@ async def ours_call(client: httpx.AsyncClient, request: Request, timeout: float)
     try:
         async with asyncio.timeout(timeout):
             async with client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+                if resp.status_code != 200:  # a refused stream is an error, not a job that never ended
+                    return {"ok": False, "why": f"events HTTP {resp.status_code}"}
                 async for line in resp.aiter_lines():
                     if line in ("event: done", "event: failed"):
                         break
@@ -419,8 +421,11 @@ def main() -> None:
             report["engine_build_s"] = round(time.perf_counter() - t0, 1)
         if args.compare_plain:
             report["ours_plain"] = f"{args.plain_backend} {plain_precision}, plain cross-attention"
-        plain_env.update({"IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0"})
-        env.update({"IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0"})
+        # one client address opens every stream here: the per-caller caps would refuse most of them
+        no_caps = {"IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0",
+                   "IMGSEARCH_MAX_STREAMS_PER_CALLER": "0"}
+        plain_env.update(no_caps)
+        env.update(no_caps)
         rport = stack.free_port()
         redis_proc = stack.start_redis(rport, root / "redis", root / "redis.log")
         env["IMGSEARCH_REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
