@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from api.contract import params_of
 from api.schemas import JobRequest
 from pipeline import image_query
 from pipeline.errors import InvalidRequest
@@ -54,7 +55,7 @@ async def read(request: Request, picture_toll: Callable[[], Awaitable[None]]) ->
     if req.query is None and req.like is None and req.image_url is None:
         raise InvalidRequest("body: give a query (words), like (a post id) or image_url; or upload an image "
                              "as multipart/form-data")
-    params = req.model_dump(exclude={"query"}, exclude_unset=True)
+    _, params = params_of(req)  # the options as the text route takes them
     if req.image_url is None:
         return Submission(req.query or "", params)
     await picture_toll()
@@ -88,7 +89,7 @@ async def _upload(request: Request, settings: ApiSettings) -> Submission:
         data = await picture.read(settings.max_upload_bytes + 1)
     finally:
         await form.close()
-    return await _with_image(data, req.model_dump(exclude={"query"}, exclude_unset=True), settings)
+    return await _with_image(data, params_of(req)[1], settings)
 
 
 async def _with_image(data: bytes, params: dict[str, Any], settings: ApiSettings) -> Submission:
