@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup redis-server postgresql chromium clean lint cloudfunction lock
+.PHONY: demo test setup redis-server postgresql chromium qemu-user clean lint cloudfunction lock
 
 setup: $(STAMP) redis-server
 
@@ -34,10 +34,16 @@ chromium:
 	  echo "installing chromium and chromium-driver from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Debian's qemu-user, where missing: the int8 test runs ONNX Runtime on an emulated AVX2-only CPU (no VNNI)
+qemu-user:
+	@command -v qemu-x86_64 >/dev/null 2>&1 || { \
+	  echo "installing qemu-user from Debian"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-user >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/imgsearch demo $(ARGS)
 
-test: setup postgresql chromium
+test: setup postgresql chromium qemu-user
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -304,13 +304,16 @@ def engines_list() -> None:
             current.add(version_of(resolve(source, setting)))
         except Exception:  # a missing model only means nothing is current
             pass
+    from engines.artifacts import INT8_RECIPE
+
     root = s.engines_path
     files = sorted(p for p in root.rglob("*") if p.suffix in (".onnx", ".plan")) if root.is_dir() else []
     if not files:
         typer.echo(f"no engines under {root}; build them with `imgsearch engines build`")
     for p in files:
         version = p.relative_to(root).parts[0]
-        mark = "current" if version in current else "stale"
+        old_int8 = ".int8" in p.name and f".int8-{INT8_RECIPE.name}." not in p.name  # another recipe: never served
+        mark = "current" if version in current and not old_int8 else "stale"
         typer.echo(f"{mark:8} {p.relative_to(root)}  {p.stat().st_size / 1e6:.1f} MB")
 
 
@@ -327,12 +330,16 @@ def models_tiny(folder: Path, seed: int = 0) -> None:
 def models_check(source: Annotated[str, typer.Argument(metavar="DIR_OR_HUB_ID", help="A model folder or a hub id.")],
                  load: Annotated[bool, typer.Option(help="Also load the weights and run them, as a worker does.")] = True,
                  max_tokens: Annotated[int, typer.Option(help="SigLIP's query length (IMGSEARCH_TEXT_MAX_TOKENS).")] = 64,
+                 engines: Annotated[Path | None, typer.Option(help="Built engines to self-check (default: "
+                                                                   "IMGSEARCH_ENGINE_DIR).")] = None,
                  ) -> None:
     """Run a worker's load-time self-checks on a SigLIP or BLIP checkpoint you bring: prints the tokenizer layout,
-    the text limits, the version, the parameter counts and the memory it needs; exits 1 where a check fails."""
+    the text limits, the version, the parameter counts, the memory it needs, and the int8 self-check of its built
+    int8 engines on this CPU; exits 1 where a check fails."""
     from engines.check import check_model
+    from pipeline.settings import get_settings
 
-    report = check_model(source, max_tokens=max_tokens, load=load)
+    report = check_model(source, max_tokens=max_tokens, load=load, engine_dir=engines or get_settings().engines_path)
     typer.echo("\n".join(report.lines()))
     raise typer.Exit(0 if report.ok else 1)
 

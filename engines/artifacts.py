@@ -7,7 +7,9 @@ and the worker says which command builds it, rather than running a stale one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ModelLoadError
 
@@ -20,8 +22,50 @@ class EngineMissing(ModelLoadError):
     code = "engine_missing"
 
 
-def onnx_path(engine_dir: Path, model_version: str, component: str, precision: str) -> Path:
-    return engine_dir / model_version / f"{component}.{precision}.onnx"
+@dataclass(frozen=True)
+class Recipe:
+    """How an int8 engine is quantized (ONNX Runtime's dynamic quantization: activations uint8 per run). Its name
+    is part of every int8 engine's file name, so a folder built with another recipe is rebuilt, never served."""
+
+    name: str
+    unsigned: bool = False  # uint8 weights (ONNX Runtime's U8U8 kernels) instead of int8 (U8S8)
+    reduce_range: bool = False  # 7-bit weights
+    per_channel: bool = False  # a scale per output channel instead of one per tensor
+
+    def options(self) -> dict[str, Any]:
+        from onnxruntime.quantization import QuantType
+
+        return {"weight_type": QuantType.QUInt8 if self.unsigned else QuantType.QInt8,
+                "reduce_range": self.reduce_range, "per_channel": self.per_channel}
+
+
+RECIPES = {r.name: r for r in (Recipe("s8"), Recipe("s8-rr", reduce_range=True),
+                               Recipe("s8-rr-pc", reduce_range=True, per_channel=True),
+                               Recipe("u8", unsigned=True), Recipe("u8-pc", unsigned=True, per_channel=True))}
+# The choice, by measurement (python -m bench.int8; 2-core AMD EPYC Zen 4 with avx512_vnni, 2026-12-04):
+#
+#   recipe    kit text cos  kit ITM max diff  kit top-10  AVX2 probe   full-size text cos  text b1 / b16 ms
+#   s8        0.9997        0.075             0.993       refused (*)  0.9997              22.9 / 307
+#   s8-rr     0.9994        0.060             0.990       0.9990       0.9992              22.4 / 305
+#   s8-rr-pc  0.9996        0.053             1.000       0.9992       0.9994              24.2 / 319
+#   u8        0.9997        0.059             0.997       0.9992       0.9997              41.4 / 618
+#   u8-pc     0.9998        0.054             0.997       0.9993       0.9997              42.6 / 610
+#
+# (*) "AVX2 probe": the self-check's probes under qemu-x86_64 -cpu Haswell (AVX2, no VNNI: ONNX Runtime's U8S8
+# kernel there adds pairs of products in 16 bits, vpmaddubsw, and saturates). The old full-range recipe gave
+# cosine 0.868 (text) and 0.918 (image) on the tiny random towers and an ITM error of 0.039, where the others give
+# the same figures as natively. Every recipe but s8 is right on every x86 kind; uint8 weights (U8U8) are right
+# but take the slower U8U8 kernels (1.8x on VNNI); per-channel scales buy a little agreement for 5% of the text
+# tower's time. 7-bit weights keep the VNNI speed and hold the parity bounds, so: s8-rr. The rerank's
+# reassociated graph stays per channel whatever the recipe (engines/export.py).
+INT8_RECIPE = RECIPES["s8-rr"]
+
+
+def onnx_path(engine_dir: Path, model_version: str, component: str, precision: str, recipe: str | None = None) -> Path:
+    """``{component}.fp32.onnx``, or ``{component}.int8-{recipe}.onnx`` (the recipe ``engines build`` uses unless
+    one is named)."""
+    tag = f"int8-{recipe or INT8_RECIPE.name}" if precision == "int8" else precision
+    return engine_dir / model_version / f"{component}.{tag}.onnx"
 
 
 def require(path: Path, backend: str, precision: str) -> Path:

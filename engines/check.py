@@ -145,9 +145,32 @@ def check_text_layout(source: str, max_tokens: int = 64) -> None:
     check_layout(path, load_tokenizer(path, SETTING), json.loads((path / "config.json").read_text()), max_tokens)
 
 
-def check_model(source: str, *, max_tokens: int = 64, load: bool = True) -> Report:
-    """Run the load-time self-checks on ``source`` (a folder or a hub id); never raises for a bad model: every
-    failure is a failed check in the report."""
+def _int8_checks(report: Report, engine_dir: Path) -> None:
+    """The int8 self-check a worker runs before an int8 graph's first use, on every int8 graph built for this
+    version (engines/selfcheck.py), with its figures."""
+    from engines.artifacts import INT8_RECIPE
+    from engines.ort import Session
+    from engines.selfcheck import MAX_ITM_DIFF, MIN_COSINE, Run, check_folder
+
+    def session(graph: Path) -> tuple[Run, list[str]]:  # a worker's kind of session; measure() reports, not refuses
+        s = Session(graph, "cpu", 0, check=False)
+        return s, [o.name for o in s.outputs()]
+
+    folder = engine_dir / report.version
+    rows = check_folder(folder, INT8_RECIPE.name, session) if folder.is_dir() else []
+    if not rows:
+        report.add("int8", None, f"no int8 engines of recipe {INT8_RECIPE.name} in {folder} (`imgsearch engines build "
+                                 "--backend onnxruntime --precision int8` builds them)")
+    for r in rows:
+        itm = f", largest ITM difference {r['itm_diff']:.4f} (bound <= {MAX_ITM_DIFF})" if r["itm_diff"] else ""
+        report.add("int8", r["ok"], f"{r['graph'].split('/')[1]}: cosine to fp32 {r['cosine']:.4f} (bound >= "
+                                    f"{MIN_COSINE}){itm}, probe {r['ms']:.0f} ms on this CPU")
+
+
+def check_model(source: str, *, max_tokens: int = 64, load: bool = True, engine_dir: Path | None = None) -> Report:
+    """Run the load-time self-checks on ``source`` (a folder or a hub id), and the int8 self-check on the engines
+    built for it under ``engine_dir``; never raises for a bad model: every failure is a failed check in the
+    report."""
     report = Report(source)
     try:
         path = resolve(source, "DIR_OR_HUB_ID")
@@ -170,6 +193,8 @@ def check_model(source: str, *, max_tokens: int = 64, load: bool = True) -> Repo
         report.add("memory", None, memory(p))
         if load and report.ok:
             _load(report, kind, str(path))
+        if engine_dir is not None:
+            _int8_checks(report, engine_dir)
     except ModelLoadError as exc:
         report.add("load", False, exc.message)
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint may fail anywhere in transformers: report it

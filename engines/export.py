@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, onnx_path
+from engines.artifacts import BLIP_COMPONENTS, INT8_RECIPE, SIGLIP_COMPONENTS, Recipe, onnx_path
 from engines.blip import BlipCores, TorchBlip
+from engines.selfcheck import probe_path, write_probe
 from engines.siglip import TorchSiglip, features
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,25 @@ def _fuse_transformer(src: Path, dst: Path, heads: int, hidden: int) -> None:
     fused.save_model_to_file(str(dst))
 
 
-def _quantize(src: Path, dst: Path, fuse: tuple[int, int] | None = None) -> None:
+def _quantize(src: Path, dst: Path, recipe: Recipe, fuse: tuple[int, int] | None = None) -> None:
     from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
     if fuse:
         fused = dst.with_name(f".tmp-{os.getpid()}-fused-{src.name}")
         try:
             _fuse_transformer(src, fused, *fuse)
-            quantize_dynamic(str(fused), str(tmp), weight_type=QuantType.QInt8,
+            quantize_dynamic(str(fused), str(tmp), **recipe.options(),
                              extra_options={"DefaultTensorType": TensorProto.FLOAT})
         finally:
             fused.unlink(missing_ok=True)
     else:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(tmp), **recipe.options())
     os.replace(tmp, dst)
 
 
-def _quantize_reassociated(src: Path, dst: Path) -> None:
+def _quantize_reassociated(src: Path, dst: Path, recipe: Recipe) -> None:
     """int8 for the reassociated ITM pass: every 2-D weight product int8, per output channel; the per-head
     ``W_k,h``/``W_v,h`` products (3-D weights, which ONNX Runtime quantizes per tensor only) and both products
     with the image tokens in float. So only the layers the plain pass shares (self-attention, the query and
@@ -85,15 +86,71 @@ def _quantize_reassociated(src: Path, dst: Path) -> None:
     0.0066, and the attention-weighted sum per tensor reordered the kit's candidates (top-10 agreement with fp32
     0.8 against 0.93)."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     graph = onnx.load(str(src), load_external_data=False).graph
     weights = {i.name: len(i.dims) for i in graph.initializer}
     floats = [n.name for n in graph.node if n.op_type == "MatMul"
               and (weights.get(n.input[1], 0) != 2 or n.input[0] in weights)]
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=floats)
+    quantize_dynamic(str(src), str(tmp), **{**recipe.options(), "per_channel": True}, nodes_to_exclude=floats)
     os.replace(tmp, dst)
+
+
+PROBE_TEXTS = ["a red circle on a white background", "two blue squares", "a surprised pikachu face",
+               "a confused cat looking at a computer"]
+
+
+def _probe_images() -> list[Any]:
+    """Two fixed pictures with shapes and edges (a blank one hardly exercises a vision tower)."""
+    from PIL import Image, ImageDraw
+
+    a = Image.new("RGB", (320, 240), (240, 240, 235))
+    ImageDraw.Draw(a).ellipse((40, 40, 160, 160), fill=(210, 30, 40))
+    b = Image.new("RGB", (240, 320), (40, 60, 90))
+    draw = ImageDraw.Draw(b)
+    draw.rectangle((20, 30, 120, 130), fill=(40, 90, 220))
+    draw.polygon([(130, 300), (230, 300), (180, 180)], fill=(250, 210, 30))
+    return [a, b]
+
+
+def _probe_inputs(model: Any, name: str) -> dict[str, Any]:
+    """What ``name``'s int8 self-check feeds it (engines/selfcheck.py): the model's own preprocessing of fixed
+    texts and pictures; BLIP's candidates are the torch vision tower's features stored as float16, as ingest
+    stores them."""
+    import numpy as np
+
+    images = _probe_images()
+    if name == "siglip_text":
+        return {"input_ids": model.text_inputs(PROBE_TEXTS)}
+    if name == "siglip_image":
+        return {"pixel_values": model.image_inputs(images)}
+    pixels = model.pixel_inputs(images)
+    if name == "blip_vision":
+        return {"pixel_values": pixels}
+    tok = model.tokenizer(PROBE_TEXTS[:2], padding=True, truncation=True, max_length=model.max_tokens, return_tensors="np")
+    ids, mask = tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64)
+    if name == "blip_itc":
+        return {"input_ids": ids, "attention_mask": mask}
+    with torch.inference_mode():
+        embeds = BlipCores(model.model).vision(torch.from_numpy(pixels)).numpy().astype(np.float16)
+    owner, image = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])  # each query against each picture
+    if name == "blip_itm":
+        return {"input_ids": ids[owner], "attention_mask": mask[owner], "image_embeds": embeds[image]}
+    return {"input_ids": ids, "attention_mask": mask, "owner": owner.astype(np.int64), "image_embeds": embeds[image]}
+
+
+def _write_probe(model: Any, name: str, fp32: Path) -> None:
+    """The probe beside the graphs: its inputs and the fp32 graph's outputs on them."""
+    import numpy as np
+
+    from engines.ort import Session
+
+    inputs = _probe_inputs(model, name)
+    sess = Session(fp32, "cpu", 0)
+    feed = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in inputs.items()}
+    values = sess(**feed)
+    write_probe(probe_path(fp32), inputs, dict(zip([o.name for o in sess.outputs()], values, strict=True)))
 
 
 def _fusable(m: TorchSiglip, name: str) -> tuple[int, int]:
@@ -180,7 +237,7 @@ def _blank() -> Any:
 
 def build_onnx(siglip_source: str, blip_source: str, engine_dir: Path, precisions: tuple[str, ...] = ("fp32",),
                components: tuple[str, ...] = SIGLIP_COMPONENTS + BLIP_COMPONENTS, force: bool = False,
-               progress: Callable[[str], None] | None = None) -> list[Path]:
+               progress: Callable[[str], None] | None = None, recipe: Recipe = INT8_RECIPE) -> list[Path]:
     """Export (and quantise) the named components; skip those already built unless ``force``."""
     built: list[Path] = []
     loaders: list[tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]] = []
@@ -203,19 +260,22 @@ def build_onnx(siglip_source: str, blip_source: str, engine_dir: Path, precision
                 progress(f"{name} fp32")
             built.append(fp32)
             if "int8" in precisions:
-                int8 = onnx_path(engine_dir, model.version, name, "int8")
+                int8 = onnx_path(engine_dir, model.version, name, "int8", recipe.name)
+                if force or not probe_path(int8).is_file():
+                    _write_probe(model, name, fp32)
                 if force or not int8.is_file():
                     # SigLIP's towers are fused first (text: Attention, SkipLayerNorm, FastGelu, 2x at batch 1;
                     # image: LayerNorm and FastGelu only, 8%); BLIP's vision tower gained nothing from it (measured)
                     if name == "blip_itm_rx":
-                        _quantize_reassociated(fp32, int8)
+                        _quantize_reassociated(fp32, int8, recipe)
                     else:
-                        _quantize(fp32, int8, _fusable(model, name) if name in SIGLIP_COMPONENTS else None)
+                        _quantize(fp32, int8, recipe, _fusable(model, name) if name in SIGLIP_COMPONENTS else None)
                 if progress:
                     progress(f"{name} int8")
                 built.append(int8)
         manifest = engine_dir / model.version / "manifest.json"
         files = sorted(p.name for p in manifest.parent.glob("*.onnx"))
         manifest.write_text(json.dumps({"model_version": model.version, "source": str(model.path), "opset": OPSET,
-                                        "torch": torch.__version__, "files": files}, indent=2))
+                                        "torch": torch.__version__, "files": files,
+                                        "int8_recipe": recipe.name if "int8" in precisions else None}, indent=2))
     return built

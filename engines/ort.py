@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from engines import selfcheck
 from engines.artifacts import BLIP_COMPONENTS, onnx_path, require
 from engines.blip import MAX_TOKENS as BLIP_MAX_TOKENS
 from engines.blip import SETTING as BLIP_SETTING
@@ -16,6 +18,8 @@ from engines.blip import BlipBase
 from engines.siglip import SETTING as SIGLIP_SETTING
 from engines.siglip import SiglipBase
 from pipeline import vendor
+
+log = logging.getLogger(__name__)
 
 # Execution providers in order of preference, each with its options; filtered by what is installed.
 PROVIDERS: list[tuple[str, dict[str, Any]]] = [
@@ -66,14 +70,26 @@ def per_session_pools() -> bool:
 
 
 class Session:
-    """One ONNX Runtime session, created on first use (a query worker never opens the ingest-only graphs)."""
+    """One ONNX Runtime session, created on first use (a query worker never opens the ingest-only graphs). An int8
+    graph runs its probe before anything else runs on it (engines/selfcheck.py): a graph this CPU computes
+    wrongly is refused with ``Int8Disagrees``, whoever opened it (a worker, the CLI, a benchmark)."""
 
-    def __init__(self, path: Path, device: str, threads: int, shared: bool = True) -> None:
-        self.path, self.device, self.threads, self.shared = path, device, threads, shared
+    def __init__(self, path: Path, device: str, threads: int, shared: bool = True, check: bool = True) -> None:
+        self.path, self.device, self.threads, self.shared, self.check = path, device, threads, shared, check
         self._sess: Any = None
         self.runs = 0  # how often it ran (tests check which graph a call took)
+        self.agreement: selfcheck.Agreement | None = None  # the int8 self-check's figures, once it ran
 
     def __call__(self, **inputs: NDArray[Any]) -> list[NDArray[Any]]:
+        self.open()
+        self.runs += 1
+        return self._sess.run(None, inputs)  # type: ignore[no-any-return]
+
+    def outputs(self) -> list[Any]:
+        self.open()
+        return self._sess.get_outputs()  # type: ignore[no-any-return]
+
+    def open(self) -> None:
         if self._sess is None:
             import onnxruntime as ort
 
@@ -86,17 +102,20 @@ class Session:
                     opts.intra_op_num_threads = self.threads
                 # per-session pools that spin after their run would steal the cores the next session needs
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers(self.device))
-        self.runs += 1
-        return self._sess.run(None, inputs)  # type: ignore[no-any-return]
+            sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers(self.device))
+            if self.check and ".int8-" in self.path.name:
+                self.agreement = selfcheck.verify(self.path, lambda **kw: sess.run(None, kw),
+                                                  [o.name for o in sess.get_outputs()])
+                log.info("%s in %.0f ms", self.agreement.line(), self.agreement.ms)
+            self._sess = sess
 
 
 def _sessions(engine_dir: Path, version: str, names: tuple[str, ...], precision: str, device: str,
-              threads: int, shared: bool = True) -> dict[str, Session]:
+              threads: int, shared: bool = True, recipe: str | None = None) -> dict[str, Session]:
     """``shared=False``: sessions with their own pool of ``threads`` (ingest's parallel embed streams, one
     thread each, measured 4 to 5% faster per image on 2 cores than one stream over both; bench.ingest)."""
-    return {n: Session(require(onnx_path(engine_dir, version, n, precision), "onnxruntime", precision), device, threads,
-                       shared) for n in names}
+    return {n: Session(require(onnx_path(engine_dir, version, n, precision, recipe), "onnxruntime", precision), device,
+                       threads, shared) for n in names}
 
 
 class OrtSiglip(SiglipBase):
@@ -104,9 +123,10 @@ class OrtSiglip(SiglipBase):
 
     def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
                  threads: int = 0, max_tokens: int = 64, setting: str = SIGLIP_SETTING,
-                 components: tuple[str, ...] = ("siglip_text", "siglip_image"), shared_pool: bool = True) -> None:
+                 components: tuple[str, ...] = ("siglip_text", "siglip_image"), shared_pool: bool = True,
+                 recipe: str | None = None) -> None:
         super().__init__(source, max_tokens=max_tokens, setting=setting)
-        self.s = _sessions(engine_dir, self.version, components, precision, device, threads, shared_pool)
+        self.s = _sessions(engine_dir, self.version, components, precision, device, threads, shared_pool, recipe)
         if "siglip_text" in self.s:
             self._warm_up()
         else:  # an image-only replica (ingest): the width from the config, with no text session to ask
@@ -125,15 +145,17 @@ class OrtBlip(BlipBase):
 
     def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
                  threads: int = 0, batch_size: int = 32, max_tokens: int = BLIP_MAX_TOKENS, setting: str = BLIP_SETTING,
-                 shared_pool: bool = True, cross_attention: str = "auto") -> None:
+                 shared_pool: bool = True, cross_attention: str = "auto", recipe: str | None = None) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
                          cross_attention=cross_attention)
-        self.s = _sessions(engine_dir, self.version, BLIP_COMPONENTS, precision, device, threads, shared_pool)
+        self.s = _sessions(engine_dir, self.version, BLIP_COMPONENTS, precision, device, threads, shared_pool, recipe)
         if precision == "int8":
             # int8 projections against the reassociated pass's float products: measured on 2 Zen 4 cores
             # (bench.engines, BLIP-base, 32 candidates) 2.2x faster at 8 tokens, 1.4x at 16, 0.9x at 32, so the
             # break-even sits near 28 tokens, where a float product costs about 2.2 int8 ones; 2.5 errs towards plain
             self.float_cost = 2.5
+            for name in ("blip_itc", "blip_itm_rx", "blip_itm"):  # the query graphs: an unsafe one fails at load
+                self.s[name].open()
 
     def _vision_core(self, pixel_values: NDArray[np.float32]) -> NDArray[Any]:
         return self.s["blip_vision"](pixel_values=pixel_values)[0]

@@ -52,10 +52,10 @@ def _torch(s: WorkerSettings) -> Engines:
 def _onnxruntime(s: WorkerSettings) -> Engines:
     from engines.ort import OrtBlip, OrtSiglip
 
-    kw = dict(device=s.device, precision=s.engine_precision, threads=s.torch_threads)
-    siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, **kw)  # type: ignore[arg-type]
-    blip = OrtBlip(s.blip_model, s.engines_path, max_tokens=s.blip_max_tokens,  # type: ignore[arg-type]
-                   cross_attention=s.blip_cross_attention, **kw)
+    siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, device=s.device,
+                       precision=s.engine_precision, threads=s.torch_threads)
+    blip = OrtBlip(s.blip_model, s.engines_path, max_tokens=s.blip_max_tokens, cross_attention=s.blip_cross_attention,
+                   device=s.device, precision=s.engine_precision, threads=s.torch_threads)
     _one_at_a_time(siglip, blip)
     return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision)
 
