@@ -29,6 +29,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetr
 from engines.crossattn import ReassociatedItm, reassociation_pays
 from engines.loading import resolve, version_of
 from engines.siglip import DTYPES, l2
+from engines.tokens import text_positions
 
 SETTING = "IMGSEARCH_BLIP_MODEL"
 MAX_TOKENS = 35  # BLIP ITM (COCO) was trained on captions of at most 35 tokens, [CLS] and [SEP] included
@@ -55,9 +56,12 @@ class BlipBase:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.processor = AutoImageProcessor.from_pretrained(self.path)
         self.batch_size = batch_size
-        self.max_tokens = max_tokens
+        config = json.loads((self.path / "config.json").read_text())
+        # never more tokens than the text tower has positions (the kit's has 24): a longer query is truncated, as
+        # one over the setting is, instead of failing in the position embedding
+        self.max_tokens = min(max_tokens, text_positions(config, max_tokens))
         self.cross_attention = cross_attention
-        self.shape = cross_attention_shape(json.loads((self.path / "config.json").read_text()))
+        self.shape = cross_attention_shape(config)
         # held while a model call runs: a worker's engines share one (engines.registry), so the text encoder and
         # the reranker never run at once, each with a pool of threads sized to every core (on 2 cores that
         # oversubscription cost throughput as load rose)

@@ -173,6 +173,21 @@ def test_the_default_truncates_queries_at_35_tokens(wide) -> None:  # type: igno
     np.testing.assert_allclose(tb.score(long_query, feats)[0], tb.score(cut, feats)[0], atol=1e-6)
 
 
+def test_a_query_longer_than_the_text_tower_is_truncated_to_its_positions() -> None:
+    """The kit's text tower has 24 positions, fewer than the 35-token default: a long query is cut to 24 tokens and
+    scores as that cut (the cut is BlipBase's, so every backend's), instead of failing in the position embedding."""
+    from engines.kit import KIT_DIR
+
+    tb = TorchBlip(str(KIT_DIR / "blip"))
+    assert tb.max_tokens == 24
+    long_query = " ".join(["a red circle on a blue square with two green dots"] * 4)
+    ids = tb.query_inputs(long_query)[0]
+    assert ids.shape[1] == 24 and ids[0, -1] == tb.tokenizer.sep_token_id
+    feats = list(tb.vision_features([_image(i) for i in range(3)]))
+    cut = tb.tokenizer.decode(ids[0, 1:-1])
+    np.testing.assert_allclose(tb.score(long_query, feats)[0], tb.score(cut, feats)[0], atol=1e-6)
+
+
 def _image(seed: int):  # type: ignore[no-untyped-def]
     from PIL import Image
 
