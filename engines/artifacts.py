@@ -56,9 +56,15 @@ RECIPES = {r.name: r for r in (Recipe("s8"), Recipe("s8-rr", reduce_range=True),
 # cosine 0.868 (text) and 0.918 (image) on the tiny random towers and an ITM error of 0.039, where the others give
 # the same figures as natively. Every recipe but s8 is right on every x86 kind; uint8 weights (U8U8) are right
 # but take the slower U8U8 kernels (1.8x on VNNI); per-channel scales buy a little agreement for 5% of the text
-# tower's time. 7-bit weights keep the VNNI speed and hold the parity bounds, so: s8-rr. The rerank's
-# reassociated graph stays per channel whatever the recipe (engines/export.py).
+# tower's time. 7-bit weights keep the VNNI speed and hold the parity bounds, so: s8-rr.
 INT8_RECIPE = RECIPES["s8-rr"]
+# The rerank's reassociated graph quantizes only the few query rows' weight products (its products with the image
+# tokens stay float), so it takes uint8 weights per tensor whatever the recipe: right on every x86 kind, and the
+# closest to fp32 of the recipes measured there (engines/export.py has the figures); the slower U8U8 kernels cost
+# little on products of a few rows: 32 candidates, BLIP-base widths with 2 text layers, 1 thread, 8/16/24-token
+# queries, 187/304/329 ms against 204/211/327 ms with int8 7-bit weights (the plain int8 pass: 436/560/940 ms);
+# measured by hand once (no bench keeps it), on a loaded machine: read it as "about the same".
+RX_RECIPE = RECIPES["u8"]
 
 
 def onnx_path(engine_dir: Path, model_version: str, component: str, precision: str, recipe: str | None = None) -> Path:

@@ -76,7 +76,9 @@ class Agreement:
 
 def _cosines(a: NDArray[Any], b: NDArray[Any]) -> NDArray[np.float64]:
     a, b = (np.asarray(x, np.float64).reshape(len(x), -1) for x in (a, b))
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)  # type: ignore[no-any-return]
+    # no fixed epsilon: a random-weight model's outputs may be tiny (norms of 1e-7) and still be right
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, np.finfo(np.float64).tiny)  # type: ignore[no-any-return]
 
 
 def measure(graph: Path, run: Run, output_names: list[str]) -> Agreement:
