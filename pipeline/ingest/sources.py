@@ -21,7 +21,7 @@ from tenacity import RetryCallState
 
 from pipeline.errors import InvalidRequest, Unavailable
 from pipeline.ids import reddit_path
-from pipeline.ingest.urls import Refused, check_form, shown
+from pipeline.ingest.urls import DEFAULT_PORTS, Refused, check_form, shown
 from pipeline.retry import RetryLater, last_error, retrying
 from pipeline.settings import IngestSettings
 
@@ -170,7 +170,7 @@ def _truthy(v: Any) -> bool:
 # --- reddit ---
 
 def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"),
-             ) -> tuple[str | None, str]:
+             ports: Collection[int] = DEFAULT_PORTS) -> tuple[str | None, str]:
     """The image URL of a listing entry's ``data``, or None and why it is not an image post. Direct links
     only: an image file's extension, over http(s), on one of ``hosts`` (imgur.com/x.jpg goes to i.imgur.com);
     a gallery's first image over http(s) on one of ``hosts`` as well. Downloads check every hop again."""
@@ -184,7 +184,7 @@ def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.
             src = (m.get("s") or {}).get("u") or (m.get("s") or {}).get("gif")
             if m.get("status", "valid") == "valid" and m.get("e", "Image") in ("Image", "AnimatedImage") and src:
                 try:
-                    check_form(html.unescape(str(src)), hosts)
+                    check_form(html.unescape(str(src)), hosts, ports)
                 except Refused as exc:
                     return None, f"gallery image {exc}"
                 return html.unescape(str(src)), ""
@@ -201,7 +201,7 @@ def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.
     if ext not in IMAGE_EXTS:
         return None, "not an image post"
     try:
-        check_form(url, hosts)
+        check_form(url, hosts, ports)
     except Refused as exc:
         return None, str(exc)
     return (url.replace("//imgur.com/", "//i.imgur.com/") if host == "imgur.com" else url), ""
@@ -217,7 +217,8 @@ class RedditSource:
                  sleep: Any = time.sleep) -> None:
         self.s = settings
         self.subs = dict(settings.reddit_subreddits)
-        self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True,
+        # trust_env=False: no proxy variable or .netrc of the host's environment reaches Reddit's requests
+        self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True, trust_env=False,
                                            headers={"User-Agent": settings.reddit_user_agent})
         self.sleep = sleep
         self._token: tuple[str, float] | None = None
@@ -274,12 +275,25 @@ class RedditSource:
         return r
 
     def _once(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        r = self.http.request(method, url, **kw)
-        if r.status_code == 429 or r.status_code >= 500:
-            raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
-        if r.status_code >= 400:
-            raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
-        return r
+        """One request, its body read up to ``reddit_max_listing_bytes`` (counted decoded, so a compressed bomb
+        is cut as early as a long one), then Unavailable."""
+        auth = kw.pop("auth", None)
+        request = self.http.build_request(method, url, **kw)
+        r = self.http.send(request, auth=auth, stream=True)
+        try:
+            if r.status_code == 429 or r.status_code >= 500:
+                raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
+            if r.status_code >= 400:
+                raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
+            cap, body = self.s.reddit_max_listing_bytes, bytearray()
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    raise Unavailable(f"{method} {urlsplit(url).path}: the answer is over {cap:,} bytes")
+        finally:
+            r.close()
+        headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=request)
 
     def listing(self, sub: str, after: str | None) -> dict[str, Any]:
         params = {"limit": str(self.s.reddit_page_size), "raw_json": "1"}
@@ -302,7 +316,7 @@ class RedditSource:
         score = int(d.get("score") or 0)
         if score < self.subs[sub]:
             return None
-        url, why = image_of(d, self.s.reddit_image_hosts)
+        url, why = image_of(d, self.s.reddit_image_hosts, self.s.ingest_allow_ports)
         if url is None:
             return why
         link = reddit_path(d.get("permalink"))
