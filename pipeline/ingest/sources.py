@@ -10,6 +10,7 @@ import html
 import json
 import logging
 import time
+import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +219,10 @@ class RedditSource:
         self.s = settings
         self.subs = dict(settings.reddit_subreddits)
         # trust_env=False: no proxy variable or .netrc of the host's environment reaches Reddit's requests
+        # gzip or nothing: the one encoding _capped_body inflates under its cap
         self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True, trust_env=False,
-                                           headers={"User-Agent": settings.reddit_user_agent})
+                                           headers={"User-Agent": settings.reddit_user_agent,
+                                                    "Accept-Encoding": "gzip"})
         self.sleep = sleep
         self._token: tuple[str, float] | None = None
         self.failures: dict[str, str] = {}  # listing failures by subreddit: recorded, never fatal
@@ -275,8 +278,7 @@ class RedditSource:
         return r
 
     def _once(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        """One request, its body read up to ``reddit_max_listing_bytes`` (counted decoded, so a compressed bomb
-        is cut as early as a long one), then Unavailable."""
+        """One request, its body read up to ``reddit_max_listing_bytes`` (``_capped_body``), then Unavailable."""
         auth = kw.pop("auth", None)
         request = self.http.build_request(method, url, **kw)
         r = self.http.send(request, auth=auth, stream=True)
@@ -285,11 +287,7 @@ class RedditSource:
                 raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
             if r.status_code >= 400:
                 raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
-            cap, body = self.s.reddit_max_listing_bytes, bytearray()
-            for chunk in r.iter_bytes():
-                body += chunk
-                if len(body) > cap:
-                    raise Unavailable(f"{method} {urlsplit(url).path}: the answer is over {cap:,} bytes")
+            body = _capped_body(r, self.s.reddit_max_listing_bytes, f"{method} {urlsplit(url).path}")
         finally:
             r.close()
         headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
@@ -366,6 +364,31 @@ class RedditSource:
                 yield Page(posts, nxt, rejected, listed=len(children))
                 if done:
                     break
+
+
+def _capped_body(r: httpx.Response, cap: int, what: str) -> bytes:
+    """A streamed response's body, inflated here under ``cap`` (httpx inflates a whole chunk at once: 64 KB of
+    gzip can be 64 MiB), or Unavailable past the cap or in an encoding other than gzip."""
+    encoding = r.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise Unavailable(f"{what}: the answer's encoding {ascii(encoding[:20])} is not taken")
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+    body = bytearray()
+    try:
+        for raw in r.iter_raw():
+            data = raw
+            while data:
+                if inflate is None:
+                    out, data = data, b""
+                else:
+                    out = inflate.decompress(data, cap + 1 - len(body))
+                    data = inflate.unconsumed_tail
+                body += out
+                if len(body) > cap:
+                    raise Unavailable(f"{what}: the answer is over {cap:,} bytes")
+    except zlib.error as exc:
+        raise Unavailable(f"{what}: the answer's gzip is corrupt ({exc})") from None
+    return bytes(body)
 
 
 def _retry_after(r: httpx.Response) -> float | None:

@@ -291,3 +291,45 @@ def test_forty_slow_image_hosts_move_a_text_post_p99_by_under_50_ms(world: World
     keys = [k.decode().split(":")[2] for k in world.r.scan_iter(f"{PREFIX}:job:*") if k.decode().count(":") == 2]
     world.accepted.extend(k for k in keys if k not in world.accepted and k not in world.cancelled)
     ROWS[-1]["left"], ROWS[-1]["lost"] = _aftermath(world)
+
+
+class _BigListing(BaseHTTPRequestHandler):
+    """A Reddit listing of 64 MiB of JSON, gzip-compressed to about 64 KB on the wire."""
+
+    seen: list[str] = []
+    body = __import__("gzip").compress(b'{"data": {"children": [], "pad": "' + b" " * (64 << 20) + b'"}}', 6)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.seen.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_listing_client_caps_its_body_and_ignores_the_environments_proxy(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.errors import Unavailable
+    from pipeline.ingest.sources import RedditSource
+    from pipeline.settings import IngestSettings
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BigListing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # a proxy that would swallow every request, were the environment believed
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        s = IngestSettings(data_dir=tmp_path, reddit_public_url=f"http://127.0.0.1:{server.server_address[1]}",
+                           reddit_max_listing_bytes=1 << 20, ingest_retries=0)
+        source = RedditSource(s)
+        with _Measured(os.getpid()) as cost, pytest.raises(Unavailable, match="over 1,048,576 bytes"):
+            source.listing("memes", None)
+        assert _BigListing.seen and _BigListing.seen[0].startswith("/r/memes/")  # reached directly, not via the proxy
+        assert cost.rss_mib < 32  # read up to the cap, not 64 MiB
+    finally:
+        server.shutdown()
