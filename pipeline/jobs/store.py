@@ -41,7 +41,8 @@ AsyncSend = Callable[[str], Awaitable[None]]
 # script: nothing of an ended job but its record and events stays in Redis. A new one joins the open set, scored
 # by its deadline.
 # Keys: record, events, open set, picture (admission's creation passes none). A: record JSON, ttl, maxlen,
-# create ("1": the record must not exist yet, "0": it must), job id, deadline ("" for none), then event name and data pairs. Returns 1 if written, else 0.
+# create ("1": the record must not exist yet, "0": it must), job id, deadline ("" for none), then event name and
+# data pairs. Returns 1 if written, else 0.
 # A function, so admission's script (pipeline.admission) creates a job with the very same code.
 WRITE_FUNCTION = """
 local function write_job(krec, kev, kopen, A, kimg)
