@@ -51,10 +51,11 @@ def post_json(post: Post) -> str:
     return json.dumps(d)
 
 
-def post_from_json(raw: str, settings: IngestSettings, source: str) -> Post:
+def post_from_json(raw: str, settings: IngestSettings, source: str, folder: str | None = None) -> Post:
     """A planned post read back from the ledger, checked as a fresh one from ``source`` would be (the ledger is
-    shared, so what it holds is input too): a folder post's ``file`` is a picture directly inside
-    ``ingest_folder``, as the folder source lists them; any other source's post has no file, and its URL passes
+    shared, so what it holds is input too): a folder post's ``file`` is a picture directly inside ``folder`` (the
+    batch's, from the coordinator's task; else ``ingest_folder``), as the folder source lists them; any other
+    source's post has no file, and its URL passes
     the listing's check (scheme, host, port). InvalidRequest says what is wrong."""
     try:
         d = json.loads(raw)
@@ -62,11 +63,11 @@ def post_from_json(raw: str, settings: IngestSettings, source: str) -> Post:
             raise ValueError("no valid post id")
         file = d.get("file")
         if source == "folder":
-            folder = settings.ingest_folder
-            if not isinstance(file, str) or folder is None:
-                raise ValueError("a folder post without a file, or no ingest folder configured")
+            root = folder or settings.ingest_folder
+            if not isinstance(file, str) or root is None:
+                raise ValueError("a folder post without a file, or no folder to read it from")
             path = Path(file)
-            if path.parent.resolve() != folder.resolve() or path.suffix.lower() not in IMAGE_EXTS:
+            if path.parent.resolve() != Path(root).resolve() or path.suffix.lower() not in IMAGE_EXTS:
                 raise ValueError(f"file {shown(file)} is not a picture directly inside the ingest folder")
             d["file"] = path
         else:
@@ -80,12 +81,14 @@ def post_from_json(raw: str, settings: IngestSettings, source: str) -> Post:
 
 @dataclass
 class BatchTask:
-    """What goes on the embed queue: ids only (the posts wait in the ledger), and the models to use."""
+    """What goes on the embed queue: ids only (the posts wait in the ledger), the models to use, and for the
+    folder source its folder (what a post read back from the ledger may name a file in)."""
 
     run_id: str
     source: str
     ids: list[str]
     versions: str
+    folder: str | None = None
 
     def payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +101,8 @@ class FanoutRun:
                  poll_s: float = 0.25, on_progress: Callable[[IngestReport], None] | None = None) -> None:
         self.s, self.source, self.ledger, self.dispatch, self.versions = settings, source, ledger, dispatch, versions
         self.poll_s, self.on_progress = poll_s, on_progress
+        folder = getattr(source, "folder", None)  # the folder source's: the one place its posts' files may be
+        self.folder = str(Path(folder).resolve()) if folder is not None else None
         self.report = IngestReport(source=source.key())
         self.sent: dict[str, tuple[tuple[str, int], float]] = {}  # id -> (its state, when) when last sent
 
@@ -149,7 +154,8 @@ class FanoutRun:
         step, now = self.s.ingest_batch_size, time.monotonic()
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
-            self.dispatch(BatchTask(run_id, self.source.name, [pid for pid, _ in chunk], self.versions).payload())
+            self.dispatch(BatchTask(run_id, self.source.name, [pid for pid, _ in chunk], self.versions,
+                                    self.folder).payload())
             for pid, state in chunk:
                 self.sent[pid] = (state, now)
 
@@ -218,7 +224,7 @@ def ingest_batch(settings: IngestSettings, task: BatchTask, image_encoder: Image
     posts, refused = [], []
     for pid, raw in claimed.items():
         try:
-            posts.append(post_from_json(raw, settings, task.source))
+            posts.append(post_from_json(raw, settings, task.source, task.folder))
         except InvalidRequest as exc:
             refused.append((pid, task.source, REJECTED, str(exc), True, None))
     if refused:  # settled as a fresh input's refusal would be: permanent, never fetched or read

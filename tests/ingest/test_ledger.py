@@ -157,6 +157,8 @@ def test_a_planned_post_goes_through_the_ledger_whole_and_a_bad_one_is_refused(t
     s = IngestSettings(data_dir=tmp_path, ingest_folder=tmp_path)
     post = Post(id="abc12", url=str(tmp_path / "a.jpg"), title="t", score=3, extra={"k": "v"}, file=tmp_path / "a.jpg")
     assert post_from_json(post_json(post), s, "folder") == post
+    # the batch's folder (the coordinator's task names it) where the worker has none configured
+    assert post_from_json(post_json(post), IngestSettings(data_dir=tmp_path), "folder", str(tmp_path)) == post
     with pytest.raises(InvalidRequest):
         post_from_json('{"id": "../../etc/passwd", "url": "x"}', s, "folder")  # an id names keys and rows: checked again
     # the ledger is shared input: a post read back is checked as a fresh one from its source would be
