@@ -4,7 +4,8 @@ uploaded picture in the ``image`` part, the other options as JSON in an ``option
 One route takes both, so the body is read here rather than by FastAPI's declared-body parsing (which takes one
 content type); the JSON path validates with the same model and answers the same 422s. A picture (uploaded or
 fetched) is checked here, before admission, with ingest's guards (``pipeline.image_query``: Pillow alone, off
-the event loop), so a bomb, a truncated file or HTML gets its 4xx at once and no worker ever sees it."""
+the event loop, in the API's own thread lanes: ``api.lanes``), so a bomb, a truncated file or HTML gets its
+4xx at once and no worker ever sees it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from api.contract import params_of
+from api.lanes import Lanes
 from api.schemas import JobRequest
 from pipeline import image_query
 from pipeline.errors import InvalidRequest
@@ -59,8 +60,9 @@ async def read(request: Request, picture_toll: Callable[[], Awaitable[None]]) ->
     if req.image_url is None:
         return Submission(req.query or "", params)
     await picture_toll()
-    data = await anyio.to_thread.run_sync(image_query.fetch, req.image_url, settings)
-    return await _with_image(data, params, settings)
+    lanes: Lanes = request.app.state.lanes
+    data = await lanes.fetch.run(image_query.fetch, req.image_url, settings)  # its own lane: never a thread others need
+    return await _with_image(data, params, request)
 
 
 async def _upload(request: Request, settings: ApiSettings) -> Submission:
@@ -89,11 +91,14 @@ async def _upload(request: Request, settings: ApiSettings) -> Submission:
         data = await picture.read(settings.max_upload_bytes + 1)
     finally:
         await form.close()
-    return await _with_image(data, params_of(req)[1], settings)
+    return await _with_image(data, params_of(req)[1], request)
 
 
-async def _with_image(data: bytes, params: dict[str, Any], settings: ApiSettings) -> Submission:
-    image = await anyio.to_thread.run_sync(image_query.check, data, settings)
+async def _with_image(data: bytes, params: dict[str, Any], request: Request) -> Submission:
+    """The picture checked and normalised in the decode lane: at most ``image_decode_threads`` decodes at once,
+    each within ``image_query_decode_mib`` (the API's memory bounds them, not the number of callers)."""
+    lanes: Lanes = request.app.state.lanes
+    image = await lanes.decode.run(image_query.check, data, request.app.state.settings)
     return Submission("", {**params, "image": image.sha256}, image)
 
 

@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from api import errors, job_body, metrics
+from api.lanes import Lanes
 from api.limits import BodyLimit, Slots
 from api.middleware import RequestContext
 from api.routes import admin, health, images, jobs, search
@@ -59,11 +59,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                            max_connections=settings.stream_pool_size, name="imgsearch-api-streams")
         app.state.streams = Slots(settings.max_streams, settings.stream_max_s + 5)
         celery = app.state.celery = client_app(settings)
+        lanes = app.state.lanes = Lanes(settings)
 
         async def send(job_id: str) -> None:
-            """The job's task on the search queue (the broker's client blocks: off the event loop)."""
-            await anyio.to_thread.run_sync(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
-                                                   task_id=job_id, queue=settings.search_queue))
+            """The job's task on the search queue (the broker's client blocks: off the event loop, in its lane)."""
+            await lanes.send.run(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
+                                         task_id=job_id, queue=settings.search_queue))
 
         limits = app.state.redis if not settings.limits_redis_url else aconnect(
             settings.limits_redis_url, 0.5, max_connections=settings.redis_max_connections, name="imgsearch-api-limits")

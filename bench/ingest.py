@@ -65,6 +65,7 @@ def settings_for(data: Path, models: dict[str, Path], engines: Path, base: str, 
                     engine_backend=backend, engine_precision=precision, engine_dir=engines,
                     reddit_public_url=base, reddit_subreddits=SUBS, reddit_image_hosts=["127.0.0.1"],
                     ingest_allow_networks=["127.0.0.1/32"],  # the stand-in, on loopback
+                    ingest_allow_ports=[int(base.rsplit(":", 1)[1])],
                     reddit_max_pages=100, ingest_dedup="phash")
 
 
@@ -161,6 +162,7 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
                "IMGSEARCH_INGEST_BATCH_SIZE": str(batch), "IMGSEARCH_WARM_UP": "false",
                "IMGSEARCH_REDDIT_PUBLIC_URL": base, "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps(SUBS),
                "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]', "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',
+               "IMGSEARCH_INGEST_ALLOW_PORTS": f"[{base.rsplit(':', 1)[1]}]",
                "IMGSEARCH_REDDIT_MAX_PAGES": "100", "IMGSEARCH_INGEST_DEDUP": "phash", **ledger_env}
         procs = [stack.start_worker(env, logs / f"embed-{workers}-{i}.log", name=f"embed{i}", queue="embed",
                                     pool="threads", concurrency=1) for i in range(workers)]

@@ -90,13 +90,15 @@ local r = admit_check(KEYS[1], KEYS[2], ARGV)
 if r then return r end
 admit_add(KEYS[2], ARGV)
 """ + _OK
-# KEYS: queue, record, events, open set. ARGV: queue cap, then WRITE_FUNCTION's. The job's half, apart.
+# KEYS: queue, record, events, open set (then the picture's, unused: a creation ends nothing).
+# ARGV: queue cap, then WRITE_FUNCTION's. The job's half, apart.
 CREATE_SCRIPT = _ADMIT_FUNCTIONS + WRITE_FUNCTION + """
 local r = queue_full(KEYS[1], ARGV[1])
 if r then return r end
 if write_job(KEYS[2], KEYS[3], KEYS[4], tail(ARGV, 2)) == 0 then return {'exists', '0'} end
 """ + _OK
-# KEYS: bucket, in-flight set, queue, record, events, open set. ARGV: A (7), queue cap, then WRITE_FUNCTION's.
+# KEYS: bucket, in-flight set, queue, record, events, open set (and the picture's, unused).
+# ARGV: A (7), queue cap, then WRITE_FUNCTION's.
 # Everything at once, where the limits and the jobs share one Redis (the default).
 ADMIT_CREATE_SCRIPT = _ADMIT_FUNCTIONS + WRITE_FUNCTION + """
 local r = admit_check(KEYS[1], KEYS[2], ARGV) or queue_full(KEYS[3], ARGV[8])

@@ -3,8 +3,11 @@
 An upload or an ``image_url`` is hostile input like any listing: a URL is fetched under ingest's rules (http(s),
 an allowed host, a public address, every redirect checked again, a deadline, the size cap counted on the bytes
 read: ``pipeline.ingest.download``) and the bytes are decoded with ingest's guards (content sniffed, the
-decompression-bomb guard before any pixel, a GIF's first frame: ``pipeline.ingest.images``). The API runs
-these checks (Pillow alone, no model) so a bad picture gets its 4xx at once; it keeps the normalised JPEG
+decompression-bomb guard before any pixel, a GIF's first frame: ``pipeline.ingest.images``), tightened for a
+query: JPEG, PNG, WebP and GIF only (``QUERY_FORMATS``: the one plugin the content names opens it; a BMP, whose
+RLE decoder is pure Python, or anything else is refused ``unsupported_format`` before any decoder runs), and a
+decode that must fit ``image_query_decode_mib`` (a large JPEG is counted, and decoded, at its draft scale).
+The API runs these checks (Pillow alone, no model) so a bad picture gets its 4xx at once; it keeps the normalised JPEG
 ingest would store (longest side 1024, a few hundred KB at most) under the job, as long as its record
 (``AsyncJobStore.keep_image``, ``JobStore.image``). The job carries only the picture's SHA-256: nothing pickled,
 no bytes in the queue.
@@ -24,6 +27,9 @@ from pipeline.errors import InvalidRequest
 # process until a picture comes
 
 
+QUERY_FORMATS = ("jpeg", "png", "webp", "gif")  # as ``sniff`` names them
+
+
 @dataclass(frozen=True)
 class QueryImage:
     jpeg: bytes  # normalised as ingest stores an image
@@ -31,20 +37,26 @@ class QueryImage:
 
 
 def check(data: bytes, settings: Any) -> QueryImage:
-    """The picture in ``data`` normalised, or InvalidRequest: ``image_too_large`` (over the byte cap or the pixel
-    cap: a decompression bomb), ``not_an_image`` (HTML, text, an unknown format) or ``bad_image`` (truncated or
-    corrupt). CPU work: run it off an event loop."""
+    """The picture in ``data`` normalised, or InvalidRequest: ``image_too_large`` (over the byte cap, the pixel
+    cap, or the decode's memory budget), ``not_an_image`` (empty, HTML or XML), ``unsupported_format`` (any
+    other content: a BMP, a TIFF, an unknown format) or ``bad_image`` (truncated or corrupt). CPU work: run it
+    off an event loop."""
     from pipeline.ingest.images import BadImage, prepare, sniff
 
     if len(data) > settings.max_upload_bytes:
         raise InvalidRequest(f"the image is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}",
                              code="image_too_large")
     try:
-        sniff(data)
+        kind = sniff(data)
     except BadImage as exc:
-        raise InvalidRequest(f"{exc} (JPEG, PNG, GIF, WebP and BMP are taken)", code="not_an_image") from None
+        html = "HTML" in str(exc) or str(exc) == "empty file"
+        raise InvalidRequest(f"{exc} (JPEG, PNG, WebP and GIF are taken)",
+                             code="not_an_image" if html else "unsupported_format") from None
+    if kind not in QUERY_FORMATS:
+        raise InvalidRequest(f"a {kind.upper()} picture is not taken as a query (JPEG, PNG, WebP and GIF are)",
+                             code="unsupported_format")
     try:
-        prepared = prepare(data, settings.ingest_max_pixels)
+        prepared = prepare(data, settings.ingest_max_pixels, budget=settings.image_query_decode_mib << 20)
     except BadImage as exc:
         code = "image_too_large" if str(exc).startswith("image too large") else "bad_image"
         raise InvalidRequest(str(exc), code=code) from None
@@ -60,7 +72,7 @@ def fetch(url: str, settings: Any) -> bytes:
     from pipeline.ingest.urls import Refused, UrlGuard
 
     try:
-        UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks).check(url)
+        UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks, settings.ingest_allow_ports).check(url)
     except Refused as exc:
         raise InvalidRequest(f"{exc}; allowed hosts: {', '.join(settings.reddit_image_hosts)}",
                              code="url_refused") from None

@@ -92,6 +92,9 @@ class SharedSettings(BaseSettings):
     # loopback, private, link-local and other non-public addresses are never fetched from, except inside these
     # networks (CIDRs): for a test's stand-in ("127.0.0.1/32") or a private mirror; keep each as narrow as that
     ingest_allow_networks: list[str] = []
+    # the only ports a picture is fetched from, redirects included: a URL or a redirect naming another (a Redis's
+    # 6379 on a network allowed above) is refused; add a test stand-in's port here, not a range
+    ingest_allow_ports: list[int] = [80, 443]
     ingest_max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard (width x height)
     reddit_user_agent: str = "linux:imgsearch-ingest:0.1 (text-to-image search; by /u/imgsearch)"
     # hosts whose links are taken as direct images (gallery images come from Reddit's own media metadata)
@@ -140,6 +143,8 @@ class SharedSettings(BaseSettings):
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
+        if any(not 1 <= p <= 65535 for p in self.ingest_allow_ports):
+            raise ValueError("ingest_allow_ports: each a TCP port, 1 to 65535")
         if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
             raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
         if self.flower_basic_auth is not None:
@@ -193,6 +198,17 @@ class _ApiFields(SharedSettings):
     # an image_url query's download: its whole time (every try and redirect); the hosts, the networks and the pixel
     # cap are the fetching rules above, the size cap max_upload_bytes
     image_query_fetch_s: float = Field(10.0, gt=0)
+    # a query picture's decode may take this much memory: its pixel cap follows from the format's decoded mode
+    # (pipeline.image_query.pixel_cap: an RGBA PNG or WebP gets about budget / 7 bytes, a JPEG is counted at the
+    # size its draft mode decodes to); at most ingest_max_pixels in any case
+    image_query_decode_mib: int = Field(64, ge=8)
+    # the API's own thread lanes (api.lanes), none of them anyio's shared 40: image_url downloads, picture decodes
+    # (each at most image_query_decode_mib: 2 x 64 MiB), and Celery's sends; a call waits lane_wait_s at most
+    # for a place, then gets 503 "busy", so slow image hosts never hold a thread a text query needs
+    image_fetch_threads: int = Field(8, ge=1, le=64)
+    image_decode_threads: int = Field(2, ge=1, le=16)
+    queue_send_threads: int = Field(8, ge=1, le=64)
+    lane_wait_s: float = Field(2.0, gt=0)
 
     # --- event streams, the API's Redis pools, images ---
     # event streams (GET /v1/jobs/{id}/events): per caller at once (429 past it; counted in the limits' Redis,
@@ -343,6 +359,9 @@ class IngestSettings(WorkerSettings):
     reddit_public_url: str = "https://www.reddit.com"
     reddit_oauth_url: str = "https://oauth.reddit.com"
     reddit_token_url: str = "https://www.reddit.com/api/v1/access_token"
+    # a listing's (or token's) answer is read up to this many bytes (decoded), then refused: a 100-post page of
+    # raw JSON is well under 1 MiB
+    reddit_max_listing_bytes: int = Field(8 << 20, ge=4096)
 
     @model_validator(mode="after")
     def _check_ingest(self) -> "IngestSettings":

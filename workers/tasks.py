@@ -59,6 +59,7 @@ class BatchPayload(BaseModel):
     source: str = Field(max_length=64)
     ids: list[str] = Field(max_length=512)
     versions: str = Field(max_length=512)
+    folder: str | None = Field(None, max_length=4096)  # the folder source's folder, as the coordinator read it
 
 
 class TakedownTask(BaseModel):

@@ -28,8 +28,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 413: 
 _BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
     job_body.MULTIPART: {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "The picture to search by (JPEG, PNG, GIF, "
-                  "WebP or BMP; IMGSEARCH_MAX_UPLOAD_BYTES, 10 MiB)."},
+        "image": {"type": "string", "format": "binary", "description": "The picture to search by (JPEG, PNG, WebP "
+                  "or GIF's first frame; IMGSEARCH_MAX_UPLOAD_BYTES, 10 MiB)."},
         "options": {"type": "string", "description": "JSON: the JSON body's options (limit, filter, ...), without "
                     "query, like or image_url."}}}}}}}
 

@@ -40,7 +40,7 @@ class FetchError(Exception):
 class Downloader:
     def __init__(self, settings: SharedSettings) -> None:
         self.s = settings
-        self.guard = UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks)
+        self.guard = UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks, settings.ingest_allow_ports)
         self.pool = ThreadPoolExecutor(settings.ingest_concurrency, thread_name_prefix="download")
         self._clients: dict[str, httpx.Client] = {}
         self._lock = threading.Lock()

@@ -32,7 +32,8 @@ from pipeline.errors import InvalidRequest
 from pipeline.ids import is_post_id
 from pipeline.ingest.ledger import CLAIMED, DUPLICATE, INGESTED, PLANNED, REJECTED, Ledger
 from pipeline.ingest.run import IngestReport, IngestRun, screen
-from pipeline.ingest.sources import Post, Source
+from pipeline.ingest.sources import IMAGE_EXTS, Post, Source
+from pipeline.ingest.urls import Refused, check_form, shown
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.settings import IngestSettings
 
@@ -50,22 +51,44 @@ def post_json(post: Post) -> str:
     return json.dumps(d)
 
 
-def post_from_json(raw: str) -> Post:
-    d = json.loads(raw)
-    if not isinstance(d, dict) or not is_post_id(d.get("id")):
-        raise InvalidRequest("a planned post in the ledger is malformed")
-    d["file"] = Path(d["file"]) if d.get("file") else None
-    return Post(**d)
+def post_from_json(raw: str, settings: IngestSettings, source: str, folder: str | None = None) -> Post:
+    """A planned post read back from the ledger, checked as a fresh one from ``source`` would be (the ledger is
+    shared, so what it holds is input too): a folder post's ``file`` is a picture directly inside ``folder`` (the
+    batch's, from the coordinator's task; else ``ingest_folder``), as the folder source lists them; any other
+    source's post has no file, and its URL passes
+    the listing's check (scheme, host, port). InvalidRequest says what is wrong."""
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or not is_post_id(d.get("id")):
+            raise ValueError("no valid post id")
+        file = d.get("file")
+        if source == "folder":
+            root = folder or settings.ingest_folder
+            if not isinstance(file, str) or root is None:
+                raise ValueError("a folder post without a file, or no folder to read it from")
+            path = Path(file)
+            if path.parent.resolve() != Path(root).resolve() or path.suffix.lower() not in IMAGE_EXTS:
+                raise ValueError(f"file {shown(file)} is not a picture directly inside the ingest folder")
+            d["file"] = path
+        else:
+            if file is not None:
+                raise ValueError(f"a {source} post names a file ({shown(str(file))})")
+            check_form(str(d.get("url")), settings.reddit_image_hosts, settings.ingest_allow_ports)
+        return Post(**d)
+    except (ValueError, TypeError, Refused) as exc:  # json's errors are ValueErrors; unknown fields TypeErrors
+        raise InvalidRequest(f"a planned post in the ledger is refused: {exc}") from None
 
 
 @dataclass
 class BatchTask:
-    """What goes on the embed queue: ids only (the posts wait in the ledger), and the models to use."""
+    """What goes on the embed queue: ids only (the posts wait in the ledger), the models to use, and for the
+    folder source its folder (what a post read back from the ledger may name a file in)."""
 
     run_id: str
     source: str
     ids: list[str]
     versions: str
+    folder: str | None = None
 
     def payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +101,8 @@ class FanoutRun:
                  poll_s: float = 0.25, on_progress: Callable[[IngestReport], None] | None = None) -> None:
         self.s, self.source, self.ledger, self.dispatch, self.versions = settings, source, ledger, dispatch, versions
         self.poll_s, self.on_progress = poll_s, on_progress
+        folder = getattr(source, "folder", None)  # the folder source's: the one place its posts' files may be
+        self.folder = str(Path(folder).resolve()) if folder is not None else None
         self.report = IngestReport(source=source.key())
         self.sent: dict[str, tuple[tuple[str, int], float]] = {}  # id -> (its state, when) when last sent
 
@@ -129,7 +154,8 @@ class FanoutRun:
         step, now = self.s.ingest_batch_size, time.monotonic()
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
-            self.dispatch(BatchTask(run_id, self.source.name, [pid for pid, _ in chunk], self.versions).payload())
+            self.dispatch(BatchTask(run_id, self.source.name, [pid for pid, _ in chunk], self.versions,
+                                    self.folder).payload())
             for pid, state in chunk:
                 self.sent[pid] = (state, now)
 
@@ -195,8 +221,17 @@ def ingest_batch(settings: IngestSettings, task: BatchTask, image_encoder: Image
     if not claimed:
         return {"claimed": 0}
     run.claim = token
+    posts, refused = [], []
+    for pid, raw in claimed.items():
+        try:
+            posts.append(post_from_json(raw, settings, task.source, task.folder))
+        except InvalidRequest as exc:
+            refused.append((pid, task.source, REJECTED, str(exc), True, None))
+    if refused:  # settled as a fresh input's refusal would be: permanent, never fetched or read
+        log.warning("ingest batch (run %s): %d planned post(s) refused as read back", task.run_id, len(refused))
+        ledger.record(refused, run.versions, task.run_id, claim=token)
     try:
-        run.ingest_posts([post_from_json(raw) for raw in claimed.values()], task.run_id)
+        run.ingest_posts(posts, task.run_id)
     except Exception as exc:
         ledger.release(token, list(claimed), f"{type(exc).__name__}: {exc}")
         log.warning("ingest batch of %d (run %s) given back: %s: %s", len(claimed), task.run_id,

@@ -10,6 +10,7 @@ import html
 import json
 import logging
 import time
+import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tenacity import RetryCallState
 
 from pipeline.errors import InvalidRequest, Unavailable
 from pipeline.ids import reddit_path
-from pipeline.ingest.urls import Refused, check_form, shown
+from pipeline.ingest.urls import DEFAULT_PORTS, Refused, check_form, shown
 from pipeline.retry import RetryLater, last_error, retrying
 from pipeline.settings import IngestSettings
 
@@ -170,7 +171,7 @@ def _truthy(v: Any) -> bool:
 # --- reddit ---
 
 def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"),
-             ) -> tuple[str | None, str]:
+             ports: Collection[int] = DEFAULT_PORTS) -> tuple[str | None, str]:
     """The image URL of a listing entry's ``data``, or None and why it is not an image post. Direct links
     only: an image file's extension, over http(s), on one of ``hosts`` (imgur.com/x.jpg goes to i.imgur.com);
     a gallery's first image over http(s) on one of ``hosts`` as well. Downloads check every hop again."""
@@ -184,7 +185,7 @@ def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.
             src = (m.get("s") or {}).get("u") or (m.get("s") or {}).get("gif")
             if m.get("status", "valid") == "valid" and m.get("e", "Image") in ("Image", "AnimatedImage") and src:
                 try:
-                    check_form(html.unescape(str(src)), hosts)
+                    check_form(html.unescape(str(src)), hosts, ports)
                 except Refused as exc:
                     return None, f"gallery image {exc}"
                 return html.unescape(str(src)), ""
@@ -201,7 +202,7 @@ def image_of(d: dict[str, Any], hosts: Collection[str] = ("i.redd.it", "i.imgur.
     if ext not in IMAGE_EXTS:
         return None, "not an image post"
     try:
-        check_form(url, hosts)
+        check_form(url, hosts, ports)
     except Refused as exc:
         return None, str(exc)
     return (url.replace("//imgur.com/", "//i.imgur.com/") if host == "imgur.com" else url), ""
@@ -217,8 +218,11 @@ class RedditSource:
                  sleep: Any = time.sleep) -> None:
         self.s = settings
         self.subs = dict(settings.reddit_subreddits)
-        self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True,
-                                           headers={"User-Agent": settings.reddit_user_agent})
+        # trust_env=False: no proxy variable or .netrc of the host's environment reaches Reddit's requests
+        # gzip or nothing: the one encoding _capped_body inflates under its cap
+        self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True, trust_env=False,
+                                           headers={"User-Agent": settings.reddit_user_agent,
+                                                    "Accept-Encoding": "gzip"})
         self.sleep = sleep
         self._token: tuple[str, float] | None = None
         self.failures: dict[str, str] = {}  # listing failures by subreddit: recorded, never fatal
@@ -274,12 +278,20 @@ class RedditSource:
         return r
 
     def _once(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        r = self.http.request(method, url, **kw)
-        if r.status_code == 429 or r.status_code >= 500:
-            raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
-        if r.status_code >= 400:
-            raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
-        return r
+        """One request, its body read up to ``reddit_max_listing_bytes`` (``_capped_body``), then Unavailable."""
+        auth = kw.pop("auth", None)
+        request = self.http.build_request(method, url, **kw)
+        r = self.http.send(request, auth=auth, stream=True)
+        try:
+            if r.status_code == 429 or r.status_code >= 500:
+                raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
+            if r.status_code >= 400:
+                raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
+            body = _capped_body(r, self.s.reddit_max_listing_bytes, f"{method} {urlsplit(url).path}")
+        finally:
+            r.close()
+        headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=request)
 
     def listing(self, sub: str, after: str | None) -> dict[str, Any]:
         params = {"limit": str(self.s.reddit_page_size), "raw_json": "1"}
@@ -302,7 +314,7 @@ class RedditSource:
         score = int(d.get("score") or 0)
         if score < self.subs[sub]:
             return None
-        url, why = image_of(d, self.s.reddit_image_hosts)
+        url, why = image_of(d, self.s.reddit_image_hosts, self.s.ingest_allow_ports)
         if url is None:
             return why
         link = reddit_path(d.get("permalink"))
@@ -352,6 +364,31 @@ class RedditSource:
                 yield Page(posts, nxt, rejected, listed=len(children))
                 if done:
                     break
+
+
+def _capped_body(r: httpx.Response, cap: int, what: str) -> bytes:
+    """A streamed response's body, inflated here under ``cap`` (httpx inflates a whole chunk at once: 64 KB of
+    gzip can be 64 MiB), or Unavailable past the cap or in an encoding other than gzip."""
+    encoding = r.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise Unavailable(f"{what}: the answer's encoding {ascii(encoding[:20])} is not taken")
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+    body = bytearray()
+    try:
+        for raw in r.iter_raw():
+            data = raw
+            while data:
+                if inflate is None:
+                    out, data = data, b""
+                else:
+                    out = inflate.decompress(data, cap + 1 - len(body))
+                    data = inflate.unconsumed_tail
+                body += out
+                if len(body) > cap:
+                    raise Unavailable(f"{what}: the answer is over {cap:,} bytes")
+    except zlib.error as exc:
+        raise Unavailable(f"{what}: the answer's gzip is corrupt ({exc})") from None
+    return bytes(body)
 
 
 def _retry_after(r: httpx.Response) -> float | None:

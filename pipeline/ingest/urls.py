@@ -1,7 +1,7 @@
-"""Which URLs from a listing ingest may fetch: http(s) only, on an allowed host, at an address that is public
-(or in a network a setting allows). Checked when a listing is read and again for every hop a download takes,
-and the download connects to the address that was checked (so a name that resolves elsewhere a moment later
-gains nothing)."""
+"""Which URLs from a listing ingest may fetch: http(s) only, on an allowed host and port (80 and 443 unless a setting
+adds others), at an address that is public (or in a network a setting allows). Checked when a listing is read and
+again for every hop a download takes, and the download connects to the address that was checked (so a name that
+resolves elsewhere a moment later gains nothing)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,24 @@ def shown(url: str, limit: int = 120) -> str:
     return ascii(url[:limit] + ("..." if len(url) > limit else ""))
 
 
-def check_form(url: str, hosts: Collection[str]) -> tuple[str, str, int]:
-    """(scheme, host, port) of an http(s) URL on one of ``hosts``, or Refused. No address is looked up."""
+DEFAULT_PORTS = (80, 443)
+
+# IANA's special-purpose address registries (IPv4 and IPv6, as of 2024), each refused whatever its "globally
+# reachable" column says: none is where an image host lives, and several reach inside (6to4 and NAT64 embed an
+# IPv4 address a gateway may route to; 192.0.0.0/24 holds DS-Lite and NAT64 discovery). Loopback, private,
+# link-local, multicast and the rest that ``ipaddress`` knows are refused by kind besides.
+SPECIAL = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24", "192.168.0.0/16", "192.175.48.0/24",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32",
+    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32",
+    "2002::/16", "2620:4f:8000::/48", "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10"))
+_NAMES = {"2002::/16": "6to4", "64:ff9b::/96": "NAT64", "64:ff9b:1::/48": "NAT64", "2001::/23": "IETF protocol"}
+
+
+def check_form(url: str, hosts: Collection[str], ports: Collection[int] = DEFAULT_PORTS) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL on one of ``hosts`` and ``ports``, or Refused. No address is looked
+    up."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -40,7 +56,10 @@ def check_form(url: str, hosts: Collection[str]) -> tuple[str, str, int]:
     host = (parts.hostname or "").lower().rstrip(".")
     if host not in {h.lower() for h in hosts}:
         raise Refused(f"URL {shown(url)} refused: host {ascii(host)} is not an allowed image host")
-    return scheme, host, port or (443 if scheme == "https" else 80)
+    port = port or (443 if scheme == "https" else 80)
+    if port not in ports:
+        raise Refused(f"URL {shown(url)} refused: port {port} (only {', '.join(map(str, sorted(ports)))} are fetched)")
+    return scheme, host, port
 
 
 def _kind(ip: IPAddress) -> str | None:
@@ -48,6 +67,9 @@ def _kind(ip: IPAddress) -> str | None:
     for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved", "site_local"):
         if getattr(ip, f"is_{kind}", False):
             return kind.replace("_", "-")
+    for net in SPECIAL:
+        if ip.version == net.version and ip in net:
+            return f"special-purpose ({_NAMES.get(str(net), str(net))})"
     return None if ip.is_global else "non-global"
 
 
@@ -74,12 +96,14 @@ class Target:
 
 
 class UrlGuard:
-    """Checks a URL's form, then every address its host resolves to: loopback, private, link-local, multicast,
-    unspecified and other non-public addresses are refused unless inside ``allow`` (e.g. a test's stand-in
-    on 127.0.0.1/32; keep it as narrow as that)."""
+    """Checks a URL's form (scheme, host, one of ``ports``), then every address its host resolves to: loopback,
+    private, link-local, multicast, unspecified, IANA's special-purpose ranges (6to4 and NAT64 included) and other
+    non-public addresses are refused unless inside ``allow`` (e.g. a test's stand-in on 127.0.0.1/32; keep it as
+    narrow as that)."""
 
-    def __init__(self, hosts: Collection[str], allow: Sequence[str] = ()) -> None:
+    def __init__(self, hosts: Collection[str], allow: Sequence[str] = (), ports: Collection[int] = DEFAULT_PORTS) -> None:
         self.hosts = frozenset(h.lower() for h in hosts)
+        self.ports = frozenset(ports)
         self.allow: list[IPNetwork] = [ipaddress.ip_network(n, strict=False) for n in allow]
 
     def address_ok(self, ip: IPAddress) -> str | None:
@@ -92,7 +116,7 @@ class UrlGuard:
 
     def check(self, url: str) -> Target:
         """The hop to take for ``url``, or Refused naming what is wrong with it."""
-        _, host, port = check_form(url, self.hosts)
+        _, host, port = check_form(url, self.hosts, self.ports)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:

@@ -37,12 +37,15 @@ AsyncSend = Callable[[str], Awaitable[None]]
 
 # Writes a job's record and appends its events, unless the job already ended: the first end wins, so a job run
 # twice (redelivered while its first worker still ran, cancelled or reaped meanwhile) ends once, with one set of
-# results. A job that ends leaves the open set; a new one joins it, scored by its deadline.
-# Keys: record, events, open set. A: record JSON, ttl, maxlen, create ("1": the record must not exist yet,
-# "0": it must), job id, deadline ("" for none), then event name and data pairs. Returns 1 if written, else 0.
+# results. A job that ends leaves the open set, and its query picture (if it had one) is dropped in the same
+# script: nothing of an ended job but its record and events stays in Redis. A new one joins the open set, scored
+# by its deadline.
+# Keys: record, events, open set, picture (admission's creation passes none). A: record JSON, ttl, maxlen,
+# create ("1": the record must not exist yet, "0": it must), job id, deadline ("" for none), then event name and
+# data pairs. Returns 1 if written, else 0.
 # A function, so admission's script (pipeline.admission) creates a job with the very same code.
 WRITE_FUNCTION = """
-local function write_job(krec, kev, kopen, A)
+local function write_job(krec, kev, kopen, A, kimg)
   local cur = redis.call('GET', krec)
   if A[4] == '1' then
     if cur then return 0 end
@@ -59,13 +62,14 @@ local function write_job(krec, kev, kopen, A)
   local st = cjson.decode(A[1])['status']
   if st == 'done' or st == 'failed' then
     redis.call('ZREM', kopen, A[5])
+    if kimg then redis.call('DEL', kimg) end
   elseif A[6] ~= '' then
     redis.call('ZADD', kopen, A[6], A[5])
   end
   return 1
 end
 """
-WRITE_SCRIPT = WRITE_FUNCTION + "return write_job(KEYS[1], KEYS[2], KEYS[3], ARGV)\n"
+WRITE_SCRIPT = WRITE_FUNCTION + "return write_job(KEYS[1], KEYS[2], KEYS[3], ARGV, KEYS[4])\n"
 
 
 # Appends one event to a job that has not ended (a second run of an ended job adds nothing to its stream).
@@ -91,7 +95,7 @@ def write_args(job: Job, events: list[tuple[str, dict[str, Any]]], ttl: int, max
                        "" if job.deadline_at is None or job.status in TERMINAL else repr(job.deadline_at)]
     for name, data in events:
         args += [name, _dumps(data)]
-    return [job_key(job.id), events_key(job.id), OPEN_KEY], args
+    return [job_key(job.id), events_key(job.id), OPEN_KEY, image_key(job.id)], args
 
 
 def _dumps(data: dict[str, Any]) -> str:

@@ -57,6 +57,8 @@ def _env(st: RedditStandin, data: Path, models: Any) -> dict[str, str]:
             # (as for an allowed name that resolves to an internal address); the allowed network is the stand-in's
             "IMGSEARCH_REDDIT_IMAGE_HOSTS": json.dumps(["127.0.0.1", INTERNAL_HOST]),
             "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',
+            # both servers' ports: what refuses the internal one is its address
+            "IMGSEARCH_INGEST_ALLOW_PORTS": json.dumps([st.port, st.internal_port]),
             "IMGSEARCH_INGEST_MAX_BYTES": str(CAP), "IMGSEARCH_INGEST_DEADLINE_S": str(DEADLINE_S),
             "IMGSEARCH_INGEST_MIN_BYTES_PER_S": str(MIN_RATE), "IMGSEARCH_INGEST_MIN_RATE_AFTER_S": str(GRACE_S),
             "IMGSEARCH_INGEST_TIMEOUT_S": "2", "IMGSEARCH_INGEST_RETRIES": "1", "IMGSEARCH_INGEST_BATCH_SIZE": "2"}
@@ -160,7 +162,8 @@ def test_a_download_ends_by_its_deadline_whatever_the_host_does(reddit, tmp_path
     env = _env(reddit, tmp_path, tiny_models)
     s = make_settings(tmp_path, tiny_models, reddit_image_hosts=["127.0.0.1"], ingest_allow_networks=["127.0.0.1/32"],
                       **{k.removeprefix("IMGSEARCH_").lower(): v for k, v in env.items()
-                         if k.startswith("IMGSEARCH_INGEST_") and "NETWORKS" not in k and "SOURCE" not in k})
+                         if k.startswith("IMGSEARCH_INGEST_") and "NETWORKS" not in k and "SOURCE" not in k
+                         and "PORTS" not in k}, ingest_allow_ports=[reddit.port, reddit.internal_port])
     downloads = Downloader(s)
     try:
         # the drip is cut by its rate, well before the deadline; the stall host's next bytes would come 0.8 s past

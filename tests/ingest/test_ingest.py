@@ -87,6 +87,7 @@ def reddit_settings(st: RedditStandin, data: Path, models: Any, **kw: Any) -> An
     base = dict(reddit_public_url=st.base, reddit_oauth_url=st.base, reddit_token_url=f"{st.base}/api/v1/access_token",
                 reddit_subreddits={"memes": 1000, "dankmemes": 1000, "me_irl": 800}, reddit_page_size=4,
                 reddit_image_hosts=["127.0.0.1"], ingest_allow_networks=["127.0.0.1/32"],  # the stand-in, on loopback
+                ingest_allow_ports=[st.port],
                 ingest_max_bytes=200_000, ingest_max_pixels=5_000_000,
                 ingest_batch_size=4, ingest_retries=1, reddit_max_wait_s=5)
     return make_settings(data, models, **{**base, **kw})
@@ -98,6 +99,7 @@ def reddit_env(st: RedditStandin) -> dict[str, str]:
             "IMGSEARCH_REDDIT_SUBREDDITS": json.dumps({"memes": 1000, "dankmemes": 1000}),
             "IMGSEARCH_REDDIT_PAGE_SIZE": "4", "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]',
             "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',  # the stand-in, on loopback
+            "IMGSEARCH_INGEST_ALLOW_PORTS": json.dumps([st.port]),
             "IMGSEARCH_INGEST_SOURCE": "reddit"}
 
 

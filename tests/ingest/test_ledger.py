@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,8 +152,23 @@ def test_a_planned_post_goes_through_the_ledger_whole_and_a_bad_one_is_refused(t
     from pipeline.errors import InvalidRequest
     from pipeline.ingest.fanout import post_from_json, post_json
     from pipeline.ingest.sources import Post
+    from pipeline.settings import IngestSettings
 
+    s = IngestSettings(data_dir=tmp_path, ingest_folder=tmp_path)
     post = Post(id="abc12", url=str(tmp_path / "a.jpg"), title="t", score=3, extra={"k": "v"}, file=tmp_path / "a.jpg")
-    assert post_from_json(post_json(post)) == post
+    assert post_from_json(post_json(post), s, "folder") == post
+    # the batch's folder (the coordinator's task names it) where the worker has none configured
+    assert post_from_json(post_json(post), IngestSettings(data_dir=tmp_path), "folder", str(tmp_path)) == post
     with pytest.raises(InvalidRequest):
-        post_from_json('{"id": "../../etc/passwd", "url": "x"}')  # an id names keys and rows: checked again
+        post_from_json('{"id": "../../etc/passwd", "url": "x"}', s, "folder")  # an id names keys and rows: checked again
+    # the ledger is shared input: a post read back is checked as a fresh one from its source would be
+    reddit = Post(id="abc13", url="https://i.redd.it/a.jpg")
+    assert post_from_json(post_json(reddit), s, "reddit") == reddit
+    for source, bad in (("reddit", Post(id="abc14", url="https://i.redd.it/a.jpg", file=tmp_path / "a.jpg")),
+                        ("folder", Post(id="abc15", url="/etc/x.jpg", file=Path("/etc/x.jpg"))),
+                        ("folder", Post(id="abc16", url="x", file=tmp_path / ".." / "a.jpg")),
+                        ("folder", Post(id="abc17", url="x", file=tmp_path / "a.txt")),
+                        ("reddit", Post(id="abc18", url="http://i.redd.it:6379/a.jpg")),
+                        ("reddit", Post(id="abc19", url="https://evil.example/a.jpg"))):
+        with pytest.raises(InvalidRequest, match="refused"):
+            post_from_json(post_json(bad), s, source)

@@ -138,6 +138,7 @@ def test_the_ledger_keeps_takedowns_final_and_ingested_posts_ingested(tmp_path) 
     ("javascript:alert(1)", "scheme 'javascript'"), ("https://i.redd.it@evil.example/a.jpg", "credentials"),
     ("https://evil.example/a.jpg", "'evil.example' is not an allowed"), ("http://[::1/a.jpg", "not a valid URL"),
     ("https://i.redd.it:99999/a.jpg", "not a valid URL"),
+    ("https://i.redd.it:6379/a.jpg", "port 6379"), ("http://i.redd.it:8080/a.jpg", "port 8080"),
 ])
 def test_a_listing_url_is_http_on_an_allowed_host_or_refused(url: str, why: str) -> None:
     from pipeline.ingest.urls import Refused, check_form
@@ -150,7 +151,15 @@ def test_a_listing_url_is_http_on_an_allowed_host_or_refused(url: str, why: str)
 @pytest.mark.parametrize(("address", "kind"), [
     ("127.0.0.2", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.2", "loopback"), ("10.1.2.3", "private"),
     ("169.254.169.254", "link-local"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
-    ("100.64.0.1", "non-global"), ("fe80::1", "link-local"), ("8.8.8.8", None), ("127.0.0.1", None),
+    ("100.64.0.1", "special-purpose (100.64.0.0/10)"), ("fe80::1", "link-local"),
+    ("8.8.8.8", None), ("127.0.0.1", None), ("2606:4700::1111", None),
+    # IANA's special-purpose ranges, whatever Python's is_global says of them, and the ones that embed IPv4
+    ("192.0.0.8", "special-purpose (192.0.0.0/24)"), ("192.0.0.9", "special-purpose (192.0.0.0/24)"),
+    ("192.88.99.1", "special-purpose (192.88.99.0/24)"), ("198.18.0.1", "private"), ("3fff::1", "special-purpose (3fff::/20)"),
+    ("2002:7f00:1::", "special-purpose (6to4)"), ("2002:a9fe:a9fe::1", "special-purpose (6to4)"),
+    ("64:ff9b::7f00:1", "reserved"), ("64:ff9b::a9fe:a9fe", "reserved"), ("64:ff9b:1::1", "reserved"),
+    ("2001::1", "private"), ("2001:db8::1", "private"), ("5f00::1", "reserved"),
+    ("192.31.196.1", "special-purpose (192.31.196.0/24)"),
 ])
 def test_only_public_addresses_pass_unless_a_network_is_allowed(address: str, kind: str | None) -> None:
     import ipaddress
@@ -164,10 +173,12 @@ def test_only_public_addresses_pass_unless_a_network_is_allowed(address: str, ki
 def test_a_download_goes_to_the_checked_address_under_the_hosts_name() -> None:
     from pipeline.ingest.urls import Refused, UrlGuard
 
-    target = UrlGuard(["127.0.0.1"], allow=["127.0.0.1/32"]).check("http://127.0.0.1:8080/i/a.jpg?x=1#frag")
+    target = UrlGuard(["127.0.0.1"], allow=["127.0.0.1/32"], ports=[8080]).check("http://127.0.0.1:8080/i/a.jpg?x=1#frag")
     assert (target.pinned_url, target.host_header) == ("http://127.0.0.1:8080/i/a.jpg?x=1", "127.0.0.1:8080")
     with pytest.raises(Refused, match="a loopback address"):  # the same host with no network allowed
-        UrlGuard(["127.0.0.1"]).check("http://127.0.0.1:8080/i/a.jpg")
+        UrlGuard(["127.0.0.1"], ports=[8080]).check("http://127.0.0.1:8080/i/a.jpg")
+    with pytest.raises(Refused, match="port 6379"):  # the network allowed, but not Redis's port
+        UrlGuard(["127.0.0.1"], allow=["127.0.0.1/32"], ports=[8080]).check("http://127.0.0.1:6379/")
 
 
 def test_listing_entries_pointing_anywhere_but_an_image_host_are_refused() -> None:

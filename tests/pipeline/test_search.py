@@ -191,6 +191,7 @@ def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, eng
     by_picture = run("d", {"image": picture.sha256, "limit": 5})
     assert by_picture.status == "done" and by_picture.results and by_picture.results[0].id == "demo007"
     assert all(x.itm is None and x.score == x.cosine for x in by_picture.results)
+    assert r.exists(image_key("d" * 32)) == 0  # dropped by the script that ended the job
     gone = run("e", {"image": picture.sha256})  # never kept (or expired)
     assert gone.status == "failed" and gone.error is not None and gone.error.code == "image_expired"
     liked = run("f", {"like": "demo007", "limit": 5})

@@ -97,7 +97,8 @@ def live(redis_server, world: World, image_host: str, tmp_path_factory) -> Itera
     kit = Models(KIT_DIR / "siglip", KIT_DIR / "blip")
     redis.Redis.from_url(redis_server.url(1)).flushdb()
     env = settings_env(world.data, kit, redis_server.url(1), IMGSEARCH_REDDIT_IMAGE_HOSTS='["localhost"]',
-                       IMGSEARCH_INGEST_ALLOW_NETWORKS='["127.0.0.1/32", "::1/128"]')
+                       IMGSEARCH_INGEST_ALLOW_NETWORKS='["127.0.0.1/32", "::1/128"]',
+                       IMGSEARCH_INGEST_ALLOW_PORTS=f"[{image_host.rsplit(':', 1)[1]}]")
     running = start_stack(env, tmp_path_factory.mktemp("image-logs"))
     yield running
     running.stop()
