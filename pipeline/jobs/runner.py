@@ -69,7 +69,7 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
         image = image_query.picture(store.image(job_id), params.image, searcher.settings.ingest_max_pixels) \
             if params.image else None
         outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates,
-                                  cancelled=lambda: store.cancelled(job_id), image=image)
+                                  cancelled=lambda: store.cancelled(job_id), image=image, owner=job.owner)
         if store.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
             raise Cancelled("cancelled by the client while it ran")
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
