@@ -6,7 +6,7 @@ import logging
 import time
 
 from pipeline import image_query, logs, metrics
-from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError, InvalidRequest, NotFound, Unavailable
+from pipeline.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, Unavailable, describe, public_error
 from pipeline.jobs.keys import TERMINAL
 from pipeline.jobs.store import JobStore, failed_event
 from pipeline.search import Searcher
@@ -84,12 +84,12 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
         log.info("job %s done in %.0f ms (%d results%s)", job_id, job.timings["total"], len(outcome.results),
                  f", {len(outcome.not_reranked)} not reranked" if outcome.not_reranked else "")
     except Exception as exc:  # every failure ends the job with a reason; nothing is left "running"
-        code = exc.code if isinstance(exc, ImgSearchError) else "search_failed"
-        message = exc.message if isinstance(exc, ImgSearchError) else f"{type(exc).__name__}: {exc}"
+        # the public record gets a stable code and a safe message; the internals go to the log, by job id
+        code, message = public_error(exc)
         if isinstance(exc, Cancelled | DeadlineExceeded | Unavailable | InvalidRequest | NotFound):
-            log.warning("job %s failed: %s", job_id, message)
+            log.warning("job %s failed (%s): %s", job_id, code, describe(exc))
         else:
-            log.exception("job %s failed: %s", job_id, message)
+            log.exception("job %s failed (%s): %s", job_id, code, describe(exc))
         job.status, job.finished_at = "failed", time.time()
         job.error = ErrorInfo(code=code, message=message)
         if not store.write(job, failed_event(job)):
