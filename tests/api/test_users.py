@@ -53,8 +53,13 @@ def test_keys_when_configured_user_and_admin(redis_server) -> None:  # type: ign
         _error(c.post("/v1/admin/ingest", headers={"X-API-Key": USER}), 403, "forbidden")
         queued = c.post("/v1/admin/ingest", headers={"X-API-Key": ADMIN})
         assert queued.status_code == 202 and queued.json()["status"] == "queued"
-        assert c.get("/healthz").status_code == 200  # health, metrics and the page need no key
-        assert c.get("/metrics").status_code == 200 and c.get("/").status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200  # health and the page: no key
+        # the metrics and readiness's details show the fleet: an admin key's (or a monitor key's) only
+        _error(c.get("/metrics"), 401, "unauthorized")
+        _error(c.get("/metrics", headers={"X-API-Key": USER}), 403, "forbidden")
+        assert c.get("/metrics", headers={"X-API-Key": ADMIN}).status_code == 200
+        assert set(c.get("/readyz").json()) == {"ready"} == set(c.get("/readyz", headers={"X-API-Key": USER}).json())
+        assert "workers" in c.get("/readyz", headers={"X-API-Key": ADMIN}).json()
 
 
 def test_admin_routes_are_closed_without_keys(redis_server) -> None:  # type: ignore[no-untyped-def]
