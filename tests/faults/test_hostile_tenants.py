@@ -13,8 +13,10 @@ Two API processes share one Redis and one worker: ``main`` (keys, public images,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +88,33 @@ def tenants(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[
         for p in procs:
             p.stop()
         main.stop()
+
+
+def _usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, resident MiB) of a process now, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), rss / 1024
+
+
+@pytest.fixture(autouse=True)
+def _costs(request: pytest.FixtureRequest, tenants: Tenants) -> Iterator[None]:
+    """What each attack cost the API and the worker (CPU seconds, resident MiB after) and left in Redis (keys):
+    appended as a JSON line to $ATTACK_COSTS when it is set (the closing note's table)."""
+    procs = {"api": tenants.main.procs[-1].pid, "worker": tenants.main.procs[0].pid}
+    before = {name: _usage(pid) for name, pid in procs.items()}
+    keys, t0 = tenants.r.dbsize(), time.perf_counter()
+    yield
+    out = os.environ.get("ATTACK_COSTS")
+    if out:
+        row: dict[str, Any] = {"test": request.node.name, "wall_s": round(time.perf_counter() - t0, 2),
+                               "redis_keys_added": tenants.r.dbsize() - keys}
+        for name, pid in procs.items():
+            cpu, rss = _usage(pid)
+            row[f"{name}_cpu_s"], row[f"{name}_rss_mib"] = round(cpu - before[name][0], 2), round(rss)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
 def _refused(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
