@@ -39,8 +39,11 @@ def run_job(job_id: str, searcher: Searcher, store: JobStore) -> Job | None:
 
 
 def kind_of(job: Job) -> str:
-    """text, like or image (the label the fleet's metrics carry)."""
-    return SearchParams.model_validate({"query": job.query, **job.params}).kind
+    """text, like or image (the label the fleet's metrics carry); text for params that are no search."""
+    try:
+        return SearchParams.model_validate({"query": job.query, **job.params}).kind
+    except ValueError:  # pydantic's ValidationError is one
+        return "text"
 
 
 def end_empty(job_id: str, store: JobStore) -> None:
@@ -57,8 +60,10 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
     job.status, job.started_at, job.worker = "running", time.time(), store.worker
     if not store.write(job, ("started", {"id": job_id})):
         return None
-    params = SearchParams.model_validate({"query": job.query, **job.params})
     try:
+        # inside the try: a record whose params are not a search (written by hand, or by an older version) ends
+        # failed with a code, instead of leaving the job "running" for the reaper
+        params = SearchParams.model_validate({"query": job.query, **job.params})
         if job.deadline_at is not None and time.time() > job.deadline_at:
             raise DeadlineExceeded("the job's deadline passed while it was queued")
 

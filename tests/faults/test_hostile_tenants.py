@@ -293,21 +293,28 @@ def test_a_failed_job_shows_a_stable_code_and_a_safe_message_and_logs_the_rest(t
 
     t = tenants
     s = Settings(redis_url=t.main.env["IMGSEARCH_REDIS_URL"])
-    job = new_job(s, "", {"like": STALE, "namespace": "stale"}, owner="key:a")
-    JobStore(t.r, 600, 64).write(job, ("queued", {"id": job.id}), create=True)
+    # and a record whose params are no search (an exception that is none of ours: pydantic's)
+    jobs = [new_job(s, "", {"like": STALE, "namespace": "stale"}, owner="key:a"),
+            new_job(s, "a cat", {"limit": "a-secret-looking-value"}, owner="key:a")]
     celery = client_app(s)
     try:
-        celery.send_task(SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id, queue=s.search_queue)
+        for job in jobs:
+            JobStore(t.r, 600, 64).write(job, ("queued", {"id": job.id}), create=True)
+            celery.send_task(SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id, queue=s.search_queue)
     finally:
         celery.close()
-    failed = _wait(t.main.base, job.id, KEY_A)
-    assert failed["status"] == "failed" and failed["error"]["code"] == "model_version_mismatch", failed
-    message = failed["error"]["message"]
-    for internal in ("siglip-of-another-year", "stale", "IMGSEARCH_", "ModelVersionMismatch", "Error:"):
-        assert internal not in message, message
-    logged = [line for line in (t.logs / "main" / "worker0.log").read_text(errors="replace").splitlines()
-              if job.id in line and "ModelVersionMismatch" in line]
-    assert logged and "siglip-of-another-year" in logged[0]
-    events = httpx.get(f"{t.main.base}/v1/jobs/{job.id}/events", headers={"X-API-Key": KEY_A}, timeout=10).text
-    assert "siglip-of-another-year" not in events and "model_version_mismatch" in events
+    log = (t.logs / "main" / "worker0.log")
+    for job, code, exc, detail in ((jobs[0], "model_version_mismatch", "ModelVersionMismatch", "siglip-of-another-year"),
+                                   (jobs[1], "search_failed", "ValidationError", "a-secret-looking-value")):
+        failed = _wait(t.main.base, job.id, KEY_A)
+        assert failed["status"] == "failed" and failed["error"]["code"] == code, failed
+        message = failed["error"]["message"]
+        for internal in (detail, "stale", "IMGSEARCH_", exc, "Error:", "SearchParams"):
+            assert internal not in message, message
+        stack.wait_for(lambda job=job, exc=exc: any(job.id in line and exc in line for line in
+                                                    log.read_text(errors="replace").splitlines()), 10, "the log line")
+        logged = [line for line in log.read_text(errors="replace").splitlines() if job.id in line and exc in line]
+        assert detail in "\n".join(logged) or detail in log.read_text(errors="replace"), logged
+        events = httpx.get(f"{t.main.base}/v1/jobs/{job.id}/events", headers={"X-API-Key": KEY_A}, timeout=10).text
+        assert detail not in events and code in events
     _still_serving(t)
