@@ -59,6 +59,17 @@ async def _limited(request: Request, caller: Annotated[Caller, Depends(_caller)]
     return caller
 
 
+# reading or cancelling a job: a client polls, so a tenth of a token (ten polls a second for the whole burst, yet
+# no one reads Redis for free)
+POLL_COST = 0.1
+
+
+async def _polled(request: Request, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    """The caller, within its rate limit at ``POLL_COST`` (429 with Retry-After otherwise)."""
+    await _app_admission(request).limit(caller, POLL_COST)
+    return caller
+
+
 async def _admin(request: Request, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     _app_admission(request).check_admin(caller)
     await _app_admission(request).limit(caller)
@@ -70,5 +81,6 @@ SettingsDep = Annotated[ApiSettings, Depends(_settings)]
 AdmissionDep = Annotated[Admission, Depends(_admission)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 LimitedCaller = Annotated[Caller, Depends(_limited)]
+PolledCaller = Annotated[Caller, Depends(_polled)]
 AdminCaller = Annotated[Caller, Depends(_admin)]
 ImageCaller = Annotated[Caller, Depends(_image_caller)]

@@ -18,16 +18,20 @@ class BodyLimit:
     place, a body declaring a Content-Length over the cap got Starlette's plain-text 413 ("Content Too Large"),
     sent before any exception handler could give it the API's ``{"error": {"code", "message"}}`` shape."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None) -> None:
-        """``upload_max_bytes``: the cap for a multipart/form-data body (an image query's upload)."""
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None,
+                 upload_routes: frozenset[tuple[str, str]] = frozenset()) -> None:
+        """``upload_max_bytes``: the cap for a multipart/form-data body sent to one of ``upload_routes`` (method,
+        path): an image query's upload. Any other route keeps ``max_bytes``, whatever its body says it is."""
         self.app, self.max_bytes, self.upload_max_bytes = app, max_bytes, upload_max_bytes or max_bytes
+        self.upload_routes = upload_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         kind = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-        cap = self.upload_max_bytes if kind == b"multipart/form-data" else self.max_bytes
+        upload = kind == b"multipart/form-data" and (scope.get("method", ""), scope.get("path", "")) in self.upload_routes
+        cap = self.upload_max_bytes if upload else self.max_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             return await self._refuse(send, cap)

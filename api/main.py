@@ -86,7 +86,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       upload_max_bytes=settings.max_upload_bytes + job_body.FORM_SLACK)
+                       upload_max_bytes=settings.max_upload_bytes + job_body.FORM_SLACK,
+                       upload_routes=frozenset({("POST", jobs.router.prefix)}))  # the one route that takes a picture
     # outermost of ours: its id, latency and security headers cover the body limit's 413 too
     app.add_middleware(RequestContext)
 

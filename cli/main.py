@@ -246,15 +246,19 @@ def flower(port: Annotated[int, typer.Option(help="default IMGSEARCH_FLOWER_PORT
 
 
 @keys_cli.command("new")
-def keys_new(name: str, admin: bool = False) -> None:
-    """Make an API key: prints the key (shown once) and the entry to add to IMGSEARCH_API_KEYS (its hash)."""
+def keys_new(name: str, admin: bool = False, monitor: bool = False) -> None:
+    """Make an API key: prints the key (shown once) and the entry to add to IMGSEARCH_API_KEYS (its hash).
+    ``--monitor``: the key may also read /metrics and /readyz's details (for Prometheus; an admin key may too)."""
     import json
 
     from pipeline.admission import hash_key, new_key
 
     key = new_key()
+    entry: dict[str, object] = {"name": name, "sha256": hash_key(key), "admin": admin}
+    if monitor:
+        entry["monitor"] = True
     typer.echo(f"key (give it to the client; it is not stored): {key}")
-    typer.echo("IMGSEARCH_API_KEYS entry: " + json.dumps({"name": name, "sha256": hash_key(key), "admin": admin}))
+    typer.echo("IMGSEARCH_API_KEYS entry: " + json.dumps(entry))
 
 
 @engines_cli.command("build")

@@ -4,10 +4,16 @@ Celery, and each container batches its concurrent queries' model calls as a work
 
     modal volume create imgsearch-data            # the stores and the engines live here
     modal volume put imgsearch-data data/ /        # an ingested data dir (vectors/, blobs/), or use Pinecone/GCS
-    modal secret create imgsearch PINECONE_API_KEY=... IMGSEARCH_GCS_BUCKET=...   # optional, may be empty
+    modal secret create imgsearch IMGSEARCH_API_KEYS='[...]' IMGSEARCH_LIMITS_REDIS_URL=rediss://... \
+        PINECONE_API_KEY=... IMGSEARCH_GCS_BUCKET=...
     modal deploy deploy/modal_app.py              # prints the endpoint's URL
 
 Settings come from the ``imgsearch`` secret and the environment below (IMGSEARCH_*; see pipeline/settings.py).
+Production defaults: ``IMGSEARCH_ENV=production``, so the endpoint refuses to start without API keys, and the
+rate limit (120 a minute per key, as the API's) is on: it needs a Redis for its buckets
+(``IMGSEARCH_LIMITS_REDIS_URL``), and the endpoint refuses to start without one unless
+``IMGSEARCH_RATE_LIMIT_PER_MIN=0`` turns the limit off on purpose. ``max_containers`` caps what a flood can
+spend on GPUs whatever the limit.
 """
 
 from __future__ import annotations
@@ -29,14 +35,18 @@ image = (
     .env({"IMGSEARCH_DATA_DIR": DATA, "IMGSEARCH_DEVICE": "cuda",
           "IMGSEARCH_ENGINE_BACKEND": os.environ.get("IMGSEARCH_ENGINE_BACKEND", "tensorrt"),
           "IMGSEARCH_ENGINE_PRECISION": os.environ.get("IMGSEARCH_ENGINE_PRECISION", "fp16"),
-          "IMGSEARCH_CACHE_RESULTS_TTL_S": "0"})  # no Redis here: nothing to cache results in
+          "IMGSEARCH_CACHE_RESULTS_TTL_S": "0",  # no Redis here: nothing to cache results in
+          "IMGSEARCH_ENV": os.environ.get("IMGSEARCH_ENV", "production")})  # keys required (pipeline.settings)
     .add_local_python_source("api", "pipeline", "workers", "engines")
 )
 volume = modal.Volume.from_name("imgsearch-data", create_if_missing=True)
 app = modal.App("imgsearch", image=image, secrets=[modal.Secret.from_name("imgsearch", required_keys=[])])
 
 
-@app.cls(gpu=GPU, volumes={DATA: volume}, scaledown_window=300, timeout=900)
+MAX_GPUS = int(os.environ.get("IMGSEARCH_MODAL_MAX_GPUS", "4"))  # the most GPU containers a flood can start
+
+
+@app.cls(gpu=GPU, volumes={DATA: volume}, scaledown_window=300, timeout=900, max_containers=MAX_GPUS)
 @modal.concurrent(max_inputs=16)  # concurrent queries share batched model calls (pipeline.batching)
 class Search:
     @modal.enter()
@@ -86,12 +96,27 @@ def _build_engines(s: Any) -> None:
                   max_queries=s.batch_max)
 
 
+def limits_store(s: Any) -> Any:
+    """The rate limit's Redis (``IMGSEARCH_LIMITS_REDIS_URL``), or None where the limit is off on purpose
+    (``IMGSEARCH_RATE_LIMIT_PER_MIN=0``). A limit with nowhere to keep its buckets is refused at start: the
+    endpoint would be open to any rate (the limit is on by default, as the API's)."""
+    if s.rate_limit_per_min <= 0:
+        return None
+    if not s.limits_redis_url:
+        raise RuntimeError("the Modal endpoint's rate limit (IMGSEARCH_RATE_LIMIT_PER_MIN) needs a Redis for its "
+                           "buckets: set IMGSEARCH_LIMITS_REDIS_URL, or IMGSEARCH_RATE_LIMIT_PER_MIN=0 to serve "
+                           "without a limit")
+    from pipeline.jobs.store import aconnect
+
+    return aconnect(s.limits_redis_url, 0.5)
+
+
 @app.function()
 @modal.asgi_app()
 def web() -> Any:
     """``POST /search`` as the API answers it (api.contract): ``{"results": [[post_id, score], ...]}``, after the
-    API's admission (keys, query and filter checks; the rate limit where IMGSEARCH_LIMITS_REDIS_URL names a
-    Redis: Modal's own queue stands in for ours, so there is no queue or in-flight count to cap)."""
+    API's admission (keys, query and filter checks, the rate limit in IMGSEARCH_LIMITS_REDIS_URL's Redis: Modal's
+    own queue stands in for ours, so there is no queue or in-flight count to cap)."""
     from fastapi import FastAPI, Request
     from pydantic import ValidationError
 
@@ -100,12 +125,11 @@ def web() -> Any:
     from api.schemas import SearchRequest
     from pipeline.admission import Admission, validate
     from pipeline.errors import InvalidRequest
-    from pipeline.jobs.store import aconnect
     from pipeline.settings import get_api_settings
     from pipeline.types import Result
 
     s = get_api_settings()
-    limits = aconnect(s.limits_redis_url, 0.5) if s.limits_redis_url else None
+    limits = limits_store(s)
     admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}

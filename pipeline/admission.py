@@ -121,6 +121,7 @@ class Caller:
     id: str  # what limits count against: "key:<name>" or "ip:<address>"
     key_name: str | None = None
     admin: bool = False
+    monitor: bool = False
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -241,7 +242,7 @@ class Admission:
         key = self.keys.get(hash_key(token))
         if key is None:
             raise Unauthorized("the API key is not valid")
-        return Caller(f"key:{key.name}", key.name, key.admin)
+        return Caller(f"key:{key.name}", key.name, key.admin, key.monitor)
 
     def check_owner(self, caller: Caller, job: Job) -> Job:
         """``job`` if ``caller`` may read, follow or cancel it: its own, any with an admin key, any while the API
@@ -249,6 +250,11 @@ class Admission:
         if self.open or caller.admin or job.owner == caller.id:
             return job
         raise unknown_job(job.id)
+
+    def sees_fleet(self, caller: Caller | None) -> bool:
+        """Whether ``caller`` may see the fleet (/metrics, /readyz's workers: host names, PIDs, circuits, queue
+        depths): anyone while the API is open (local use), else an admin or a monitor key only."""
+        return self.open or (caller is not None and (caller.admin or caller.monitor))
 
     def check_admin(self, caller: Caller) -> None:
         if not caller.admin:

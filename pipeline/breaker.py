@@ -25,7 +25,10 @@ FAILURES = (Unavailable, TimeoutError, FutureTimeout, ConnectionError)
 
 
 class CircuitOpen(Unavailable):
-    """Raised instead of calling a dependency whose circuit is open; its code names the dependency."""
+    """Raised instead of calling a dependency whose circuit is open; its code names the dependency. Its message
+    names the dependency and how long to wait, nothing else: public."""
+
+    public = True
 
 
 class Breaker:

@@ -142,16 +142,20 @@ class FeatureCache(_Guarded):
 
 
 class ResultCache(_Guarded):
-    """Whole query outcomes, keyed by the query, its parameters and the model versions; they expire."""
+    """Whole query outcomes, keyed by who asked, the query, its parameters and the model versions; they expire.
+
+    Per owner (the job's key) because a hit shows: it answers in a millisecond and says ``result_cache`` in the
+    job's stats. Shared by every key, it would tell key B that someone ran B's exact query in the last minutes.
+    Callers without a key (an open API, for local use) share one cache, as they share every job."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         super().__init__(client)
         self.ttl_s = ttl_s
 
     @staticmethod
-    def key(query: str, params: dict[str, Any], versions: Sequence[str]) -> str:
-        canon = json.dumps({"q": " ".join(query.split()), "p": params, "v": list(versions)}, sort_keys=True,
-                           separators=(",", ":"))
+    def key(query: str, params: dict[str, Any], versions: Sequence[str], owner: str | None = None) -> str:
+        canon = json.dumps({"o": owner or "", "q": " ".join(query.split()), "p": params, "v": list(versions)},
+                           sort_keys=True, separators=(",", ":"))
         return f"{PREFIX}:q:{hashlib.sha256(canon.encode()).hexdigest()}"
 
     def get(self, key: str) -> SearchOutcome | None:

@@ -62,6 +62,20 @@ def _value_ok(op: str, v: Any) -> bool:
     return _number_ok(v)
 
 
+def check_depth(flt: Any) -> None:
+    """Refuse $and / $or nested past MAX_DEPTH before anything recurses into the filter: a loop, not a recursion,
+    so a filter a thousand deep costs a few microseconds and never Python's stack (a RecursionError, a 500)."""
+    todo = [(flt, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"$and / $or nested more than {MAX_DEPTH} deep")
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key in ("$and", "$or") and isinstance(value, list):
+                    todo.extend((sub, depth + 1) for sub in value)
+
+
 def validate(flt: Any, depth: int = 0) -> None:
     """Raise InvalidRequest naming the first thing wrong with a filter: an unknown operator, a value of a type
     the operator does not take, nesting past MAX_DEPTH, a list past MAX_VALUES."""
@@ -131,6 +145,7 @@ def for_search(flt: Mapping[str, Any] | None) -> dict[str, Any] | None:
     ``over_18`` (true, false, or null for both), ``created_after`` / ``created_before`` (unix seconds, on
     ``created_utc``), ``min_post_score`` (on ``score``); anything else is taken as the filter language itself.
     NSFW posts are left out unless the filter says something about ``over_18``."""
+    check_depth(flt)  # first: every walk below recurses
     rest = dict(flt or {})
     clauses: list[dict[str, Any]] = []
     sub = rest.get("subreddit")

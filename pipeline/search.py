@@ -203,22 +203,25 @@ class Searcher:
     # --- the whole query ---
     def search(self, params: SearchParams, *, deadline: float | None = None,
                on_candidates: Callable[[list[Match]], None] | None = None,
-               cancelled: Callable[[], bool] | None = None, image: Image.Image | None = None) -> SearchOutcome:
-        """One query to its outcome; ``image``: the picture of an ``image`` query (``params.image`` names it)."""
+               cancelled: Callable[[], bool] | None = None, image: Image.Image | None = None,
+               owner: str | None = None) -> SearchOutcome:
+        """One query to its outcome; ``image``: the picture of an ``image`` query (``params.image`` names it);
+        ``owner``: who asked (the job's key): the result cache answers each owner from its own entries only."""
         if params.image and image is None:
             raise ValueError("an image query needs its picture")
         with self.active.job():
-            return self._search(params, deadline, on_candidates, cancelled, image)
+            return self._search(params, deadline, on_candidates, cancelled, image, owner)
 
     def _search(self, params: SearchParams, deadline: float | None,
                 on_candidates: Callable[[list[Match]], None] | None,
-                cancelled: Callable[[], bool] | None, image: Image.Image | None) -> SearchOutcome:
+                cancelled: Callable[[], bool] | None, image: Image.Image | None, owner: str | None) -> SearchOutcome:
         t0 = time.perf_counter()
         key = None
         if self.results is not None:
             key = ResultCache.key(params.query, params.model_dump(exclude={"query"}),
                                   [self.text.version, self.reranker.version, str(self.settings.itm_weight),
-                                   str(self.settings.cosine_weight), str(self.settings.top_k), str(self.settings.rerank_k)])
+                                   str(self.settings.cosine_weight), str(self.settings.top_k), str(self.settings.rerank_k)],
+                                  owner)
             cached = self.results.get(key)
             if cached is not None:
                 if on_candidates is not None:

@@ -23,6 +23,7 @@ class ApiKey(BaseModel):
     name: str
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     admin: bool = False
+    monitor: bool = False  # may read /metrics and /readyz's details (Prometheus's key); admin keys may too
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:
@@ -76,7 +77,7 @@ class SharedSettings(BaseSettings):
     # one run at a time across every host: a lease row in the ledger, renewed every third of this
     ingest_lease_ttl_s: float = Field(30.0, ge=1)
     # thumbnails (`GET /v1/images/{id}?size=`) come in these sizes only, each made once by the API and kept in the
-    # blob store (a takedown in a worker deletes them all)
+    # blob store under the post's folder (a takedown deletes every size it finds there, whatever this list says)
     thumbnail_sizes: list[int] = [128, 256, 512]
 
     # --- fetching pictures from the internet: ingest's downloads and the API's image_url queries ---

@@ -3,8 +3,12 @@
 Behind the API keys when keys are configured, unless ``IMGSEARCH_PUBLIC_IMAGES`` makes them public (an <img> tag
 sends no key; the page fetches them with its key otherwise), and rate-limited as every route is. Thumbnails
 come in the few sizes of ``IMGSEARCH_THUMBNAIL_SIZES``, each made once and kept in the blob store beside the
-image (pipeline.layout). Cacheable: ETag from the bytes, Cache-Control for an hour (private while keys guard
-them), 304 on If-None-Match. A taken-down post's image is gone from the blob store, so it answers 404."""
+image (pipeline.layout). Cacheable: ETag from the bytes, 304 on If-None-Match; a public answer (open API or
+public images) for ``PUBLIC_MAX_AGE`` (60 s) only, so a CDN drops a taken-down image within a minute; a private
+one (a key's, cached by that client alone) for an hour.
+
+A takedown is final here too: it writes the post's tombstone before it deletes anything, and a thumbnail made
+meanwhile is refused (tombstone before the write) or deleted again (tombstone after it), so none outlives it."""
 
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ from api.deps import AdmissionDep, ImageCaller, SettingsDep
 from api.schemas import ErrorResponse
 from pipeline.errors import InvalidRequest, NotFound, Unavailable
 from pipeline.ids import check_post_id
-from pipeline.layout import image_key, thumb_key
+from pipeline.layout import image_key, thumb_key, tombstone_key
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
-MAX_AGE = "max-age=3600"
+PUBLIC_MAX_AGE = "max-age=60"  # shared caches (a CDN): a takedown reaches them within this
+PRIVATE_MAX_AGE = "max-age=3600"  # one client's own cache
 
 
 def _thumbnail(data: bytes, size: int) -> bytes:
@@ -58,21 +63,31 @@ async def image(post_id: str, request: Request, caller: ImageCaller, admission: 
         except Exception as exc:  # the blob store is unreachable
             raise Unavailable(f"the image store is unreachable: {type(exc).__name__}") from exc
 
+    async def gone() -> bool:
+        try:
+            return await anyio.to_thread.run_sync(partial(blobs.exists, tombstone_key(post_id)))  # type: ignore[no-any-return]
+        except Exception as exc:  # noqa: BLE001 - unknown: make nothing
+            raise Unavailable(f"the image store is unreachable: {type(exc).__name__}") from exc
+
     data = await get(thumb_key(post_id, size) if size else image_key(post_id, "jpg"))
     if data is None and size:  # made once, on the first ask, and kept
         original = await get(image_key(post_id, "jpg"))
-        if original is not None:
+        if original is not None and not await gone():
             await admission.limit(caller, 0.9)  # making one costs a whole token (with the 0.1 every image costs)
             data = await anyio.to_thread.run_sync(partial(_thumbnail, original, size))
+            key = thumb_key(post_id, size)
             try:
-                await anyio.to_thread.run_sync(partial(blobs.put, thumb_key(post_id, size), data))
+                await anyio.to_thread.run_sync(partial(blobs.put, key, data))
             except Exception:  # noqa: BLE001 - not kept this time: made again on the next ask
                 pass
+            if await gone():  # a takedown began while this one was made: its listing may have missed it
+                await anyio.to_thread.run_sync(partial(blobs.delete, key))
+                data = None
     if data is None:
         raise NotFound(f"no image for post {post_id!r}")
     etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
-    headers = {"ETag": etag, "Cache-Control": ("public, " if admission.open or settings.public_images
-                                               else "private, ") + MAX_AGE}
+    public = admission.open or settings.public_images
+    headers = {"ETag": etag, "Cache-Control": "public, " + PUBLIC_MAX_AGE if public else "private, " + PRIVATE_MAX_AGE}
     if if_none_match and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=304, headers=headers)
     return Response(data, media_type="image/jpeg", headers=headers)

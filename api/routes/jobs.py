@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api import job_body
-from api.deps import AdmissionDep, CallerDep, Jobs, SettingsDep
+from api.deps import AdmissionDep, CallerDep, Jobs, PolledCaller, SettingsDep
 from api.schemas import ErrorResponse, JobAccepted, JobRequest, JobView
 from pipeline import logs
 from pipeline.errors import Unavailable
@@ -57,8 +57,9 @@ async def submit(request: Request, admission: AdmissionDep, caller: CallerDep, j
 
 
 @router.get("/{job_id}", response_model=JobView, response_model_exclude_none=True,
-            responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def get_job(job_id: str, jobs: Jobs, admission: AdmissionDep, caller: CallerDep) -> dict[str, Any]:
+            responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+                       503: {"model": ErrorResponse}})
+async def get_job(job_id: str, jobs: Jobs, admission: AdmissionDep, caller: PolledCaller) -> dict[str, Any]:
     """The job: ``status`` is queued, running, done or failed; ``results`` once done, ``error`` once failed.
     With keys configured, a key sees its own jobs only (another's answers 404), an admin key every job."""
     return public(admission.check_owner(caller, await jobs.get(job_id)))
@@ -67,8 +68,8 @@ async def get_job(job_id: str, jobs: Jobs, admission: AdmissionDep, caller: Call
 @router.delete("/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobView,
                response_model_exclude_none=True,
                responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
-                          503: {"model": ErrorResponse}})
-async def cancel_job(job_id: str, jobs: Jobs, admission: AdmissionDep, caller: CallerDep) -> dict[str, Any]:
+                          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def cancel_job(job_id: str, jobs: Jobs, admission: AdmissionDep, caller: PolledCaller) -> dict[str, Any]:
     """Cancel a job: a queued one ends ``failed`` with code ``cancelled`` at once; a running one at its next
     stage. 409 if it already ended; 404 if it is another key's."""
     admission.check_owner(caller, await jobs.get(job_id))

@@ -6,7 +6,8 @@ Redis (Memorystore) queue as the API, answered by the same workers (Cloud Run GP
     passed -> 504: {"error": {"code", "message"}}
 
 It admits a job as the API does (pipeline.admission: keys, rate limit, caps, validation) and answers with the
-API's contract (api.contract).
+API's contract (api.contract). A filter's nesting is checked by a loop before anything walks it recursively
+(pipeline.filters.check_depth), so a filter 300 deep is a 422, never an uncaught RecursionError.
 
 Deployment: see the README ("Google Cloud Functions"); settings come from the function's environment.
 """
@@ -84,6 +85,9 @@ def search(request: Any) -> tuple[str, int, dict[str, str]]:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("X-API-Key")
         forwarded = headers.getlist("X-Forwarded-For") if hasattr(headers, "getlist") else \
             headers.get("X-Forwarded-For", "")  # every line of it (Flask's headers), as the API reads them
-        status, body = handle(request.get_json(silent=True), token, getattr(request, "remote_addr", None) or "unknown",
-                              forwarded)
+        try:
+            payload = request.get_json(silent=True)
+        except RecursionError:  # JSON nested past the decoder's stack ("silent" catches ValueError only)
+            payload = None
+        status, body = handle(payload, token, getattr(request, "remote_addr", None) or "unknown", forwarded)
     return json.dumps(body), status, {"Content-Type": "application/json"}

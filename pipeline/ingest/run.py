@@ -28,7 +28,7 @@ from pipeline.ingest.download import Downloader, FetchError
 from pipeline.ingest.images import Prepared
 from pipeline.ingest.ledger import DUPLICATE, FAILED, INGESTED, REJECTED, TAKEN_DOWN, Ledger
 from pipeline.ingest.sources import Page, Post, Source
-from pipeline.layout import feature_key, image_key, post_key, thumb_key
+from pipeline.layout import feature_key, image_key, old_thumb_key, post_key, thumbs_prefix, tombstone_key
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.settings import IngestSettings
 
@@ -434,14 +434,20 @@ def takedown(post_id: str, vectors: VectorStore, blobs: BlobStore, ledger: Ledge
     made_by = ledger.versions_of(post_id)
     if "|" in made_by:
         versions.add(made_by.split("|", 1)[1])
+    # the tombstone first: a thumbnail written from here on is refused or removed by its own writer, and one
+    # written before is found by the listing below (every size, whichever API's settings made it)
+    blobs.put(tombstone_key(post_id), json.dumps({"taken_down_at": time.time()}).encode())
     removed_vectors = vectors.delete(ids=[post_id], namespace=namespace)
     keys = [image_key(post_id, "jpg"), post_key(post_id)] + [feature_key(v, post_id) for v in sorted(versions)]
-    keys += [thumb_key(post_id, n) for n in thumb_sizes]
+    keys += [old_thumb_key(post_id, n) for n in thumb_sizes]
     removed_blobs = []
     for key in keys:
         if blobs.exists(key):
             blobs.delete(key)
             removed_blobs.append(key)
+    for key in sorted(blobs.keys_under(thumbs_prefix(post_id))):
+        blobs.delete(key)
+        removed_blobs.append(key)
     if feature_cache is not None:
         feature_cache.delete(post_id)
     if results is not None:

@@ -2,8 +2,10 @@
 the CLI's health check and the process stack all use.
 
 A heartbeat is a JSON key with a TTL (``imgsearch:worker:{host}:{pid}``), renewed every third of it: the worker
-is live, its engines loaded, its vector store answering. Reading the keys (instead of asking Celery to
-broadcast) costs one SCAN and one MGET, and needs no worker to answer.
+is live, its engines loaded, its vector store answering. Each beat also adds the worker's name to one set
+(``imgsearch:workers``), so a reader needs no keyspace scan: one script reads the set and its members' keys, and
+drops the names whose key expired (a worker that died without saying so), so the set never outgrows the fleet.
+Reading them (instead of asking Celery to broadcast) needs no worker to answer.
 
 Also the fleet's queue depth as an autoscaler must read it: waiting plus reserved (``queue_depths``)."""
 
@@ -19,7 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from pipeline.jobs.keys import HEARTBEAT_PATTERN, heartbeat_key
+from pipeline.jobs.keys import WORKERS_KEY, heartbeat_key
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,16 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, name: str, ttl: int, info: Beat,
                  state: Callable[[], Beat] = dict) -> None:
-        self.r, self.key, self.ttl, self.info, self.state = client, heartbeat_key(name), ttl, info, state
+        self.r, self.name, self.key, self.ttl, self.info, self.state = client, name, heartbeat_key(name), ttl, info, state
         self._stop = threading.Event()
 
     def beat(self) -> None:
         """One heartbeat now (a Redis failure is logged; the key expires meanwhile)."""
         try:
-            self.r.set(self.key, json.dumps({**self.info, **self.state(), "at": time.time()}), ex=self.ttl)
+            pipe = self.r.pipeline(transaction=True)  # the key and the name together: a reader sees both or neither
+            pipe.set(self.key, json.dumps({**self.info, **self.state(), "at": time.time()}), ex=self.ttl)
+            pipe.sadd(WORKERS_KEY, self.name)
+            pipe.execute()
         except redis.RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
 
@@ -54,7 +59,10 @@ class Heartbeat:
         """Stop beating and remove the key, so readers stop counting this worker at once."""
         self._stop.set()
         try:
-            self.r.delete(self.key)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.delete(self.key)
+            pipe.srem(WORKERS_KEY, self.name)
+            pipe.execute()
         except redis.RedisError:
             pass
 
@@ -63,16 +71,28 @@ def _parse(raw: list[Any]) -> list[Beat]:
     return [json.loads(b) for b in raw if b]
 
 
+# KEYS: the workers' set. ARGV: the heartbeat keys' prefix. Every member's heartbeat; a member whose key expired is
+# dropped in the same script, so a worker that beats again at that moment (its SET and SADD are one transaction)
+# is never dropped after its beat.
+_READ = """
+local out = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local beat = redis.call('GET', ARGV[1] .. name)
+  if beat then out[#out + 1] = beat else redis.call('SREM', KEYS[1], name) end
+end
+return out
+"""
+_PREFIX = heartbeat_key("")
+
+
 def read(r: redis.Redis) -> list[Beat]:
     """Every live worker's heartbeat (sync client). Raises redis.RedisError when Redis is away."""
-    keys = list(r.scan_iter(match=HEARTBEAT_PATTERN, count=100))
-    return _parse(r.mget(keys)) if keys else []
+    return _parse(r.eval(_READ, 1, WORKERS_KEY, _PREFIX))  # type: ignore[arg-type]
 
 
 async def aread(r: aioredis.Redis) -> list[Beat]:
     """Every live worker's heartbeat (async client). Raises redis.RedisError when Redis is away."""
-    keys = [k async for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)]
-    return _parse(await r.mget(keys)) if keys else []
+    return _parse(await r.eval(_READ, 1, WORKERS_KEY, _PREFIX))  # type: ignore[arg-type]
 
 
 def serves_search(beat: Beat, queue: str) -> bool:

@@ -12,7 +12,10 @@ TERMINAL = ("done", "failed")
 
 # every job that has not ended, scored by its deadline: what the reaper walks
 OPEN_KEY = f"{PREFIX}:jobs:open"
-HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
+# the names of the workers that beat (host:pid): readers read this set and each member's key, and never scan the
+# keyspace for heartbeats (which cost thousands of SCAN calls with a few hundred thousand keys in Redis)
+WORKERS_KEY = f"{PREFIX}:workers"
+HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"  # what readers once scanned for (bench.health measures that way still)
 
 
 def job_key(job_id: str) -> str:

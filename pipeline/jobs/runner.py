@@ -6,7 +6,7 @@ import logging
 import time
 
 from pipeline import image_query, logs, metrics
-from pipeline.errors import Cancelled, DeadlineExceeded, ImgSearchError, InvalidRequest, NotFound, Unavailable
+from pipeline.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, Unavailable, describe, public_error
 from pipeline.jobs.keys import TERMINAL
 from pipeline.jobs.store import JobStore, failed_event
 from pipeline.search import Searcher
@@ -39,8 +39,11 @@ def run_job(job_id: str, searcher: Searcher, store: JobStore) -> Job | None:
 
 
 def kind_of(job: Job) -> str:
-    """text, like or image (the label the fleet's metrics carry)."""
-    return SearchParams.model_validate({"query": job.query, **job.params}).kind
+    """text, like or image (the label the fleet's metrics carry); text for params that are no search."""
+    try:
+        return SearchParams.model_validate({"query": job.query, **job.params}).kind
+    except ValueError:  # pydantic's ValidationError is one
+        return "text"
 
 
 def end_empty(job_id: str, store: JobStore) -> None:
@@ -57,8 +60,10 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
     job.status, job.started_at, job.worker = "running", time.time(), store.worker
     if not store.write(job, ("started", {"id": job_id})):
         return None
-    params = SearchParams.model_validate({"query": job.query, **job.params})
     try:
+        # inside the try: a record whose params are not a search (written by hand, or by an older version) ends
+        # failed with a code, instead of leaving the job "running" for the reaper
+        params = SearchParams.model_validate({"query": job.query, **job.params})
         if job.deadline_at is not None and time.time() > job.deadline_at:
             raise DeadlineExceeded("the job's deadline passed while it was queued")
 
@@ -69,7 +74,7 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
         image = image_query.picture(store.image(job_id), params.image, searcher.settings.ingest_max_pixels) \
             if params.image else None
         outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates,
-                                  cancelled=lambda: store.cancelled(job_id), image=image)
+                                  cancelled=lambda: store.cancelled(job_id), image=image, owner=job.owner)
         if store.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
             raise Cancelled("cancelled by the client while it ran")
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
@@ -84,12 +89,12 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
         log.info("job %s done in %.0f ms (%d results%s)", job_id, job.timings["total"], len(outcome.results),
                  f", {len(outcome.not_reranked)} not reranked" if outcome.not_reranked else "")
     except Exception as exc:  # every failure ends the job with a reason; nothing is left "running"
-        code = exc.code if isinstance(exc, ImgSearchError) else "search_failed"
-        message = exc.message if isinstance(exc, ImgSearchError) else f"{type(exc).__name__}: {exc}"
+        # the public record gets a stable code and a safe message; the internals go to the log, by job id
+        code, message = public_error(exc)
         if isinstance(exc, Cancelled | DeadlineExceeded | Unavailable | InvalidRequest | NotFound):
-            log.warning("job %s failed: %s", job_id, message)
+            log.warning("job %s failed (%s): %s", job_id, code, describe(exc))
         else:
-            log.exception("job %s failed: %s", job_id, message)
+            log.exception("job %s failed (%s): %s", job_id, code, describe(exc))
         job.status, job.finished_at = "failed", time.time()
         job.error = ErrorInfo(code=code, message=message)
         if not store.write(job, failed_event(job)):

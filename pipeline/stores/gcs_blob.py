@@ -69,3 +69,16 @@ class GcsBlobStore:
 
     def delete(self, key: str) -> None:
         self._run("delete", key, lambda b: b.delete(timeout=self.timeout, retry=self.retry), None)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        if not prefix.endswith("/"):
+            raise StoreError(f"not a folder: {prefix!r}", code="invalid_request")
+        self._blob(prefix.rstrip("/"))  # the key's checks
+        try:
+            names = [b.name for b in self.bucket.client.list_blobs(self.bucket, prefix=self.prefix + prefix,
+                                                                   timeout=self.timeout, retry=self.retry)]
+        except Exception as exc:
+            log.warning("gcs list %s failed: %s", prefix, type(exc).__name__)
+            raise Unavailable(f"the blob store (gcs) failed on list of {prefix}: {type(exc).__name__}",
+                              code="blob_store_unavailable") from exc
+        return [n[len(self.prefix):] for n in names]

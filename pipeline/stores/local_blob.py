@@ -43,3 +43,11 @@ class LocalBlobStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        if not prefix.endswith("/"):
+            raise InvalidRequest(f"not a folder: {prefix!r}")
+        folder = self._path(prefix.rstrip("/"))
+        # a writer's temp file is no key (it becomes one by its rename)
+        return [f"{prefix}{p.relative_to(folder).as_posix()}" for p in folder.rglob("*")
+                if p.is_file() and not p.name.startswith(".tmp-")]

@@ -17,7 +17,7 @@ from PIL import Image
 from api.main import create_app
 from cli import stack
 from pipeline.admission import hash_key
-from pipeline.layout import image_key
+from pipeline.layout import image_key, thumb_key, thumbs_prefix, tombstone_key
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore
 
@@ -53,8 +53,13 @@ def test_keys_when_configured_user_and_admin(redis_server) -> None:  # type: ign
         _error(c.post("/v1/admin/ingest", headers={"X-API-Key": USER}), 403, "forbidden")
         queued = c.post("/v1/admin/ingest", headers={"X-API-Key": ADMIN})
         assert queued.status_code == 202 and queued.json()["status"] == "queued"
-        assert c.get("/healthz").status_code == 200  # health, metrics and the page need no key
-        assert c.get("/metrics").status_code == 200 and c.get("/").status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200  # health and the page: no key
+        # the metrics and readiness's details show the fleet: an admin key's (or a monitor key's) only
+        _error(c.get("/metrics"), 401, "unauthorized")
+        _error(c.get("/metrics", headers={"X-API-Key": USER}), 403, "forbidden")
+        assert c.get("/metrics", headers={"X-API-Key": ADMIN}).status_code == 200
+        assert set(c.get("/readyz").json()) == {"ready"} == set(c.get("/readyz", headers={"X-API-Key": USER}).json())
+        assert "workers" in c.get("/readyz", headers={"X-API-Key": ADMIN}).json()
 
 
 def test_admin_routes_are_closed_without_keys(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -139,6 +144,35 @@ def test_images_with_thumbnails_and_cache_headers(redis_server, tmp_path: Path) 
         _error(c.get("/v1/images/nope"), 404, "not_found")
         _error(c.get("/v1/images/a.b"), 422, "invalid_request")
         _error(c.get("/v1/images/p1?size=4096"), 422, "invalid_request")
+
+
+def test_a_thumbnail_written_after_its_takedown_listed_the_folder_is_removed_by_its_writer(redis_server,  # type: ignore[no-untyped-def]
+                                                                                           tmp_path: Path) -> None:
+    """The race a takedown loses otherwise: the writer made its thumbnail from the image it read before the
+    takedown began, and writes it after the takedown wrote its tombstone and listed the post's folder (empty then).
+    The writer looks for the tombstone after writing, deletes what it wrote and answers 404."""
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (20, 90, 200)).save(buf, format="JPEG")
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put(image_key("p2", "jpg"), buf.getvalue())
+    store.put(image_key("p3", "jpg"), buf.getvalue())
+
+    class TakenDownMeanwhile(LocalBlobStore):
+        def put(self, key: str, data: bytes) -> None:
+            if key == thumb_key("p2", 256):  # the takedown ran between the writer's read and its write
+                assert self.keys_under(thumbs_prefix("p2")) == []  # what its listing saw
+                super().put(tombstone_key("p2"), b"{}")
+            super().put(key, data)
+
+    with _client(redis_server, 12, data_dir=tmp_path) as c:
+        c.app.state.blobs = TakenDownMeanwhile(tmp_path / "blobs")
+        _error(c.get("/v1/images/p2?size=256"), 404, "not_found")
+        assert store.keys_under(thumbs_prefix("p2")) == []
+        _error(c.get("/v1/images/p2?size=128"), 404, "not_found")  # the tombstone is seen before any is made
+        assert store.keys_under(thumbs_prefix("p2")) == []
+        made = c.get("/v1/images/p3?size=256")  # another post's: made and kept
+        assert made.status_code == 200 and store.keys_under(thumbs_prefix("p3")) == [thumb_key("p3", 256)]
+        assert made.headers["cache-control"] == "public, max-age=60"  # open: a shared cache keeps it a minute
 
 
 def test_metrics_expose_requests_queue_depth_and_workers(redis_server) -> None:  # type: ignore[no-untyped-def]

@@ -119,6 +119,20 @@ def test_the_modal_app_declares_its_functions_without_network() -> None:
     assert isinstance(modal_app.web, modal.Function)  # the web endpoint with POST /search
 
 
+def test_the_modal_endpoint_has_production_defaults_and_a_rate_limit() -> None:
+    """Production by default (keys required), and a rate limit that can't be on with nowhere to keep its buckets:
+    off only by IMGSEARCH_RATE_LIMIT_PER_MIN=0, said on purpose."""
+    from pipeline.settings import ApiSettings
+
+    modal_app = _load(ROOT / "deploy" / "modal_app.py", "modal_app")
+    text = (ROOT / "deploy" / "modal_app.py").read_text()
+    assert '"IMGSEARCH_ENV": os.environ.get("IMGSEARCH_ENV", "production")' in text and modal_app.MAX_GPUS >= 1
+    with pytest.raises(RuntimeError, match="IMGSEARCH_LIMITS_REDIS_URL"):
+        modal_app.limits_store(ApiSettings())  # the default: 120 a minute
+    assert modal_app.limits_store(ApiSettings(rate_limit_per_min=0)) is None
+    assert modal_app.limits_store(ApiSettings(limits_redis_url="redis://127.0.0.1:1/0")) is not None
+
+
 def test_cloud_run_services_use_the_images_and_probe_health() -> None:
     api = yaml.safe_load((ROOT / "deploy" / "cloudrun" / "api.yaml").read_text())
     worker = yaml.safe_load((ROOT / "deploy" / "cloudrun" / "worker-gpu.yaml").read_text())
@@ -128,6 +142,27 @@ def test_cloud_run_services_use_the_images_and_probe_health() -> None:
     assert w["image"].endswith("/worker-gpu:latest") and "--health-port" in w["command"]
     assert w["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert worker["spec"]["template"]["metadata"]["annotations"]["run.googleapis.com/cpu-throttling"] == "false"
+
+
+def test_the_cloud_run_api_runs_in_production_with_keys_and_trusted_proxies(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The manifest's environment is one the API's production checks accept: keys (from Secret Manager), the
+    Google front end as the one proxy believed; and the API refuses it without the keys."""
+    from pipeline.admission import hash_key
+    from pipeline.settings import ApiSettings
+
+    api = yaml.safe_load((ROOT / "deploy" / "cloudrun" / "api.yaml").read_text())
+    (a,) = api["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in a["env"]}
+    assert env["IMGSEARCH_ENV"]["value"] == "production" and env["IMGSEARCH_BEHIND_PROXY"]["value"] == "true"
+    assert "secretKeyRef" in env["IMGSEARCH_API_KEYS"]["valueFrom"]  # never a literal in the manifest
+    for name, e in env.items():
+        if "value" in e:
+            monkeypatch.setenv(name, str(e["value"]))
+    with pytest.raises(ValueError, match="IMGSEARCH_API_KEYS"):
+        ApiSettings()
+    monkeypatch.setenv("IMGSEARCH_API_KEYS", json.dumps([{"name": "app", "sha256": hash_key("isk_x")}]))
+    s = ApiSettings()
+    assert s.env == "production" and s.trusted_proxies and s.api_keys
 
 
 def _load(path: Path, name: str) -> Any:
@@ -190,3 +225,32 @@ def test_the_cloud_function_answers_post_search_through_a_worker(redis_server, s
     finally:
         clear_cached()
     assert status == 503 and body["error"]["code"] == "unavailable"
+
+
+def test_the_cloud_function_refuses_a_filter_300_deep_with_422(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The nesting is checked by a loop before any walk recurses: a 422, not an uncaught RecursionError (a 500).
+    Refused before Redis is asked anything (none listens at this address)."""
+    from pipeline.settings import clear_cached
+
+    monkeypatch.setenv("IMGSEARCH_REDIS_URL", "redis://127.0.0.1:1/0")
+    clear_cached()
+    cf = _cloud_function()
+    deep: dict[str, Any] = {"subreddit": "memes"}
+    for _ in range(300):
+        deep = {"$or": [deep]}
+    try:
+        status, body = cf.handle({"query": "a cat", "filter": deep})
+
+        class Request:
+            method = "POST"
+
+            def get_json(self, silent: bool = False) -> Any:
+                return json.loads('{"query": "x", "filter": ' + '{"$and": [' * 5000 + "{}" + "]}" * 5000 + "}")
+
+        text, status2, _ = cf.search(Request())
+    finally:
+        if "celery" in cf._clients:
+            cf._clients["celery"].close()
+        clear_cached()
+    assert status == 422 and body["error"]["code"] == "invalid_request" and "deep" in body["error"]["message"]
+    assert status2 == 422 and json.loads(text)["error"]["code"] == "invalid_request"

@@ -76,7 +76,7 @@ def test_missing_or_corrupt_features_keep_ann_order(store_dir, tiny_models, engi
 
 
 @pytest.mark.integration
-def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     r = connect(redis_server.url(3), 5)
     r.flushdb()
     writer = JobStore(r, ttl=60, maxlen=64)
@@ -91,7 +91,8 @@ def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, 
     assert run_job(job.id, _searcher(store_dir, tiny_models, engines), writer).status == "done"  # type: ignore[union-attr]
     assert len(r.xrange(events_key(job.id))) == 5
 
-    # a stage that raises ends the job failed with a readable reason: here a store made by another encoder
+    # a stage that raises ends the job failed with a stable code and a safe message: here a store made by another
+    # encoder. The store's path and the story go to the log, under the job's id, not into the public record.
     other = tmp_path / "other"
     s = make_settings(other, tiny_models)
     make_vector_store(s).upsert([("x", np.ones(7, np.float32) / 7 ** 0.5, {})])
@@ -99,7 +100,10 @@ def test_run_job_done_and_failed(redis_server, store_dir, tiny_models, engines, 
     writer.write(bad, ("queued", {}), create=True)
     failed = run_job(bad.id, _searcher(other, tiny_models, engines), writer)
     assert failed is not None and failed.status == "failed"
-    assert failed.error is not None and failed.error.code == "dimension_mismatch" and "re-ingest" in failed.error.message
+    assert failed.error is not None and failed.error.code == "dimension_mismatch" and failed.error.message
+    assert str(other) not in failed.error.message and "StoreError" not in failed.error.message
+    assert any(bad.id in rec.getMessage() and "re-ingest" in rec.getMessage() and str(other) in rec.getMessage()
+               for rec in caplog.records)
     last = parse_events(r.xrange(events_key(bad.id)))[-1]
     assert last[1] == "failed" and last[2]["error"]["code"] == "dimension_mismatch"
     assert json.loads(r.get(job_key(bad.id)))["status"] == "failed"

@@ -161,6 +161,16 @@ def test_blob_round_trip(blobs) -> None:  # type: ignore[no-untyped-def]
             blobs.put(bad, b"x")
 
 
+def test_blob_keys_under_a_folder(blobs) -> None:  # type: ignore[no-untyped-def]
+    """What a takedown lists to find every thumbnail size of a post: the folder's keys, none of its neighbours'."""
+    assert blobs.keys_under("thumbs/p1/") == []
+    for key in ("thumbs/p1/128.jpg", "thumbs/p1/77.jpg", "thumbs/p10/128.jpg", "thumbs/p1.jpg"):
+        blobs.put(key, b"x")
+    assert sorted(blobs.keys_under("thumbs/p1/")) == ["thumbs/p1/128.jpg", "thumbs/p1/77.jpg"]
+    with pytest.raises(ImgSearchError):
+        blobs.keys_under("thumbs/p1")  # a folder ends in "/": a bare prefix would take p10's too
+
+
 def test_gcs_timeout_is_a_clear_error(gcs_emulator, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A server that accepts connections and never answers: the call ends at its timeout, as Unavailable."""
     from pipeline.stores.gcs_blob import GcsBlobStore
