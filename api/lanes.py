@@ -51,3 +51,4 @@ class Lanes:
         self.fetch = Lane("image downloads", settings.image_fetch_threads, wait)
         self.decode = Lane("picture decodes", settings.image_decode_threads, wait)
         self.send = Lane("queue sends", settings.queue_send_threads, wait)
+        self.blobs = Lane("image store calls", settings.blob_io_threads, wait)

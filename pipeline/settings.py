@@ -209,6 +209,7 @@ class _ApiFields(SharedSettings):
     image_fetch_threads: int = Field(8, ge=1, le=64)
     image_decode_threads: int = Field(2, ge=1, le=16)
     queue_send_threads: int = Field(8, ge=1, le=64)
+    blob_io_threads: int = Field(8, ge=1, le=64)  # image and thumbnail reads and writes of the blob store
     lane_wait_s: float = Field(2.0, gt=0)
 
     # --- event streams, the API's Redis pools, images ---

@@ -30,8 +30,8 @@ async def take_down(post_id: str, request: Request, settings: SettingsDep, _: Ad
     """Remove a post from the vector store, the blobs and the caches; later ingests keep it out."""
     check_post_id(post_id)
     try:
-        result = await anyio.to_thread.run_sync(partial(_send, request, TAKEDOWN_TASK, {"ids": [post_id]},
-                                                        settings.search_queue))
+        result = await request.app.state.lanes.send.run(_send, request, TAKEDOWN_TASK, {"ids": [post_id]},
+                                                        settings.search_queue)
     except Exception as exc:
         raise Unavailable(f"could not enqueue the takedown: {type(exc).__name__}") from exc
     try:
@@ -50,8 +50,8 @@ async def start_ingest(request: Request, settings: SettingsDep, _: AdminCaller,
     if source not in (None, "reddit", "folder"):
         raise InvalidRequest("source: reddit or folder")
     try:
-        result = await anyio.to_thread.run_sync(partial(_send, request, INGEST_TASK, {"source": source},
-                                                        settings.ingest_queue))
+        result = await request.app.state.lanes.send.run(_send, request, INGEST_TASK, {"source": source},
+                                                        settings.ingest_queue)
     except Exception as exc:
         raise Unavailable(f"could not enqueue the ingest run: {type(exc).__name__}") from exc
     return {"status": "queued", "task_id": result.id}

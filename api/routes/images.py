@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from functools import partial
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from api.deps import AdmissionDep, ImageCaller, SettingsDep
@@ -55,17 +53,21 @@ async def image(post_id: str, request: Request, caller: ImageCaller, admission: 
     check_post_id(post_id)
     if size is not None and size not in settings.thumbnail_sizes:
         raise InvalidRequest(f"size: one of {', '.join(map(str, sorted(settings.thumbnail_sizes)))}")
-    blobs = request.app.state.blobs
+    blobs, lanes = request.app.state.blobs, request.app.state.lanes
 
     async def get(key: str) -> bytes | None:
         try:
-            return await anyio.to_thread.run_sync(partial(blobs.get, key))  # type: ignore[no-any-return]
+            return await lanes.blobs.run(blobs.get, key)  # type: ignore[no-any-return]
+        except Unavailable:  # the lane is full: busy, as it says
+            raise
         except Exception as exc:  # the blob store is unreachable
             raise Unavailable(f"the image store is unreachable: {type(exc).__name__}") from exc
 
     async def gone() -> bool:
         try:
-            return await anyio.to_thread.run_sync(partial(blobs.exists, tombstone_key(post_id)))  # type: ignore[no-any-return]
+            return await lanes.blobs.run(blobs.exists, tombstone_key(post_id))  # type: ignore[no-any-return]
+        except Unavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - unknown: make nothing
             raise Unavailable(f"the image store is unreachable: {type(exc).__name__}") from exc
 
@@ -74,14 +76,14 @@ async def image(post_id: str, request: Request, caller: ImageCaller, admission: 
         original = await get(image_key(post_id, "jpg"))
         if original is not None and not await gone():
             await admission.limit(caller, 0.9)  # making one costs a whole token (with the 0.1 every image costs)
-            data = await anyio.to_thread.run_sync(partial(_thumbnail, original, size))
+            data = await lanes.decode.run(_thumbnail, original, size)
             key = thumb_key(post_id, size)
             try:
-                await anyio.to_thread.run_sync(partial(blobs.put, key, data))
+                await lanes.blobs.run(blobs.put, key, data)
             except Exception:  # noqa: BLE001 - not kept this time: made again on the next ask
                 pass
             if await gone():  # a takedown began while this one was made: its listing may have missed it
-                await anyio.to_thread.run_sync(partial(blobs.delete, key))
+                await lanes.blobs.run(blobs.delete, key)
                 data = None
     if data is None:
         raise NotFound(f"no image for post {post_id!r}")
