@@ -129,15 +129,13 @@ def precision_for(backend: str, s: WorkerSettings, flags: set[str] | None = None
 
 # --- the cache: one file per host and model versions ---
 def cache_path(s: WorkerSettings) -> Path:
-    import platform
-
     from engines.blip import SETTING as BLIP_SETTING
     from engines.loading import resolve, version_of
     from engines.siglip import SETTING as SIGLIP_SETTING
 
     siglip = version_of(resolve(s.siglip_model, SIGLIP_SETTING))
     blip = version_of(resolve(s.blip_model, BLIP_SETTING))
-    host = (s.host or platform.node() or "host").replace("/", "_")
+    host = (s.host or "host").replace("/", "_")
     return s.engines_path / "auto" / f"{host}.{s.device}.{siglip}.{blip}.json"
 
 
