@@ -330,8 +330,9 @@ def engines_list() -> None:
             current.add(version_of(resolve(source, setting)))
         except Exception:  # a missing model only means nothing is current
             pass
-    from engines.artifacts import INT8_RECIPE
+    from engines.artifacts import INT8_RECIPE, REVISIONS, graph_name
 
+    graphs = {graph_name(g) for g in REVISIONS}  # at their current revisions
     root = s.engines_path
     files = sorted(p for p in root.rglob("*") if p.suffix in (".onnx", ".plan")) if root.is_dir() else []
     if not files:
@@ -339,7 +340,8 @@ def engines_list() -> None:
     for p in files:
         version = p.relative_to(root).parts[0]
         old_int8 = ".int8" in p.name and f".int8-{INT8_RECIPE.name}." not in p.name  # another recipe: never served
-        mark = "current" if version in current and not old_int8 else "stale"
+        old_graph = p.name.rsplit(".", 2)[0] not in graphs  # a graph at an older revision, or no longer used
+        mark = "current" if version in current and not old_int8 and not old_graph else "stale"
         typer.echo(f"{mark:8} {p.relative_to(root)}  {p.stat().st_size / 1e6:.1f} MB")
 
 
