@@ -250,6 +250,7 @@ def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[in
             print(f"tensorrt skipped: {type(exc).__name__}: {exc}")
             chosen = chosen[:2]
     one = TorchBlip(str(folder)).vision_features(images(4))
+    engines.mkdir(parents=True, exist_ok=True)
     feats_file = engines / f"rerank-feats-{label.replace(' ', '-')}.npy"
     np.save(feats_file, np.concatenate([one + np.float16(0.01) * i for i in range(8)]))
     rows = []

@@ -24,7 +24,9 @@ import contextlib
 import json
 import os
 import random
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -309,8 +311,6 @@ def worker_beat(base: str, started: int) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def baseline_running(env: dict[str, str], root: Path) -> Iterator[tuple[stack.Proc, str]]:
-    import sys
-
     port = stack.free_port()
     proc = stack._spawn("baseline", [sys.executable, "-m", "bench.baseline", "--port", str(port)], env,
                         root / "baseline.log")
@@ -412,6 +412,8 @@ def main() -> None:
                          "pictures (image), ours alone")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: every process started here is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     models = args.models or ("tiny" if args.quick else "base")
     if args.quick:
         args.no_unbatched = True
