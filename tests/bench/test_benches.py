@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = [pytest.mark.bench, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-LIMIT_S = 90  # "under a minute" on a quiet machine; the margin is for a CI box shared with other jobs
+LIMIT_S = 120  # "under a minute" on a quiet machine (bench.load, the longest, took 68 s at load 4 on 2 cores)
 
 
 def _figure(name: str) -> Any:
