@@ -8,8 +8,12 @@ p50/p95/p99, per-stage p50/p95/p99, errors, lost jobs. Also: the lone query with
 cost), the queue's own overhead (a no-op job's round trip against a bare Redis round trip), the rerank stage's
 achieved FLOP/s against a large matmul's, and each process's RSS. Writes JSON and a markdown table.
 
-    python -m bench.load                      # BLIP-base sized random-weight models, concurrency 1 4 16 64
-    python -m bench.load --quick              # tiny models, concurrency 1 and 16, a few seconds each
+    python -m bench.load                      # BLIP-base sized random-weight models, concurrency 1 4 16 64,
+                                              # ours on the default configuration (auto)
+    python -m bench.load --quick              # tiny models, ours at 1 and 4, the baseline at 1, 3 s each:
+                                              # under a minute
+    python -m bench.load --compare-old-default --no-unbatched --concurrency 1,16   # the issue-26 table: auto
+                                              # against torch fp32 (the default before auto) and the original
     python -m bench.load --kind image         # search by image (uploads; --kind like: stored posts), ours alone
 
 Random-weight models cost what trained ones of the same shape do; rankings are meaningless, timings are not.
