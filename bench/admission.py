@@ -8,6 +8,7 @@ admission path's own cost, not a refusal's. wrk and the API share the machine's 
 
     python -m bench.admission                       # baseline 9d7ff05 (before the layout issue), 32 connections
     python -m bench.admission --baseline HEAD~3 --duration 20 --connections 64
+    python -m bench.admission --quick                # 2 s runs, 8 connections, no warm-up runs: seconds
 
 Prints a table and the last line ``jobs_per_s_ratio=<ours / baseline>``. Needs ``wrk`` (apt-get install wrk).
 """
@@ -57,24 +58,27 @@ def _wrk(url: str, seconds: int, connections: int, script: Path | None) -> dict[
             "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan")}
 
 
-def measure(tree: Path, work: Path, seconds: int, connections: int) -> dict[str, Any]:
+def measure(tree: Path, work: Path, seconds: int, connections: int, warm_s: int = 2) -> dict[str, Any]:
     """``POST /v1/jobs`` and ``GET /healthz`` on one API process of ``tree``."""
     work.mkdir(parents=True, exist_ok=True)
     redis_port, api_port = stack.free_port(), stack.free_port()
     redis = stack.start_redis(redis_port, work, work / "redis.log")
     env = {**ENV, "PYTHONPATH": str(tree), "IMGSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "IMGSEARCH_DATA_DIR": str(work / "data")}
-    api = stack._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
-                               "127.0.0.1", "--port", str(api_port), "--no-access-log", "--log-level", "warning"],
-                       env, work / "api.log")
+    # --app-dir: the tree's packages first on sys.path (`python -m` would put the caller's working directory,
+    # this checkout, there: both sides would run ours)
+    api = stack._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--app-dir",
+                               str(tree), "--host", "127.0.0.1", "--port", str(api_port), "--no-access-log",
+                               "--log-level", "warning"], env, work / "api.log")
     script = work / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
     base = f"http://127.0.0.1:{api_port}"
     try:
         stack.wait_for(lambda: stack.http_ok(base + "/healthz"), 60, "the API", interval=0.2)
-        _wrk(base + "/healthz", 2, connections, None)  # warm both paths up
-        _wrk(base + "/v1/jobs", 2, connections, script)
+        if warm_s:
+            _wrk(base + "/healthz", warm_s, connections, None)  # warm both paths up
+            _wrk(base + "/v1/jobs", warm_s, connections, script)
         return {"jobs": _wrk(base + "/v1/jobs", seconds, connections, script),
                 "healthz": _wrk(base + "/healthz", seconds, connections, None)}
     finally:
@@ -87,8 +91,13 @@ def main() -> None:
     ap.add_argument("--baseline", default="9d7ff05", help="the revision to compare with (git rev)")
     ap.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "admission.json")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/admission.json (--quick: none)")
+    ap.add_argument("--quick", action="store_true", help="2 s per run, 8 connections, no warm-up runs")
     args = ap.parse_args()
+    if args.quick:
+        args.duration, args.connections = 2, 8
+    elif args.out is None:
+        args.out = ROOT / "bench" / "results" / "admission.json"
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp:
@@ -97,13 +106,14 @@ def main() -> None:
         report: dict[str, Any] = {"cpu": _cpu(), "cores": os.cpu_count(), "connections": args.connections,
                                   "duration_s": args.duration, "baseline": args.baseline}
         for name, tree in sides.items():
-            report[name] = measure(tree, root / name / "run", args.duration, args.connections)
+            report[name] = measure(tree, root / name / "run", args.duration, args.connections, 0 if args.quick else 2)
     print(f"{'':10} {'POST /v1/jobs per s':>20} {'p50 ms':>8} {'non-2xx':>8} {'GET /healthz per s':>20} {'p50 ms':>8}")
     for name in sides:
         j, h = report[name]["jobs"], report[name]["healthz"]
         print(f"{name:10} {j['per_s']:20.1f} {j['p50_ms']:8.2f} {j['non_2xx']:8d} {h['per_s']:20.1f} {h['p50_ms']:8.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
     print(f"cpu: {report['cpu']}, {report['cores']} cores; {args.connections} connections, {args.duration} s each")
     print(f"jobs_per_s_ratio={report['ours']['jobs']['per_s'] / report['baseline']['jobs']['per_s']:.2f}")
 

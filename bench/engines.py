@@ -8,10 +8,13 @@ Then the rerank table: full-size BLIP-base and BLIP-large, each backend with the
 (``IMGSEARCH_BLIP_CROSS_ATTENTION=auto``) and without it (``plain``), for queries of 8, 16, 32 and 64 tokens and
 32 and 128 candidates; each backend in a fresh process, both ways in the same process, alternating.
 
-    python -m bench.engines --quick   # tiny models, the full-size SigLIP text tower, and BLIP-base's rerank at
-                                      # 8 tokens x 32 candidates; last line: rerank_speedup_8tok=<best with the
+    python -m bench.engines --quick   # tiny models only, the rerank at 8 tokens x 32 candidates on torch (under a
+                                      # minute on a fresh clone); last line: rerank_speedup_8tok=<best with the
                                       # rewrite / best without it>
+    python -m bench.engines --quick --rerank-only --models base   # BLIP-base's rerank, 8 tokens x 32 candidates
     python -m bench.engines           # the full tables on full-size random-weight models
+    python -m bench.engines --profile [--models base] [--precision bf16]   # where the reassociated rerank's time
+                                      # goes, per op, against this machine's large-matmul rate
 
 Full-size models are random-weight models of the real architectures (engines/fullsize.py): same cost as
 the real checkpoints. They and their ONNX exports are built into ``build/`` (ignored by git).
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS
 from engines.blip import BlipBase, TorchBlip
 from engines.export import build_onnx
 from engines.ort import OrtBlip, OrtSiglip
@@ -149,7 +153,7 @@ def measure(backend: str, precision: str, models: dict[str, Path], engines: Path
 
 
 def run(models: dict[str, Path], engines: Path, *, text_only: bool, repeat: int, label: str) -> list[dict[str, Any]]:
-    parts = ("siglip_text",) if text_only else ("siglip_text", "siglip_image", "blip_vision", "blip_itc", "blip_itm")
+    parts = ("siglip_text",) if text_only else SIGLIP_COMPONENTS + BLIP_COMPONENTS  # every graph a version needs
     if needs_onnx():  # int8 is a CPU precision: the GPU runs fp32 exports (TensorRT builds fp16 from them)
         precisions = ("fp32", "int8") if DEVICE == "cpu" else ("fp32",)
         build_onnx(str(models["siglip"]), str(models["blip"]), engines, precisions=precisions, components=parts)
@@ -231,8 +235,9 @@ def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[in
                       backends: tuple[tuple[str, str], ...] | None = None) -> list[dict[str, Any]]:
     chosen = backends or (RERANK_BACKENDS if DEVICE == "cpu" else GPU_RERANK_BACKENDS)
     if DEVICE == "cpu":
-        build_onnx(str(folder), str(folder), engines, precisions=("fp32", "int8"), components=("blip_vision", "blip_itc",
-                                                                                               "blip_itm", "blip_itm_rx"))
+        ort = sorted({p for b, p in chosen if b == "onnxruntime"})
+        if ort:
+            build_onnx(str(folder), str(folder), engines, precisions=tuple(ort), components=BLIP_COMPONENTS)
     else:
         try:  # TensorRT plans of BLIP's text side, where tensorrt is installed
             from engines.trt import blip_profiles, build_plans
@@ -245,7 +250,8 @@ def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[in
             print(f"tensorrt skipped: {type(exc).__name__}: {exc}")
             chosen = chosen[:2]
     one = TorchBlip(str(folder)).vision_features(images(4))
-    feats_file = engines / f"rerank-feats-{label}.npy"
+    engines.mkdir(parents=True, exist_ok=True)
+    feats_file = engines / f"rerank-feats-{label.replace(' ', '-')}.npy"
     np.save(feats_file, np.concatenate([one + np.float16(0.01) * i for i in range(8)]))
     rows = []
     for b, p in chosen:
@@ -308,32 +314,43 @@ def main() -> None:
                     help="backend:precision,... for the rerank table (default: all of this device's)")
     ap.add_argument("--large-lengths", default="8,16,32,64", help="query lengths for BLIP-large's rows")
     ap.add_argument("--large-counts", default="32,128", help="candidate counts for BLIP-large's rows")
+    ap.add_argument("--models", choices=("tiny", "base", "full"), default=None,
+                    help="the rerank table's BLIP: tiny (--quick's), base (BLIP-base) or full (BLIP-base and "
+                         "BLIP-large, the default)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the per-op profile of the reassociated rerank (torch.profiler), with achieved FLOP/s")
+    ap.add_argument("--precision", default="bf16", help="--profile's torch precision (fp32 or bf16)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
+    models = args.models or ("tiny" if args.quick else "full")
 
     from engines.fullsize import make_fullsize_models
     from engines.tiny import make_tiny_models
 
+    if args.profile:
+        from bench.profile import profile_main
+
+        profile_main(args.build, models if models != "full" else "base", args.precision, args.quick)
+        return
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    tiny_s, tiny_b = make_tiny_models(args.build / "tiny")
     if not args.rerank_only:
-        tiny_s, tiny_b = make_tiny_models(args.build / "tiny")
-        rows = run({"siglip": tiny_s, "blip": tiny_b}, args.build / "engines", text_only=False, repeat=args.repeat,
-                   label="tiny")
-        full = make_fullsize_models(args.build / "fullsize", which=("siglip",) if args.quick else ("siglip", "blip"))
-        if args.quick:
-            full["blip"] = tiny_b  # not timed in quick mode: only the text tower is
-        rows += run(full, args.build / "engines", text_only=args.quick, repeat=args.repeat,
-                    label="full-size SigLIP text" if args.quick else "full-size")
+        rows = run({"siglip": tiny_s, "blip": tiny_b}, args.build / "engines", text_only=False,
+                   repeat=min(args.repeat, 3) if args.quick else args.repeat, label="tiny")
+        if not args.quick:
+            full = make_fullsize_models(args.build / "fullsize", which=("siglip", "blip"))
+            rows += run(full, args.build / "engines", text_only=False, repeat=args.repeat, label="full-size")
     # the rerank table: the reassociated cross-attention against the plain pass
-    blips = ("blip-base",) if args.quick else ("blip-base", "blip")
-    made = make_fullsize_models(args.build / "fullsize", which=blips)
+    blips = {"tiny": ("tiny",), "base": ("blip-base",), "full": ("blip-base", "blip")}[models]
+    made = {"tiny": tiny_b} if models == "tiny" else make_fullsize_models(args.build / "fullsize", which=blips)
     lengths, counts = ((8,), (32,)) if args.quick else ((8, 16, 32, 64), (32, 128))
-    picked = tuple(tuple(b.split(":")) for b in args.rerank_backends.split(",")) if args.rerank_backends else None
+    picked = tuple(tuple(b.split(":")) for b in args.rerank_backends.split(",")) if args.rerank_backends else \
+        ((("torch", "fp32"),) if args.quick and DEVICE == "cpu" else None)
     rr: list[dict[str, Any]] = []
     for name in blips:
-        label = "BLIP-base" if name == "blip-base" else "BLIP-large"
+        label = {"tiny": "tiny BLIP", "blip-base": "BLIP-base", "blip": "BLIP-large"}[name]
         if name == "blip" and not args.quick:
             lengths = tuple(int(x) for x in args.large_lengths.split(","))
             counts = tuple(int(x) for x in args.large_counts.split(","))
@@ -344,8 +361,9 @@ def main() -> None:
         print(table(rows))
         print()
     print(rerank_table(rr))
-    speedup, how = best_speedup(rr, "BLIP-base")
-    print(f"# best backend with the rewrite against the best without it, BLIP-base, 8 tokens, 32 candidates: {how}")
+    first = rr[0]["models"]
+    speedup, how = best_speedup(rr, first)
+    print(f"# best backend with the rewrite against the best without it, {first}, 8 tokens, 32 candidates: {how}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"engines": rows, "rerank": rr}, indent=2))

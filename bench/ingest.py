@@ -4,6 +4,9 @@ and the images, split by stage, against the original's sequential way in the sam
 
     python -m bench.ingest                 # 500 images; the sequential way on 100 of them (~20 minutes)
     python -m bench.ingest --images 60 --subset 20   # a quick look
+    python -m bench.ingest --quick         # the tiny models on torch fp32, 16 images and 8: under a minute (the
+                                           # method, not the figures)
+The last line is the rows as one line of JSON.
 
 Rows, each in its own process on a fresh data dir:
 - ``pipelined`` with the chosen engines (default ONNX Runtime int8, the fastest CPU backend, bench.engines):
@@ -58,6 +61,11 @@ def photo(seed: int, size: tuple[int, int] = (800, 600)) -> bytes:
     return buf.getvalue()
 
 
+def _scratch() -> str | None:
+    """Temporary folders under build/ where it exists (the disk the models are on), else the system's."""
+    return "build" if Path("build").is_dir() else None
+
+
 def settings_for(data: Path, models: dict[str, Path], engines: Path, base: str, backend: str, precision: str) -> Any:
     from pipeline.settings import Settings
 
@@ -74,7 +82,7 @@ def pipelined(n: int, models: dict[str, Path], engines: Path, backend: str, prec
     from pipeline.ingest import RedditSource, run_ingest
     from pipeline.stores import make_blob_store, make_vector_store
 
-    with serving(n) as base, tempfile.TemporaryDirectory(dir="build") as tmp:
+    with serving(n) as base, tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         s = settings_for(Path(tmp), models, engines, base, backend, precision)
         prepare_ingest_process(s)
         e = load_engines(s)
@@ -100,7 +108,7 @@ def sequential(n: int, models: dict[str, Path], engines: Path) -> dict[str, Any]
     from pipeline.layout import feature_key, image_key, post_key
     from pipeline.stores import make_blob_store, make_vector_store
 
-    with serving(n) as base, tempfile.TemporaryDirectory(dir="build") as tmp:
+    with serving(n) as base, tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         s = settings_for(Path(tmp), models, engines, base, "torch", "fp32")
         e = load_engines(s)
         e.image.encode_images([Image.new("RGB", (64, 64))])
@@ -146,12 +154,16 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
     from workers.celery_app import batch_sender
 
     logs.mkdir(parents=True, exist_ok=True)
-    with serving(n) as base, tempfile.TemporaryDirectory(dir="build") as tmp, PineconeStandIn() as pc:
+    with serving(n) as base, tempfile.TemporaryDirectory(dir=_scratch()) as tmp, PineconeStandIn() as pc:
         port = stack.free_port()
         redis_proc = stack.start_redis(port, Path(tmp) / "redis")
         url = f"redis://127.0.0.1:{port}/0"
         # the shared ledger: one SQLite file (one box), or PostgreSQL (a pool of hosts)
-        pg = stack.start_postgres(stack.free_port(), logs / "postgres.log") if ledger == "postgres" else None
+        try:
+            pg = stack.start_postgres(stack.free_port(), logs / "postgres.log") if ledger == "postgres" else None
+        except BaseException:
+            redis_proc.stop()
+            raise
         ledger_env = {"IMGSEARCH_LEDGER_URL": pg.url} if pg else {}
         env = {"IMGSEARCH_DATA_DIR": tmp, "IMGSEARCH_SIGLIP_MODEL": str(models["siglip"]),
                "IMGSEARCH_BLIP_MODEL": str(models["blip"]), "IMGSEARCH_ENGINE_BACKEND": backend,
@@ -164,9 +176,11 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
                "IMGSEARCH_REDDIT_IMAGE_HOSTS": '["127.0.0.1"]', "IMGSEARCH_INGEST_ALLOW_NETWORKS": '["127.0.0.1/32"]',
                "IMGSEARCH_INGEST_ALLOW_PORTS": f"[{base.rsplit(':', 1)[1]}]",
                "IMGSEARCH_REDDIT_MAX_PAGES": "100", "IMGSEARCH_INGEST_DEDUP": "phash", **ledger_env}
-        procs = [stack.start_worker(env, logs / f"embed-{workers}-{i}.log", name=f"embed{i}", queue="embed",
-                                    pool="threads", concurrency=1) for i in range(workers)]
-        try:
+        procs: list[stack.Proc] = []
+        try:  # whatever fails, every process started here stops
+            for i in range(workers):
+                procs.append(stack.start_worker(env, logs / f"embed-{workers}-{i}.log", name=f"embed{i}",
+                                                queue="embed", pool="threads", concurrency=1))
             r = redis.Redis.from_url(url)
             stack.wait_for(lambda: len(fleet.read(r)) == workers, 600, f"{workers} embed workers")
             beat = fleet.read(r)[0]
@@ -215,6 +229,7 @@ def in_process(fn: Any, *args: Any) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny models, torch fp32, 16 images (8 the sequential way)")
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--subset", type=int, default=100, help="images for the torch-fp32 and sequential rows")
     ap.add_argument("--backend", default="onnxruntime")
@@ -236,7 +251,13 @@ def main() -> None:
     from engines.fullsize import make_fullsize_models
 
     args.build.mkdir(exist_ok=True)
-    models = make_fullsize_models(args.build / "fullsize")
+    if args.quick:
+        from engines.tiny import make_tiny_models
+
+        models = dict(zip(("siglip", "blip"), make_tiny_models(args.build / "tiny"), strict=True))
+        args.images, args.subset, args.backend, args.precision = min(args.images, 16), min(args.subset, 8), "torch", "fp32"
+    else:
+        models = make_fullsize_models(args.build / "fullsize")
     engines = args.build / "engines"
     if args.backend == "onnxruntime":
         build_onnx(str(models["siglip"]), str(models["blip"]), engines,
@@ -252,8 +273,9 @@ def main() -> None:
     rows.append({"way": "sequential (original way), torch fp32", **in_process(sequential, args.subset, models, engines)})
     print(json.dumps(rows[-1]), flush=True)
     base = rows[-1]["images_per_s"]
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} CPU threads; full-size random-weight SigLIP 2 "
-          f"B/16-512 image tower + BLIP-large ViT-L/16-384 vision tower\n")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} CPU threads; " + (
+        "the tiny models\n" if args.quick else "full-size random-weight SigLIP 2 B/16-512 image tower + BLIP-large "
+        "ViT-L/16-384 vision tower\n"))
     stages = ("list", "download", "decode", "dedup", "embed", "write")
     print("| way | images | images/s | vs sequential | embed share of wall | " + " | ".join(f"{s} s" for s in stages) + " |")
     print("|---" * (5 + len(stages)) + "|")
@@ -264,6 +286,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))
+    print(json.dumps(rows))
 
 
 def fanout_main(args: argparse.Namespace) -> None:

@@ -5,13 +5,16 @@ settings), runs each query ``--repeat`` times one after another, following the j
 the client sees ``done`` as soon as it is written), and prints medians as a table and as JSON.
 
     python -m bench.latency [--repeat 30] [--out bench/results/latency.json]
+    python -m bench.latency --quick   # 12 images, 3 rounds: a few seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,12 +45,17 @@ def one(client: httpx.Client, base: str, query: str) -> tuple[float, dict[str, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="12 images, 3 rounds of the queries")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--result-cache", action="store_true",
                     help="leave the query result cache on (off by default: repeats would measure only the cache)")
     args = ap.parse_args()
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: every process started here is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.quick:
+        args.repeat, args.images = min(args.repeat, 3), min(args.images, 12)
 
     from cli.demo import prepare
 

@@ -8,8 +8,12 @@ p50/p95/p99, per-stage p50/p95/p99, errors, lost jobs. Also: the lone query with
 cost), the queue's own overhead (a no-op job's round trip against a bare Redis round trip), the rerank stage's
 achieved FLOP/s against a large matmul's, and each process's RSS. Writes JSON and a markdown table.
 
-    python -m bench.load                      # BLIP-base sized random-weight models, concurrency 1 4 16 64
-    python -m bench.load --quick              # tiny models, concurrency 1 and 16, a few seconds each
+    python -m bench.load                      # BLIP-base sized random-weight models, concurrency 1 4 16 64,
+                                              # ours on the default configuration (auto)
+    python -m bench.load --quick              # tiny models, ours at 1 and 4, the baseline at 1, 3 s each:
+                                              # under a minute
+    python -m bench.load --compare-old-default --no-unbatched --concurrency 1,16   # the issue-26 table: auto
+                                              # against torch fp32 (the default before auto) and the original
     python -m bench.load --kind image         # search by image (uploads; --kind like: stored posts), ours alone
 
 Random-weight models cost what trained ones of the same shape do; rankings are meaningless, timings are not.
@@ -20,12 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +84,8 @@ def prepare(root: Path, models: str, n: int) -> dict[str, str]:
         siglip, blip = made["siglip"], made["blip-base" if models == "base" else "blip"]
     env = {"IMGSEARCH_DATA_DIR": str(root / "data"), "IMGSEARCH_SIGLIP_MODEL": str(siglip),
            "IMGSEARCH_BLIP_MODEL": str(blip), "IMGSEARCH_CACHE_RESULTS_TTL_S": "0"}
-    s = Settings(data_dir=root / "data", siglip_model=str(siglip), blip_model=str(blip))
+    s = Settings(data_dir=root / "data", siglip_model=str(siglip), blip_model=str(blip), engine_backend="torch",
+                 engine_precision="fp32")
     engines = load_engines(s)
     dim = engines.text.encode_text(["x"]).shape[1]
     img_dir = write_demo_images(root / "images", min(n, 64), size=128)
@@ -236,7 +245,7 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
             "overhead_p50_ms": round(statistics.median(trips) - statistics.median(pings), 3)}
 
 
-def flops_limit(env: dict[str, str], rerank_stage_ms: float | None, threads: int) -> dict[str, float]:
+def flops_limit(env: dict[str, str], rerank_stage_ms: float | None, threads: int, n: int = 4096) -> dict[str, float]:
     """The rerank stage's achieved FLOP/s (its FLOPs counted by torch on the same call, over the worker's
     measured rerank time at concurrency 1) against a 4096 x 4096 fp32 matmul's FLOP/s on the same threads."""
     import torch
@@ -245,14 +254,14 @@ def flops_limit(env: dict[str, str], rerank_stage_ms: float | None, threads: int
     from engines.blip import TorchBlip
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     runs = []
     for _ in range(5):
         t0 = time.perf_counter()
         torch.mm(a, b)
         runs.append(time.perf_counter() - t0)
-    matmul = 2 * 4096 ** 3 / min(runs)
+    matmul = 2 * n ** 3 / min(runs)
     blip = TorchBlip(env["IMGSEARCH_BLIP_MODEL"])
     from PIL import Image
 
@@ -275,37 +284,55 @@ def flops_limit(env: dict[str, str], rerank_stage_ms: float | None, threads: int
 
 
 # --- the run ---
-def start_ours(env: dict[str, str], root: Path, name: str) -> tuple[list[stack.Proc], str]:
+@contextlib.contextmanager
+def ours_running(env: dict[str, str], root: Path, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Our worker and API for one phase: yields (base URL, the worker's own heartbeat: its pid, its engines) and
+    stops both on the way out, whatever happened."""
     port = stack.free_port()
     base = f"http://127.0.0.1:{port}"
     procs = [stack.start_worker(env, root / f"{name}-worker.log", name=name)]
-    procs.append(stack.start_api(env, port, root / f"{name}-api.log"))
     try:
-        stack.wait_for(lambda: stack.api_ready(base), 300, "our stack", interval=0.2)
-    except BaseException:
-        for p in procs:
+        procs.append(stack.start_api(env, port, root / f"{name}-api.log"))
+        stack.wait_for(lambda: stack.api_ready(base) and worker_beat(base, procs[0].pid) is not None
+                       or not all(p.alive() for p in procs), 300, "our stack", interval=0.2)
+        if not all(p.alive() for p in procs):
+            raise RuntimeError(f"our {name} stack exited at start; see {root}/{name}-*.log")
+        yield base, worker_beat(base, procs[0].pid)  # type: ignore[misc]
+    finally:
+        for p in reversed(procs):
             p.stop()
-        raise
-    return procs, base
 
 
-def start_baseline(env: dict[str, str], root: Path) -> tuple[stack.Proc, str]:
-    import sys
+def worker_beat(base: str, started: int) -> dict[str, Any] | None:
+    """The heartbeat of the process that serves jobs for the worker started as ``started`` (itself, or its pool's
+    child), from those /readyz lists; None while it has none. Never another phase's worker."""
+    try:
+        beats = httpx.get(f"{base}/readyz", timeout=5).json().get("workers", [])
+    except (httpx.HTTPError, ValueError):
+        return None
+    return next((b for b in beats if started in (b.get("pid"), b.get("parent"))), None)
 
+
+@contextlib.contextmanager
+def baseline_running(env: dict[str, str], root: Path) -> Iterator[tuple[stack.Proc, str]]:
     port = stack.free_port()
     proc = stack._spawn("baseline", [sys.executable, "-m", "bench.baseline", "--port", str(port)], env,
                         root / "baseline.log")
     base = f"http://127.0.0.1:{port}"
-    stack.wait_for(lambda: stack.http_ok(f"{base}/healthz") or not proc.alive(), 300, "the baseline", interval=0.2)
-    if not proc.alive():
-        raise RuntimeError(f"the baseline did not start; see {root / 'baseline.log'}")
-    return proc, base
+    try:
+        stack.wait_for(lambda: stack.http_ok(f"{base}/healthz") or not proc.alive(), 300, "the baseline",
+                       interval=0.2)
+        if not proc.alive():
+            raise RuntimeError(f"the baseline did not start; see {root / 'baseline.log'}")
+        yield proc, base
+    finally:
+        proc.stop()
 
 
 def run_system(call: Any, base: str, levels: list[int], duration: float, timeout: float, pid: int | None,
                label: str, queries: Any = text_queries) -> list[dict[str, Any]]:
     rows = []
-    asyncio.run(level(call, base, 1, min(duration, 5), timeout, queries))  # warm-up, not counted
+    asyncio.run(level(call, base, 1, min(duration / 3, 5), timeout, queries))  # warm-up, not counted
     for c in levels:
         rss0 = _rss_mb(pid) if pid else float("nan")
         row = asyncio.run(level(call, base, c, duration, timeout, queries))
@@ -345,13 +372,9 @@ def image_kinds(args: argparse.Namespace, env: dict[str, str], root: Path, level
     """Search by image (``--kind like`` or ``image``): ours alone (the original searched by words only), the
     latency split by stage at each level."""
     queries = like_queries(args.posts) if args.kind == "like" else image_queries(root)
-    procs, base = start_ours(env, root, "ours")
-    try:
-        pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
-        rows = run_system(ours_call, base, levels, duration, timeout, pid, f"ours, {args.kind} queries", queries)
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    with ours_running(env, root, "ours") as (base, beat):
+        rows = run_system(ours_call, base, levels, duration, timeout, beat["pid"], f"ours, {args.kind} queries",
+                          queries)
     report["rows"] = rows
     md = stage_table(rows)
     print(md)
@@ -363,7 +386,8 @@ def image_kinds(args: argparse.Namespace, env: dict[str, str], root: Path, level
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny models, concurrency 1 and 16, 8 s each")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny models, 64 posts, concurrency 1 and 4, 3 s each, no batching-off phase: under a minute")
     ap.add_argument("--models", choices=("tiny", "base", "large"), default=None,
                     help="base: BLIP ITM base sized (default); large: the product's BLIP-large; tiny: --quick's")
     ap.add_argument("--concurrency", default=None, help="levels for ours (default 1,4,16,64)")
@@ -372,8 +396,13 @@ def main() -> None:
                          "higher levels only lengthen its queue)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level (default 40)")
     ap.add_argument("--posts", type=int, default=256)
-    ap.add_argument("--backend", default=None, help="our engines: onnxruntime (default; int8) or torch (--quick's)")
-    ap.add_argument("--precision", default=None, help="int8 for onnxruntime (default), fp32 for torch")
+    ap.add_argument("--backend", default="auto", help="our engines: auto (the default configuration: chosen per "
+                    "CPU at worker start), torch, onnxruntime or tensorrt")
+    ap.add_argument("--precision", default=None, help="default: auto with --backend auto, int8 for onnxruntime, "
+                    "fp32 for torch")
+    ap.add_argument("--compare-old-default", action="store_true",
+                    help="also run ours on torch fp32 (the default before `auto`) at the same levels")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the original's way")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both systems")
     ap.add_argument("--compare-plain", action="store_true",
                     help="also run ours with BLIP's plain cross-attention (as before the rewrite) at the same levels, "
@@ -387,13 +416,21 @@ def main() -> None:
                          "pictures (image), ours alone")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: every process started here is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     models = args.models or ("tiny" if args.quick else "base")
-    levels = [int(x) for x in (args.concurrency or ("1,16" if args.quick else "1,4,16,64")).split(",")]
+    if args.quick:
+        args.no_unbatched = True
+        args.posts = min(args.posts, 64)
+    levels = [int(x) for x in (args.concurrency or ("1,4" if args.quick else "1,4,16,64")).split(",")]
     base_levels = [int(x) for x in args.baseline_concurrency.split(",")] if args.baseline_concurrency else \
-        [c for c in levels if c in (1, 16)] or levels[:1]
-    duration = args.duration or (8.0 if args.quick else 40.0)
-    backend = args.backend or ("torch" if args.quick else "onnxruntime")
-    precision = args.precision or ("int8" if backend == "onnxruntime" else "fp32")
+        ([1] if args.quick else [c for c in levels if c in (1, 16)] or levels[:1])
+    duration = args.duration or (3.0 if args.quick else 40.0)
+    backend = args.backend
+    precision = args.precision or {"auto": "auto", "onnxruntime": "int8"}.get(backend, "fp32")
+    compare = [("torch fp32 (old default)", {"IMGSEARCH_ENGINE_BACKEND": "torch", "IMGSEARCH_ENGINE_PRECISION": "fp32"})] \
+        if args.compare_old_default else []
+    queue_n = 30 if args.quick else 300
     timeout = 900.0
     report: dict[str, Any] = {"models": models, "threads": args.threads, "posts": args.posts, "duration_s": duration,
                               "machine": f"{os.cpu_count()} CPUs", "ours": f"{backend} {precision}",
@@ -411,6 +448,10 @@ def main() -> None:
                      "IMGSEARCH_ENGINE_PRECISION": plain_precision, "IMGSEARCH_BLIP_CROSS_ATTENTION": "plain"}
         ort_precisions = {p for b, p in ((backend, precision), (args.plain_backend, plain_precision))
                           if b == "onnxruntime" and (b == backend or args.compare_plain)}
+        if backend == "auto":  # the engines auto may measure on this CPU
+            from engines.auto import onnx_precisions_needed
+
+            ort_precisions |= set(onnx_precisions_needed())
         if ort_precisions:
             from engines.export import build_onnx
 
@@ -435,41 +476,40 @@ def main() -> None:
                 image_kinds(args, env, root, levels, duration, timeout, report)
                 return
             if not args.no_unbatched:  # ours, batching off: the lone query's cost without the batcher
-                procs, base = start_ours({**env, "IMGSEARCH_BATCH_MAX": "1"}, root, "unbatched")
-                pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
-                rows += run_system(ours_call, base, [1], duration, timeout, pid, "ours, batching off")
-                for p in reversed(procs):
-                    p.stop()
+                with ours_running({**env, "IMGSEARCH_BATCH_MAX": "1"}, root, "unbatched") as (base, beat):
+                    rows += run_system(ours_call, base, [1], duration, timeout, beat["pid"], "ours, batching off")
             if args.compare_plain:  # ours as before the rewrite, on its best backend then
                 plain_env["IMGSEARCH_REDIS_URL"] = env["IMGSEARCH_REDIS_URL"]
-                procs, base = start_ours(plain_env, root, "plain")
-                pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
-                rows += run_system(ours_call, base, levels, duration, timeout, pid, "ours, plain cross-attention")
-                for p in reversed(procs):
-                    p.stop()
-            procs, base = start_ours(env, root, "ours")
-            pid = int(httpx.get(f"{base}/readyz", timeout=5).json()["workers"][0]["pid"])
-            rows += run_system(ours_call, base, levels, duration, timeout, pid, "ours")
-            report["queue"] = queue_overhead(env["IMGSEARCH_REDIS_URL"], env)
-            print(f"  queue: {report['queue']}", flush=True)
-            for p in reversed(procs):
-                p.stop()
-            bproc, bbase = start_baseline({**baseline_env, "IMGSEARCH_REDIS_URL": env["IMGSEARCH_REDIS_URL"]}, root)
-            try:
-                rows += run_system(baseline_call, bbase, base_levels, duration, timeout, bproc.pid, "baseline")
-            finally:
-                bproc.stop()
+                with ours_running(plain_env, root, "plain") as (base, beat):
+                    rows += run_system(ours_call, base, levels, duration, timeout, beat["pid"],
+                                       "ours, plain cross-attention")
+            for label, extra in compare:  # other configurations of ours, at the same levels
+                with ours_running({**env, **extra}, root, label.split()[0] + "-" + label.split()[1]) as (base, beat):
+                    rows += run_system(ours_call, base, levels, duration, timeout, beat["pid"], f"ours, {label}")
+            with ours_running(env, root, "ours") as (base, beat):
+                report["ours_engines"] = {k: beat.get(k) for k in ("backend", "precision", "auto", "auto_measured_ms")}
+                print(f"  ours runs {beat.get('backend')} {beat.get('precision')}: {beat.get('auto', 'set')}", flush=True)
+                rows += run_system(ours_call, base, levels, duration, timeout, beat["pid"], "ours")
+                report["queue"] = queue_overhead(env["IMGSEARCH_REDIS_URL"], env, n=queue_n)
+                print(f"  queue: {report['queue']}", flush=True)
+            if not args.no_baseline:
+                with baseline_running({**baseline_env, "IMGSEARCH_REDIS_URL": env["IMGSEARCH_REDIS_URL"]},
+                                      root) as (bproc, bbase):
+                    rows += run_system(baseline_call, bbase, base_levels, duration, timeout, bproc.pid, "baseline")
             lone = next(r for r in rows if r["system"] == "ours" and r["concurrency"] == 1)
-            report["limits"] = flops_limit(env, lone["stages_ms"].get("rerank", {}).get("p50"), args.threads)
-            report["limits"]["note"] = (f"FLOPs counted on the torch fp32 graph; the worker ran {backend} {precision}, "
-                                        "so its FLOP/s is fp32-equivalent work per second")
+            report["limits"] = flops_limit(env, lone["stages_ms"].get("rerank", {}).get("p50"), args.threads,
+                                           1024 if args.quick else 4096)
+            ran = report["ours_engines"]
+            report["limits"]["note"] = (f"FLOPs counted on the torch fp32 graph; the worker ran {ran['backend']} "
+                                        f"{ran['precision']}, so its FLOP/s is fp32-equivalent work per second")
         finally:
             redis_proc.stop()
     report["rows"] = rows
     ours = {r["concurrency"]: r for r in rows if r["system"] == "ours"}
     base_rows = {r["concurrency"]: r for r in rows if r["system"] == "baseline"}
-    both = sorted(set(ours) & set(base_rows))
+    both = sorted(set(ours) & set(base_rows)) or sorted(ours)
     top = both[-1]
+    base_rows = base_rows or {top: {"throughput_qps": float("nan"), "e2e_ms": {"p99": float("nan")}}}
     unbatched = next((r for r in rows if r["system"] == "ours, batching off"), ours[min(ours)])
     plain = {r["concurrency"]: r for r in rows if r["system"] == "ours, plain cross-attention"}
     if plain:

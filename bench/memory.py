@@ -5,6 +5,8 @@ model's alone, and starts cold (the model's files are dropped from the page cach
 memory-mapped, so a warm cache hides the disk read). CPU heavy (minutes): run it once, not beside other benchmarks.
 
     python -m bench.memory [--out bench/results/memory.json] [--build build/memory] [--no-onnx]
+    python -m bench.memory --quick   # the tiny models, no ONNX: seconds (the method, not the figures)
+The last line is the report as one line of JSON.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/memory.json"))
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--child", default="")
+    ap.add_argument("--quick", action="store_true", help="the tiny models, no ONNX, nothing written")
     args = ap.parse_args()
-    models = args.build / "fullsize"
+    models = args.build / ("tiny" if args.quick else "fullsize")
     if args.child:
         print(json.dumps(child(models, args.child.split(","))))
         return
@@ -107,22 +110,31 @@ def main() -> None:
     from engines.fullsize import make_fullsize_models
 
     t0 = time.perf_counter()
-    made = make_fullsize_models(models, which=("siglip", "blip", "blip-base"))
+    combos = COMBOS
+    if args.quick:
+        from engines.tiny import make_tiny_models
+
+        made = dict(zip(("siglip", "blip"), make_tiny_models(models), strict=True))
+        combos = {"worker (siglip + blip)": ("siglip", "blip")}
+        args.no_onnx, args.out = True, None
+    else:
+        made = make_fullsize_models(models, which=("siglip", "blip", "blip-base"))
     report: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "made_s": round(time.perf_counter() - t0, 1),
                               "params": {n: count_params("siglip" if n == "siglip" else "blip", p) for n, p in made.items()},
                               "weights_mb": {n: round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e6)
                                              for n, p in made.items()},
                               "processes": {}}
-    for label, names in COMBOS.items():
-        res = subprocess.run([sys.executable, "-m", "bench.memory", "--build", str(args.build), "--child", ",".join(names)],
-                             capture_output=True, text=True, check=True)
+    for label, names in combos.items():
+        res = subprocess.run([sys.executable, "-m", "bench.memory", "--build", str(args.build), "--child", ",".join(names)]
+                             + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
         report["processes"][label] = json.loads(res.stdout.strip().splitlines()[-1])
         print(label, report["processes"][label], flush=True)
     if not args.no_onnx:
         report["onnx_mb"] = onnx_sizes(models, args.build / "engines")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python -m bench.stores            # 1,000,000 x 768 (about 3 GB of vectors; ~10 minutes on 2 cores)
     python -m bench.stores --n 100000 # smaller
+    python -m bench.stores --quick    # 20,000 x 128, 50 queries: seconds (the method, not the figures)
+The last line is the report as one line of JSON.
 
 Index: generated clustered data (``--data hierarchical``, the default: topics of themes of near neighbours
 plus 10% loners, structured at every scale as image embeddings are; ``--data isotropic``: the stress case of
@@ -211,7 +213,7 @@ def bench_fetch(root: Path, runs: int = 20) -> dict[str, Any]:
     server = stack.start_redis(port, root / "redis")
     try:
         client = redis.Redis(port=port)
-        s = Settings(data_dir=root)
+        s = Settings(data_dir=root, batch_max=1)  # fetch alone: no batcher around a reranker that never runs
 
         def timed(searcher: Searcher, prepare: Any = None) -> tuple[float, dict[str, int]]:
             times, counts = [], {}
@@ -253,7 +255,10 @@ def main() -> None:
                     help="norm of the noise between a query and the stored vector it is drawn near (0.3: cosine ~0.96)")
     ap.add_argument("--nprobe-sweep", default="", help="comma-separated nprobe values to measure too, e.g. 4,8,32")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--quick", action="store_true", help="20,000 x 128 vectors, 50 queries")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.dim, args.queries = min(args.n, 20_000), min(args.dim, 128), min(args.queries, 50)
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir="build" if Path("build").is_dir() else None) as tmp:
         report["fetch"] = bench_fetch(Path(tmp))
@@ -277,6 +282,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

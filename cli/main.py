@@ -81,9 +81,35 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
         from engines.registry import prepare_ingest_process
 
         prepare_ingest_process(s)  # before the engines load (prefork children inherit it)
-    app.worker_main(["worker", "--pool", pool or s.worker_pool, "--concurrency", str(concurrency or s.worker_concurrency),
-                     "--queues", served, "--hostname", name or f"{queue.replace(',', '+')}@{s.host}",
-                     "--loglevel", loglevel, "--without-mingle", "--without-gossip"])
+    if "auto" in (s.engine_backend, s.engine_precision) and (pool or s.worker_pool) == "prefork" and \
+            (concurrency or s.worker_concurrency) > 1:
+        # the pool's children would each time the candidates at once, on the same cores: choose once, in a
+        # process of its own (this one never loads a model), and they read the cached choice
+        import subprocess
+
+        subprocess.run([sys.executable, "-m", "engines.auto"], check=False, stdout=subprocess.DEVNULL)
+    try:
+        app.worker_main(["worker", "--pool", pool or s.worker_pool, "--concurrency",
+                         str(concurrency or s.worker_concurrency), "--queues", served, "--hostname",
+                         name or f"{queue.replace(',', '+')}@{s.host}", "--loglevel", loglevel, "--without-mingle",
+                         "--without-gossip"])
+    finally:  # stopped: no heartbeat of this worker's processes stays behind for /readyz to count
+        runtime.shutdown()
+        _remove_heartbeats(s)
+
+
+def _remove_heartbeats(s: Any) -> None:
+    import os
+
+    import redis
+
+    from pipeline.jobs import fleet
+    from pipeline.jobs.store import connect
+
+    try:
+        fleet.remove_stopped(connect(s.redis_url, 2), s.host, os.getpid())
+    except redis.RedisError:
+        pass  # Redis away: the keys expire by their TTL
 
 
 def _worker_healthy() -> bool:
@@ -308,8 +334,9 @@ def engines_list() -> None:
             current.add(version_of(resolve(source, setting)))
         except Exception:  # a missing model only means nothing is current
             pass
-    from engines.artifacts import INT8_RECIPE
+    from engines.artifacts import INT8_RECIPE, REVISIONS, graph_name
 
+    graphs = {graph_name(g) for g in REVISIONS}  # at their current revisions
     root = s.engines_path
     files = sorted(p for p in root.rglob("*") if p.suffix in (".onnx", ".plan")) if root.is_dir() else []
     if not files:
@@ -317,7 +344,8 @@ def engines_list() -> None:
     for p in files:
         version = p.relative_to(root).parts[0]
         old_int8 = ".int8" in p.name and f".int8-{INT8_RECIPE.name}." not in p.name  # another recipe: never served
-        mark = "current" if version in current and not old_int8 else "stale"
+        old_graph = p.name.rsplit(".", 2)[0] not in graphs  # a graph at an older revision, or no longer used
+        mark = "current" if version in current and not old_int8 and not old_graph else "stale"
         typer.echo(f"{mark:8} {p.relative_to(root)}  {p.stat().st_size / 1e6:.1f} MB")
 
 
@@ -340,11 +368,12 @@ def models_check(source: Annotated[str, typer.Argument(metavar="DIR_OR_HUB_ID", 
     """Run a worker's load-time self-checks on a SigLIP or BLIP checkpoint you bring: prints the tokenizer layout,
     the text limits, the version, the parameter counts, the memory it needs, and the int8 self-check of its built
     int8 engines on this CPU; exits 1 where a check fails."""
+    from engines.auto import describe_host
     from engines.check import check_model
     from pipeline.settings import get_settings
 
     report = check_model(source, max_tokens=max_tokens, load=load, engine_dir=engines or get_settings().engines_path)
-    typer.echo("\n".join(report.lines()))
+    typer.echo("\n".join([*report.lines(), describe_host(get_settings())]))
     raise typer.Exit(0 if report.ok else 1)
 
 

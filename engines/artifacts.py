@@ -1,8 +1,13 @@
 """Where built engines live and how a runtime finds them; shared by the builders and the runtimes.
 
-Layout: ``{engine_dir}/{model version}/{component}.{precision}.onnx`` (TensorRT adds the GPU and TensorRT
+Layout: ``{engine_dir}/{model version}/{graph}.{precision}.onnx`` (TensorRT adds the GPU and TensorRT
 version to the folder name). The model version hashes the weights, so a changed checkpoint finds no engine
 and the worker says which command builds it, rather than running a stale one.
+
+The engine key covers the set of graphs a version needs (``GRAPHS``) and each graph's revision: a graph whose
+export changes gets its revision raised, and its file a new name (``{graph}.r{revision}.{precision}.onnx``), so
+a folder built before is completed by the next build (only what is missing is built) and never half-used: a
+runtime asks for every graph of its model, at its revision, before it serves.
 """
 
 from __future__ import annotations
@@ -13,8 +18,16 @@ from typing import Any
 
 from pipeline.errors import ModelLoadError
 
-SIGLIP_COMPONENTS = ("siglip_text", "siglip_image")
-BLIP_COMPONENTS = ("blip_vision", "blip_itc", "blip_itm", "blip_itm_rx")  # rx: the reassociated ITM pass
+# model -> {graph: revision}. Raise a graph's revision whenever its export changes (inputs, outputs, what it
+# computes); add a graph here and every runtime of that model asks for it.
+GRAPHS: dict[str, dict[str, int]] = {
+    "siglip": {"siglip_text": 1, "siglip_image": 1},
+    "blip": {"blip_vision": 1, "blip_itc": 1, "blip_itm": 1,
+             "blip_itm_rx": 1},  # rx: the reassociated ITM pass
+}
+SIGLIP_COMPONENTS = tuple(GRAPHS["siglip"])
+BLIP_COMPONENTS = tuple(GRAPHS["blip"])
+REVISIONS = {g: r for graphs in GRAPHS.values() for g, r in graphs.items()}
 PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp16", "fp32")}
 
 
@@ -71,7 +84,19 @@ def onnx_path(engine_dir: Path, model_version: str, component: str, precision: s
     """``{component}.fp32.onnx``, or ``{component}.int8-{recipe}.onnx`` (the recipe ``engines build`` uses unless
     one is named)."""
     tag = f"int8-{recipe or INT8_RECIPE.name}" if precision == "int8" else precision
-    return engine_dir / model_version / f"{component}.{tag}.onnx"
+    return engine_dir / model_version / f"{graph_name(component)}.{tag}.onnx"
+
+
+def graph_name(component: str) -> str:
+    """``blip_itm_rx`` at revision 1 (every graph's first), ``blip_itm_rx.r2`` at revision 2."""
+    revision = REVISIONS.get(component, 1)
+    return component if revision == 1 else f"{component}.r{revision}"
+
+
+def missing_graphs(engine_dir: Path, model_version: str, model: str, precision: str) -> list[str]:
+    """The graphs of ``model`` ("siglip" or "blip") at their revisions that ``{engine_dir}/{model_version}`` lacks
+    in ``precision`` (ONNX files)."""
+    return [g for g in GRAPHS[model] if not onnx_path(engine_dir, model_version, g, precision).is_file()]
 
 
 def require(path: Path, backend: str, precision: str) -> Path:
@@ -83,6 +108,13 @@ def require(path: Path, backend: str, precision: str) -> Path:
 
 
 def check_precision(backend: str, precision: str) -> None:
+    """A known backend and a precision it runs; ``auto`` for either is resolved at load (engines/auto.py)."""
+    if backend == "auto":
+        if precision != "auto" and not any(precision in v for v in PRECISIONS.values()):
+            raise ValueError(f"unknown engine precision {precision!r}")
+        return
+    if precision == "auto" and backend in PRECISIONS:
+        return
     valid = PRECISIONS.get(backend)
     if valid is None:
         raise ValueError(f"unknown engine backend {backend!r}; valid: {', '.join(sorted(PRECISIONS))}")

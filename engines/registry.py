@@ -1,11 +1,12 @@
-"""Pick and load the engines a worker holds, by the ``engine_backend`` and ``engine_precision`` settings."""
+"""Pick and load the engines a worker holds, by the ``engine_backend`` and ``engine_precision`` settings
+(``auto``, the default, for either: chosen on this machine at load, engines/auto.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engines.artifacts import check_precision
 from pipeline.protocols import ImageEncoder, Reranker, TextEncoder
@@ -25,10 +26,11 @@ class Engines:
     reranker: Reranker
     backend: str
     precision: str
+    chosen: dict[str, Any] | None = None  # how auto chose them (engines/auto.py Choice.describe); None: set
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "precision": self.precision, "siglip": self.text.version,
-                "blip": self.reranker.version}
+                "blip": self.reranker.version, **(self.chosen or {})}
 
 
 def _one_at_a_time(siglip: SiglipBase, blip: BlipBase) -> None:
@@ -74,16 +76,37 @@ BACKENDS: dict[str, Callable[[WorkerSettings], Engines]] = {"torch": _torch, "on
                                                       "tensorrt": _tensorrt}
 
 
+def _load(settings: WorkerSettings) -> Engines:
+    if settings.engine_backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: auto, "
+                         f"{', '.join(sorted(BACKENDS))}")
+    check_precision(settings.engine_backend, settings.engine_precision)
+    return BACKENDS[settings.engine_backend](settings)
+
+
+def resolve_auto(settings: WorkerSettings) -> tuple[WorkerSettings, Engines | None, dict[str, Any] | None]:
+    """``settings`` with ``auto`` replaced by this machine's choice (engines/auto.py), the chosen engines where
+    the timed pass already loaded them, and how the choice was made. Settings without ``auto``: as they are."""
+    from engines.auto import AUTO, choose
+
+    if AUTO not in (settings.engine_backend, settings.engine_precision):
+        return settings, None, None
+    check_precision(settings.engine_backend, settings.engine_precision)
+    choice, engines = choose(settings, _load)
+    log.info("engines: auto chose %s %s: %s", choice.backend, choice.precision, choice.reason)
+    concrete = settings.model_copy(update={"engine_backend": choice.backend, "engine_precision": choice.precision})
+    return concrete, engines, choice.describe()
+
+
 def load_engines(settings: WorkerSettings) -> Engines:
     """Load the configured engines; a missing model or engine raises one error naming what to set or build."""
-    if settings.engine_backend not in BACKENDS:
-        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: {', '.join(sorted(BACKENDS))}")
-    check_precision(settings.engine_backend, settings.engine_precision)
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    engines = BACKENDS[settings.engine_backend](settings)
+    concrete, engines, chosen = resolve_auto(settings)
+    engines = engines or _load(concrete)
+    engines.chosen = chosen
     log.info("engines loaded: %s", engines.describe())
     return engines
 
@@ -139,11 +162,18 @@ def preflight(settings: WorkerSettings) -> None:
     from engines.loading import resolve, version_of
     from engines.siglip import SETTING as SIGLIP_SETTING
 
-    if settings.engine_backend not in BACKENDS:
-        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: {', '.join(sorted(BACKENDS))}")
+    if settings.engine_backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: auto, "
+                         f"{', '.join(sorted(BACKENDS))}")
     check_precision(settings.engine_backend, settings.engine_precision)
     siglip = version_of(resolve(settings.siglip_model, SIGLIP_SETTING))
     blip = version_of(resolve(settings.blip_model, BLIP_SETTING))
+    if settings.engine_backend == "auto":
+        return  # auto times only what is built (engines/auto.py)
+    if settings.engine_precision == "auto":
+        from engines.auto import precision_for
+
+        settings = settings.model_copy(update={"engine_precision": precision_for(settings.engine_backend, settings)})
     if settings.engine_backend == "onnxruntime":
         for version, names in ((siglip, SIGLIP_COMPONENTS), (blip, BLIP_COMPONENTS)):
             for name in names:

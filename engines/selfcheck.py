@@ -45,8 +45,9 @@ class Int8Disagrees(ModelLoadError):
 
 
 def probe_path(graph: Path) -> Path:
-    """``blip_itc.int8-s8-rr.onnx`` -> ``blip_itc.probe.npz`` (one probe per component, whatever the recipe)."""
-    return graph.with_name(f"{graph.name.split('.')[0]}.probe.npz")
+    """``blip_itc.int8-s8-rr.onnx`` -> ``blip_itc.probe.npz`` (one probe per graph and revision, whatever the
+    recipe: ``blip_itc.r2.int8-s8-rr.onnx`` -> ``blip_itc.r2.probe.npz``)."""
+    return graph.with_name(f"{graph.name.rsplit('.', 2)[0]}.probe.npz")
 
 
 def write_probe(path: Path, inputs: dict[str, NDArray[Any]], outputs: dict[str, NDArray[Any]]) -> None:

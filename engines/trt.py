@@ -47,7 +47,9 @@ def cache_dir(engine_dir: Path, model_version: str) -> Path:
 
 
 def plan_path(engine_dir: Path, model_version: str, component: str, precision: str) -> Path:
-    return cache_dir(engine_dir, model_version) / f"{component}.{precision}.plan"
+    from engines.artifacts import graph_name
+
+    return cache_dir(engine_dir, model_version) / f"{graph_name(component)}.{precision}.plan"
 
 
 def build_plan(onnx_file: Path, plan: Path, profiles: dict[str, tuple[tuple[int, ...], ...]], precision: str = "fp16",

@@ -256,8 +256,10 @@ class WorkerSettings(SharedSettings):
     # --- models and engines ---
     siglip_model: str = "google/siglip2-base-patch16-512"
     blip_model: str = "Salesforce/blip-itm-large-coco"
-    engine_backend: str = "torch"  # torch | onnxruntime | tensorrt
-    engine_precision: str = "fp32"  # torch: fp32 bf16 fp16; onnxruntime: fp32 int8; tensorrt: fp16 fp32
+    # auto (default): chosen at worker start from this machine's CPU features or GPU, confirmed by a short timed
+    # pass, cached per host and model version (engines/auto.py); else torch | onnxruntime | tensorrt
+    engine_backend: str = "auto"
+    engine_precision: str = "auto"  # auto | torch: fp32 bf16 fp16; onnxruntime: fp32 int8; tensorrt: fp16 fp32
     engine_dir: Path | None = None  # built engines; default {data_dir}/engines
     device: str = "cpu"
     text_max_tokens: int = 64

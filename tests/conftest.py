@@ -14,6 +14,10 @@ from cli import stack
 # the tests decide every setting they use; nothing leaks in from the caller's environment
 for _k in [k for k in os.environ if k.startswith("IMGSEARCH_")] + ["REDIS_URL"]:
     os.environ.pop(_k, None)
+# torch fp32, not the default `auto`: the tests' figures and parity bounds are fp32's, whatever this CPU would pick
+# (a test of `auto` sets it explicitly). Processes the tests start inherit it.
+PINNED_ENGINES = {"IMGSEARCH_ENGINE_BACKEND": "torch", "IMGSEARCH_ENGINE_PRECISION": "fp32"}
+os.environ.update(PINNED_ENGINES)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -104,7 +108,7 @@ def settings_env(data_dir: Path, models: Models, redis_url: str, **extra: str) -
     """The environment a worker or API process of the tests runs with."""
     return {"IMGSEARCH_DATA_DIR": str(data_dir), "IMGSEARCH_SIGLIP_MODEL": str(models.siglip),
             "IMGSEARCH_BLIP_MODEL": str(models.blip), "IMGSEARCH_REDIS_URL": redis_url,
-            "IMGSEARCH_TORCH_THREADS": "1",
+            "IMGSEARCH_TORCH_THREADS": "1", **PINNED_ENGINES,
             # limits are off unless a test turns them on: stacks here submit bursts on purpose
             "IMGSEARCH_RATE_LIMIT_PER_MIN": "0", "IMGSEARCH_MAX_JOBS_IN_FLIGHT": "0", **extra}
 
@@ -113,7 +117,7 @@ def make_settings(data_dir: Path, models: Models, redis_url: str = "redis://127.
     from pipeline.settings import Settings
 
     return Settings(data_dir=data_dir, siglip_model=str(models.siglip), blip_model=str(models.blip),
-                    redis_url=redis_url, torch_threads=1, **kw)
+                    redis_url=redis_url, torch_threads=1, **{"engine_backend": "torch", "engine_precision": "fp32", **kw})
 
 
 @pytest.fixture(scope="session")

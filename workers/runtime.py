@@ -57,7 +57,7 @@ def load(settings: WorkerSettings | None = None) -> Runtime:
             loaded = time.perf_counter() - t0
             # before the heartbeat, so /readyz counts this worker only once its first query would be warm
             warm = searcher.warm_up() if settings.warm_up else {}
-            info = {"host": settings.host, "pid": os.getpid(), "engines_loaded": True,
+            info = {"host": settings.host, "pid": os.getpid(), "parent": os.getppid(), "engines_loaded": True,
                     "queue": _queue or settings.search_queue,
                     "load_s": round(loaded, 3), "warm_up_ms": warm, **engines.describe()}
             limits = connect(settings.limits_redis_url, 1) if settings.limits_redis_url else None

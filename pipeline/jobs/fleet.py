@@ -36,6 +36,7 @@ class Heartbeat:
                  state: Callable[[], Beat] = dict) -> None:
         self.r, self.name, self.key, self.ttl, self.info, self.state = client, name, heartbeat_key(name), ttl, info, state
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def beat(self) -> None:
         """One heartbeat now (a Redis failure is logged; the key expires meanwhile)."""
@@ -53,11 +54,15 @@ class Heartbeat:
             self._stop.wait(max(self.ttl / 3, 0.5))
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, name="heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Stop beating and remove the key, so readers stop counting this worker at once."""
+        """Stop beating and remove the key, so readers stop counting this worker at once (after the loop ended:
+        a beat in flight would write the key again)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         try:
             pipe = self.r.pipeline(transaction=True)
             pipe.delete(self.key)
@@ -65,6 +70,16 @@ class Heartbeat:
             pipe.execute()
         except redis.RedisError:
             pass
+
+
+def remove_stopped(r: redis.Redis, host: str, parent: int) -> int:
+    """Remove the heartbeats a stopped worker's processes left: those of ``host`` written by process ``parent``
+    or its children. Celery's cold shutdown (SIGTERM) sends no worker_shutdown and its pool's children may end
+    without running their exit hooks, so the worker's main process does this once its pool has stopped."""
+    gone = [k for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)
+            if (b := r.get(k)) and (beat := json.loads(b)).get("host") == host
+            and parent in (beat.get("pid"), beat.get("parent"))]
+    return int(r.delete(*gone)) if gone else 0
 
 
 def _parse(raw: list[Any]) -> list[Beat]:

@@ -286,7 +286,8 @@ def test_models_check_passes_on_a_good_folder_and_fails_on_a_bad_one(variants) -
     good = runner.invoke(cli, ["models", "check", str(variants["conversion"])])
     assert good.exit_code == 0, good.output
     for what in ("tokenizer", "<eos>=1", "<pad>=0", "padded on the right to 64", "up to 63 text tokens",
-                 version_of(variants["conversion"]), "parameters", "memory", "all checks passed"):
+                 version_of(variants["conversion"]), "parameters", "memory", "all checks passed",
+                 "engines: torch fp32 (set explicitly)"):  # what a worker here runs (tests pin torch fp32)
         assert what in good.output, what
     bad = runner.invoke(cli, ["models", "check", str(variants["bos_post_processor"])])
     assert bad.exit_code == 1, bad.output

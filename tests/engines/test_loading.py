@@ -24,7 +24,7 @@ def test_missing_model_names_the_setting(tmp_path, tiny_models, monkeypatch) -> 
 
 
 def test_unknown_backend_lists_the_valid_ones(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="valid: onnxruntime, tensorrt, torch"):
+    with pytest.raises(ValueError, match="valid: auto, onnxruntime, tensorrt, torch"):
         load_engines(make_settings(tmp_path, tiny_models, engine_backend="tensorflow"))
 
 

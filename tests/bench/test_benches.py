@@ -1,0 +1,67 @@
+"""Every benchmark's ``--quick`` mode runs on a fresh checkout and ends with a line that parses: its headline
+figure (``name=<number>``) or its report as one line of JSON. Each runs as a user runs it, in its own process,
+with a build folder of its own (nothing prepared beforehand), and must end within a minute here.
+
+(``bench.int8 --quick`` has its own test, tests/bench/test_bench_int8.py; ``bench.baseline`` is the server
+``bench.load`` measures against, not a benchmark.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT_S = 120  # "under a minute" on a quiet machine (bench.load, the longest, took 68 s at load 4 on 2 cores)
+
+
+def _figure(name: str) -> Any:
+    def parse(line: str) -> float:
+        m = re.fullmatch(rf"{name}=([0-9.]+|nan)", line)
+        assert m, line
+        return float(m.group(1))
+    return parse
+
+
+def _json(line: str) -> Any:
+    return json.loads(line)
+
+
+BENCHES = {
+    "engines": (["--build", "{tmp}/build"], _figure("rerank_speedup_8tok")),
+    "load": ([], _figure("throughput_ratio")),
+    "latency": ([], _json),
+    "ingest": (["--build", "{tmp}/build"], _json),
+    "memory": (["--build", "{tmp}/build"], _json),
+    "stores": ([], _json),
+    "admission": ([], _figure("jobs_per_s_ratio")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_quick_mode_runs_and_its_last_line_parses(name: str, tmp_path: Path) -> None:
+    if name == "admission" and shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    extra, parse = BENCHES[name]
+    argv = [sys.executable, "-m", f"bench.{name}", "--quick", *(a.format(tmp=tmp_path) for a in extra)]
+    t0 = time.monotonic()
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S * 3,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    took = time.monotonic() - t0
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr[-2000:]
+    value = parse(lines[-1])
+    if isinstance(value, float):
+        assert value > 0 or math.isnan(value), lines[-1]
+    assert took < LIMIT_S, f"bench.{name} --quick took {took:.0f} s"

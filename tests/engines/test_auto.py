@@ -1,0 +1,71 @@
+"""`auto` (the default): the candidates each kind of machine gets, the timed choice cached per host and model
+version, and an explicit setting always winning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from engines import auto
+from engines.export import build_onnx
+from engines.registry import load_engines
+from tests.conftest import make_settings
+
+
+def _auto(tmp_path, tiny_models, **kw):  # type: ignore[no-untyped-def]
+    return make_settings(tmp_path, tiny_models, engine_backend="auto", engine_precision="auto", **kw)
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    ({"avx512f", "avx512_bf16", "avx512_vnni"}, [("torch", "bf16"), ("torch", "fp32")]),  # Zen 4
+    ({"amx_bf16", "amx_int8", "avx512_vnni"}, [("torch", "bf16"), ("torch", "fp32")]),  # Sapphire Rapids
+    ({"avx2", "avx512_vnni"}, [("torch", "fp32")]),  # VNNI, but no int8 engines built: said so
+    ({"avx2"}, [("torch", "fp32")]),
+])
+def test_the_cpu_features_name_the_candidates(flags, want, tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    pairs, why = auto.candidates(_auto(tmp_path, tiny_models), flags)
+    assert pairs == want
+    if flags == {"avx2", "avx512_vnni"}:
+        assert "imgsearch engines build --backend onnxruntime --precision int8" in why
+
+
+def test_vnni_without_bf16_times_onnxruntime_int8_where_it_is_built(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    s = _auto(tmp_path, tiny_models)
+    assert auto.onnx_precisions_needed({"avx512_vnni"}) == ("int8",) and not auto.onnx_precisions_needed({"amx_bf16"})
+    build_onnx(s.siglip_model, s.blip_model, s.engines_path, precisions=("fp32", "int8"))
+    pairs, _ = auto.candidates(s, {"avx2", "avx_vnni"})
+    assert pairs == [("onnxruntime", "int8"), ("torch", "fp32")]
+
+
+def test_cuda_gets_torch_fp16_without_tensorrt_plans(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    pairs, why = auto.candidates(_auto(tmp_path, tiny_models, device="cuda"))
+    assert pairs == [("torch", "fp16")] and "TensorRT" in why
+
+
+def test_auto_times_chooses_logs_and_caches_per_host_and_version(tmp_path, tiny_models, caplog) -> None:  # type: ignore[no-untyped-def]
+    s = _auto(tmp_path, tiny_models)
+    with caplog.at_level(logging.INFO, logger="engines.registry"):
+        first = load_engines(s)
+    pairs, _ = auto.candidates(s)
+    assert (first.backend, first.precision) in pairs
+    assert first.describe()["auto"] and "auto chose" in caplog.text
+    if len(pairs) > 1:  # timed: every candidate's figure is in the reason
+        assert set(first.describe()["auto_measured_ms"]) == {f"{b} {p}" for b, p in pairs}
+    path = auto.cache_path(s)
+    assert path.is_file()
+    again = load_engines(s)
+    assert (again.backend, again.precision) == (first.backend, first.precision)
+    assert again.describe()["auto"].endswith("(cached)")
+    assert auto.cache_path(s.model_copy(update={"host_name": "another-host"})) != path  # another host measures anew
+
+
+def test_an_explicit_setting_always_wins(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    e = load_engines(make_settings(tmp_path, tiny_models, engine_backend="torch", engine_precision="fp32"))
+    assert (e.backend, e.precision) == ("torch", "fp32") and "auto" not in e.describe()
+    assert not (tmp_path / "engines" / "auto").exists()  # nothing timed, nothing cached
+    on_torch = make_settings(tmp_path, tiny_models, engine_backend="torch", engine_precision="auto")
+    e = load_engines(on_torch)
+    assert (e.backend, e.precision) == ("torch", auto.precision_for("torch", on_torch))
+    assert "torch set" in e.describe()["auto"]
+    assert auto.describe_host(make_settings(tmp_path, tiny_models)) == "engines: torch fp32 (set explicitly)"
