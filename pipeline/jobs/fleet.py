@@ -75,11 +75,20 @@ class Heartbeat:
 def remove_stopped(r: redis.Redis, host: str, parent: int) -> int:
     """Remove the heartbeats a stopped worker's processes left: those of ``host`` written by process ``parent``
     or its children. Celery's cold shutdown (SIGTERM) sends no worker_shutdown and its pool's children may end
-    without running their exit hooks, so the worker's main process does this once its pool has stopped."""
-    gone = [k for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)
-            if (b := r.get(k)) and (beat := json.loads(b)).get("host") == host
-            and parent in (beat.get("pid"), beat.get("parent"))]
-    return int(r.delete(*gone)) if gone else 0
+    without running their exit hooks, so the worker's main process does this once its pool has stopped. It reads
+    the workers' set, as every reader does (no keyspace scan)."""
+    gone = []
+    for raw in r.smembers(WORKERS_KEY):  # type: ignore[union-attr]
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        beat = r.get(heartbeat_key(name))
+        if beat and (b := json.loads(beat)).get("host") == host and parent in (b.get("pid"), b.get("parent")):
+            gone.append(name)
+    if not gone:
+        return 0
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(*(heartbeat_key(n) for n in gone))
+    pipe.srem(WORKERS_KEY, *gone)
+    return int(pipe.execute()[0])
 
 
 def _parse(raw: list[Any]) -> list[Beat]:
