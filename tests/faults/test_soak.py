@@ -1,4 +1,4 @@
-"""A soak: 64 concurrent clients for five minutes (SOAK_S) against the whole stack with the tiny
+"""A soak: 64 concurrent clients for two minutes (SOAK_S=300 for five) against the whole stack with the tiny
 models, most through the blocking ``POST /search``, some submitting and polling. No 5xx, no job lost, the
 worker's memory flat (RSS growth under 5% from the end of the first minute), and Redis's key count bounded
 (job records expire)."""
@@ -24,7 +24,7 @@ from tests.live import Live, start_stack
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 CLIENTS = 64
-SOAK_S = float(os.environ.get("SOAK_S", "300"))
+SOAK_S = float(os.environ.get("SOAK_S", "120"))  # make test keeps CI short; the memory check starts at 24 s
 JOB_TTL_S = 20
 WORDS = ["red", "blue", "green", "yellow", "circle", "square", "triangle", "on", "a", "white", "black", "background",
          "small", "large", "two", "shapes"]
@@ -80,7 +80,7 @@ async def _client(base: str, k: int, until: float, tally: Tally) -> None:
 
 
 @pytest.mark.timeout(SOAK_S + 180)
-def test_64_clients_for_five_minutes(redis_server, store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_64_clients_for_soak_s_seconds(redis_server, store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
     db = 15
     r = redis.Redis.from_url(redis_server.url(db))
     r.flushdb()
