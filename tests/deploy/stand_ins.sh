@@ -27,8 +27,12 @@ build() {  # tag, then Dockerfile lines on stdin
 }
 build redis:7 <<'DF'
 FROM python:3.11-slim
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/* && mkdir -p /data
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/* && mkdir -p /data \
+ && printf '#!/bin/sh\n[ "$1" = redis-server ] && { shift; exec redis-server "$@" --protected-mode no; }\nexec "$@"\n' >/usr/local/bin/docker-entrypoint.sh \
+ && chmod +x /usr/local/bin/docker-entrypoint.sh
 WORKDIR /data
+# as the official image: protected mode off (the network is the compose project's own; no port is published)
+ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["redis-server"]
 DF
 build prom/prometheus:v2.55.1 <<'DF'
