@@ -17,5 +17,5 @@ RUN pip install -c docker/constraints.txt ".[gcs]" \
 USER imgsearch
 VOLUME ["/data"]
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 CMD ["imgsearch", "health"]
+HEALTHCHECK --interval=10s --timeout=10s --start-period=10s --retries=3 CMD ["imgsearch", "health"]
 CMD ["imgsearch", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -30,5 +30,5 @@ RUN pip install --index-url "${TORCH_INDEX}" ${TORCH_FIND_LINKS:+--find-links "$
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch
 VOLUME ["/data"]
-HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 CMD ["imgsearch", "health", "--worker"]
+HEALTHCHECK --interval=15s --timeout=15s --start-period=900s --retries=3 CMD ["imgsearch", "health", "--worker"]
 CMD ["worker-gpu-start"]

@@ -21,5 +21,5 @@ RUN pip install -c docker/constraints.txt ".[worker,cpu,pinecone,gcs,postgres]" 
     && mkdir -p /data && chown imgsearch /data
 USER imgsearch
 VOLUME ["/data"]
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["imgsearch", "health", "--worker"]
+HEALTHCHECK --interval=15s --timeout=15s --start-period=120s --retries=3 CMD ["imgsearch", "health", "--worker"]
 CMD ["imgsearch", "worker"]

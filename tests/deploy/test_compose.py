@@ -101,7 +101,10 @@ def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
         def log_message(self, *_: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    try:  # one port run after run: the URL is a build arg, part of the pip layer's cache key
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 47311), Quiet)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
 
@@ -238,6 +241,12 @@ def test_the_stack_builds_starts_answers_and_survives_faults(engine: Engine, tmp
         size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
         FIGURES[f"{image}_GB"] = round(size / 1e9, 2)
 
+    # a worker whose models can't load: one line and exit 2, no traceback
+    bad = engine.compose("run", "--rm", "-T", "--no-deps", "-e", "IMGSEARCH_SIGLIP_MODEL=/nonexistent", "worker-cpu",
+                         timeout=120, check=False)
+    said = [line for line in (bad.stdout + bad.stderr).splitlines() if line.startswith("error:")]
+    assert bad.returncode == 2 and len(said) == 1 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr[-2000:]
+
     # the kit's demo images, ingested through a container (the worker image, on the stack's data volume)
     engine.compose("up", "-d", "redis", timeout=120)
     gen = ("from pathlib import Path; from engines.kit.world import make_split, write_images; "
@@ -264,7 +273,7 @@ def test_the_stack_builds_starts_answers_and_survives_faults(engine: Engine, tmp
     assert all(abs(a - b) <= 1e-4 for (_, a), (_, b) in zip(containers, processes, strict=True))
 
     # two workers, one killed under load: every accepted job ends, none lost
-    engine.compose("up", "-d", "--scale", "worker-cpu=2", "--no-recreate", timeout=120)
+    engine.compose("up", "-d", "--no-deps", "--no-recreate", "--scale", "worker-cpu=2", "worker-cpu", timeout=120)
     names = lambda: engine.compose("ps", "-q", "worker-cpu").stdout.split()  # noqa: E731
     stack.wait_for(lambda: len(names()) == 2 and all(
         engine.docker("inspect", "-f", "{{.State.Health.Status}}", c).stdout.strip() == "healthy" for c in names()),
