@@ -145,6 +145,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         FIGURES["stand_ins_s"] = round(time.monotonic() - t0, 1)
         yield eng
     finally:
+        (work / "figures.json").write_text(json.dumps(FIGURES, indent=1))  # what the note reports, even on failure
         eng.compose("down", "-v", "--remove-orphans", timeout=120, check=False)
         eng.stop()
 
@@ -278,11 +279,11 @@ def test_the_stack_builds_starts_answers_and_survives_faults(engine: Engine, tmp
     stack.wait_for(lambda: len(names()) == 2 and all(
         engine.docker("inspect", "-f", "{{.State.Health.Status}}", c).stdout.strip() == "healthy" for c in names()),
         180, "two healthy workers", interval=1)
-    ids = [i for i in (_submit(base, f"{QUERY} {n}") for n in range(40)) if i]
+    ids = [i for i in (_submit(base, f"{QUERY} {n}") for n in range(30)) if i]  # under the caller's cap (32)
     engine.docker("kill", names()[0])
     seen = _ends(base, ids, 180)
     FIGURES["kill"] = _counts(ids, seen)
-    assert FIGURES["kill"]["lost"] == 0 and len(ids) == 40, FIGURES["kill"]
+    assert FIGURES["kill"]["lost"] == 0 and len(ids) == 30, FIGURES["kill"]  # failed is an end: a job's deadline
 
     # Redis restarted (AOF on): jobs accepted before end; new ones are admitted once it is back
     ids = [i for i in (_submit(base, f"a blue house {n}") for n in range(20)) if i]
@@ -319,8 +320,6 @@ def test_the_stack_builds_starts_answers_and_survives_faults(engine: Engine, tmp
     left = engine.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.split()
     assert left == []
     print("FIGURES", json.dumps(FIGURES))
-    (ROOT / "build" / "compose").mkdir(parents=True, exist_ok=True)
-    (ROOT / "build" / "compose" / "figures.json").write_text(json.dumps(FIGURES, indent=1))
 
 
 def _status(url: str) -> int:
