@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup redis-server postgresql chromium qemu-user clean lint cloudfunction lock
+.PHONY: demo test setup redis-server postgresql chromium qemu-user docker clean lint cloudfunction lock
 
 setup: $(STAMP) redis-server
 
@@ -40,10 +40,17 @@ qemu-user:
 	  echo "installing qemu-user from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-user >/dev/null; }
 
+# Debian's Docker engine, compose v1 and debootstrap, where missing: the compose test starts its own dockerd and
+# builds its base images locally (tests/deploy/test_compose.py)
+docker:
+	@{ command -v dockerd >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; } || { \
+	  echo "installing docker.io, docker-compose and debootstrap from Debian"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/imgsearch demo $(ARGS)
 
-test: setup postgresql chromium qemu-user
+test: setup postgresql chromium qemu-user docker
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -23,11 +23,11 @@ keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
 cli.add_typer(keys_cli, name="keys")
 
 
-def _logging() -> None:
+def _logging(s: Any = None) -> None:
     from pipeline import logs
     from pipeline.settings import get_settings
 
-    s = get_settings()
+    s = s or get_settings()
     logs.configure(s.log_level, s.log_json)
 
 
@@ -36,7 +36,9 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP API."""
     import uvicorn
 
-    _logging()
+    from pipeline.settings import get_api_settings
+
+    _logging(get_api_settings())  # the API's own settings: never Flower's or a worker's
     # proxy_headers off: the app reads X-Forwarded-For itself, from IMGSEARCH_TRUSTED_PROXIES only (uvicorn's own
     # handling would believe it from 127.0.0.1 whatever that setting says)
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_config=None, access_log=False,
@@ -60,12 +62,12 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
     # jobs in hand IMGSEARCH_WORKER_SOFT_SHUTDOWN_S, hand back the rest) instead of a warm shutdown that waits
     # on them without limit. Celery's process library reads this variable when it is first imported.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    from pipeline.settings import get_settings
+    from pipeline.settings import get_ingest_settings
     from workers import runtime
     from workers.celery_app import app
 
-    _logging()
-    s = get_settings()
+    s = get_ingest_settings()  # a worker's own settings (search, embed or ingest): never the API's or Flower's
+    _logging(s)
     _preflight(s)
     queues = {"search": s.search_queue, "ingest": s.ingest_queue, "embed": s.embed_queue}
     names = queue.split(",")
@@ -119,11 +121,12 @@ def _worker_healthy() -> bool:
 
     from pipeline.jobs import fleet
     from pipeline.jobs.store import connect
-    from pipeline.settings import get_settings
+    from pipeline.settings import get_worker_settings
 
     try:
-        r = connect(get_settings().redis_url, 2)
-        return fleet.warm_on_host(fleet.read(r), get_settings().host)
+        s = get_worker_settings()
+        r = connect(s.redis_url, 2)
+        return fleet.warm_on_host(fleet.read(r), s.host)
     except (redis.RedisError, ValueError):
         return False
 
@@ -171,11 +174,11 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
     from engines.registry import load_engines, load_image_engines, prepare_ingest_process
     from pipeline.errors import ImgSearchError
     from pipeline.ingest import make_source, run_ingest
-    from pipeline.settings import get_settings
+    from pipeline.settings import get_ingest_settings
     from pipeline.stores import make_blob_store, make_vector_store
 
-    _logging()
-    s = get_settings()
+    s = get_ingest_settings()  # an ingest worker's settings: never the API's or Flower's
+    _logging(s)
     if batch_size:
         s = s.model_copy(update={"ingest_batch_size": batch_size})
     name = source or ("folder" if folder is not None else s.ingest_source)
@@ -241,11 +244,11 @@ def health(worker: Annotated[bool, typer.Option("--worker", help="this host's wo
 @cli.command()
 def beat(loglevel: str = "INFO") -> None:
     """Run Celery beat: it starts an ingest run on the ingest queue on IMGSEARCH_INGEST_SCHEDULE."""
-    from pipeline.settings import get_settings
+    from pipeline.settings import get_ingest_settings
     from workers.celery_app import app
 
-    _logging()
-    s = get_settings()
+    s = get_ingest_settings()
+    _logging(s)
     s.ingest_dir.mkdir(parents=True, exist_ok=True)
     app.Beat(loglevel=loglevel, schedule=str(s.ingest_dir / "beat-schedule")).run()
 
@@ -256,9 +259,9 @@ def flower(port: Annotated[int, typer.Option(help="default IMGSEARCH_FLOWER_PORT
     """Serve Flower, the Celery dashboard, against the same broker, behind basic auth from settings."""
     import os
 
-    from pipeline.settings import get_settings
+    from pipeline.settings import get_flower_settings
 
-    s = get_settings()
+    s = get_flower_settings()
     creds = s.flower_basic_auth.get_secret_value() if s.flower_basic_auth else ""
     user, _, password = creds.partition(":")
     if not user.strip() or not password.strip():  # "user:", ":password", ":" and nothing: Flower would take them

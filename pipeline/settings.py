@@ -124,11 +124,6 @@ class SharedSettings(BaseSettings):
     rescue_max: int = Field(2, ge=0)  # times one job is sent again
     heartbeat_ttl_s: int = Field(15, ge=2)
 
-    # --- Flower (`imgsearch flower`), which watches the workers ---
-    # Flower (`imgsearch flower`): basic auth "user:password"; it refuses to start without one
-    flower_basic_auth: SecretStr | None = None
-    flower_port: int = 5555
-
     # --- logging ---
     log_level: str = "INFO"
     log_json: bool = False
@@ -148,13 +143,6 @@ class SharedSettings(BaseSettings):
             raise ValueError("ingest_allow_ports: each a TCP port, 1 to 65535")
         if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
             raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
-        if self.flower_basic_auth is not None:
-            user, sep, password = self.flower_basic_auth.get_secret_value().partition(":")
-            if not sep or not user.strip() or not password.strip():
-                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH must be \"user:password\", both non-empty")
-            if self.env == "production" and (password.lower() in _DEFAULT_PASSWORDS or password == user):
-                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default password is refused in production (Flower "
-                                 "shows every job's arguments)")
         return self
 
     @property
@@ -376,7 +364,27 @@ class IngestSettings(WorkerSettings):
         return self
 
 
-class Settings(IngestSettings, _ApiFields):
+class FlowerSettings(SharedSettings):
+    """Flower's settings (``imgsearch flower``, which watches the workers). Only Flower reads them: the API and
+    the workers start whatever ``IMGSEARCH_FLOWER_BASIC_AUTH`` holds."""
+
+    # basic auth "user:password"; Flower refuses to start without one
+    flower_basic_auth: SecretStr | None = None
+    flower_port: int = 5555
+
+    @model_validator(mode="after")
+    def _check_flower(self) -> "FlowerSettings":
+        if self.flower_basic_auth is not None:
+            user, sep, password = self.flower_basic_auth.get_secret_value().partition(":")
+            if not sep or not user.strip() or not password.strip():
+                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH must be \"user:password\", both non-empty")
+            if self.env == "production" and (password.lower() in _DEFAULT_PASSWORDS or password == user):
+                raise ValueError("IMGSEARCH_FLOWER_BASIC_AUTH: a default password is refused in production (Flower "
+                                 "shows every job's arguments)")
+        return self
+
+
+class Settings(IngestSettings, _ApiFields, FlowerSettings):
     """Every deployable's settings at once, for the processes that start them all (the CLI, the demo) and for
     tests. A deployed process reads its own class instead (``get_api_settings``, ``get_worker_settings``,
     ``get_ingest_settings``)."""
@@ -406,7 +414,13 @@ def get_ingest_settings() -> IngestSettings:
     return IngestSettings()
 
 
+@lru_cache
+def get_flower_settings() -> FlowerSettings:
+    """Flower's settings."""
+    return FlowerSettings()
+
+
 def clear_cached() -> None:
     """Forget every class's cached settings: the next call reads the environment again (tests use it)."""
-    for get in (get_settings, get_api_settings, get_worker_settings, get_ingest_settings):
+    for get in (get_settings, get_api_settings, get_worker_settings, get_ingest_settings, get_flower_settings):
         get.cache_clear()

@@ -49,13 +49,15 @@ def test_the_compose_file_has_every_service_with_healthchecks_profiles_and_one_e
     for name, svc in services.items():
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert services["worker-gpu"]["profiles"] == ["gpu"] and services["prometheus"]["profiles"] == ["metrics"]
+    assert services["flower"]["profiles"] == ["flower"]  # it needs credentials .env.example leaves empty
+    assert set(_compose()["volumes"]) == {"data", "redis-data"}  # named volumes: the images own /data, no chown
     (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     apps = [n for n in services if n not in ("redis", "prometheus")]
     for name in apps:  # one shared .env, and the same Redis and data dir
         svc = services[name]
         assert svc["env_file"] == ".env", name
-        assert svc["environment"]["REDIS_URL"] == "redis://redis:6379/0" and "./data:/data" in svc["volumes"]
+        assert svc["environment"]["REDIS_URL"] == "redis://redis:6379/0" and "data:/data" in svc["volumes"]
     for name in ("worker-cpu", "worker-gpu", "worker-ingest"):  # `--scale` needs no fixed name or host port
         assert "container_name" not in services[name] and "ports" not in services[name]
     assert "--appendonly" in services["redis"]["command"]  # queued jobs survive a Redis restart
@@ -90,6 +92,29 @@ def test_dockerfile_installs_match_the_extras() -> None:
     assert any(d.startswith("torch") for d in EXTRAS["worker"])
     gpu = (ROOT / "docker" / "worker-gpu.Dockerfile").read_text()
     assert "engines build" in (ROOT / "docker" / "worker-gpu-start.sh").read_text() and "worker-gpu-start" in gpu
+
+
+def test_every_image_holds_every_package_of_the_product() -> None:
+    """One list for every image: .dockerignore's allowlist, and each Dockerfile copies the context whole."""
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["packages"]
+    assert set(packages) <= allowed and "cli" in packages
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "\nCOPY . .\n" in text and "ARG BASE_IMAGE=" in text and "\nUSER imgsearch\n" in text, dockerfile.name
+
+
+def test_the_api_and_workers_never_validate_flowers_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import settings
+
+    monkeypatch.setenv("IMGSEARCH_FLOWER_BASIC_AUTH", "")  # .env.example as shipped
+    settings.clear_cached()
+    try:
+        settings.get_api_settings(), settings.get_worker_settings(), settings.get_ingest_settings()
+        with pytest.raises(ValueError, match="FLOWER_BASIC_AUTH"):
+            settings.get_flower_settings()
+    finally:
+        settings.clear_cached()
 
 
 def test_the_api_runs_without_the_worker_extra() -> None:
