@@ -25,7 +25,14 @@ from numpy.typing import NDArray
 
 from engines.crossattn import AttentionTap, ReassociatedItm
 
-METHODS = ("attention", "gradcam")
+METHODS = ("gradcam", "attention")  # the first is the default: it localised better on the kit (the issue-30 note)
+
+
+def default_layer(method: str, layers: int) -> int:
+    """Where each method localised best on the kit (3 text layers; tests/quality/test_explain_quality.py):
+    Grad-CAM at two thirds of the depth (layer 1 of 0-2; LAVIS's BLIP choice, 7 of 0-11, by the same rule),
+    attention at the last layer (the only one whose [CLS] row alone the rerank pass computes)."""
+    return max(0, 2 * layers // 3 - 1) if method == "gradcam" else layers - 1
 
 
 @dataclass(frozen=True)
@@ -111,12 +118,15 @@ def gradcam_maps(engine: Any, query: str, features: Sequence[NDArray[Any]], *,
     return [Heatmap(g, index, "gradcam") for g in _normalise(cam)]
 
 
-def explain(engine: Any, query: str, features: Sequence[NDArray[Any]], *, method: str = "gradcam",
-            layer: int = -1) -> list[Heatmap]:
+def explain(engine: Any, query: str, features: Sequence[NDArray[Any]], *, method: str = METHODS[0],
+            layer: int | None = None) -> list[Heatmap]:
+    """A map per candidate; ``layer`` None: the method's ``default_layer``."""
     if method not in METHODS:
         raise ValueError(f"unknown explain method {method!r}; valid: {', '.join(METHODS)}")
     if not len(features):
         return []
+    if layer is None:
+        layer = default_layer(method, len(torch_cores(engine)[0].m.text_encoder.encoder.layer))
     if method == "attention":
         return attention_maps(engine, query, features, layer=layer)[1]
     return gradcam_maps(engine, query, features, layer=layer)
