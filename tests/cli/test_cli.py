@@ -51,6 +51,23 @@ def test_search_prints_a_ranked_table_through_the_api_and_in_process(live: Live)
     assert gone.returncode == 1 and "does not answer" in gone.stderr
 
 
+def test_search_explain_writes_an_overlay_per_result(store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    env = settings_env(store_dir, tiny_models, f"redis://127.0.0.1:{stack.free_port()}/0")  # in process: no Redis
+    out = _imgsearch(env, "search", "a red circle", "--limit", "3", "--direct", "--json", "--explain",
+                     "--explain-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = json.loads(out.stdout)
+    ids = [r["id"] for r in job["results"]]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"{i:02d}-{p}.png" for i, p in enumerate(ids, 1)] and len(ids) == 3
+    assert {m["method"] for m in job["explain"].values()} == {"gradcam"}
+    assert all(Image.open(tmp_path / f).format == "PNG" for f in files)
+    refused = _imgsearch(env, "search", "a red circle", "--explain", "--api", "http://127.0.0.1:1")
+    assert refused.returncode == 1 and "--direct" in refused.stderr
+
+
 def test_search_by_a_post_and_by_a_picture_file(live: Live, store_dir: Path, demo_images: Path) -> None:
     like = _imgsearch(live.env, "search", "--like", "demo004", "--limit", "3", "--api", live.base, "--json")
     assert like.returncode == 0, like.stderr[-2000:]
