@@ -22,6 +22,7 @@ from engines.explain import METHODS, Heatmap, explain
 from pipeline.errors import Conflict, NotFound
 from pipeline.types import Job, SearchParams
 
+EXPLAIN_TASK = "imgsearch.explain"  # the worker task (workers/tasks.py) the API's explain route sends
 NO_TEXT_MAP = ("this job searched by an image (like or upload): it ranks by image similarity and has no "
                "text-to-image attention, so there is no map to show")
 
