@@ -10,22 +10,16 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 
-from tests.conftest import settings_env
-from tests.live import Live, start_stack
+from tests.live import Live, demo_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
-    env = settings_env(store_dir, tiny_models, redis_server.url(13))
-    redis.Redis.from_url(redis_server.url(13)).flushdb()
-    running = start_stack(env, tmp_path_factory.mktemp("logs"))
-    yield running
-    running.stop()
+    yield from demo_stack(redis_server, store_dir, tiny_models, 13, tmp_path_factory.mktemp("logs"))
 
 
 def test_explain_a_result(live: Live) -> None:

@@ -11,22 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from cli import stack
 from tests.conftest import settings_env
-from tests.live import Live, start_stack
+from tests.live import Live, demo_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
-    env = settings_env(store_dir, tiny_models, redis_server.url(12))
-    redis.Redis.from_url(redis_server.url(12)).flushdb()
-    running = start_stack(env, tmp_path_factory.mktemp("logs"))
-    yield running
-    running.stop()
+    yield from demo_stack(redis_server, store_dir, tiny_models, 12, tmp_path_factory.mktemp("logs"))
 
 
 def _imgsearch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
