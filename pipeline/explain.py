@@ -23,6 +23,7 @@ from pipeline.errors import Conflict, NotFound
 from pipeline.types import Job, SearchParams
 
 EXPLAIN_TASK = "imgsearch.explain"  # the worker task (workers/tasks.py) the API's explain route sends
+EXPLAIN_TOP = 10  # how many of a job's results explain: true explains
 NO_TEXT_MAP = ("this job searched by an image (like or upload): it ranks by image similarity and has no "
                "text-to-image attention, so there is no map to show")
 
@@ -71,6 +72,22 @@ def explain_posts(job: Job, post_ids: Sequence[str], reranker: Any,
         raise NotFound(f"the stored features of post {gone[0]} are gone")
     maps = explain(torch_engine(reranker), query, [found[p] for p in post_ids], method=method, layer=layer)
     return {p: m.as_json() for p, m in zip(post_ids, maps, strict=True)}
+
+
+def explain_results(params: SearchParams, results: Sequence[Any], searcher: Any, *, top: int = EXPLAIN_TOP) -> None:
+    """``explain: true``: the first ``top`` results each get ``explanation`` (a map, or for an image query why
+    there is none), in the worker right after the search."""
+    shown = list(results[:top])
+    if params.kind != "text":
+        for r in shown:
+            r.explanation = {"available": False, "reason": NO_TEXT_MAP}
+        return
+    reranker = searcher.reranker
+    found = searcher.features.fetch(reranker.version, [r.id for r in shown])
+    have = [r for r in shown if r.id in found]
+    maps = explain(torch_engine(reranker), params.query, [found[r.id] for r in have])
+    for r, m in zip(have, maps, strict=True):
+        r.explanation = m.as_json()
 
 
 def _colours(w: NDArray[np.float32]) -> NDArray[np.uint8]:

@@ -37,13 +37,18 @@ def test_explain_a_result(live: Live) -> None:
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     stored = Image.open(io.BytesIO(httpx.get(f"{live.base}/v1/images/{post}", timeout=10).content))
     assert Image.open(io.BytesIO(png.content)).size == stored.size
+    explained = live.wait(live.submit("a red circle", limit=3, explain=True))
+    assert explained["status"] == "done" and "explain" in explained["timings"]
+    first = explained["results"][0]
+    assert first["explanation"] == httpx.get(f"{url}/{first['id']}", timeout=60).json()  # the same map either way
+    assert "explanation" not in job["results"][0] or job["results"][0]["explanation"] is None
     ranked = {r["id"] for r in job["results"]}
     other = next(p for p in (f"demo{i:03d}" for i in range(100)) if p not in ranked)
     assert httpx.get(f"{url}/{other}", timeout=10).status_code == 404
 
 
-def _like(live: Live, post: str) -> dict:  # type: ignore[type-arg]
-    r = httpx.post(f"{live.base}/v1/jobs", json={"like": post, "limit": 3}, timeout=10)
+def _like(live: Live, post: str, **params: object) -> dict:  # type: ignore[type-arg]
+    r = httpx.post(f"{live.base}/v1/jobs", json={"like": post, "limit": 3, **params}, timeout=10)
     assert r.status_code == 202, r.text
     return live.wait(r.json()["id"])
 
@@ -53,7 +58,8 @@ def test_not_done_and_image_queries(live: Live) -> None:
     assert failed["status"] == "failed", failed
     r = httpx.get(f"{live.base}/v1/jobs/{failed['id']}/explain/demo000", timeout=10)
     assert r.status_code == 409, r.text
-    like = _like(live, "demo004")
+    like = _like(live, "demo004", explain=True)
+    assert all(r["explanation"] == {"available": False, "reason": r["explanation"]["reason"]} for r in like["results"])
     assert like["status"] == "done", like
     url = f"{live.base}/v1/jobs/{like['id']}/explain/{like['results'][0]['id']}"
     r = httpx.get(url, timeout=60)
