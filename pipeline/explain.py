@@ -5,6 +5,9 @@ read, so its explained results fall back to a torch engine of the same checkpoin
 (``torch_engine``); only the explained results run there. Image queries (``like``, uploads) rank by image
 similarity, with no ITM pass over words, so they answer that no text-to-image map exists instead of an empty
 map.
+
+The API process imports this module for its route (never torch: ``engines.explain`` loads inside the functions
+that compute).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from engines.explain import METHODS, Heatmap, explain
 from pipeline.errors import Conflict, NotFound
 from pipeline.types import Job, SearchParams
 
@@ -53,7 +55,7 @@ def text_query(job: Job) -> str | None:
 
 def explain_posts(job: Job, post_ids: Sequence[str], reranker: Any,
                   features: Callable[[Sequence[str]], dict[str, NDArray[Any]]], *,
-                  method: str = METHODS[0], layer: int | None = None) -> dict[str, dict[str, Any]]:
+                  method: str | None = None, layer: int | None = None) -> dict[str, dict[str, Any]]:
     """The explanation of each of ``post_ids`` in ``job``'s results: ``{"grid", "layer", "method"}``, or
     ``{"available": False, "reason"}`` for an image query. 409 while the job is not done; 404 for a post not in
     its results (or whose stored features are gone). ``features``: stored vision features by post id."""
@@ -70,7 +72,10 @@ def explain_posts(job: Job, post_ids: Sequence[str], reranker: Any,
     gone = [p for p in post_ids if p not in found]
     if gone:
         raise NotFound(f"the stored features of post {gone[0]} are gone")
-    maps = explain(torch_engine(reranker), query, [found[p] for p in post_ids], method=method, layer=layer)
+    from engines.explain import METHODS, explain
+
+    maps = explain(torch_engine(reranker), query, [found[p] for p in post_ids], method=method or METHODS[0],
+                   layer=layer)
     return {p: m.as_json() for p, m in zip(post_ids, maps, strict=True)}
 
 
@@ -85,6 +90,8 @@ def explain_results(params: SearchParams, results: Sequence[Any], searcher: Any,
     reranker = searcher.reranker
     found = searcher.features.fetch(reranker.version, [r.id for r in shown])
     have = [r for r in shown if r.id in found]
+    from engines.explain import explain
+
     maps = explain(torch_engine(reranker), params.query, [found[r.id] for r in have])
     for r, m in zip(have, maps, strict=True):
         r.explanation = m.as_json()
@@ -98,9 +105,9 @@ def _colours(w: NDArray[np.float32]) -> NDArray[np.uint8]:
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
 
 
-def overlay_png(image: bytes, heatmap: Heatmap | dict[str, Any], *, alpha: float = 0.45) -> bytes:
+def overlay_png(image: bytes, heatmap: Any, *, alpha: float = 0.45) -> bytes:
     """The stored image with the map (scaled to its peak, smoothly resized to the image) blended over it."""
-    grid = np.asarray(heatmap.grid if isinstance(heatmap, Heatmap) else heatmap["grid"], np.float32)
+    grid = np.asarray(heatmap["grid"] if isinstance(heatmap, dict) else heatmap.grid, np.float32)
     base = Image.open(io.BytesIO(image)).convert("RGB")
     peak = float(grid.max()) or 1.0
     small = Image.fromarray(_colours(grid / peak), "RGB")
