@@ -412,7 +412,7 @@ def search(query: Annotated[str | None, typer.Argument(help="What the image show
                                                      "here, no API, Redis or worker")] = False,
            as_json: Annotated[bool, typer.Option("--json", help="print the job (JSON) instead of the table")] = False,
            explain: Annotated[bool, typer.Option(help="write each result's heatmap overlay (where the reranker "
-                                                      "looked) as a PNG file; with --direct")] = False,
+                                                      "looked) as a PNG file")] = False,
            explain_dir: Annotated[Path, typer.Option(help="where --explain writes its PNG files")] = Path("explain"),
            timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 60.0) -> None:
     """Search: submit the query through the API and wait for its job, or run it here with --direct. Prints a
@@ -430,14 +430,14 @@ def search(query: Annotated[str | None, typer.Argument(help="What the image show
     body: dict[str, Any] = {"limit": limit, "rerank": rerank}
     body.update({"query": query} if query is not None else {"like": like} if like is not None else {})
     try:
-        if explain and not direct:
-            raise ImgSearchError("--explain runs with --direct (the models in this process)", code="usage")
         if direct and image is None and like is None:
             job = _search_direct(body, explain_dir if explain else None)
         elif direct:
             raise ImgSearchError("--direct searches by words only; search by image through the API", code="usage")
         else:
             job = _search_api(api, key, body, timeout, image)
+            if explain and job.get("status") == "done":
+                _overlays_from_api(api, key, job, explain_dir)
     except ImgSearchError as exc:
         typer.echo(f"error: {exc.code}: {exc.message}", err=True)
         raise typer.Exit(1) from None
@@ -495,6 +495,23 @@ def _search_api(base: str, key: str, body: dict[str, Any], timeout: float,
         raise Unavailable(f"the API at {base} does not answer ({type(exc).__name__}); start it with "
                           "`imgsearch api`, or search here with --direct") from None
     raise DeadlineExceeded(f"the job did not end within {timeout:g} s")
+
+
+def _overlays_from_api(base: str, key: str, job: dict[str, Any], folder: Path) -> None:
+    """Each result's overlay from ``GET /v1/jobs/{id}/explain/{post}?format=png``, as ``<rank>-<post id>.png``."""
+    import httpx
+
+    from pipeline.errors import ImgSearchError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
+        for rank, r in enumerate(job.get("results") or [], 1):
+            resp = http.get(f"/v1/jobs/{job['id']}/explain/{r['id']}", params={"format": "png"})
+            if resp.status_code != 200:
+                err = resp.json().get("error", {}) if "json" in resp.headers.get("content-type", "") else {}
+                raise ImgSearchError(err.get("message", f"HTTP {resp.status_code}"), code=err.get("code", "explain"))
+            (folder / f"{rank:02d}-{r['id']}.png").write_bytes(resp.content)
 
 
 def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dict[str, Any]:
