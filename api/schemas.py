@@ -88,6 +88,9 @@ class JobRequest(SearchRequest):
                                    "left out of its own results).")
     image_url: StrictStr | None = Field(None, max_length=2048, description="An image to search by, fetched from "
                                         "an allowed image host (IMGSEARCH_REDDIT_IMAGE_HOSTS).")
+    explain: bool = Field(False, description="Each of the top 10 results carries `explanation`: where the reranker "
+                          "looked for the words ({grid, layer, method}); for an image query, why there is none. "
+                          "Also afterwards: GET /v1/jobs/{id}/explain/{post_id}.")
 
     @field_validator("query")
     @classmethod

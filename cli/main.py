@@ -447,6 +447,9 @@ def search(query: Annotated[str | None, typer.Argument(help="What the image show
            direct: Annotated[bool, typer.Option(help="search in this process: load the models and open the stores "
                                                      "here, no API, Redis or worker")] = False,
            as_json: Annotated[bool, typer.Option("--json", help="print the job (JSON) instead of the table")] = False,
+           explain: Annotated[bool, typer.Option(help="write each result's heatmap overlay (where the reranker "
+                                                      "looked) as a PNG file")] = False,
+           explain_dir: Annotated[Path, typer.Option(help="where --explain writes its PNG files")] = Path("explain"),
            timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 60.0) -> None:
     """Search: submit the query through the API and wait for its job, or run it here with --direct. Prints a
     ranked table (id, score, ITM, cosine, title). The query is words, or --like POST_ID, or --image FILE (the
@@ -464,11 +467,13 @@ def search(query: Annotated[str | None, typer.Argument(help="What the image show
     body.update({"query": query} if query is not None else {"like": like} if like is not None else {})
     try:
         if direct and image is None and like is None:
-            job = _search_direct(body)
+            job = _search_direct(body, explain_dir if explain else None)
         elif direct:
             raise ImgSearchError("--direct searches by words only; search by image through the API", code="usage")
         else:
             job = _search_api(api, key, body, timeout, image)
+            if explain and job.get("status") == "done":
+                _overlays_from_api(api, key, job, explain_dir)
     except ImgSearchError as exc:
         typer.echo(f"error: {exc.code}: {exc.message}", err=True)
         raise typer.Exit(1) from None
@@ -528,8 +533,26 @@ def _search_api(base: str, key: str, body: dict[str, Any], timeout: float,
     raise DeadlineExceeded(f"the job did not end within {timeout:g} s")
 
 
-def _search_direct(body: dict[str, Any]) -> dict[str, Any]:
-    """The search run in this process, shaped as a job."""
+def _overlays_from_api(base: str, key: str, job: dict[str, Any], folder: Path) -> None:
+    """Each result's overlay from ``GET /v1/jobs/{id}/explain/{post}?format=png``, as ``<rank>-<post id>.png``."""
+    import httpx
+
+    from pipeline.errors import ImgSearchError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
+        for rank, r in enumerate(job.get("results") or [], 1):
+            resp = http.get(f"/v1/jobs/{job['id']}/explain/{r['id']}", params={"format": "png"})
+            if resp.status_code != 200:
+                err = resp.json().get("error", {}) if "json" in resp.headers.get("content-type", "") else {}
+                raise ImgSearchError(err.get("message", f"HTTP {resp.status_code}"), code=err.get("code", "explain"))
+            (folder / f"{rank:02d}-{r['id']}.png").write_bytes(resp.content)
+
+
+def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dict[str, Any]:
+    """The search run in this process, shaped as a job; with ``explain_dir``, each result's overlay written there
+    as ``<rank>-<post id>.png`` (pipeline/explain.py)."""
     import time
 
     from engines.registry import load_engines
@@ -542,12 +565,30 @@ def _search_direct(body: dict[str, Any]) -> dict[str, Any]:
     s = get_settings()
     _preflight(s)
     engines = load_engines(s)
-    searcher = Searcher.over(s, engines.text, engines.reranker, Stores.build(s, caches=False))
     t0 = time.time()
+    stores = Stores.build(s, caches=False)
+    searcher = Searcher.over(s, engines.text, engines.reranker, stores)
     outcome = searcher.search(SearchParams.model_validate(body))
-    return {"id": None, "status": "done", "query": body["query"], "created_at": t0, "finished_at": time.time(),
-            "results": [r.model_dump(mode="json") for r in outcome.results], "not_reranked": outcome.not_reranked,
-            "timings": outcome.timings}
+    job = {"id": None, "status": "done", "query": body["query"], "created_at": t0, "finished_at": time.time(),
+           "results": [r.model_dump(mode="json") for r in outcome.results], "not_reranked": outcome.not_reranked,
+           "timings": outcome.timings}
+    if explain_dir is not None and outcome.results:
+        from pipeline.explain import explain_posts, overlay_png
+        from pipeline.layout import image_key
+        from pipeline.types import Job
+
+        ids = [r.id for r in outcome.results]
+        record = Job(id="direct", status="done", query=body["query"], params=body, created_at=t0,
+                     results=outcome.results)
+        maps = explain_posts(record, ids, engines.reranker,
+                             lambda want: searcher.features.fetch(engines.reranker.version, want))
+        explain_dir.mkdir(parents=True, exist_ok=True)
+        for rank, post_id in enumerate(ids, 1):
+            image = stores.blobs.get(image_key(post_id, "jpg"))
+            if image is not None:
+                (explain_dir / f"{rank:02d}-{post_id}.png").write_bytes(overlay_png(image, maps[post_id]))
+        job["explain"] = {p: {k: v for k, v in m.items() if k != "grid"} for p, m in maps.items()}
+    return job
 
 
 def _reflow(doc: str) -> str:

@@ -22,6 +22,10 @@ Two more exact savings, for every call of this forward:
 The forward uses the model's own modules (embeddings, ``nn.Linear`` layers, LayerNorms) and weights, so it
 loads nothing of its own, exports to ONNX as plain MatMul/Softmax graphs, and its weight matmuls quantize as
 the original's do.
+
+An optional ``AttentionTap`` set on the module (``tap``) keeps, for one layer, the text [CLS] row's attention
+probabilities over the image tokens as the pass computes them (``engines/explain.py`` turns them into maps);
+without one the forward does nothing more.
 """
 
 from __future__ import annotations
@@ -63,6 +67,26 @@ def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return nn.functional.embedding(rows, x.reshape(x.shape[0], -1)).view(rows.shape[0], *x.shape[1:])
 
 
+class AttentionTap:
+    """The cross-attention probabilities at ``layer`` (negative: from the last) as the pass computed them, one
+    B x HR x P tensor per forward call in ``probs`` (in the autograd graph where gradients are on);
+    ``cls_rows`` reads the text [CLS] row of each head from one of them."""
+
+    def __init__(self, layer: int = -1) -> None:
+        self.layer, self.heads = layer, 0
+        self.probs: list[torch.Tensor] = []
+
+    def capture(self, index: int, layers: int, probs: torch.Tensor, heads: int) -> None:
+        if index != self.layer % layers:
+            return
+        self.heads = heads
+        self.probs.append(probs)
+
+    def cls_rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """B x HR x P -> B x H x P: each head's [CLS] row."""
+        return probs.view(probs.shape[0], self.heads, -1, probs.shape[-1])[:, :, 0]
+
+
 class ReassociatedItm(nn.Module):
     """``(ITM match probability, projected image feature)`` for each candidate, from its query's tokens and its
     stored image features, equal to ``BlipForImageTextRetrieval``'s ITM forward on them.
@@ -78,6 +102,7 @@ class ReassociatedItm(nn.Module):
         self.heads = int(cfg.num_attention_heads)
         self.head_dim = int(cfg.hidden_size) // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.tap: AttentionTap | None = None
 
     # --- the pieces of one BLIP text layer ---
     def _self_attention(self, layer: Any, h: torch.Tensor, neg: torch.Tensor, rows: int | None) -> torch.Tensor:
@@ -104,13 +129,17 @@ class ReassociatedItm(nn.Module):
         qk = torch.bmm(q, w_k)                                                         # H x BR x E
         return qk.view(self.heads, b, r, -1).transpose(0, 1).reshape(b, self.heads * r, -1)
 
-    def _cross_attention(self, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _cross_attention(self, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor,
+                         index: int = 0) -> torch.Tensor:
         c = layer.crossattention.self
         b, r, _ = a.shape
         h, d = self.heads, self.head_dim
         # one product per candidate for all heads: its image tokens are shared by every head
         scores = torch.bmm(qk, x.transpose(1, 2)) * self.scale                         # B x HR x P
-        px = torch.bmm(torch.softmax(scores, dim=-1), x)                               # B x HR x E
+        probs = torch.softmax(scores, dim=-1)
+        if self.tap is not None:
+            self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, h)
+        px = torch.bmm(probs, x)                                                       # B x HR x E
         px = px.view(b, h, r, -1).transpose(0, 1).reshape(h, b * r, -1)                # H x BR x E
         w_v = c.value.weight.view(h, d, -1).transpose(1, 2)                            # H x E x d
         ctx = torch.bmm(px, w_v) + c.value.bias.view(h, 1, d)                          # H x BR x d
@@ -133,7 +162,7 @@ class ReassociatedItm(nn.Module):
             if i:
                 a = self._self_attention(layer, h, neg, 1 if i == last else None)
                 qk = self._query_keys(layer, a)
-            h = layer.feed_forward_chunk(self._cross_attention(layer, a, qk, x))
+            h = layer.feed_forward_chunk(self._cross_attention(layer, a, qk, x, i))
         cls = h[:, 0, :]
         itm = torch.softmax(self.m.itm_head(cls).float(), dim=-1)[:, 1]
         return itm, self.m.vision_proj(x[:, 0, :])

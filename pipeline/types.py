@@ -36,6 +36,7 @@ class Result(BaseModel):
     created_utc: float | None = None
     image_url: str | None = None
     metadata: Metadata = Field(default_factory=dict)
+    explanation: dict[str, Any] | None = None  # with explain: true (pipeline/explain.py)
 
 
 class SearchParams(BaseModel):
@@ -48,6 +49,7 @@ class SearchParams(BaseModel):
     rerank_k: int | None = None  # the older name of ``candidates``
     candidates: int | None = None
     rerank: bool = True
+    explain: bool = False  # maps of where the reranker looked, on the top results (pipeline/explain.py)
     min_score: float | None = None
     filter: dict[str, Any] | None = None  # the search API's shorthands or the filter language (filters.for_search)
     namespace: str | None = None

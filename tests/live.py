@@ -53,3 +53,17 @@ def start_stack(env: dict[str, str], logs: Path, workers: int = 1) -> Live:
     return live
 
 
+
+
+def demo_stack(redis_server, store_dir: Path, models, db: int, logs: Path):  # type: ignore[no-untyped-def]
+    """A stack over the demo store and ``models`` on an emptied Redis database ``db``, stopped after the with
+    block's tests (a module fixture's body)."""
+    import redis
+
+    from tests.conftest import settings_env
+
+    env = settings_env(store_dir, models, redis_server.url(db))
+    redis.Redis.from_url(redis_server.url(db)).flushdb()
+    running = start_stack(env, logs)
+    yield running
+    running.stop()

@@ -8,6 +8,7 @@ from typing import Any
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 from pydantic import BaseModel, Field
 
+from pipeline.explain import EXPLAIN_TASK
 from pipeline.jobs.runner import end_empty, run_job
 from pipeline.settings import get_ingest_settings
 from workers import runtime
@@ -26,6 +27,27 @@ def search(payload: dict[str, Any]) -> dict[str, Any]:
     task = SearchTask.model_validate(payload)
     job = run_job(task.job_id, runtime.get().searcher, runtime.get().store)
     return {"id": task.job_id, "status": job.status if job else "missing"}
+
+
+class ExplainTask(BaseModel):
+    job_id: str
+    post_ids: list[str]
+
+
+# the explanations are the result (JSON, in the result backend): the API waits on it
+@app.task(name=EXPLAIN_TASK, acks_late=True)
+def explain(payload: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.errors import NotFound
+    from pipeline.explain import explain_posts
+
+    task = ExplainTask.model_validate(payload)
+    rt = runtime.get()
+    job = rt.store.load(task.job_id)
+    if job is None:
+        raise NotFound(f"job {task.job_id} is gone")
+    searcher = rt.searcher
+    return explain_posts(job, task.post_ids, searcher.reranker,
+                         lambda ids: searcher.features.fetch(searcher.reranker.version, ids))
 
 
 @app.task(name=NOOP_TASK, acks_late=True, ignore_result=True)

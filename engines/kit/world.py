@@ -181,6 +181,17 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     return im
 
 
+def object_box(scene: Scene, size: int, rng: random.Random) -> tuple[float, float, float, float]:
+    """Where ``render(scene, size, rng)`` draws a one-object scene's object: its bounding box (x0, y0, x1, y1) in
+    pixels, replaying the same draws of ``rng`` (the jitter of its centre)."""
+    if len(scene.objects) != 1 or scene.count != 1:
+        raise ValueError("object_box: a scene of one object at a position")
+    x, y = POSITIONS[scene.position]
+    cx, cy = x * size + rng.uniform(-0.04, 0.04) * size, y * size + rng.uniform(-0.04, 0.04) * size
+    r = SIZES[scene.objects[0].size] * size
+    return cx - r, cy - r, cx + r, cy + r
+
+
 @dataclass(frozen=True)
 class Item:
     scene: Scene
@@ -188,6 +199,10 @@ class Item:
 
     def image(self, size: int) -> Image.Image:
         return render(self.scene, size, random.Random(self.seed))
+
+    def box(self, size: int) -> tuple[float, float, float, float]:
+        """The bounding box of a one-object scene's object in ``image(size)``."""
+        return object_box(self.scene, size, random.Random(self.seed))
 
 
 def make_split(n: int, *, held_out: bool, seed: int, unique: bool = False) -> list[Item]:

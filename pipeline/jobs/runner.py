@@ -77,6 +77,12 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
                                   cancelled=lambda: store.cancelled(job_id), image=image, owner=job.owner)
         if store.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
             raise Cancelled("cancelled by the client while it ran")
+        if params.explain:
+            from pipeline.explain import explain_results
+
+            t1 = time.perf_counter()
+            explain_results(params, outcome.results, searcher)
+            outcome.timings = {**outcome.timings, "explain": round((time.perf_counter() - t1) * 1000, 3)}
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
                        "queue_wait": round((job.started_at - job.created_at) * 1000, 3)}
         job.results, job.not_reranked, job.stats = outcome.results, outcome.not_reranked, outcome.stats

@@ -240,3 +240,30 @@ def test_request_id_reaches_the_worker_logs(live) -> None:  # type: ignore[no-un
     log = live.logs / "worker0.log"
     stack.wait_for(lambda: f"request_id=trace-me-4242 job_id={job['id']}" in log.read_text(), 10,
                    "the worker's log lines for the job")
+
+
+@pytest.mark.browser
+def test_the_explain_overlay_lines_up_with_each_picture(live, chromium) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium
+    browser.get(live.base + "/")
+    assert not browser.find_element(By.ID, "legend").is_displayed()
+    browser.find_element(By.ID, "explain").click()
+    assert browser.find_element(By.ID, "legend").is_displayed()
+    browser.find_element(By.ID, "limit").send_keys("12")
+    browser.find_element(By.ID, "q").send_keys("a red circle")
+    browser.find_element(By.ID, "go").click()
+    wait = WebDriverWait(browser, 90)
+    wait.until(lambda b: b.find_element(By.ID, "grid").get_attribute("data-phase") == "results")
+    wait.until(lambda b: b.execute_script(
+        "const h = [...document.querySelectorAll('#grid img.heat')];"
+        "return h.length > 0 && h.every(i => i.complete && i.naturalWidth > 0)"))
+    boxes = browser.execute_script(
+        "return [...document.querySelectorAll('#grid .card')].map(c => {"
+        "  const r = (el) => { const b = el.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; };"
+        "  return [r(c.querySelector('img:not(.heat)')), r(c.querySelector('img.heat'))]; })")
+    assert boxes and all(pic == heat and pic[2] > 0 for pic, heat in boxes), boxes
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "explain-overlay.png"))

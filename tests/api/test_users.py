@@ -181,3 +181,15 @@ def test_metrics_expose_requests_queue_depth_and_workers(redis_server) -> None: 
         text = c.get("/metrics").text
         assert 'imgsearch_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
         assert 'imgsearch_queue_depth{queue="search"} 1.0' in text and "imgsearch_workers_live 0.0" in text
+
+
+def test_explain_only_for_the_jobs_own_key(redis_server) -> None:  # type: ignore[no-untyped-def]
+    other = "isk_other-key-for-tests"
+    keys = [*KEYS, {"name": "other", "sha256": hash_key(other)}]
+    with _client(redis_server, 4, api_keys=keys, search_wait_s=0.5) as c:
+        job = c.post("/v1/jobs", json={"query": "x"}, headers={"X-API-Key": USER}).json()["links"]["self"]
+        url = f"{job}/explain/p1"
+        _error(c.get(url), 401, "unauthorized")
+        _error(c.get(url, headers={"X-API-Key": other}), 404, "not_found")  # another key's job: never computed
+        _error(c.get(url, headers={"X-API-Key": USER}), 409, "conflict")  # no worker here: still queued
+        _error(c.get(url, headers={"X-API-Key": ADMIN}), 409, "conflict")

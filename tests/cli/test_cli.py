@@ -11,22 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from cli import stack
 from tests.conftest import settings_env
-from tests.live import Live, start_stack
+from tests.live import Live, demo_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def live(redis_server, store_dir, tiny_models, tmp_path_factory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
-    env = settings_env(store_dir, tiny_models, redis_server.url(12))
-    redis.Redis.from_url(redis_server.url(12)).flushdb()
-    running = start_stack(env, tmp_path_factory.mktemp("logs"))
-    yield running
-    running.stop()
+    yield from demo_stack(redis_server, store_dir, tiny_models, 12, tmp_path_factory.mktemp("logs"))
 
 
 def _imgsearch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -34,7 +29,7 @@ def _imgsearch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
                           text=True, timeout=180)
 
 
-def test_search_prints_a_ranked_table_through_the_api_and_in_process(live: Live) -> None:
+def test_search_prints_a_ranked_table_through_the_api_and_in_process(live: Live, tmp_path: Path) -> None:
     table = _imgsearch(live.env, "search", "a red circle", "--limit", "3", "--api", live.base)
     assert table.returncode == 0, table.stderr[-2000:]
     head, *rows = table.stdout.strip().splitlines()
@@ -47,8 +42,28 @@ def test_search_prints_a_ranked_table_through_the_api_and_in_process(live: Live)
     direct = _imgsearch(live.env, "search", "a red circle", "--limit", "3", "--direct", "--json")
     assert direct.returncode == 0, direct.stderr[-2000:]
     assert [r["id"] for r in json.loads(direct.stdout)["results"]] == [r["id"] for r in job["results"]]
+    overlays = tmp_path / "explain"
+    explained = _imgsearch(live.env, "search", "a red circle", "--limit", "3", "--api", live.base, "--explain",
+                           "--explain-dir", str(overlays))
+    assert explained.returncode == 0, explained.stderr[-2000:]
+    assert sorted(p.name for p in overlays.iterdir()) == [f"{i:02d}-{r['id']}.png" for i, r in enumerate(job["results"], 1)]
     gone = _imgsearch(live.env, "search", "x", "--api", f"http://127.0.0.1:{stack.free_port()}")
     assert gone.returncode == 1 and "does not answer" in gone.stderr
+
+
+def test_search_explain_writes_an_overlay_per_result(store_dir, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    env = settings_env(store_dir, tiny_models, f"redis://127.0.0.1:{stack.free_port()}/0")  # in process: no Redis
+    out = _imgsearch(env, "search", "a red circle", "--limit", "3", "--direct", "--json", "--explain",
+                     "--explain-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = json.loads(out.stdout)
+    ids = [r["id"] for r in job["results"]]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"{i:02d}-{p}.png" for i, p in enumerate(ids, 1)] and len(ids) == 3
+    assert {m["method"] for m in job["explain"].values()} == {"gradcam"}
+    assert all(Image.open(tmp_path / f).format == "PNG" for f in files)
 
 
 def test_search_by_a_post_and_by_a_picture_file(live: Live, store_dir: Path, demo_images: Path) -> None:
