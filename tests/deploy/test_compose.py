@@ -155,7 +155,11 @@ def _results(body: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 def _submit(base: str, query: str) -> str | None:
-    r = httpx.post(f"{base}/v1/jobs", json={"query": query, "limit": 10}, timeout=10)
+    """The job's id if admitted; None if refused or the API did not answer in time (Redis coming back)."""
+    try:
+        r = httpx.post(f"{base}/v1/jobs", json={"query": query, "limit": 10}, timeout=10)
+    except httpx.HTTPError:
+        return None
     return str(r.json()["id"]) if r.status_code == 202 else None
 
 
