@@ -37,6 +37,13 @@ def _json(line: str) -> Any:
     return json.loads(line)
 
 
+def _pairs(line: str) -> dict[str, str]:
+    """``name=value`` pairs, space-separated (``worst_accepted=png-rgba cpu_s=0.18 peak_mib=60.1``)."""
+    pairs = dict(token.split("=", 1) for token in line.split())
+    assert pairs and all(pairs.values()), line
+    return pairs
+
+
 BENCHES = {
     "engines": (["--build", "{tmp}/build"], _figure("rerank_speedup_8tok")),
     "load": ([], _figure("throughput_ratio")),
@@ -45,6 +52,10 @@ BENCHES = {
     "memory": (["--build", "{tmp}/build"], _json),
     "stores": ([], _json),
     "admission": ([], _figure("jobs_per_s_ratio")),
+    "health": ([], _pairs),
+    "explain": ([], _json),
+    "query_decode": ([], _pairs),
+    "slow_hosts": ([], _pairs),
 }
 
 
