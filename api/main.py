@@ -52,10 +52,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.redis = aconnect(settings.redis_url, settings.redis_socket_timeout_s,
+        pw = settings.redis_sentinel_password  # a Sentinel group's own (redis_url may name one)
+        app.state.redis = aconnect(settings.redis_url, settings.redis_socket_timeout_s, sentinel_password=pw,
                                    max_connections=settings.redis_max_connections, name="imgsearch-api")
         # followers (event streams, POST /search's waits) block on a pool of their own: they can't starve the rest
-        streams = aconnect(settings.redis_url, settings.redis_socket_timeout_s,
+        streams = aconnect(settings.redis_url, settings.redis_socket_timeout_s, sentinel_password=pw,
                            max_connections=settings.stream_pool_size, name="imgsearch-api-streams")
         app.state.streams = Slots(settings.max_streams, settings.stream_max_s + 5)
         celery = app.state.celery = client_app(settings)
@@ -67,7 +68,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                          task_id=job_id, queue=settings.search_queue))
 
         limits = app.state.redis if not settings.limits_redis_url else aconnect(
-            settings.limits_redis_url, 0.5, max_connections=settings.redis_max_connections, name="imgsearch-api-limits")
+            settings.limits_redis_url, 0.5, sentinel_password=pw, max_connections=settings.redis_max_connections,
+            name="imgsearch-api-limits")
         app.state.jobs = AsyncJobStore(settings, app.state.redis, send, limits, streams)
         app.state.admission = Admission(settings, app.state.jobs, limits)
         app.state.blobs = make_blob_store(settings)  # images only: the API reads no vector and no feature

@@ -152,8 +152,10 @@ def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequen
     env, examples = prepare(data_dir, n_images)
     queries = list(queries) or examples
     redis_url = os.environ.get("IMGSEARCH_REDIS_URL") or os.environ.get("REDIS_URL")
-    if redis_url and not stack.redis_alive(redis_url):
-        typer.echo(f"Redis at {redis_url} does not answer", err=True)
+    if redis_url and not stack.redis_alive(redis_url, os.environ.get("IMGSEARCH_REDIS_SENTINEL_PASSWORD")):
+        from pipeline.redisconn import redacted
+
+        typer.echo(f"Redis at {redacted(redis_url)} does not answer", err=True)
         return 2
     try:
         import socket

@@ -109,7 +109,7 @@ def _remove_heartbeats(s: Any) -> None:
     from pipeline.jobs.store import connect
 
     try:
-        fleet.remove_stopped(connect(s.redis_url, 2), s.host, os.getpid())
+        fleet.remove_stopped(connect(s.redis_url, 2, sentinel_password=s.redis_sentinel_password), s.host, os.getpid())
     except redis.RedisError:
         pass  # Redis away: the keys expire by their TTL
 
@@ -125,7 +125,7 @@ def _worker_healthy() -> bool:
 
     try:
         s = get_worker_settings()
-        r = connect(s.redis_url, 2)
+        r = connect(s.redis_url, 2, sentinel_password=s.redis_sentinel_password)
         return fleet.warm_on_host(fleet.read(r), s.host)
     except (redis.RedisError, ValueError):
         return False

@@ -21,6 +21,7 @@ from typing import IO
 import httpx
 import redis
 
+from pipeline import redisconn
 from pipeline.jobs import fleet
 from pipeline.jobs.store import connect
 
@@ -86,27 +87,57 @@ def _spawn(name: str, argv: list[str], env: Mapping[str, str] | None, log_path: 
     return Proc(name, popen, log)
 
 
-def redis_alive(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
+def redis_alive(url: str, sentinel_password: object = None) -> bool:
+    """Whether the Redis the URL names (a Sentinel group's primary too) answers a ping now."""
+    return redisconn.alive(url, 0.5, sentinel_password=sentinel_password)
 
 
 def start_redis(port: int, workdir: Path, log_path: Path | None = None, timeout: float = 10.0, *,
-                persist: bool = False) -> Proc:
+                persist: bool = False, extra: list[str] | None = None) -> Proc:
     """A redis-server on loopback; ``persist``: every write in an append-only file (fsync always), so a
-    restart keeps jobs and the queue, as a deployment's Redis must."""
+    restart keeps jobs and the queue, as a deployment's Redis must; ``extra``: more of its options
+    (``--replicaof`` ...)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (or set REDIS_URL)")
     workdir.mkdir(parents=True, exist_ok=True)
     durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
     proc = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--databases", "64",
-                            *durability, "--dir", str(workdir)], None, log_path)
+                            *durability, "--dir", str(workdir), *(extra or [])], None, log_path)
     wait_for(lambda: redis_alive(f"redis://127.0.0.1:{port}/0") or not proc.alive(), timeout, "redis-server")
     if not proc.alive():
         raise RuntimeError(f"redis-server exited at start (port {port}); see {log_path}")
+    return proc
+
+
+def start_sentinel(port: int, workdir: Path, master: str, master_port: int, *, down_after_ms: int = 2000,
+                   quorum: int = 2, log_path: Path | None = None, timeout: float = 10.0,
+                   password: str | None = None) -> Proc:
+    """A Sentinel (Debian's redis-server --sentinel) on loopback watching the primary at ``master_port`` as
+    ``master``; it rewrites its own config file (in ``workdir``) as failovers happen. ``password``: the one
+    clients (and the other Sentinels) must give it."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed: `apt-get install redis-server`")
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / f"sentinel-{port}.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                    f"sentinel monitor {master} 127.0.0.1 {master_port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+                    f"sentinel failover-timeout {master} {max(down_after_ms * 5, 10000)}\n"
+                    f"sentinel parallel-syncs {master} 1\n"
+                    + (f"requirepass {password}\nsentinel sentinel-pass {password}\n" if password else ""))
+    proc = _spawn("sentinel", [exe, str(conf), "--sentinel"], None, log_path)
+
+    def up() -> bool:
+        try:
+            return bool(redis.Redis(port=port, password=password, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    wait_for(lambda: up() or not proc.alive(), timeout, "redis-sentinel")
+    if not proc.alive():
+        raise RuntimeError(f"redis-server --sentinel exited at start (port {port}); see {log_path}")
     return proc
 
 
@@ -196,8 +227,8 @@ def start_api(env: Mapping[str, str], port: int, log_path: Path | None = None) -
                   env, log_path)
 
 
-def live_workers(redis_url: str) -> int:
-    return len(fleet.read(connect(redis_url, 1)))
+def live_workers(redis_url: str, sentinel_password: object = None) -> int:
+    return len(fleet.read(connect(redis_url, 1, sentinel_password=sentinel_password)))
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

@@ -24,13 +24,11 @@ T = TypeVar("T")
 PREFIX = "imgsearch:cache"
 
 
-def cache_client(url: str, timeout_s: float = 0.5) -> redis.Redis:
+def cache_client(url: str, timeout_s: float = 0.5, sentinel_password: Any = None) -> redis.Redis:
     """A Redis client for caches: short timeouts and no retries, since a miss is always an option."""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
+    from pipeline.redisconn import cache_connect
 
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 0))
+    return cache_connect(url, timeout_s, sentinel_password=sentinel_password)
 
 
 class LocalLRU:

@@ -50,6 +50,15 @@ class SharedSettings(BaseSettings):
     embed_queue: str = "embed"  # a fanned-out ingest run's batches, for any worker that serves it
     ingest_queue: str = "ingest"  # its own queue: a run never holds a search worker
     redis_socket_timeout_s: float = 5.0
+    # redis_url may name a Sentinel group: sentinel://h1:26379;h2:26379;h3:26379/<master name>/<db> (every client,
+    # the queue's too, finds the primary through them and again after a failover); this is the Sentinels' own
+    # password, if they have one (the data nodes' goes in the URL, as in redis://)
+    redis_sentinel_password: SecretStr | None = None
+    # acknowledged means replicated: a job's creation and its end wait (WAIT) for this many replicas to confirm
+    # them, up to replica_wait_ms; fewer in time and the creation is undone and refused (503 not_replicated).
+    # 0: no waiting (one Redis with no replica, or a managed one that replicates synchronously)
+    replica_acks: int = Field(0, ge=0, le=16)
+    replica_wait_ms: int = Field(50, ge=1, le=10_000)
     limits_redis_url: str | None = None  # where buckets live; default redis_url
     # this host's name in heartbeats, jobs and the ledger's lease; empty: the machine's (a test runs two "hosts")
     host_name: str = Field("", max_length=200)
@@ -143,6 +152,14 @@ class SharedSettings(BaseSettings):
             raise ValueError("ingest_allow_ports: each a TCP port, 1 to 65535")
         if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
             raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
+        from pipeline.redisconn import is_sentinel, parse_sentinel
+
+        for name, url in (("redis_url", self.redis_url), ("limits_redis_url", self.limits_redis_url)):
+            if url and is_sentinel(url):
+                try:
+                    parse_sentinel(url)
+                except ValueError as exc:  # its text names the form wanted, never the URL (it may hold a password)
+                    raise ValueError(f"{name}: {exc}") from None
         return self
 
     @property

@@ -13,6 +13,8 @@ within ``rescue_after_s``. On a live channel (a worker stopping for a rolling re
 the messages it could not finish go back to the head of their queue at once, for the next worker. A job run
 twice still ends once (the first end wins), and one that already ended is skipped when its message comes back.
 
+A ``sentinel://`` URL gets the same two fixes on kombu's Sentinel transport (``SentinelTransport``).
+
 Checked on the kombu versions that pipeline/vendor.py names (pyproject.toml pins them).
 """
 
@@ -63,3 +65,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """Kombu's Sentinel channel (it asks the Sentinels for the primary on every new connection, so a worker
+    follows a failover by reconnecting) with the same QoS as above."""
+
+    QoS = QoS
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    """The transport for a ``sentinel://`` URL (workers/celery_app.py chooses it)."""
+
+    Channel = SentinelChannel

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery
 
+from pipeline import redisconn
 from pipeline.settings import IngestSettings, SharedSettings, WorkerSettings, get_ingest_settings
 
 SEARCH_TASK = "imgsearch.search"
@@ -34,10 +35,15 @@ def schedule(spec: str) -> Any:
 
 
 def celery_config(settings: SharedSettings) -> dict[str, Any]:
+    url = settings.redis_url
+    # a Sentinel group (pipeline/redisconn.py): kombu's Sentinel transport and Celery's Sentinel result backend,
+    # one sentinel:// URL per Sentinel and the master's name (and the Sentinels' password) in their options
+    sentinel = redisconn.kombu_options(url, settings.redis_socket_timeout_s, settings.redis_sentinel_password)
     return dict(
-        broker_url=settings.redis_url,
-        broker_transport="workers.broker:Transport",  # kombu's Redis transport, see workers/broker.py
-        result_backend=settings.redis_url,
+        broker_url=redisconn.kombu_url(url),
+        # kombu's Redis transport (or its Sentinel one), see workers/broker.py
+        broker_transport="workers.broker:SentinelTransport" if sentinel else "workers.broker:Transport",
+        result_backend=redisconn.kombu_url(url),
         # JSON only: nothing pickled crosses a process or the network
         task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
         # a job is acknowledged only once it ended; a job whose worker died is delivered again
@@ -50,9 +56,9 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
                                   "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 4)),
                                   "unacked_restore_throttle": 1,
                                   "socket_timeout": settings.redis_socket_timeout_s,
-                                  "socket_connect_timeout": settings.redis_socket_timeout_s},
+                                  "socket_connect_timeout": settings.redis_socket_timeout_s, **sentinel},
         result_backend_transport_options={"socket_timeout": settings.redis_socket_timeout_s,
-                                          "socket_connect_timeout": settings.redis_socket_timeout_s},
+                                          "socket_connect_timeout": settings.redis_socket_timeout_s, **sentinel},
         result_expires=settings.job_ttl_s,
         # ingest runs on its own queue (its own workers), so a run never holds a search worker; a takedown is
         # quick and goes to the search workers, which hold the stores

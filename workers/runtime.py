@@ -51,7 +51,8 @@ def load(settings: WorkerSettings | None = None) -> Runtime:
             settings = settings or get_worker_settings()
             t0 = time.perf_counter()
             engines = load_engines(settings)
-            client = connect(settings.redis_url, settings.redis_socket_timeout_s)
+            client = connect(settings.redis_url, settings.redis_socket_timeout_s,
+                             sentinel_password=settings.redis_sentinel_password)
             stores = Stores.build(settings)
             searcher = Searcher.over(settings, engines.text, engines.reranker, stores, image=engines.image)
             loaded = time.perf_counter() - t0
@@ -60,7 +61,8 @@ def load(settings: WorkerSettings | None = None) -> Runtime:
             info = {"host": settings.host, "pid": os.getpid(), "parent": os.getppid(), "engines_loaded": True,
                     "queue": _queue or settings.search_queue,
                     "load_s": round(loaded, 3), "warm_up_ms": warm, **engines.describe()}
-            limits = connect(settings.limits_redis_url, 1) if settings.limits_redis_url else None
+            limits = connect(settings.limits_redis_url, 1, sentinel_password=settings.redis_sentinel_password) \
+                if settings.limits_redis_url else None
             name = f"{info['host']}:{info['pid']}"
             _runtime = Runtime(settings, engines, searcher, stores,
                                JobStore.from_settings(settings, client, limits=limits, worker=name), info)

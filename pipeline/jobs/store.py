@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from tenacity import RetryCallState
 
+from pipeline import redisconn
 from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from pipeline.jobs.keys import OPEN_KEY, TERMINAL, cancel_key, events_key, image_key, job_key
 from pipeline.retry import last_error, retrying
@@ -104,9 +105,9 @@ def _dumps(data: dict[str, Any]) -> str:
 
 def connect(url: str, timeout_s: float, **kw: Any) -> redis.Redis:
     """A client for the job code (records, events, limits, heartbeats): it answers ``str``
-    (``decode_responses``), as every reader here expects; ``max_connections`` and the like pass through."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                decode_responses=True, **kw)
+    (``decode_responses``), as every reader here expects; ``max_connections``, ``sentinel_password`` and the
+    like pass through. Any URL pipeline.redisconn reads, a Sentinel group's too."""
+    return redisconn.connect(url, timeout_s, **kw)
 
 
 def aconnect(url: str, timeout_s: float, *, max_connections: int | None = None, name: str | None = None,
@@ -115,12 +116,8 @@ def aconnect(url: str, timeout_s: float, *, max_connections: int | None = None, 
     connections; past them a call waits up to ``timeout_s`` for one, then fails as Redis being away does (503),
     so the API never takes more of Redis's clients, which the workers share, than its pools allow. ``name``
     labels its connections (CLIENT LIST tells them apart)."""
-    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True,
-                health_check_interval=10, client_name=name, **kw)
-    if max_connections is None:
-        return aioredis.Redis.from_url(url, **opts)
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s, **opts)
-    return aioredis.Redis.from_pool(pool)
+    return redisconn.aconnect(url, timeout_s, max_connections=max_connections, health_check_interval=10,
+                              client_name=name, **kw)
 
 
 def require_text(client: Any) -> None:

@@ -27,7 +27,7 @@ class Stores:
         vectors, blobs = make_vector_store(settings), make_blob_store(settings)
         if not caches:
             return cls(vectors, blobs)
-        client = cache_client(settings.redis_url)
+        client = cache_client(settings.redis_url, sentinel_password=settings.redis_sentinel_password)
         return cls(vectors, blobs,
                    feature_cache=FeatureCache(client, settings.cache_features_ttl_s, settings.cache_features_max)
                    if (settings.feature_cache_on if feature_cache is None else feature_cache) else None,
