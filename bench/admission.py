@@ -9,8 +9,12 @@ admission path's own cost, not a refusal's. wrk and the API share the machine's 
     python -m bench.admission                       # baseline 9d7ff05 (before the layout issue), 32 connections
     python -m bench.admission --baseline HEAD~3 --duration 20 --connections 64
     python -m bench.admission --quick                # 2 s runs, 8 connections, no warm-up runs: seconds
+    python -m bench.admission --replica              # ours twice: one Redis, then a primary + replica and WAIT
 
-Prints a table and the last line ``jobs_per_s_ratio=<ours / baseline>``. Needs ``wrk`` (apt-get install wrk).
+Prints a table and the last line ``jobs_per_s_ratio=<ours / baseline>``; with ``--replica`` the sides are this
+checkout on one Redis ("alone") and on a primary with one replica, every creation acknowledged only once the
+replica confirmed it (``IMGSEARCH_REPLICA_ACKS=1``, WAIT bounded by ``replica_wait_ms``, "replicated"), and
+the last line ``replicated_jobs_per_s_ratio=<replicated / alone>``. Needs ``wrk`` (apt-get install wrk).
 """
 
 from __future__ import annotations
@@ -58,13 +62,27 @@ def _wrk(url: str, seconds: int, connections: int, script: Path | None) -> dict[
             "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan")}
 
 
-def measure(tree: Path, work: Path, seconds: int, connections: int, warm_s: int = 2) -> dict[str, Any]:
-    """``POST /v1/jobs`` and ``GET /healthz`` on one API process of ``tree``."""
+def _replica(primary: int, work: Path) -> stack.Proc:
+    """A replica of the Redis at ``primary``, once it is in sync."""
+    import redis as redis_py
+
+    port = stack.free_port()
+    proc = stack.start_redis(port, work / "replica", work / "replica.log", extra=["--replicaof", "127.0.0.1", str(primary)])
+    client = redis_py.Redis(port=primary, decode_responses=True)
+    stack.wait_for(lambda: client.info("replication").get("slave0", {}).get("state") == "online", 30, "the replica")
+    return proc
+
+
+def measure(tree: Path, work: Path, seconds: int, connections: int, warm_s: int = 2,
+            replica: bool = False) -> dict[str, Any]:
+    """``POST /v1/jobs`` and ``GET /healthz`` on one API process of ``tree`` (``replica``: its Redis has one,
+    and creations wait for it)."""
     work.mkdir(parents=True, exist_ok=True)
     redis_port, api_port = stack.free_port(), stack.free_port()
     redis = stack.start_redis(redis_port, work, work / "redis.log")
+    follower = _replica(redis_port, work) if replica else None
     env = {**ENV, "PYTHONPATH": str(tree), "IMGSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "IMGSEARCH_DATA_DIR": str(work / "data")}
+           "IMGSEARCH_DATA_DIR": str(work / "data"), "IMGSEARCH_REPLICA_ACKS": "1" if replica else "0"}
     # --app-dir: the tree's packages first on sys.path (`python -m` would put the caller's working directory,
     # this checkout, there: both sides would run ours)
     api = stack._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--app-dir",
@@ -83,6 +101,8 @@ def measure(tree: Path, work: Path, seconds: int, connections: int, warm_s: int 
                 "healthz": _wrk(base + "/healthz", seconds, connections, None)}
     finally:
         api.stop()
+        if follower is not None:
+            follower.stop()
         redis.stop()
 
 
@@ -93,20 +113,24 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/admission.json (--quick: none)")
     ap.add_argument("--quick", action="store_true", help="2 s per run, 8 connections, no warm-up runs")
+    ap.add_argument("--replica", action="store_true",
+                    help="compare this checkout on one Redis with it on a primary + replica, creations WAITed for")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.connections = 2, 8
     elif args.out is None:
-        args.out = ROOT / "bench" / "results" / "admission.json"
+        args.out = ROOT / "bench" / "results" / ("admission_replica.json" if args.replica else "admission.json")
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp:
         root = Path(tmp)
-        sides = {"baseline": _tree(args.baseline, root / "baseline"), "ours": ROOT}
+        sides = {"alone": ROOT, "replicated": ROOT} if args.replica else \
+            {"baseline": _tree(args.baseline, root / "baseline"), "ours": ROOT}
         report: dict[str, Any] = {"cpu": _cpu(), "cores": os.cpu_count(), "connections": args.connections,
-                                  "duration_s": args.duration, "baseline": args.baseline}
+                                  "duration_s": args.duration, "baseline": None if args.replica else args.baseline}
         for name, tree in sides.items():
-            report[name] = measure(tree, root / name / "run", args.duration, args.connections, 0 if args.quick else 2)
+            report[name] = measure(tree, root / name / "run", args.duration, args.connections, 0 if args.quick else 2,
+                                   replica=name == "replicated")
     print(f"{'':10} {'POST /v1/jobs per s':>20} {'p50 ms':>8} {'non-2xx':>8} {'GET /healthz per s':>20} {'p50 ms':>8}")
     for name in sides:
         j, h = report[name]["jobs"], report[name]["healthz"]
@@ -115,7 +139,11 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     print(f"cpu: {report['cpu']}, {report['cores']} cores; {args.connections} connections, {args.duration} s each")
-    print(f"jobs_per_s_ratio={report['ours']['jobs']['per_s'] / report['baseline']['jobs']['per_s']:.2f}")
+    if args.replica:
+        ratio = report["replicated"]["jobs"]["per_s"] / report["alone"]["jobs"]["per_s"]
+        print(f"replicated_jobs_per_s_ratio={ratio:.2f}")
+    else:
+        print(f"jobs_per_s_ratio={report['ours']['jobs']['per_s'] / report['baseline']['jobs']['per_s']:.2f}")
 
 
 def _cpu() -> str:
