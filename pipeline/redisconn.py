@@ -23,6 +23,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio import sentinel as asentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ReadOnlyError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -84,6 +85,58 @@ def redacted(url: str) -> str:
     return _PASSWORD.sub(r"\1***@", url)
 
 
+# A managed Redis fails over behind one DNS name: a pooled connection still open to the demoted primary answers
+# every write READONLY, and redis-py keeps such a connection. These drop it and raise ConnectionError instead
+# (Redis away: 503, and every retry policy here tries again), so the next command resolves the name afresh and
+# reaches the new primary, as the Sentinel-managed connections do.
+_DEMOTED = "the primary was demoted to a replica (READONLY); reconnecting"
+
+
+class _Demotable:
+    def read_response(self, *args: Any, **kw: Any) -> Any:
+        try:
+            return super().read_response(*args, **kw)  # type: ignore[misc]
+        except ReadOnlyError:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise redis.ConnectionError(_DEMOTED) from None
+
+
+class _ADemotable:
+    async def read_response(self, *args: Any, **kw: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kw)  # type: ignore[misc]
+        except ReadOnlyError:
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise redis.ConnectionError(_DEMOTED) from None
+
+
+class Connection(_Demotable, redis.Connection):  # type: ignore[misc]
+    pass
+
+
+class SSLConnection(_Demotable, redis.SSLConnection):  # type: ignore[misc]
+    pass
+
+
+class AConnection(_ADemotable, aioredis.Connection):  # type: ignore[misc]
+    pass
+
+
+class ASSLConnection(_ADemotable, aioredis.SSLConnection):  # type: ignore[misc]
+    pass
+
+
+def _tcp_class(url: str, asynchronous: bool) -> dict[str, Any]:
+    """The demotion-aware connection class for a redis:// or rediss:// URL (none for unix://)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("redis", "rediss"):
+        return {}
+    ssl = scheme == "rediss"
+    if asynchronous:
+        return {"connection_class": ASSLConnection if ssl else AConnection}
+    return {"connection_class": SSLConnection if ssl else Connection}
+
+
 def _secret(value: Any) -> str | None:
     """A SecretStr's text (or a plain string's), None for none."""
     if value is None:
@@ -113,7 +166,7 @@ def connect(url: str, timeout_s: float, *, sentinel_password: Any = None, decode
     and the like pass through."""
     opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=decode, **kw)
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, **opts)
+        return redis.Redis.from_url(url, **_tcp_class(url, False), **opts)
     target = parse_sentinel(url)
     group = Sentinel(list(target.hosts), sentinel_kwargs=_sentinel_kwargs(timeout_s, sentinel_password))
     return group.master_for(target.master, redis_class=redis.Redis, connection_pool_class=SentinelConnectionPool,
@@ -126,6 +179,7 @@ def aconnect(url: str, timeout_s: float, *, sentinel_password: Any = None, max_c
     them waits up to ``timeout_s`` for one, then fails as Redis being away does."""
     opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True, **kw)
     if not is_sentinel(url):
+        opts.update(_tcp_class(url, True))
         if max_connections is None:
             return aioredis.Redis.from_url(url, **opts)
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,

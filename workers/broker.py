@@ -25,7 +25,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-from pipeline import vendor
+from pipeline import redisconn, vendor
 
 log = logging.getLogger(__name__)
 vendor.within("kombu")  # checked on a range of kombu's versions; outside it, say so (tests/test_vendor.py fails)
@@ -61,6 +61,10 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
+    # a write answered READONLY (a managed Redis failed over behind its name) drops the connection: the
+    # consumer reconnects to whatever the name points at now (pipeline/redisconn.py)
+    connection_class = redisconn.Connection
+    connection_class_ssl = redisconn.SSLConnection
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

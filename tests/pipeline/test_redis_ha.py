@@ -150,3 +150,37 @@ def test_the_sentinels_password_is_sent_to_them(tmp_path) -> None:  # type: igno
         assert redisconn.connect(g.url(), 1, sentinel_password=SecretStr("sentinel-pw")).ping()
     finally:
         g.stop()
+
+
+@pytest.mark.integration
+def test_a_write_reaching_a_demoted_primary_drops_the_connection_and_counts_as_redis_away(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A managed Redis fails over behind one name: a pooled connection to the old primary must not stay stuck on
+    READONLY answers. The write fails as Redis being away (ConnectionError: the API's 503), and once the name
+    reaches a primary again (here the same node, promoted back) writes go through, sync and async alike."""
+    g = RedisGroup(tmp_path)
+    a = g.start_node()
+    b = g.start_node(replica_of=a)
+    g.wait_replicas(a, 1)
+    try:
+        sync = redisconn.connect(f"redis://127.0.0.1:{a}/0", 1, retry=None)
+        sync.set("k", "1")
+
+        def demote() -> None:
+            g.client(b).replicaof("NO", "ONE")
+            g.client(a).replicaof("127.0.0.1", str(b))
+
+        async def twice() -> None:
+            asy = redisconn.aconnect(f"redis://127.0.0.1:{a}/0", 1, max_connections=2, retry=None)
+            await asy.set("k", "1")
+            demote()
+            with pytest.raises(redis.ConnectionError, match="READONLY"):
+                await asy.set("k", "2")
+            with pytest.raises(redis.ConnectionError, match="READONLY"):
+                sync.set("k", "2")
+            g.client(a).replicaof("NO", "ONE")
+            assert await asy.set("k", "3") and sync.set("k", "3")
+            await asy.aclose()
+
+        asyncio.run(twice())
+    finally:
+        g.stop()
