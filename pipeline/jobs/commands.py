@@ -66,6 +66,7 @@ class Command(Generic[T]):
 
     SCRIPT: ClassVar[str | None] = None
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    FENCED: ClassVar[bool] = False  # sent after a fence write, on its connection (see Replicated)
 
     def keys(self) -> list[str]:
         return []
@@ -316,25 +317,67 @@ class Release(Command[bool]):
 
 @dataclass(frozen=True)
 class Discard(Command[int]):
-    """A created job the queue refused: its record, its events and its place in the open set go, so no job is
-    left that nothing will run."""
+    """A created job the queue refused, or one no replica confirmed: its record, its events and its place in the
+    open set go, so no job is left that nothing will run. With ``queue``, its message too, if it still waits
+    among the newest ``UNSEND_SCAN`` of that queue's lists (a worker that took it meanwhile finds no record and
+    skips it)."""
 
     job_id: str
+    queue: str = ""
 
     SCRIPT = """
-local krec, kev, kopen = KEYS[1], KEYS[2], KEYS[3]
+local krec, kev, kopen = KEYS[1], KEYS[2], KEYS[3]  -- then the queue's waiting lists, if any
 redis.call('ZREM', kopen, ARGV[1])
-return redis.call('DEL', krec, kev)
+local n = redis.call('DEL', krec, kev)
+for i = 4, #KEYS do
+  for _, m in ipairs(redis.call('LRANGE', KEYS[i], 0, tonumber(ARGV[2]) - 1)) do
+    if string.find(m, ARGV[1], 1, true) then n = n + redis.call('LREM', KEYS[i], 1, m) end
+  end
+end
+return n
 """
+    UNSEND_SCAN: ClassVar[int] = 200  # kombu pushes at the head: a message just sent is among the first
 
     def keys(self) -> list[str]:
-        return [job_key(self.job_id), events_key(self.job_id), OPEN_KEY]
+        lists = list(waiting_lists(self.queue)) if self.queue else []
+        return [job_key(self.job_id), events_key(self.job_id), OPEN_KEY] + lists
 
     def argv(self) -> list[Any]:
-        return [self.job_id]
+        return [self.job_id, self.UNSEND_SCAN]
 
     def read(self, answer: Any) -> int:
         return int(answer)
+
+
+# Acknowledged means replicated. WAIT blocks until that many replicas confirmed every write *its connection*
+# made; the writes worth waiting for come from several (the record from the store's, the queue message from the
+# broker's), so a fence is written first on the connection that then waits: a replica holding the fence holds
+# everything the primary applied before it, whoever wrote it. The executors send FENCED commands so: the fence
+# and the command in one pipeline, one connection.
+FENCE_KEY = "imgsearch:replication:fence"
+_FENCE_TTL_MS = 60_000
+
+
+@dataclass(frozen=True)
+class Replicated(Command[bool]):
+    """Whether at least ``replicas`` replicas confirmed everything the primary applied so far, within
+    ``timeout_ms`` (see FENCE_KEY)."""
+
+    replicas: int
+    timeout_ms: int
+
+    FENCED: ClassVar[bool] = True
+
+    def argv(self) -> list[Any]:
+        return ["WAIT", self.replicas, self.timeout_ms]
+
+    def read(self, answer: Any) -> bool:
+        return int(answer) >= self.replicas
+
+
+def not_replicated(replicas: int, timeout_ms: int) -> Unavailable:
+    return Unavailable(f"no replica confirmed the job within {timeout_ms} ms (it needs {replicas}); retry shortly",
+                       code="not_replicated")
 
 
 # --- a job's record, events, picture and cancel flag -----------------------------------------------------------
@@ -720,11 +763,17 @@ class SyncExecutor:
     failures are retried that long first: the end of a job that ran is worth a few seconds' wait while Redis
     restarts) and ``attempt`` (best effort: the value, or ``fallback``, logged)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, replicas: int = 0, wait_ms: int = 50) -> None:
         self.client = client
+        self.replicas, self.wait_ms = replicas, wait_ms  # what ``replicated`` waits for
         self._scripts: dict[str, Any] = {}
 
     def _send(self, cmd: Command[Any]) -> Any:
+        if cmd.FENCED:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(FENCE_KEY, "1", px=_FENCE_TTL_MS)
+            pipe.execute_command(*cmd.argv(), **cmd.OPTIONS)
+            return pipe.execute()[-1]
         if cmd.SCRIPT is None:
             return self.client.execute_command(*cmd.argv(), **cmd.OPTIONS)
         if (script := self._scripts.get(cmd.SCRIPT)) is None:
@@ -754,15 +803,26 @@ class SyncExecutor:
             _warn(type(cmd).__name__, exc)
             return fallback
 
+    def replicated(self) -> bool:
+        """Whether ``replicas`` replicas confirmed every write so far within ``wait_ms`` (True at once with no
+        replicas asked for; False, logged, with Redis away)."""
+        return self.replicas <= 0 or self.attempt(Replicated(self.replicas, self.wait_ms), False)
+
 
 class AsyncExecutor:
     """``SyncExecutor``'s policy through an async client (the API's)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, replicas: int = 0, wait_ms: int = 50) -> None:
         self.client = client
+        self.replicas, self.wait_ms = replicas, wait_ms
         self._scripts: dict[str, Any] = {}
 
     async def _send(self, cmd: Command[Any]) -> Any:
+        if cmd.FENCED:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(FENCE_KEY, "1", px=_FENCE_TTL_MS)
+            pipe.execute_command(*cmd.argv(), **cmd.OPTIONS)
+            return (await pipe.execute())[-1]
         if cmd.SCRIPT is None:
             return await self.client.execute_command(*cmd.argv(), **cmd.OPTIONS)
         if (script := self._scripts.get(cmd.SCRIPT)) is None:
@@ -782,3 +842,7 @@ class AsyncExecutor:
         except Unavailable as exc:
             _warn(type(cmd).__name__, exc)
             return fallback
+
+    async def replicated(self) -> bool:
+        """``SyncExecutor.replicated`` through the async client."""
+        return self.replicas <= 0 or await self.attempt(Replicated(self.replicas, self.wait_ms), False)

@@ -39,6 +39,7 @@ from pipeline.jobs.commands import (
     Release,
     SyncExecutor,
     Write,
+    not_replicated,
 )
 from pipeline.jobs.keys import TERMINAL
 from pipeline.settings import SharedSettings
@@ -140,17 +141,20 @@ class JobStore:
     """The synchronous store: what a worker (running jobs) and the Cloud Function (submitting and waiting) use."""
 
     def __init__(self, client: redis.Redis, ttl: int, maxlen: int, limits: redis.Redis | None = None,
-                 retry_s: float = 15.0, worker: str | None = None, send: Send | None = None) -> None:
+                 retry_s: float = 15.0, worker: str | None = None, send: Send | None = None,
+                 replicas: int = 0, wait_ms: int = 50, queue: str = "") -> None:
         require_text(client)
         self.r, self.ttl, self.maxlen, self.retry_s = client, ttl, maxlen, retry_s
         self.worker = worker  # this process's heartbeat name, written into the jobs it runs
-        self.send = send
-        self.x = SyncExecutor(client)
+        self.send, self.queue = send, queue  # how, and to which queue, it sends a job
+        # acknowledged means replicated: a creation and an end wait for ``replicas`` (see commands.Replicated)
+        self.x = SyncExecutor(client, replicas, wait_ms)
         self.limits = SyncExecutor(limits) if limits is not None else self.x  # where callers' jobs are counted
 
     @classmethod
     def from_settings(cls, settings: SharedSettings, client: redis.Redis, **kw: Any) -> JobStore:
-        return cls(client, settings.job_ttl_s, settings.events_maxlen, **kw)
+        return cls(client, settings.job_ttl_s, settings.events_maxlen, replicas=settings.replica_acks,
+                   wait_ms=settings.replica_wait_ms, queue=settings.search_queue, **kw)
 
     def cancelled(self, job_id: str) -> bool:
         """Whether the client cancelled the job (can't tell: carry on; the deadline still bounds the job)."""
@@ -166,8 +170,30 @@ class JobStore:
 
     def write(self, job: Job, *events: tuple[str, dict[str, Any]], create: bool = False) -> bool:
         """Write the record and its events at once; False (nothing written) if the job already ended. Redis
-        restarting: the end of a job that ran is worth a few seconds' wait (``retry_s``)."""
-        return self.x.run(Write(job, self.ttl, self.maxlen, events, create), within_s=self.retry_s)
+        restarting: the end of a job that ran is worth a few seconds' wait (``retry_s``). An end counts once a
+        replica confirmed it (see ``_replicate``)."""
+        cmd = Write(job, self.ttl, self.maxlen, events, create)
+        written = self.x.run(cmd, within_s=self.retry_s)
+        return self._replicate(cmd, written) if job.status in TERMINAL and not create else written
+
+    def _replicate(self, end: Write, written: bool) -> bool:
+        """Wait, up to ``retry_s``, for a replica to confirm the end just written. Unconfirmed, it is written
+        again (conditionally: the first end still wins) before each new wait, since a failover may have taken
+        it with the old primary; the answer then says whether the end that stands is this one."""
+        until, pause = time.monotonic() + self.retry_s, 0.1
+        while not self.x.replicated():
+            if time.monotonic() > until:
+                log.warning("job %s: its end not confirmed by a replica in %.0f s", end.job.id, self.retry_s)
+                return written
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+            try:
+                again = self.x.run(end)
+            except Unavailable:
+                continue
+            cur = None if again else self.x.attempt(Load(end.job.id), None)
+            written = again or (written and cur is not None and cur.finished_at == end.job.finished_at)
+        return written
 
     def event(self, job_id: str, event: str, data: dict[str, Any]) -> None:
         """A progress event (best effort: the end's record and events carry everything a client needs)."""
@@ -180,7 +206,8 @@ class JobStore:
 
     def send_created(self, job: Job) -> Job:
         """Send a created job; if the queue is unreachable its record goes again (Unavailable), so no job is
-        left that nothing will run."""
+        left that nothing will run. Sent, it is acknowledged once a replica confirmed its record and message;
+        if none does in time, both go again (Unavailable ``not_replicated``)."""
         if self.send is None:
             raise RuntimeError("this job store was made without a send callable; it cannot send")
         try:
@@ -188,6 +215,9 @@ class JobStore:
         except Exception as exc:  # the broker is unreachable
             self.x.attempt(Discard(job.id), 0)  # Redis away too: the reaper ends the record at its deadline
             raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
+        if not self.x.replicated():
+            self.x.attempt(Discard(job.id, self.queue), 0)
+            raise not_replicated(self.x.replicas, self.x.wait_ms)
         return job
 
     def image(self, job_id: str) -> bytes | None:
@@ -217,7 +247,8 @@ class AsyncJobStore:
             require_text(streams)
         self.settings, self.r, self.send = settings, client, send
         self.ttl, self.maxlen = settings.job_ttl_s, settings.events_maxlen
-        self.x = AsyncExecutor(client)
+        # acknowledged means replicated: a creation waits for replica_acks replicas (see commands.Replicated)
+        self.x = AsyncExecutor(client, settings.replica_acks, settings.replica_wait_ms)
         self.limits = AsyncExecutor(limits) if limits is not None else self.x
         # what followers block on: a pool of their own, so they can't starve the rest
         self.streams = AsyncExecutor(streams) if streams is not None else self.x
@@ -233,12 +264,15 @@ class AsyncJobStore:
 
     async def send_created(self, job: Job) -> Job:
         """Send a created job; if the queue is unreachable its record goes again (Unavailable), so no job is
-        left that nothing will run."""
+        left that nothing will run; acknowledged once a replica confirmed it (see ``JobStore.send_created``)."""
         try:
             await self.send(job.id)
         except Exception as exc:  # the broker is unreachable
             await self.x.attempt(Discard(job.id), 0)  # Redis away too: the reaper ends the record at its deadline
             raise Unavailable(f"could not enqueue the job: {type(exc).__name__}") from exc
+        if not await self.x.replicated():  # see JobStore.send_created
+            await self.x.attempt(Discard(job.id, self.settings.search_queue), 0)
+            raise not_replicated(self.x.replicas, self.x.wait_ms)
         return job
 
     async def keep_image(self, job_id: str, data: bytes) -> None:

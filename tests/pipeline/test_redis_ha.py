@@ -1,5 +1,5 @@
 """Redis with high availability: the URL forms pipeline/redisconn.py reads, clients that find a Sentinel group's
-primary (and find it again after a failover), and WAIT (pipeline/jobs/replication.py) against a real primary and
+primary (and find it again after a failover), and WAIT (pipeline/jobs/commands.py's Replicated) against a real primary and
 replica."""
 
 from __future__ import annotations
@@ -12,8 +12,17 @@ import pytest
 import redis
 
 from pipeline import redisconn
-from pipeline.jobs.replication import FENCE_KEY, await_replicated, wait_replicated
+from pipeline.jobs.commands import FENCE_KEY, AsyncExecutor, Replicated, SyncExecutor
 from tests.redis_ha import RedisGroup
+
+
+def wait_replicated(client: redis.Redis, replicas: int, timeout_ms: int) -> bool:
+    return SyncExecutor(client).run(Replicated(replicas, timeout_ms))
+
+
+async def await_replicated(client, replicas: int, timeout_ms: int) -> bool:  # type: ignore[no-untyped-def]
+    return await AsyncExecutor(client).run(Replicated(replicas, timeout_ms))
+
 
 URL = "sentinel://:s3cr%40t@h1:26379;h2;[::1]:26380/mymaster/3"
 
@@ -84,7 +93,8 @@ def test_wait_confirms_with_a_replica_and_not_past_the_replicas_there_are(group:
     t0 = time.monotonic()
     assert not wait_replicated(c, 2, 100)  # one replica only: the bound is kept, then False
     assert 0.09 < time.monotonic() - t0 < 1.0
-    assert wait_replicated(c, 0, 1)
+    assert SyncExecutor(c, replicas=0).replicated() and SyncExecutor(c, replicas=1).replicated()
+    assert not SyncExecutor(c, replicas=2, wait_ms=10).replicated()
     assert c.pttl(FENCE_KEY) > 0  # the fence it wrote lapses by itself
 
 
@@ -184,3 +194,80 @@ def test_a_write_reaching_a_demoted_primary_drops_the_connection_and_counts_as_r
         asyncio.run(twice())
     finally:
         g.stop()
+
+
+@pytest.mark.integration
+def test_a_job_no_replica_confirms_is_refused_503_and_leaves_nothing_behind(group: RedisGroup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The API on the Sentinel URL with replica_acks=1: 202 while the replica confirms; with the replica frozen,
+    503 not_replicated (Retry-After) and no record, no open-set entry, no caller's count, no queue message."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from pipeline.jobs.keys import OPEN_KEY, inflight_key
+    from pipeline.settings import Settings
+
+    r = redisconn.connect(group.url(2), 2)
+    r.flushdb()
+    settings = Settings(redis_url=group.url(2), replica_acks=1, replica_wait_ms=50, rate_limit_per_min=0,
+                        max_jobs_in_flight=50, reaper_interval_s=0, data_dir=tmp_path)
+    primary = group.primary()
+    (replica,) = [p for p in group.nodes if p != primary]
+    with TestClient(create_app(settings)) as c:
+        ok = c.post("/v1/jobs", json={"query": "a red circle"})
+        assert ok.status_code == 202, ok.text
+        before = set(r.keys("*"))
+        queued = r.llen("search")
+        group.freeze(replica)
+        try:
+            refused = c.post("/v1/jobs", json={"query": "a red circle"})
+        finally:
+            group.thaw(replica)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_replicated", refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert r.zcard(OPEN_KEY) == 1 and r.llen("search") == queued == 1
+    assert set(r.keys("*")) - {FENCE_KEY} == before - {FENCE_KEY}  # no record, events or anything else of it
+    counted = r.zrange(inflight_key("anonymous"), 0, -1) if r.exists(inflight_key("anonymous")) else None
+    assert counted is None or counted == [ok.json()["id"]], counted
+
+
+@pytest.mark.integration
+def test_an_end_no_replica_confirmed_is_written_again_until_one_does(group: RedisGroup) -> None:
+    """A worker's end waits for a replica. Here the end 'vanishes' (the record put back to running, as a failover
+    that lost it leaves it) while the replica is frozen: once the replica is back, the end is written again and
+    confirmed, and the store says this end is the one that stands."""
+    import threading
+
+    from pipeline.jobs.keys import job_key
+    from pipeline.jobs.store import JobStore
+    from pipeline.types import Job
+
+    r = redisconn.connect(group.url(3), 2)
+    store = JobStore(r, 600, 64, retry_s=10, replicas=1, wait_ms=50)
+    job = Job(id="a" * 32, status="running", query="q", params={}, created_at=time.time())
+    assert store.write(job, ("started", {"id": job.id}), create=False) is False  # no record yet: nothing written
+    r.set(job_key(job.id), job.model_dump_json())
+    running = r.get(job_key(job.id))
+    primary = group.primary()
+    (replica,) = [p for p in group.nodes if p != primary]
+    group.freeze(replica)
+
+    def failover_lost_it() -> None:
+        stack_wait = time.monotonic() + 5
+        while time.monotonic() < stack_wait and "done" not in (r.get(job_key(job.id)) or ""):
+            time.sleep(0.01)
+        r.set(job_key(job.id), running)  # type: ignore[arg-type]
+        time.sleep(0.3)  # a wait for the replica fails after the loss too: the store must write the end again
+        group.thaw(replica)
+
+    t = threading.Thread(target=failover_lost_it)
+    t.start()
+    job.status, job.finished_at = "done", time.time()
+    t0 = time.monotonic()
+    try:
+        assert store.write(job, ("done", {"id": job.id}))
+    finally:
+        t.join()
+        group.thaw(replica)
+    assert time.monotonic() - t0 < 5
+    assert '"done"' in r.get(job_key(job.id))  # type: ignore[operator]
+    assert store.x.replicated()
