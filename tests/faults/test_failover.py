@@ -19,8 +19,8 @@ import pytest
 
 from cli import stack
 from pipeline import redisconn
+from pipeline.jobs.commands import parse_events, parse_job
 from pipeline.jobs.keys import TERMINAL, events_key, job_key
-from pipeline.jobs.store import parse_events, parse_job
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
 from tests.redis_ha import RedisGroup
@@ -157,6 +157,7 @@ def _drive(ha: RedisGroup, live: Live, fault: str) -> dict[str, Any]:
             ha.start_node(replica_of=new, port=old)  # the old primary back, empty, as the new one's replica
         else:
             ha.thaw(old)  # back with what it took in last, as a primary, until the Sentinels demote it
+            assert ha.role(old) == "master"  # two primaries for a while: the split the WAITs are for
         stack.wait_for(lambda: ha.role(old) == "slave", 60, "the old primary to rejoin as a replica")
         ha.wait_replicas(new, 1, 60)
         stack.wait_for(lambda: len(load.accepted(hit)) >= 20, 60, "jobs accepted after the failover")
@@ -172,7 +173,7 @@ def _drive(ha: RedisGroup, live: Live, fault: str) -> dict[str, Any]:
             "back": min(a.sent + a.took for a in after) - hit, "worker_alive": live.procs[0].alive()}
 
 
-def _check(fault: str, got: dict[str, Any]) -> None:
+def _check(fault: str, got: dict[str, Any], back_within_s: float) -> None:
     answers: list[Answer] = got["answers"]
     ends: dict[str, str] = got["ends"]
     statuses = [a.status for a in answers]
@@ -189,16 +190,19 @@ def _check(fault: str, got: dict[str, Any]) -> None:
     assert set(statuses) <= {202, 503}, sorted(set(statuses))  # never a 500, a malformed 503 or no answer
     assert not lost, lost
     assert not got["twice"], got["twice"]
-    assert got["back"] < 10, f"the first new 202 came {got['back']:.1f} s after the fault"
+    assert got["back"] < back_within_s, f"the first new 202 came {got['back']:.1f} s after the fault"
     assert got["worker_alive"]  # the worker paused and resumed; nobody restarted it
     assert slowest < 15
 
 
 def test_the_primary_sigkilled_under_load_loses_no_accepted_job(ha: RedisGroup, live: Live) -> None:
-    _check("kill", _drive(ha, live, "kill"))
+    _check("kill", _drive(ha, live, "kill"), back_within_s=10)
 
 
 def test_the_primary_frozen_past_a_failover_loses_and_duplicates_nothing(ha: RedisGroup, live: Live) -> None:
     """SIGSTOP: the Sentinels promote the replica; resumed, the old primary still believes it is the primary,
-    with writes in its buffers that the new one never saw, until the Sentinels demote it."""
-    _check("freeze", _drive(ha, live, "freeze"))
+    with writes in its buffers that the new one never saw, until the Sentinels demote it. Sentinel leaves a
+    returning old primary alone for a fixed 8 s (4 of its 2 s publish periods) before making it a replica, and
+    with one replica no job is acknowledged until one is back: service returns about 12 s after the freeze
+    here, not within the SIGKILL test's 10 s (where the old primary comes back as a replica at once)."""
+    _check("freeze", _drive(ha, live, "freeze"), back_within_s=25)
