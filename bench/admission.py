@@ -73,6 +73,13 @@ def _replica(primary: int, work: Path) -> stack.Proc:
     return proc
 
 
+def _waits(port: int) -> int:
+    import redis as redis_py
+
+    stats = redis_py.Redis(port=port).info("commandstats")
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
 def measure(tree: Path, work: Path, seconds: int, connections: int, warm_s: int = 2,
             replica: bool = False) -> dict[str, Any]:
     """``POST /v1/jobs`` and ``GET /healthz`` on one API process of ``tree`` (``replica``: its Redis has one,
@@ -97,8 +104,10 @@ def measure(tree: Path, work: Path, seconds: int, connections: int, warm_s: int 
         if warm_s:
             _wrk(base + "/healthz", warm_s, connections, None)  # warm both paths up
             _wrk(base + "/v1/jobs", warm_s, connections, script)
-        return {"jobs": _wrk(base + "/v1/jobs", seconds, connections, script),
-                "healthz": _wrk(base + "/healthz", seconds, connections, None)}
+        out = {"jobs": _wrk(base + "/v1/jobs", seconds, connections, script),
+               "healthz": _wrk(base + "/healthz", seconds, connections, None)}
+        out["jobs"]["waits"] = _waits(redis_port)  # WAITs the primary ran: one per job with a replica, else none
+        return out
     finally:
         api.stop()
         if follower is not None:
@@ -131,10 +140,12 @@ def main() -> None:
         for name, tree in sides.items():
             report[name] = measure(tree, root / name / "run", args.duration, args.connections, 0 if args.quick else 2,
                                    replica=name == "replicated")
-    print(f"{'':10} {'POST /v1/jobs per s':>20} {'p50 ms':>8} {'non-2xx':>8} {'GET /healthz per s':>20} {'p50 ms':>8}")
+    print(f"{'':10} {'POST /v1/jobs per s':>20} {'p50 ms':>8} {'non-2xx':>8} {'WAITs':>8} {'GET /healthz per s':>20} "
+          f"{'p50 ms':>8}")
     for name in sides:
         j, h = report[name]["jobs"], report[name]["healthz"]
-        print(f"{name:10} {j['per_s']:20.1f} {j['p50_ms']:8.2f} {j['non_2xx']:8d} {h['per_s']:20.1f} {h['p50_ms']:8.2f}")
+        print(f"{name:10} {j['per_s']:20.1f} {j['p50_ms']:8.2f} {j['non_2xx']:8d} {j['waits']:8d} {h['per_s']:20.1f} "
+              f"{h['p50_ms']:8.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
