@@ -108,7 +108,7 @@ def limits_store(s: Any) -> Any:
                            "without a limit")
     from pipeline.jobs.store import aconnect
 
-    return aconnect(s.limits_redis_url, 0.5)
+    return aconnect(s.limits_redis_url, 0.5, sentinel_password=s.redis_sentinel_password)
 
 
 @app.function()

@@ -39,8 +39,9 @@ def _setup() -> tuple[Any, Any, Any]:
 
         s = get_api_settings()
         celery = client_app(s)
-        r = connect(s.redis_url, s.redis_socket_timeout_s)
-        limits = connect(s.limits_redis_url, 0.5) if s.limits_redis_url else None
+        pw = s.redis_sentinel_password  # a Sentinel group's own, where the URL names one
+        r = connect(s.redis_url, s.redis_socket_timeout_s, sentinel_password=pw)
+        limits = connect(s.limits_redis_url, 0.5, sentinel_password=pw) if s.limits_redis_url else None
 
         def send(job_id: str) -> None:
             celery.send_task(SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id, queue=s.search_queue)
