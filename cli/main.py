@@ -198,9 +198,10 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
 
             if s.ingest_fanout:  # this process lists and plans; the embed queue's workers do the rest
                 from pipeline.ingest.fanout import run_fanout
+                from pipeline.versions import ModelVersions
                 from workers.celery_app import batch_sender
 
-                rep = run_fanout(s, src, batch_sender(s), f"{e.image.version}|{e.reranker.version}", fresh=fresh,
+                rep = run_fanout(s, src, batch_sender(s), ModelVersions.of(e.image, e.reranker), fresh=fresh,
                                  on_progress=progress)
             else:
                 rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
