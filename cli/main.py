@@ -552,11 +552,11 @@ def _overlays_from_api(base: str, key: str, job: dict[str, Any], folder: Path) -
 
 def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dict[str, Any]:
     """The search run in this process, shaped as a job; with ``explain_dir``, each result's overlay written there
-    as ``<rank>-<post id>.png`` (pipeline/explain.py)."""
+    as ``<rank>-<post id>.png`` (pipeline/search/explain.py)."""
     import time
 
     from engines.registry import load_engines
-    from pipeline.search import Searcher
+    from pipeline.search.searcher import Searcher
     from pipeline.settings import get_settings
     from pipeline.stores.bundle import Stores
     from pipeline.types import SearchParams
@@ -573,8 +573,8 @@ def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dic
            "results": [r.model_dump(mode="json") for r in outcome.results], "not_reranked": outcome.not_reranked,
            "timings": outcome.timings}
     if explain_dir is not None and outcome.results:
-        from pipeline.explain import explain_posts, overlay_png
         from pipeline.layout import image_key
+        from pipeline.search.explain import explain_posts, overlay_png
         from pipeline.types import Job
 
         ids = [r.id for r in outcome.results]

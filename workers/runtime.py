@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.jobs.fleet import Heartbeat
 from pipeline.jobs.store import JobStore, connect
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.settings import WorkerSettings, get_worker_settings
 from pipeline.stores.bundle import Stores
 

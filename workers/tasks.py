@@ -8,8 +8,8 @@ from typing import Any
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 from pydantic import BaseModel, Field
 
-from pipeline.explain import EXPLAIN_TASK
 from pipeline.jobs.runner import end_empty, run_job
+from pipeline.search.explain import EXPLAIN_TASK
 from pipeline.settings import get_ingest_settings
 from workers import runtime
 from workers.celery_app import EMBED_TASK, INGEST_TASK, NOOP_TASK, SEARCH_TASK, TAKEDOWN_TASK, app, batch_sender
@@ -38,7 +38,7 @@ class ExplainTask(BaseModel):
 @app.task(name=EXPLAIN_TASK, acks_late=True)
 def explain(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline.errors import NotFound
-    from pipeline.explain import explain_posts
+    from pipeline.search.explain import explain_posts
 
     task = ExplainTask.model_validate(payload)
     rt = runtime.get()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline import image_query, logs, metrics
+from pipeline import logs, metrics
 from pipeline.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, Unavailable, describe, public_error
 from pipeline.jobs.keys import TERMINAL
 from pipeline.jobs.store import JobStore, failed_event
-from pipeline.search import Searcher
+from pipeline.search import image_query
+from pipeline.search.searcher import Searcher
 from pipeline.types import ErrorInfo, Job, Match, SearchParams
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
         if store.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
             raise Cancelled("cancelled by the client while it ran")
         if params.explain:
-            from pipeline.explain import explain_results
+            from pipeline.search.explain import explain_results
 
             t1 = time.perf_counter()
             explain_results(params, outcome.results, searcher)

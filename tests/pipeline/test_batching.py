@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.batching import Active, Batcher
+from pipeline.search.batching import Active, Batcher
 
 QUERIES = ["a red circle", "two small blue squares on a white background, drawn by hand", "😮", "a",
            "a yellow triangle on black"]

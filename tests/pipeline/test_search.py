@@ -13,7 +13,7 @@ from pipeline.jobs.keys import events_key, job_key
 from pipeline.jobs.runner import run_job
 from pipeline.jobs.store import JobStore, connect, parse_events
 from pipeline.layout import feature_key
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import Job, SearchParams
 from tests.conftest import make_settings
@@ -174,8 +174,8 @@ def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, eng
     cancellation and deadlines hold, the fleet's counters carry the kind, and a liked post whose features are
     missing keeps the ANN order."""
     from pipeline import metrics
-    from pipeline.image_query import check
     from pipeline.jobs.keys import cancel_key, image_key
+    from pipeline.search.image_query import check
 
     r = connect(redis_server.url(2), 5)
     r.flushdb()

@@ -20,18 +20,18 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from pipeline import filters
-from pipeline.batching import Active, Batcher
 from pipeline.breaker import Breaker
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache
 from pipeline.errors import Cancelled, DeadlineExceeded, NotFound, Unavailable
-from pipeline.feature_source import FeatureSource
-from pipeline.fusion import fuse, rank
 from pipeline.ids import reddit_path
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, TextEncoder, VectorStore
+from pipeline.search.batching import Active, Batcher
+from pipeline.search.feature_source import FeatureSource
+from pipeline.search.fusion import fuse, rank
+from pipeline.search.versions import check_versions
 from pipeline.settings import WorkerSettings
 from pipeline.stores.bundle import Stores
 from pipeline.types import Match, Result, SearchOutcome, SearchParams, Vector
-from pipeline.versions import check_versions
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Searcher:
 
     def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None,
               deadline: float | None = None) -> dict[str, NDArray[Any]]:
-        """Stored BLIP features by id, from the feature source (see pipeline.feature_source)."""
+        """Stored BLIP features by id, from the feature source (see pipeline.search.feature_source)."""
         return self.features.fetch(self.reranker.version, ids, counts, deadline)
 
     def rerank(self, query: str, feats: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
