@@ -574,14 +574,13 @@ def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dic
            "timings": outcome.timings}
     if explain_dir is not None and outcome.results:
         from pipeline.layout import image_key
-        from pipeline.search.explain import explain_posts, overlay_png
+        from pipeline.search.explain import overlay_png
         from pipeline.types import Job
 
         ids = [r.id for r in outcome.results]
         record = Job(id="direct", status="done", query=body["query"], params=body, created_at=t0,
                      results=outcome.results)
-        maps = explain_posts(record, ids, engines.reranker,
-                             lambda want: searcher.features.fetch(engines.reranker.version, want))
+        maps = searcher.explain_posts(record, ids)
         explain_dir.mkdir(parents=True, exist_ok=True)
         for rank, post_id in enumerate(ids, 1):
             image = stores.blobs.get(image_key(post_id, "jpg"))
