@@ -38,16 +38,13 @@ class ExplainTask(BaseModel):
 @app.task(name=EXPLAIN_TASK, acks_late=True)
 def explain(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline.errors import NotFound
-    from pipeline.search.explain import explain_posts
 
     task = ExplainTask.model_validate(payload)
     rt = runtime.get()
     job = rt.store.load(task.job_id)
     if job is None:
         raise NotFound(f"job {task.job_id} is gone")
-    searcher = rt.searcher
-    return explain_posts(job, task.post_ids, searcher.reranker,
-                         lambda ids: searcher.features.fetch(searcher.reranker.version, ids))
+    return rt.searcher.explain_posts(job, task.post_ids)
 
 
 @app.task(name=NOOP_TASK, acks_late=True, ignore_result=True)
@@ -57,17 +54,11 @@ def noop(payload: dict[str, Any]) -> None:
     end_empty(SearchTask.model_validate(payload).job_id, runtime.get().store)
 
 
-_embedders: list[Any] | None = None  # this process's embed streams for ingest
 _ledger: Any = None  # this process's ledger for fanned-out batches (it caches the near-duplicate index)
 
 
 def _embed_streams(rt: runtime.Runtime) -> list[Any]:
-    global _embedders
-    if _embedders is None:  # once per process, as the engines
-        from engines.registry import load_image_engines
-
-        _embedders = load_image_engines(get_ingest_settings(), rt.engines)
-    return _embedders
+    return rt.embedders.get()  # once per process, as the engines
 
 
 class IngestTask(BaseModel):
@@ -141,7 +132,7 @@ def takedown(payload: dict[str, Any]) -> dict[str, Any]:
 
     task = TakedownTask.model_validate(payload)
     rt = runtime.get()
-    return {"removed": takedown_posts(task.ids, rt.settings, rt.stores, [rt.engines.reranker.version])}
+    return {"removed": takedown_posts(task.ids, rt.settings, rt.stores, rt.feature_versions())}
 
 
 # Engines load once per process that runs tasks: each prefork child, or the main process of a solo or
