@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from pipeline.admission import Admission, Caller, client_address
+from pipeline.admission.addresses import client_address
+from pipeline.admission.admit import Admission
+from pipeline.admission.callers import Caller
 
 
 def token(request: Request) -> str | None:

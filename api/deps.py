@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api import auth
-from pipeline.admission import Admission, Caller
+from pipeline.admission.admit import Admission
+from pipeline.admission.callers import Caller
 from pipeline.jobs.store import AsyncJobStore
 from pipeline.settings import ApiSettings
 

@@ -17,7 +17,7 @@ from api.lanes import Lanes
 from api.limits import BodyLimit, Slots
 from api.middleware import RequestContext
 from api.routes import admin, explain, health, images, jobs, search
-from pipeline.admission import Admission
+from pipeline.admission.admit import Admission
 from pipeline.jobs.recovery import Recovery
 from pipeline.jobs.store import AsyncJobStore, aconnect
 from pipeline.settings import ApiSettings, get_api_settings

@@ -103,7 +103,7 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from pipeline.admission import hash_key
+    from pipeline.admission.callers import hash_key
     from pipeline.settings import ApiSettings
 
     monitor = "isk_bench-monitor"

@@ -207,7 +207,8 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
 
     import redis
 
-    from pipeline.jobs.store import WRITE_SCRIPT, events_key, write_args
+    from pipeline.jobs.commands import SyncExecutor, Write
+    from pipeline.jobs.keys import events_key
     from pipeline.settings import Settings
     from pipeline.types import Job
     from workers.celery_app import NOOP_TASK, client_app
@@ -215,7 +216,7 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
     s = Settings(redis_url=redis_url, data_dir=Path(settings_env["IMGSEARCH_DATA_DIR"]))
     r = redis.Redis.from_url(redis_url)
     celery = client_app(s)
-    write = r.register_script(WRITE_SCRIPT)
+    x = SyncExecutor(r)
     pings, trips = [], []
     for i in range(n + 20):
         t0 = time.perf_counter()
@@ -224,8 +225,7 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
         job = Job(id=uuid.uuid4().hex, status="queued", query="noop", created_at=time.time(),
                   deadline_at=time.time() + 30)
         t0 = time.perf_counter()
-        keys, args = write_args(job, [("queued", {"id": job.id})], 60, 64, create=True)
-        write(keys=keys, args=args)
+        x.run(Write(job, 60, 64, (("queued", {"id": job.id}),), create=True))
         celery.send_task(NOOP_TASK, args=[{"job_id": job.id}], task_id=job.id, queue=s.search_queue)
         last = "0"
         while True:

@@ -69,7 +69,9 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
     s = get_ingest_settings()  # a worker's own settings (search, embed or ingest): never the API's or Flower's
     _logging(s)
     _preflight(s)
-    queues = {"search": s.search_queue, "ingest": s.ingest_queue, "embed": s.embed_queue}
+    from pipeline.jobs.queues import queues as queues_of
+
+    queues = queues_of(s)
     names = queue.split(",")
     if not set(names) <= set(queues):
         typer.echo(f"error: --queue must be search, ingest or embed (or several, comma-separated), not {queue!r}",
@@ -103,22 +105,20 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
 def _remove_heartbeats(s: Any) -> None:
     import os
 
-    import redis
-
+    from pipeline.errors import Unavailable
     from pipeline.jobs import fleet
     from pipeline.jobs.store import connect
 
     try:
         fleet.remove_stopped(connect(s.redis_url, 2), s.host, os.getpid())
-    except redis.RedisError:
+    except Unavailable:
         pass  # Redis away: the keys expire by their TTL
 
 
 def _worker_healthy() -> bool:
     """A heartbeat from a worker process on this host with its engines loaded (they are warm by then)."""
 
-    import redis
-
+    from pipeline.errors import Unavailable
     from pipeline.jobs import fleet
     from pipeline.jobs.store import connect
     from pipeline.settings import get_worker_settings
@@ -127,7 +127,7 @@ def _worker_healthy() -> bool:
         s = get_worker_settings()
         r = connect(s.redis_url, 2)
         return fleet.warm_on_host(fleet.read(r), s.host)
-    except (redis.RedisError, ValueError):
+    except (Unavailable, ValueError):
         return False
 
 
@@ -198,9 +198,10 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
 
             if s.ingest_fanout:  # this process lists and plans; the embed queue's workers do the rest
                 from pipeline.ingest.fanout import run_fanout
+                from pipeline.versions import ModelVersions
                 from workers.celery_app import batch_sender
 
-                rep = run_fanout(s, src, batch_sender(s), f"{e.image.version}|{e.reranker.version}", fresh=fresh,
+                rep = run_fanout(s, src, batch_sender(s), ModelVersions.of(e.image, e.reranker), fresh=fresh,
                                  on_progress=progress)
             else:
                 rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
@@ -280,7 +281,7 @@ def keys_new(name: str, admin: bool = False, monitor: bool = False) -> None:
     ``--monitor``: the key may also read /metrics and /readyz's details (for Prometheus; an admin key may too)."""
     import json
 
-    from pipeline.admission import hash_key, new_key
+    from pipeline.admission.callers import hash_key, new_key
 
     key = new_key()
     entry: dict[str, object] = {"name": name, "sha256": hash_key(key), "admin": admin}

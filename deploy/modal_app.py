@@ -123,7 +123,7 @@ def web() -> Any:
     from api import auth, contract, errors
     from api.limits import BodyLimit
     from api.schemas import SearchRequest
-    from pipeline.admission import Admission, validate
+    from pipeline.admission.admit import Admission, validate
     from pipeline.errors import InvalidRequest
     from pipeline.settings import get_api_settings
     from pipeline.types import Result

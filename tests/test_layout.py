@@ -59,3 +59,26 @@ def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path: Path
 def test_every_top_level_package_is_known() -> None:
     tops = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert tops <= set(PACKAGES), tops - set(PACKAGES)
+
+
+# the Redis client calls that carry a job's life: outside pipeline/jobs/commands.py no product module makes them
+_SCRIPTED = {"register_script", "eval", "evalsha", "execute_command"}
+
+
+def redis_scripts_outside_commands(root: Path = ROOT) -> list[str]:
+    found = []
+    for pkg in ("pipeline", "api", "workers", "deploy", "cli"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path.relative_to(root).as_posix() == "pipeline/jobs/commands.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _SCRIPTED:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} calls {node.func.attr}")
+    return found
+
+
+def test_only_the_command_layer_runs_redis_scripts(tmp_path: Path) -> None:
+    assert redis_scripts_outside_commands() == []
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "rogue.py").write_text("def f(r):\n    return r.eval('return 1', 0)\n")
+    assert redis_scripts_outside_commands(tmp_path) == ["pipeline/rogue.py:2 calls eval"]

@@ -88,6 +88,7 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline.errors import Unavailable
     from pipeline.ingest import make_source, run_ingest
     from pipeline.ingest.fanout import run_fanout
+    from pipeline.versions import ModelVersions
 
     task = IngestTask.model_validate(payload)
     rt = runtime.get()
@@ -95,7 +96,7 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         source = make_source(s, task.source, task.folder)
         if s.ingest_fanout:
-            report = run_fanout(s, source, batch_sender(s), f"{rt.engines.image.version}|{rt.engines.reranker.version}",
+            report = run_fanout(s, source, batch_sender(s), ModelVersions.of(rt.engines.image, rt.engines.reranker),
                                 fresh=task.fresh)
         else:
             report = run_ingest(s, source, rt.engines.image, rt.engines.reranker, rt.stores.vectors, rt.stores.blobs,
@@ -118,7 +119,7 @@ def ingest_batch(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline.ingest.fanout import ingest_batch as run_batch
 
     global _ledger
-    task = BatchTask(**BatchPayload.model_validate(payload).model_dump())
+    task = BatchTask.from_payload(BatchPayload.model_validate(payload).model_dump())
     rt = runtime.get()
     if _ledger is None:
         _ledger = Ledger.open(rt.settings)

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from api import auth, metrics
 from pipeline.errors import Forbidden, Unauthorized
 from pipeline.jobs import fleet
+from pipeline.jobs.queues import queues
 
 router = APIRouter(tags=["health"])
 
@@ -68,9 +69,7 @@ async def prometheus(request: Request) -> Response:
         raise Forbidden("/metrics needs a monitor or admin API key")
     s = request.app.state.settings
     try:
-        families = await metrics.fleet_families(request.app.state.redis,
-                                                {"search": s.search_queue, "ingest": s.ingest_queue,
-                                                 "embed": s.embed_queue})
+        families = await metrics.fleet_families(request.app.state.redis, queues(s))
     except Exception:  # noqa: BLE001 - Redis away: this process's own metrics still go out
         families = []
     return Response(metrics.render(families), media_type="text/plain; version=0.0.4; charset=utf-8")

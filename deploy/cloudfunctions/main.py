@@ -32,7 +32,7 @@ def _setup() -> tuple[Any, Any, Any]:
     """One Redis client, one Celery producer and the admission over them per function instance, made on its
     first request."""
     if not _clients:
-        from pipeline.admission import Admission
+        from pipeline.admission.admit import Admission
         from pipeline.jobs.store import JobStore, connect
         from pipeline.settings import get_api_settings
         from workers.celery_app import SEARCH_TASK, client_app
@@ -60,7 +60,7 @@ def handle(body: Any, token: str | None = None, peer: str = "unknown",
     import redis
 
     from api import contract
-    from pipeline.admission import client_address
+    from pipeline.admission.addresses import client_address
     from pipeline.errors import ImgSearchError
 
     try:

@@ -9,7 +9,7 @@ run unfinished: the next one (on any host, once the lease is free) adopts its ou
 again, and lists on from the checkpoint.
 
 A worker (``ingest_batch``) claims a batch's items in the ledger, then downloads, checks near-duplicates
-against the shared index, embeds and writes them exactly as a one-box run does (``IngestRun``'s stages), and
+against the shared index, embeds and writes them exactly as a one-box run does (``items.ItemStages``), and
 settles them under its claim. A message delivered twice, or a batch sent again while its first worker still
 runs, finds the items claimed or settled and does nothing; a worker whose claim expired has its late marks
 refused. Every write is a put or upsert keyed by post id (and the model version in the feature key), so an item
@@ -30,12 +30,15 @@ from typing import Any
 
 from pipeline.errors import InvalidRequest
 from pipeline.ids import is_post_id
-from pipeline.ingest.ledger import CLAIMED, DUPLICATE, INGESTED, PLANNED, REJECTED, Ledger
-from pipeline.ingest.run import IngestReport, IngestRun, screen
+from pipeline.ingest.items import Embedders, Item, ItemStages
+from pipeline.ingest.ledger import CLAIMED, DUPLICATE, INGESTED, PLANNED, REJECTED, Ledger, LedgerRow
+from pipeline.ingest.report import IngestReport
+from pipeline.ingest.run import screen
 from pipeline.ingest.sources import IMAGE_EXTS, Post, Source
 from pipeline.ingest.urls import Refused, check_form, shown
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, VectorStore
 from pipeline.settings import IngestSettings
+from pipeline.versions import ModelVersions
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +82,37 @@ def post_from_json(raw: str, settings: IngestSettings, source: str, folder: str 
         raise InvalidRequest(f"a planned post in the ledger is refused: {exc}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchTask:
     """What goes on the embed queue: ids only (the posts wait in the ledger), the models to use, and for the
-    folder source its folder (what a post read back from the ledger may name a file in)."""
+    folder source its folder (what a post read back from the ledger may name a file in). On the queue it is a
+    JSON object of these fields, ``versions`` as its text (``image|reranker``)."""
 
     run_id: str
     source: str
     ids: list[str]
-    versions: str
+    versions: ModelVersions
     folder: str | None = None
 
     def payload(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"run_id": self.run_id, "source": self.source, "ids": list(self.ids), "versions": str(self.versions),
+                "folder": self.folder}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> BatchTask:
+        """The task a ``payload()`` was made from (its fields' types checked by the edge that received it)."""
+        versions = ModelVersions.parse(payload["versions"])
+        if versions is None:
+            raise InvalidRequest(f"a batch names no models: versions {shown(str(payload['versions']))}")
+        return cls(payload["run_id"], payload["source"], list(payload["ids"]), versions, payload.get("folder"))
 
 
 class FanoutRun:
     """The coordinator of one fanned-out run (see the module's docstring)."""
 
-    def __init__(self, settings: IngestSettings, source: Source, ledger: Ledger, dispatch: Dispatch, versions: str, *,
-                 poll_s: float = 0.25, on_progress: Callable[[IngestReport], None] | None = None) -> None:
+    def __init__(self, settings: IngestSettings, source: Source, ledger: Ledger, dispatch: Dispatch,
+                 versions: ModelVersions, *, poll_s: float = 0.25,
+                 on_progress: Callable[[IngestReport], None] | None = None) -> None:
         self.s, self.source, self.ledger, self.dispatch, self.versions = settings, source, ledger, dispatch, versions
         self.poll_s, self.on_progress = poll_s, on_progress
         folder = getattr(source, "folder", None)  # the folder source's: the one place its posts' files may be
@@ -138,9 +152,9 @@ class FanoutRun:
         posts, rejected = screen(page)
         if rejected:
             self.report.rejected += len(rejected)
-            self.ledger.record([(pid, self.source.name, REJECTED, why, True, None) for pid, why in rejected.items()],
-                               self.versions, run_id)
-        settled = self.ledger.settled([p.id for p in posts], self.versions, self.s.ingest_max_attempts,
+            self.ledger.record([LedgerRow(pid, self.source.name, REJECTED, why, True) for pid, why in rejected.items()],
+                               str(self.versions), run_id)
+        settled = self.ledger.settled([p.id for p in posts], str(self.versions), self.s.ingest_max_attempts,
                                       outstanding=True)
         self.report.skipped += len(settled)
         todo = list({p.id: p for p in posts if p.id not in settled}.values())
@@ -197,54 +211,54 @@ class FanoutRun:
             time.sleep(self.poll_s)
 
 
-class _Named:
-    """The source as a batch knows it: its name, for the ledger's rows (the posts come from the ledger)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def key(self) -> str:
-        return self.name
-
-
 def ingest_batch(settings: IngestSettings, task: BatchTask, image_encoder: ImageEncoder, reranker: Reranker,
                  vectors: VectorStore, blobs: BlobStore, ledger: Ledger, *, namespace: str | None = None,
                  embedders: Sequence[tuple[ImageEncoder, Reranker]] = ()) -> dict[str, Any]:
     """One batch on a worker: claim, then download, dedup, embed and write what was claimed, and settle it
     under the claim. What could not be finished is given back with why (the coordinator sends it again)."""
-    run = IngestRun(settings, _Named(task.source), image_encoder, reranker, vectors, blobs, ledger,  # type: ignore[arg-type]
-                    namespace=settings.namespace if namespace is None else namespace, embedders=embedders)
-    if run.versions != task.versions:
+    models = Embedders(image_encoder, reranker, embedders)
+    if models.versions != task.versions:
         # a worker on other models would write vectors the run's others cannot be compared with
-        raise InvalidRequest(f"this worker runs {run.versions}, the run {task.versions}")
+        raise InvalidRequest(f"this worker runs {models.versions}, the run {task.versions}")
     token, claimed = ledger.claim(task.run_id, task.ids, settings.ingest_claim_ttl_s, settings.ingest_batch_tries)
     if not claimed:
         return {"claimed": 0}
-    run.claim = token
-    posts, refused = [], []
-    for pid, raw in claimed.items():
-        try:
-            posts.append(post_from_json(raw, settings, task.source, task.folder))
-        except InvalidRequest as exc:
-            refused.append((pid, task.source, REJECTED, str(exc), True, None))
-    if refused:  # settled as a fresh input's refusal would be: permanent, never fetched or read
-        log.warning("ingest batch (run %s): %d planned post(s) refused as read back", task.run_id, len(refused))
-        ledger.record(refused, run.versions, task.run_id, claim=token)
+    posts = _read_back(settings, task, claimed, ledger, token)
+    report = IngestReport(run_id=task.run_id, source=task.source)
     try:
-        run.ingest_posts(posts, task.run_id)
+        with ItemStages(settings, models, vectors, blobs, ledger, source=task.source, run_id=task.run_id,
+                        report=report, namespace=settings.namespace if namespace is None else namespace,
+                        claim=token) as stages:
+            stages.run([Item(post) for post in posts])
     except Exception as exc:
         ledger.release(token, list(claimed), f"{type(exc).__name__}: {exc}")
         log.warning("ingest batch of %d (run %s) given back: %s: %s", len(claimed), task.run_id,
                     type(exc).__name__, exc)
         raise
-    return {"claimed": len(claimed), "ingested": run.report.ingested, "duplicates": run.report.duplicates}
+    return {"claimed": len(claimed), "ingested": report.ingested, "duplicates": report.duplicates}
 
 
-def run_fanout(settings: IngestSettings, source: Source, dispatch: Dispatch, versions: str, *, fresh: bool = False,
-               on_progress: Callable[[IngestReport], None] | None = None) -> IngestReport:
-    """One fanned-out run on the ledger the settings name (see ``FanoutRun``)."""
+def _read_back(settings: IngestSettings, task: BatchTask, claimed: dict[str, str], ledger: Ledger,
+               token: str) -> list[Post]:
+    """The claimed posts, as read back from the ledger; those refused are settled as a fresh input's refusal
+    would be: permanent, never fetched or read."""
+    posts, refused = [], []
+    for pid, raw in claimed.items():
+        try:
+            posts.append(post_from_json(raw, settings, task.source, task.folder))
+        except InvalidRequest as exc:
+            refused.append(LedgerRow(pid, task.source, REJECTED, str(exc), True))
+    if refused:
+        log.warning("ingest batch (run %s): %d planned post(s) refused as read back", task.run_id, len(refused))
+        ledger.record(refused, str(task.versions), task.run_id, claim=token)
+    return posts
+
+
+def run_fanout(settings: IngestSettings, source: Source, dispatch: Dispatch, models: ModelVersions, *,
+               fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None) -> IngestReport:
+    """One fanned-out run on the ledger the settings name (see ``FanoutRun``), embedded by ``models``."""
     ledger = Ledger.open(settings)
     try:
-        return FanoutRun(settings, source, ledger, dispatch, versions, on_progress=on_progress).run(fresh)
+        return FanoutRun(settings, source, ledger, dispatch, models, on_progress=on_progress).run(fresh)
     finally:
         ledger.close()

@@ -9,7 +9,17 @@ Idempotent by construction: an id is marked ingested only after its vector is up
 run killed at any point leaves ids that are either done (skipped next time) or not marked (redone next time,
 and every write of an item is a put or upsert by id: redoing one duplicates nothing). When ingest fans out, a
 worker claims a batch's items first (a token and an expiry) and may mark only what it still holds: a worker
-that died, or was too slow, loses its claim to the next and its late marks are refused, so no item ends twice."""
+that died, or was too slow, loses its claim to the next and its late marks are refused, so no item ends twice.
+
+Why hand-written SQL and not SQLAlchemy Core with Alembic (decided in issue 28): what differs between the two
+dialects here is what Core would not hide. The placeholder rewrite and three column types are the part it would
+take over (about ten lines); the rest stays per dialect under Core too: the exclusive transaction (``BEGIN
+IMMEDIATE`` against an advisory lock), the ledger's clock, ``FOR UPDATE``, and the conditional upsert, which Core
+spells with one ``insert`` construct per dialect or as ``text()``, that is, as SQL again. The schema has changed
+once (four columns, added in place by ``_Db.migrate`` under the same lock every host takes); Alembic would add a
+migrations folder, a version table and three packages (SQLAlchemy, Alembic, its Mako) to the worker image,
+and every host would still need that lock to upgrade. Revisit when a change cannot be made by adding columns
+(a rename, a type change, a backfill), or when a third database is wanted."""
 
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.errors import Unavailable
+from pipeline.versions import ModelVersions
 
 INGESTED, DUPLICATE, FAILED, REJECTED, TAKEN_DOWN = "ingested", "duplicate", "failed", "rejected", "taken_down"
 PLANNED, CLAIMED = "planned", "claimed"  # fanned out: waiting for a worker, held by one
@@ -56,7 +68,19 @@ _DIALECTS = {"sqlite": {"float": "REAL", "blob": "BLOB", "serial": "INTEGER PRIM
              "postgres": {"float": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"}}
 _DEDUP_LOCK = 0x1A6E5E4C  # PostgreSQL advisory lock: the near-duplicate index is checked and grown by one at a time
 
-Row = tuple[str, str, str, str, bool, "bytes | None"]  # id, source, status, reason, permanent, phash
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What happened to one post: written by ``Ledger.record`` (the run, the models and the time come with the
+    call). ``phash`` is the image's 256-bit hash once it was downloaded, for the near-duplicate index."""
+
+    id: str
+    source: str
+    status: str
+    reason: str = ""
+    permanent: bool = False
+    phash: bytes | None = None
 
 
 class _Db:
@@ -316,13 +340,13 @@ class Ledger:
                 out[pid] = status
         return out
 
-    def record(self, rows: Iterable[Row], versions: str, run_id: str, claim: str = "") -> list[str]:
-        """(id, source, status, reason, permanent, phash) rows, in one transaction; failures count attempts.
-        With ``claim``, only items this claim still holds change. Returns the ids written."""
+    def record(self, rows: Iterable[LedgerRow], versions: str, run_id: str, claim: str = "") -> list[str]:
+        """Rows, in one transaction, made by ``versions`` (``str(ModelVersions)``, or '' for none); failures
+        count attempts. With ``claim``, only items this claim still holds change. Returns the ids written."""
         now = time.time()
         written: list[str] = []
         with self._db.transaction():
-            for pid, source, status, reason, permanent, phash in rows:
+            for row in rows:
                 n = self._db.execute(
                     "INSERT INTO items (id, source, status, reason, permanent, attempts, phash, versions, run_id, updated,"
                     " claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status=excluded.status,"
@@ -337,10 +361,10 @@ class Ledger:
                     " AND NOT (items.status = 'ingested' AND excluded.status = 'rejected')"
                     # a claimed item is the claim holder's to settle (a late worker's marks are refused)
                     " AND (excluded.claim = '' OR (items.status = 'claimed' AND items.claim = excluded.claim))",
-                    (pid, source, status, reason, int(permanent), int(status == FAILED),
-                     phash, versions, run_id, now, claim)).rowcount
+                    (row.id, row.source, row.status, row.reason, int(row.permanent), int(row.status == FAILED),
+                     row.phash, versions, run_id, now, claim)).rowcount
                 if n:
-                    written.append(pid)
+                    written.append(row.id)
         return written
 
     def status(self, pid: str) -> dict[str, Any] | None:
@@ -348,10 +372,10 @@ class Ledger:
         return None if r is None else {"status": r[0], "reason": r[1], "permanent": bool(r[2]), "attempts": r[3],
                                        "run_id": r[4], "claims": r[5]}
 
-    def versions_of(self, pid: str) -> str:
-        """The models (``image|reranker`` versions) that made ``pid``'s stored artifacts, or ''."""
+    def versions_of(self, pid: str) -> ModelVersions | None:
+        """The models that made ``pid``'s stored artifacts, or None (no row, or a row that names none)."""
         r = self._db.one("SELECT versions FROM items WHERE id=?", (pid,))
-        return str(r[0]) if r else ""
+        return ModelVersions.parse(str(r[0])) if r else None
 
     def counts(self, run_id: str | None = None) -> dict[str, int]:
         if run_id:

@@ -226,7 +226,6 @@ class RedditSource:
         self.sleep = sleep
         self._token: tuple[str, float] | None = None
         self.failures: dict[str, str] = {}  # listing failures by subreddit: recorded, never fatal
-        self.waited_s = 0.0
 
     @property
     def oauth(self) -> bool:
@@ -252,7 +251,6 @@ class RedditSource:
         seconds = min(max(seconds, 0.0), self.s.reddit_max_wait_s)
         if seconds > 0:
             log.info("reddit: waiting %.1f s (%s)", seconds, why)
-            self.waited_s += seconds
             self.sleep(seconds)
 
     def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from pipeline.jobs.keys import OPEN_KEY, TERMINAL, heartbeat_key, job_key, resent_key
-from pipeline.jobs.store import AsyncJobStore, failed_event, parse_job, reaped
+from pipeline.jobs.commands import Overdue, Resent, Stranded
+from pipeline.jobs.store import AsyncJobStore, failed_event, reaped
 
 
 class Recovery:
@@ -15,6 +15,7 @@ class Recovery:
 
     def __init__(self, store: AsyncJobStore) -> None:
         self.store = store
+        self.x = store.x
         self.settings = store.settings
         self._stranded_since: dict[str, float] = {}  # job id -> when this process first saw it stranded
 
@@ -25,28 +26,16 @@ class Recovery:
         after the visibility timeout, past the deadline). A job sent twice still ends once (the first end
         wins), so a wrong guess costs one wasted run, never a second result."""
         now = now or time.time()
-        s, r = self.settings, self.store.r
-        ids = [str(i) for i in await r.zrangebyscore(OPEN_KEY, now, "+inf", start=0, num=2000)]
-        if not ids or not s.rescue_max:
+        s = self.settings
+        if not s.rescue_max:
             return []
-        queue_empty = await r.llen(s.search_queue) == 0
-        jobs = [parse_job(raw) for raw in await r.mget([job_key(i) for i in ids])]
-        seen: dict[str, float] = {}
-        for job in jobs:
-            if job is None or job.status in TERMINAL:
-                continue
-            # queued with nothing left in the queue: its message is held by a worker (about to start it) or lost;
-            # only one still so after rescue_after_s counts
-            if (job.status == "queued" and queue_empty) or (
-                    job.status == "running" and job.worker and not await r.exists(heartbeat_key(job.worker))):
-                seen[job.id] = self._stranded_since.get(job.id, now)
-        self._stranded_since = seen
+        stranded = await self.x.run(Stranded(s.search_queue, now))
+        # only a job still stranded after rescue_after_s counts (one held by a worker about to start it is not)
+        self._stranded_since = {job_id: self._stranded_since.get(job_id, now) for job_id in stranded}
         sent = []
-        for job_id in [j for j, since in seen.items() if now - since >= s.rescue_after_s]:
+        for job_id in [j for j, since in self._stranded_since.items() if now - since >= s.rescue_after_s]:
             del self._stranded_since[job_id]
-            n = await r.incr(resent_key(job_id))
-            await r.expire(resent_key(job_id), s.job_ttl_s)
-            if n > s.rescue_max:
+            if await self.x.run(Resent(job_id, s.job_ttl_s)) > s.rescue_max:
                 continue
             await self.store.send(job_id)
             sent.append(job_id)
@@ -56,16 +45,10 @@ class Recovery:
         """End the jobs still open ``reaper_grace_s`` past their deadline: no worker will (all dead, or the
         queue lost them). Ends written only where the job is still open, so a late worker's end stands."""
         cutoff = (now or time.time()) - self.settings.reaper_grace_s
-        r = self.store.r
-        ids = [str(i) for i in await r.zrangebyscore(OPEN_KEY, "-inf", cutoff, start=0, num=500)]
         ended: list[str] = []
-        for job_id in ids:
-            job = parse_job(await r.get(job_key(job_id)))
-            if job is None or job.status in TERMINAL:  # expired, or ended by a path that did not leave the set
-                await r.zrem(OPEN_KEY, job_id)
-                continue
+        for job in await self.x.run(Overdue(cutoff)):
             job = reaped(job)
             if await self.store.write(job, failed_event(job)):
-                ended.append(job_id)
+                ended.append(job.id)
                 await self.store.release(job)
         return ended

@@ -33,10 +33,10 @@ from pipeline.search.batching import Active, Batcher
 from pipeline.search.feature_source import FeatureSource
 from pipeline.search.fusion import rank
 from pipeline.search.plans import Plan, Query, Scores, plan_for
-from pipeline.search.versions import check_versions
 from pipeline.settings import WorkerSettings
 from pipeline.stores.bundle import Stores
 from pipeline.types import Job, Match, Result, SearchOutcome, SearchParams, Vector
+from pipeline.versions import check_versions
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from api.main import create_app
 from cli import stack
-from pipeline.admission import hash_key
+from pipeline.admission.callers import hash_key
 from pipeline.layout import image_key, thumb_key, thumbs_prefix, tombstone_key
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore

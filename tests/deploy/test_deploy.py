@@ -172,7 +172,7 @@ def test_cloud_run_services_use_the_images_and_probe_health() -> None:
 def test_the_cloud_run_api_runs_in_production_with_keys_and_trusted_proxies(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The manifest's environment is one the API's production checks accept: keys (from Secret Manager), the
     Google front end as the one proxy believed; and the API refuses it without the keys."""
-    from pipeline.admission import hash_key
+    from pipeline.admission.callers import hash_key
     from pipeline.settings import ApiSettings
 
     api = yaml.safe_load((ROOT / "deploy" / "cloudrun" / "api.yaml").read_text())

@@ -31,7 +31,7 @@ import pytest
 import redis
 
 from cli import stack
-from pipeline.admission import hash_key
+from pipeline.admission.callers import hash_key
 from pipeline.jobs.store import JobStore, new_job
 from pipeline.settings import Settings
 from tests.conftest import settings_env

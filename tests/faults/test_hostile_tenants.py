@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from cli import stack
-from pipeline.admission import hash_key
+from pipeline.admission.callers import hash_key
 from pipeline.settings import Settings
 from tests.conftest import settings_env
 from tests.live import Live, start_stack

@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from cli import stack
+from pipeline.jobs.commands import parse_events
 from pipeline.jobs.keys import events_key
-from pipeline.jobs.store import connect, parse_events
+from pipeline.jobs.store import connect
 from pipeline.settings import Settings
 from tests.conftest import settings_env
 

@@ -16,8 +16,9 @@ import pytest
 import redis
 
 from cli import stack
+from pipeline.jobs.commands import parse_events
 from pipeline.jobs.keys import events_key, job_key
-from pipeline.jobs.store import connect, parse_events
+from pipeline.jobs.store import connect
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
 

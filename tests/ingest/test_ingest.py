@@ -347,7 +347,7 @@ def test_admin_endpoint_takes_a_post_down_through_a_worker(redis_server, store_d
 
     import httpx
 
-    from pipeline.admission import hash_key
+    from pipeline.admission.callers import hash_key
     from tests.live import start_stack
 
     data = tmp_path / "data"

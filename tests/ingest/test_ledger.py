@@ -16,7 +16,7 @@ import pytest
 
 from cli import stack
 from pipeline.errors import Unavailable
-from pipeline.ingest.ledger import CLAIMED, FAILED, INGESTED, PLANNED, TAKEN_DOWN, Ledger
+from pipeline.ingest.ledger import CLAIMED, FAILED, INGESTED, PLANNED, TAKEN_DOWN, Ledger, LedgerRow
 
 pytestmark = pytest.mark.ingest
 
@@ -92,7 +92,7 @@ def test_claims_let_one_worker_end_an_item(where: str) -> None:
     stack.wait_for(lambda: all(o["expired"] for o in ledger.outstanding("r1")), 5, "the claims to expire")
     fast, got = ledger.claim("r1", ["p1", "p2"], ttl=60, max_tries=3)
     assert set(got) == {"p1", "p2"}
-    rows = [("p1", "folder", INGESTED, "", False, None), ("p2", "folder", INGESTED, "", False, None)]
+    rows = [LedgerRow("p1", "folder", INGESTED, "", False, None), LedgerRow("p2", "folder", INGESTED, "", False, None)]
     assert ledger.record(rows, "v", "r1", claim=slow) == []  # the slow worker's marks are refused
     assert ledger.record(rows[:1], "v", "r1", claim=fast) == ["p1"]
     assert ledger.record(rows[:1], "v", "r1", claim=fast) == []  # and it ends once
@@ -119,7 +119,7 @@ def test_an_item_out_of_claims_fails_with_the_last_reason(where: str) -> None:
 
 def test_a_takedown_is_never_planned_again(where: str) -> None:
     ledger = Ledger(where)
-    ledger.record([("gone", "admin", TAKEN_DOWN, "taken down", True, None)], "", "takedown")
+    ledger.record([LedgerRow("gone", "admin", TAKEN_DOWN, "taken down", True, None)], "", "takedown")
     ledger.plan("r2", "folder", [("gone", "{}")])
     assert (ledger.status("gone") or {})["status"] == TAKEN_DOWN
     ledger.plan("r2", "folder", [("p3", "{}")])

@@ -119,16 +119,16 @@ def test_the_schedule_setting_takes_crontab_or_seconds() -> None:
 
 
 def test_the_ledger_keeps_takedowns_final_and_ingested_posts_ingested(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.ingest.ledger import Ledger
+    from pipeline.ingest.ledger import Ledger, LedgerRow
 
     ledger = Ledger(tmp_path)
-    ledger.record([("a", "reddit", "ingested", "", False, None), ("b", "admin", "taken_down", "taken down", True, None)],
-                  "v1", "r1")
-    ledger.record([("a", "reddit", "rejected", "removed", True, None), ("b", "reddit", "ingested", "", False, None)],
-                  "v1", "r2")
+    ledger.record([LedgerRow("a", "reddit", "ingested", "", False, None),
+                   LedgerRow("b", "admin", "taken_down", "taken down", True, None)], "v1", "r1")
+    ledger.record([LedgerRow("a", "reddit", "rejected", "removed", True, None),
+                   LedgerRow("b", "reddit", "ingested", "", False, None)], "v1", "r2")
     assert (ledger.status("a") or {})["status"] == "ingested"  # gone from a listing later: still in the stores
     assert (ledger.status("b") or {})["status"] == "taken_down"
-    ledger.record([("a", "admin", "taken_down", "taken down", True, None)], "", "takedown")
+    ledger.record([LedgerRow("a", "admin", "taken_down", "taken down", True, None)], "", "takedown")
     assert (ledger.status("a") or {})["status"] == "taken_down"
     ledger.close()
 

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from pipeline.admission import Admission, Caller
+from pipeline.admission.admit import Admission
+from pipeline.admission.callers import Caller
 from pipeline.errors import InvalidRequest, RateLimited, Unavailable
 from pipeline.jobs.keys import OPEN_KEY, inflight_key, job_key
 from pipeline.jobs.store import JobStore, connect
@@ -72,6 +73,6 @@ def test_a_job_the_queue_refuses_leaves_no_record_and_no_count(redis_server) -> 
     r.flushdb()
     s = Settings(redis_url=redis_server.url(11))
     adm = Admission(s, JobStore.from_settings(s, r, send=refuse))
-    with pytest.raises(ConnectionError):
+    with pytest.raises(Unavailable):  # the broker's error, as the API's face answers it (503)
         adm.admit_sync(Caller("ip:c"), "q", {})
     assert r.zcard(OPEN_KEY) == 0 and r.zcard(inflight_key("ip:c")) == 0 and not list(r.scan_iter("imgsearch:job:*"))

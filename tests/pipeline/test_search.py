@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.jobs.commands import parse_events
 from pipeline.jobs.keys import events_key, job_key
 from pipeline.jobs.runner import run_job
-from pipeline.jobs.store import JobStore, connect, parse_events
+from pipeline.jobs.store import JobStore, connect
 from pipeline.layout import feature_key
 from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store

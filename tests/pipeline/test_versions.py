@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.search.searcher import Searcher
-from pipeline.search.versions import ModelVersionMismatch
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
+from pipeline.versions import ModelVersionMismatch
 from tests.conftest import make_settings
 
 

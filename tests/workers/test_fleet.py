@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from cli import stack
-from pipeline.jobs import fleet
+from pipeline.jobs import queues
 from pipeline.jobs.keys import events_key
 from tests.conftest import settings_env
 from tests.live import Live, start_stack
@@ -29,12 +29,12 @@ WORKERS, THREADS = 3, 2
 
 
 def test_kombu_keys_are_the_transports() -> None:
-    """fleet reads kombu's keys by name (pipeline imports no Celery): they must be the broker transport's."""
+    """pipeline.jobs.queues names kombu's keys by name (pipeline imports no Celery): they must be the broker transport's."""
     from workers.broker import Channel
 
-    assert fleet.UNACKED_KEY == Channel.unacked_key
-    assert fleet.PRIORITY_SEP == Channel.sep
-    assert list(fleet.PRIORITY_STEPS) == list(Channel.priority_steps)
+    assert queues.UNACKED_KEY == Channel.unacked_key
+    assert queues.PRIORITY_SEP == Channel.sep
+    assert list(queues.PRIORITY_STEPS) == list(Channel.priority_steps)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_backlog_counts_reserved_jobs_the_list_misses(three: Live, redis_server,
         # one job per worker thread runs (reserved), two wait
         stack.wait_for(lambda: _gauges(three.base).get("reserved:search") == slots, 15, "every thread's job reserved")
         g = _gauges(three.base)
-        waiting = sum(r.llen(k) for k in fleet.priority_lists("search"))
+        waiting = sum(r.llen(k) for k in queues.waiting_lists("search"))
         assert waiting == 2 and g["depth:search"] == 2
         assert g["backlog:search"] == slots + 2  # what KEDA's list scaler would read as 2
         assert g["backlog:embed"] == 0 and g["reserved:ingest"] == 0

@@ -8,9 +8,40 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from pipeline.errors import ImgSearchError
 from pipeline.types import Match
+
+
+class _Versioned(Protocol):
+    @property
+    def version(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ModelVersions:
+    """The models that make an item's stored artifacts: the SigLIP image tower (its vector) and the reranker (its
+    features). Written to the ledger, the post's blob and the fan-out's messages as ``image|reranker``: this class
+    is the one place that builds and reads that text."""
+
+    image: str
+    reranker: str
+
+    @classmethod
+    def of(cls, image_encoder: _Versioned, reranker: _Versioned) -> ModelVersions:
+        return cls(image_encoder.version, reranker.version)
+
+    @classmethod
+    def parse(cls, text: str) -> ModelVersions | None:
+        """The versions ``text`` names, or None where it names none ('' for a takedown's row, or rows written
+        by hand). The image version is what precedes the first ``|``."""
+        image, sep, reranker = text.partition("|")
+        return cls(image, reranker) if sep else None
+
+    def __str__(self) -> str:
+        return f"{self.image}|{self.reranker}"
 
 
 class ModelVersionMismatch(ImgSearchError):
