@@ -54,9 +54,6 @@ def noop(payload: dict[str, Any]) -> None:
     end_empty(SearchTask.model_validate(payload).job_id, runtime.get().store)
 
 
-_ledger: Any = None  # this process's ledger for fanned-out batches (it caches the near-duplicate index)
-
-
 def _embed_streams(rt: runtime.Runtime) -> list[Any]:
     return rt.embedders.get()  # once per process, as the engines
 
@@ -114,17 +111,13 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
 def ingest_batch(payload: dict[str, Any]) -> dict[str, Any]:
     """One batch of a fanned-out ingest run: claim its items in the ledger, then download, dedup, embed, write
     and settle them. Delivered twice, it finds them claimed or settled and does nothing."""
-    from pipeline.ingest import Ledger
     from pipeline.ingest.fanout import BatchTask
     from pipeline.ingest.fanout import ingest_batch as run_batch
 
-    global _ledger
     task = BatchTask.from_payload(BatchPayload.model_validate(payload).model_dump())
     rt = runtime.get()
-    if _ledger is None:
-        _ledger = Ledger.open(rt.settings)
     return run_batch(get_ingest_settings(), task, rt.engines.image, rt.engines.reranker, rt.stores.vectors, rt.stores.blobs,
-                     _ledger, embedders=_embed_streams(rt))
+                     rt.ledger.get(), embedders=_embed_streams(rt))
 
 
 @app.task(name=TAKEDOWN_TASK, acks_late=True)
