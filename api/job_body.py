@@ -3,7 +3,7 @@ uploaded picture in the ``image`` part, the other options as JSON in an ``option
 
 One route takes both, so the body is read here rather than by FastAPI's declared-body parsing (which takes one
 content type); the JSON path validates with the same model and answers the same 422s. A picture (uploaded or
-fetched) is checked here, before admission, with ingest's guards (``pipeline.image_query``: Pillow alone, off
+fetched) is checked here, before admission, with ingest's guards (``pipeline.search.image_query``: Pillow alone, off
 the event loop, in the API's own thread lanes: ``api.lanes``), so a bomb, a truncated file or HTML gets its
 4xx at once and no worker ever sees it."""
 
@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException
 from api.contract import params_of
 from api.lanes import Lanes
 from api.schemas import JobRequest
-from pipeline import image_query
 from pipeline.errors import InvalidRequest
-from pipeline.image_query import QueryImage
+from pipeline.search import image_query
+from pipeline.search.image_query import QueryImage
 from pipeline.settings import ApiSettings
 
 MULTIPART = "multipart/form-data"

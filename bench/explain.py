@@ -5,7 +5,7 @@ is the same rerank followed by the maps of its top 10 (``engines/explain.py``): 
 gradient-free ITM pass over the 10) and ``gradcam`` (the default: one ITM pass over the 10 with a backward).
 The plain rerank and each method's maps alternate in one loop, and each figure is a median over ``--repeats``
 (the added ms: the maps' own time after the query's rerank). Also the one-time load of
-the torch engine an ONNX Runtime or TensorRT worker explains with (``pipeline.explain.torch_engine``): after it,
+the torch engine an ONNX Runtime or TensorRT worker explains with (``pipeline.search.explain.torch_engine``): after it,
 such a worker's explained results cost what the torch figures say.
 
     python -m bench.explain --quick   # the kit's BLIP (8 x 8 grid, 3 text layers): seconds

@@ -50,11 +50,12 @@ def _beats(url: str, workers: int) -> None:
 
 async def _scan_read(r: Any) -> list[dict[str, Any]]:
     """The reader as it was: every heartbeat key found by a SCAN of the whole keyspace, then one MGET."""
-    from pipeline.jobs.fleet import _parse
+    import json
+
     from pipeline.jobs.keys import HEARTBEAT_PATTERN
 
     keys = [k async for k in r.scan_iter(match=HEARTBEAT_PATTERN, count=100)]
-    return _parse(await r.mget(keys)) if keys else []
+    return [json.loads(b) for b in await r.mget(keys) if b] if keys else []
 
 
 @contextmanager

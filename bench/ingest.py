@@ -150,6 +150,7 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
     from pipeline.ingest import RedditSource
     from pipeline.ingest.fanout import run_fanout
     from pipeline.jobs import fleet
+    from pipeline.versions import ModelVersions
     from standins.pinecone import PineconeStandIn
     from workers.celery_app import batch_sender
 
@@ -187,7 +188,7 @@ def fanned_out(n: int, workers: int, models: dict[str, Path], engines: Path, bac
             s = settings_for(Path(tmp), models, engines, base, backend, precision).model_copy(update={
                 "redis_url": url, "vector_store": "pinecone", "ingest_fanout": True, "ingest_batch_size": batch,
                 **({"ledger_url": SecretStr(pg.url)} if pg else {})})
-            rep = run_fanout(s, RedditSource(s), batch_sender(s), f"{beat['siglip']}|{beat['blip']}")
+            rep = run_fanout(s, RedditSource(s), batch_sender(s), ModelVersions(beat["siglip"], beat["blip"]))
         finally:
             for proc in procs:
                 proc.stop()

@@ -1,4 +1,4 @@
-"""What a query picture costs the API to check (``pipeline.image_query.check``): CPU seconds and peak memory of
+"""What a query picture costs the API to check (``pipeline.search.image_query.check``): CPU seconds and peak memory of
 the worst file each format may be and still be accepted, and of the hostile files the check refuses.
 
 Each file is checked in a fresh Python process (Pillow imported first), so the figures are that one decode's:
@@ -127,7 +127,7 @@ _CHILD = r"""
 import json, resource, sys, time
 from PIL import Image
 from pipeline.settings import ApiSettings
-from pipeline import image_query
+from pipeline.search import image_query
 from pipeline.errors import InvalidRequest
 import numpy, pipeline.ingest.images, pipeline.ingest.download  # what check imports where used: before the baseline
 import io

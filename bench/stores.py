@@ -197,7 +197,7 @@ def bench_fetch(root: Path, runs: int = 20) -> dict[str, Any]:
     from pipeline import features
     from pipeline.cache import FeatureCache, LocalLRU
     from pipeline.layout import feature_key
-    from pipeline.search import Searcher
+    from pipeline.search.searcher import Searcher
     from pipeline.settings import Settings
     from pipeline.stores.local_blob import LocalBlobStore
 

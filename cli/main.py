@@ -198,9 +198,10 @@ def ingest(folder: Annotated[Path | None, typer.Argument(help="The folder source
 
             if s.ingest_fanout:  # this process lists and plans; the embed queue's workers do the rest
                 from pipeline.ingest.fanout import run_fanout
+                from pipeline.versions import ModelVersions
                 from workers.celery_app import batch_sender
 
-                rep = run_fanout(s, src, batch_sender(s), f"{e.image.version}|{e.reranker.version}", fresh=fresh,
+                rep = run_fanout(s, src, batch_sender(s), ModelVersions.of(e.image, e.reranker), fresh=fresh,
                                  on_progress=progress)
             else:
                 rep = run_ingest(s, src, e.image, e.reranker, make_vector_store(s), make_blob_store(s), fresh=fresh,
@@ -552,11 +553,11 @@ def _overlays_from_api(base: str, key: str, job: dict[str, Any], folder: Path) -
 
 def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dict[str, Any]:
     """The search run in this process, shaped as a job; with ``explain_dir``, each result's overlay written there
-    as ``<rank>-<post id>.png`` (pipeline/explain.py)."""
+    as ``<rank>-<post id>.png`` (pipeline/search/explain.py)."""
     import time
 
     from engines.registry import load_engines
-    from pipeline.search import Searcher
+    from pipeline.search.searcher import Searcher
     from pipeline.settings import get_settings
     from pipeline.stores.bundle import Stores
     from pipeline.types import SearchParams
@@ -573,15 +574,14 @@ def _search_direct(body: dict[str, Any], explain_dir: Path | None = None) -> dic
            "results": [r.model_dump(mode="json") for r in outcome.results], "not_reranked": outcome.not_reranked,
            "timings": outcome.timings}
     if explain_dir is not None and outcome.results:
-        from pipeline.explain import explain_posts, overlay_png
         from pipeline.layout import image_key
+        from pipeline.search.explain import overlay_png
         from pipeline.types import Job
 
         ids = [r.id for r in outcome.results]
         record = Job(id="direct", status="done", query=body["query"], params=body, created_at=t0,
                      results=outcome.results)
-        maps = explain_posts(record, ids, engines.reranker,
-                             lambda want: searcher.features.fetch(engines.reranker.version, want))
+        maps = searcher.explain_posts(record, ids)
         explain_dir.mkdir(parents=True, exist_ok=True)
         for rank, post_id in enumerate(ids, 1):
             image = stores.blobs.get(image_key(post_id, "jpg"))

@@ -47,7 +47,7 @@ MAX_GPUS = int(os.environ.get("IMGSEARCH_MODAL_MAX_GPUS", "4"))  # the most GPU 
 
 
 @app.cls(gpu=GPU, volumes={DATA: volume}, scaledown_window=300, timeout=900, max_containers=MAX_GPUS)
-@modal.concurrent(max_inputs=16)  # concurrent queries share batched model calls (pipeline.batching)
+@modal.concurrent(max_inputs=16)  # concurrent queries share batched model calls (pipeline.search.batching)
 class Search:
     @modal.enter()
     def load(self) -> None:
@@ -55,7 +55,7 @@ class Search:
         first container of a GPU type pays it, never a request), then load them and warm up."""
         from engines.registry import load_engines, preflight
         from pipeline.errors import ImgSearchError
-        from pipeline.search import Searcher
+        from pipeline.search.searcher import Searcher
         from pipeline.settings import get_worker_settings
         from pipeline.stores.bundle import Stores
 

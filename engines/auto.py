@@ -56,7 +56,7 @@ def cpu() -> tuple[str, set[str]]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown", set()
-    model, flags = "unknown", set()
+    model, flags = "unknown", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and model == "unknown":

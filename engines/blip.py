@@ -48,7 +48,7 @@ class BlipBase:
     backend = "base"
 
     def __init__(self, source: str, *, setting: str = SETTING, batch_size: int = 32, max_tokens: int = MAX_TOKENS,
-                 cross_attention: str = "auto") -> None:
+                 cross_attention: str = "auto", lock: threading.Lock | None = None) -> None:
         if cross_attention not in CROSS_ATTENTION:
             raise ValueError(f"unknown cross_attention {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
         self.path = resolve(source, setting)
@@ -62,10 +62,10 @@ class BlipBase:
         self.max_tokens = min(max_tokens, text_positions(config, max_tokens))
         self.cross_attention = cross_attention
         self.shape = cross_attention_shape(config)
-        # held while a model call runs: a worker's engines share one (engines.registry), so the text encoder and
-        # the reranker never run at once, each with a pool of threads sized to every core (on 2 cores that
-        # oversubscription cost throughput as load rose)
-        self.lock = threading.Lock()
+        # held while a model call runs: a worker's engines are built with one (``lock``, engines.registry), so the
+        # text encoder and the reranker never run at once, each with a pool of threads sized to every core (on 2
+        # cores that oversubscription cost throughput as load rose)
+        self.lock = lock or threading.Lock()
         self._proj: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
 
     # how much more a multiply-add of the reassociated pass's products costs than one of the key/value projections
@@ -241,9 +241,10 @@ class TorchBlip(BlipBase):
     backend = "torch"
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", setting: str = SETTING,
-                 batch_size: int = 32, max_tokens: int = MAX_TOKENS, cross_attention: str = "auto") -> None:
+                 batch_size: int = 32, max_tokens: int = MAX_TOKENS, cross_attention: str = "auto",
+                 lock: threading.Lock | None = None) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
-                         cross_attention=cross_attention)
+                         cross_attention=cross_attention, lock=lock)
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)

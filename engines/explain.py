@@ -63,7 +63,7 @@ def _layer_index(rx: ReassociatedItm, layer: int) -> int:
 def torch_cores(engine: Any) -> tuple[ReassociatedItm, Any]:
     """The engine's reassociated torch module and a function from NumPy arrays to its tensors. Only the torch
     backend has one; ONNX Runtime and TensorRT engines are explained by a torch engine of the same model
-    (``pipeline/explain.py``)."""
+    (``pipeline/search/explain.py``)."""
     cores = getattr(engine, "cores", None)
     if cores is None or not hasattr(engine, "_t"):
         raise TypeError(f"{type(engine).__name__} has no torch ITM pass to explain")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,8 @@ class OrtSiglip(SiglipBase):
     def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
                  threads: int = 0, max_tokens: int = 64, setting: str = SIGLIP_SETTING,
                  components: tuple[str, ...] = ("siglip_text", "siglip_image"), shared_pool: bool = True,
-                 recipe: str | None = None) -> None:
-        super().__init__(source, max_tokens=max_tokens, setting=setting)
+                 recipe: str | None = None, lock: threading.Lock | None = None) -> None:
+        super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
         self.s = _sessions(engine_dir, self.version, components, precision, device, threads, shared_pool, recipe)
         if "siglip_text" in self.s:
             self._warm_up()
@@ -145,9 +146,10 @@ class OrtBlip(BlipBase):
 
     def __init__(self, source: str, engine_dir: Path, *, device: str = "cpu", precision: str = "fp32",
                  threads: int = 0, batch_size: int = 32, max_tokens: int = BLIP_MAX_TOKENS, setting: str = BLIP_SETTING,
-                 shared_pool: bool = True, cross_attention: str = "auto", recipe: str | None = None) -> None:
+                 shared_pool: bool = True, cross_attention: str = "auto", recipe: str | None = None,
+                 lock: threading.Lock | None = None) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
-                         cross_attention=cross_attention)
+                         cross_attention=cross_attention, lock=lock)
         self.s = _sessions(engine_dir, self.version, BLIP_COMPONENTS, precision, device, threads, shared_pool, recipe)
         if precision == "int8":
             # int8 projections against the reassociated pass's float products: measured on 2 Zen 4 cores

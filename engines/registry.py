@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engines.artifacts import check_precision
 from pipeline.protocols import ImageEncoder, Reranker, TextEncoder
 from pipeline.settings import IngestSettings, WorkerSettings
-
-if TYPE_CHECKING:
-    from engines.blip import BlipBase
-    from engines.siglip import SiglipBase
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +23,11 @@ class Engines:
     reranker: Reranker
     backend: str
     precision: str
+    # held around every model call of these engines, built into each: the text encoder and the reranker never
+    # run at once. Each call runs with a pool of threads sized to every core; the two at once oversubscribed
+    # them, and throughput fell as load rose. (Ingest's parallel embed streams, ``load_image_engines``, keep a
+    # lock each.)
+    lock: threading.Lock
     chosen: dict[str, Any] | None = None  # how auto chose them (engines/auto.py Choice.describe); None: set
 
     def describe(self) -> dict[str, Any]:
@@ -33,43 +35,38 @@ class Engines:
                 "blip": self.reranker.version, **(self.chosen or {})}
 
 
-def _one_at_a_time(siglip: SiglipBase, blip: BlipBase) -> None:
-    """A worker's text encoder and reranker share one lock around their model calls. Each call runs with a pool
-    of threads sized to every core; the two at once oversubscribed them, and throughput fell as load rose.
-    (Ingest's parallel embed streams, ``load_image_engines``, keep a lock each.)"""
-    blip.lock = siglip.lock
-
-
 def _torch(s: WorkerSettings) -> Engines:
     from engines.blip import TorchBlip
     from engines.siglip import TorchSiglip
 
-    siglip = TorchSiglip(s.siglip_model, device=s.device, precision=s.engine_precision, max_tokens=s.text_max_tokens)
+    lock = threading.Lock()
+    siglip = TorchSiglip(s.siglip_model, device=s.device, precision=s.engine_precision, max_tokens=s.text_max_tokens,
+                         lock=lock)
     blip = TorchBlip(s.blip_model, device=s.device, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
-                     cross_attention=s.blip_cross_attention)
-    _one_at_a_time(siglip, blip)
-    return Engines(siglip, siglip, blip, "torch", s.engine_precision)
+                     cross_attention=s.blip_cross_attention, lock=lock)
+    return Engines(siglip, siglip, blip, "torch", s.engine_precision, lock)
 
 
 def _onnxruntime(s: WorkerSettings) -> Engines:
     from engines.ort import OrtBlip, OrtSiglip
 
+    lock = threading.Lock()
     siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, device=s.device,
-                       precision=s.engine_precision, threads=s.torch_threads)
+                       precision=s.engine_precision, threads=s.torch_threads, lock=lock)
     blip = OrtBlip(s.blip_model, s.engines_path, max_tokens=s.blip_max_tokens, cross_attention=s.blip_cross_attention,
-                   device=s.device, precision=s.engine_precision, threads=s.torch_threads)
-    _one_at_a_time(siglip, blip)
-    return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision)
+                   device=s.device, precision=s.engine_precision, threads=s.torch_threads, lock=lock)
+    return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision, lock)
 
 
 def _tensorrt(s: WorkerSettings) -> Engines:
     from engines.trt import TrtBlip, TrtSiglip
 
-    siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens)
+    lock = threading.Lock()
+    siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens,
+                       lock=lock)
     blip = TrtBlip(s.blip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
-                   cross_attention=s.blip_cross_attention)
-    _one_at_a_time(siglip, blip)
-    return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision)
+                   cross_attention=s.blip_cross_attention, lock=lock)
+    return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision, lock)
 
 
 BACKENDS: dict[str, Callable[[WorkerSettings], Engines]] = {"torch": _torch, "onnxruntime": _onnxruntime,

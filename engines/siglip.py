@@ -41,7 +41,8 @@ class SiglipBase:
 
     backend = "base"
 
-    def __init__(self, source: str, *, max_tokens: int = 64, setting: str = SETTING) -> None:
+    def __init__(self, source: str, *, max_tokens: int = 64, setting: str = SETTING,
+                 lock: threading.Lock | None = None) -> None:
         self.path = resolve(source, setting)
         self.version = version_of(self.path)
         self.tokenizer = load_tokenizer(self.path, setting)
@@ -51,7 +52,8 @@ class SiglipBase:
         self.layout = check_layout(self.path, self.tokenizer, config, max_tokens)
         self.max_tokens = self.layout.max_tokens  # padded to this many; a small model may have fewer positions
         self.dim = 0
-        self.lock = threading.Lock()  # held while a model call runs; a worker shares it with its reranker (BlipBase)
+        # held while a model call runs; a worker's engines are built with one (``lock``), shared with its reranker
+        self.lock = lock or threading.Lock()
 
     def _warm_up(self) -> None:
         self.dim = int(self.encode_text(["warm up"]).shape[1])
@@ -92,8 +94,8 @@ class TorchSiglip(SiglipBase):
     backend = "torch"
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", max_tokens: int = 64,
-                 setting: str = SETTING) -> None:
-        super().__init__(source, max_tokens=max_tokens, setting=setting)
+                 setting: str = SETTING, lock: threading.Lock | None = None) -> None:
+        super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = SiglipModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)

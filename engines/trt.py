@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,8 @@ class TrtSiglip(SiglipBase):
     backend = "tensorrt"
 
     def __init__(self, source: str, engine_dir: Path, *, precision: str = "fp16", max_tokens: int = 64,
-                 setting: str = SIGLIP_SETTING) -> None:
-        super().__init__(source, max_tokens=max_tokens, setting=setting)
+                 setting: str = SIGLIP_SETTING, lock: threading.Lock | None = None) -> None:
+        super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
         self.text = Plan(plan_path(engine_dir, self.version, "siglip_text", precision))
         self._image_plan = lambda: Plan(plan_path(engine_dir, self.version, "siglip_image", precision))
         self._image: Plan | None = None
@@ -145,9 +146,10 @@ class TrtBlip(BlipBase):
     backend = "tensorrt"
 
     def __init__(self, source: str, engine_dir: Path, *, precision: str = "fp16", batch_size: int = 32,
-                 max_tokens: int = BLIP_MAX_TOKENS, setting: str = BLIP_SETTING, cross_attention: str = "auto") -> None:
+                 max_tokens: int = BLIP_MAX_TOKENS, setting: str = BLIP_SETTING, cross_attention: str = "auto",
+                 lock: threading.Lock | None = None) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
-                         cross_attention=cross_attention)
+                         cross_attention=cross_attention, lock=lock)
         self.itc = Plan(plan_path(engine_dir, self.version, "blip_itc", precision))
         self.itm = Plan(plan_path(engine_dir, self.version, "blip_itm", precision))
         self.itm_rx = Plan(plan_path(engine_dir, self.version, "blip_itm_rx", precision))

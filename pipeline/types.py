@@ -36,7 +36,7 @@ class Result(BaseModel):
     created_utc: float | None = None
     image_url: str | None = None
     metadata: Metadata = Field(default_factory=dict)
-    explanation: dict[str, Any] | None = None  # with explain: true (pipeline/explain.py)
+    explanation: dict[str, Any] | None = None  # with explain: true (pipeline/search/explain.py)
 
 
 class SearchParams(BaseModel):
@@ -49,12 +49,12 @@ class SearchParams(BaseModel):
     rerank_k: int | None = None  # the older name of ``candidates``
     candidates: int | None = None
     rerank: bool = True
-    explain: bool = False  # maps of where the reranker looked, on the top results (pipeline/explain.py)
+    explain: bool = False  # maps of where the reranker looked, on the top results (pipeline/search/explain.py)
     min_score: float | None = None
     filter: dict[str, Any] | None = None  # the search API's shorthands or the filter language (filters.for_search)
     namespace: str | None = None
     like: str | None = None  # a post id: search by its stored vector (the post left out of its results)
-    image: str | None = None  # SHA-256 of the query image the API stored under the job (pipeline.image_query)
+    image: str | None = None  # SHA-256 of the query image the API stored under the job (pipeline.search.image_query)
     image_url: str | None = None  # where that image came from, when it came from a URL (shown, not fetched again)
 
     @property

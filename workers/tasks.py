@@ -8,8 +8,8 @@ from typing import Any
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 from pydantic import BaseModel, Field
 
-from pipeline.explain import EXPLAIN_TASK
 from pipeline.jobs.runner import end_empty, run_job
+from pipeline.search.explain import EXPLAIN_TASK
 from pipeline.settings import get_ingest_settings
 from workers import runtime
 from workers.celery_app import EMBED_TASK, INGEST_TASK, NOOP_TASK, SEARCH_TASK, TAKEDOWN_TASK, app, batch_sender
@@ -38,16 +38,13 @@ class ExplainTask(BaseModel):
 @app.task(name=EXPLAIN_TASK, acks_late=True)
 def explain(payload: dict[str, Any]) -> dict[str, Any]:
     from pipeline.errors import NotFound
-    from pipeline.explain import explain_posts
 
     task = ExplainTask.model_validate(payload)
     rt = runtime.get()
     job = rt.store.load(task.job_id)
     if job is None:
         raise NotFound(f"job {task.job_id} is gone")
-    searcher = rt.searcher
-    return explain_posts(job, task.post_ids, searcher.reranker,
-                         lambda ids: searcher.features.fetch(searcher.reranker.version, ids))
+    return rt.searcher.explain_posts(job, task.post_ids)
 
 
 @app.task(name=NOOP_TASK, acks_late=True, ignore_result=True)
@@ -57,17 +54,8 @@ def noop(payload: dict[str, Any]) -> None:
     end_empty(SearchTask.model_validate(payload).job_id, runtime.get().store)
 
 
-_embedders: list[Any] | None = None  # this process's embed streams for ingest
-_ledger: Any = None  # this process's ledger for fanned-out batches (it caches the near-duplicate index)
-
-
 def _embed_streams(rt: runtime.Runtime) -> list[Any]:
-    global _embedders
-    if _embedders is None:  # once per process, as the engines
-        from engines.registry import load_image_engines
-
-        _embedders = load_image_engines(get_ingest_settings(), rt.engines)
-    return _embedders
+    return rt.embedders.get()  # once per process, as the engines
 
 
 class IngestTask(BaseModel):
@@ -123,17 +111,13 @@ def ingest(payload: dict[str, Any]) -> dict[str, Any]:
 def ingest_batch(payload: dict[str, Any]) -> dict[str, Any]:
     """One batch of a fanned-out ingest run: claim its items in the ledger, then download, dedup, embed, write
     and settle them. Delivered twice, it finds them claimed or settled and does nothing."""
-    from pipeline.ingest import Ledger
     from pipeline.ingest.fanout import BatchTask
     from pipeline.ingest.fanout import ingest_batch as run_batch
 
-    global _ledger
     task = BatchTask.from_payload(BatchPayload.model_validate(payload).model_dump())
     rt = runtime.get()
-    if _ledger is None:
-        _ledger = Ledger.open(rt.settings)
     return run_batch(get_ingest_settings(), task, rt.engines.image, rt.engines.reranker, rt.stores.vectors, rt.stores.blobs,
-                     _ledger, embedders=_embed_streams(rt))
+                     rt.ledger.get(), embedders=_embed_streams(rt))
 
 
 @app.task(name=TAKEDOWN_TASK, acks_late=True)
@@ -142,7 +126,7 @@ def takedown(payload: dict[str, Any]) -> dict[str, Any]:
 
     task = TakedownTask.model_validate(payload)
     rt = runtime.get()
-    return {"removed": takedown_posts(task.ids, rt.settings, rt.stores, [rt.engines.reranker.version])}
+    return {"removed": takedown_posts(task.ids, rt.settings, rt.stores, rt.feature_versions())}
 
 
 # Engines load once per process that runs tasks: each prefork child, or the main process of a solo or

@@ -1,6 +1,6 @@
 """Why a result matched: ``GET /v1/jobs/{id}/explain/{post_id}``, the map of where BLIP's ITM looked in the
 post's image for the job's words, as JSON or as a PNG overlay on the stored image. A worker computes it
-(``pipeline/explain.py``; the API loads no model); the route checks what it can first: the caller's own job
+(``pipeline/search/explain.py``; the API loads no model); the route checks what it can first: the caller's own job
 (another key's answers 404, as every job route), done (else 409), the post among its results (else 404)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from fastapi import APIRouter, Query, Request, Response
 from api.deps import AdmissionDep, CallerDep, Jobs, SettingsDep
 from api.schemas import ErrorResponse
 from pipeline.errors import Conflict, ImgSearchError, InvalidRequest, NotFound, Unavailable
-from pipeline.explain import EXPLAIN_TASK, overlay_png, text_query
 from pipeline.layout import image_key
+from pipeline.search.explain import EXPLAIN_TASK, overlay_png, text_query
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

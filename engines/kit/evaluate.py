@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from engines.kit.world import make_split
-from pipeline.fusion import fuse, rank
 from pipeline.protocols import Reranker, TextEncoder
+from pipeline.search.fusion import fuse, rank
 
 KS = (1, 5, 10)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}

@@ -254,13 +254,9 @@ def _read_back(settings: IngestSettings, task: BatchTask, claimed: dict[str, str
     return posts
 
 
-def run_fanout(settings: IngestSettings, source: Source, dispatch: Dispatch, versions: ModelVersions | str, *,
+def run_fanout(settings: IngestSettings, source: Source, dispatch: Dispatch, models: ModelVersions, *,
                fresh: bool = False, on_progress: Callable[[IngestReport], None] | None = None) -> IngestReport:
-    """One fanned-out run on the ledger the settings name (see ``FanoutRun``), embedded by ``versions`` (or their
-    text, ``image|reranker``)."""
-    models = ModelVersions.parse(versions) if isinstance(versions, str) else versions
-    if models is None:
-        raise ValueError(f"versions {versions!r} name no models: expected image|reranker")
+    """One fanned-out run on the ledger the settings name (see ``FanoutRun``), embedded by ``models``."""
     ledger = Ledger.open(settings)
     try:
         return FanoutRun(settings, source, ledger, dispatch, models, on_progress=on_progress).run(fresh)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline import image_query, logs, metrics
+from pipeline import logs, metrics
 from pipeline.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, Unavailable, describe, public_error
 from pipeline.jobs.keys import TERMINAL
 from pipeline.jobs.store import JobStore, failed_event
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.types import ErrorInfo, Job, Match, SearchParams
 
 log = logging.getLogger(__name__)
@@ -71,17 +71,14 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
             store.event(job_id, "candidates", {"candidates": [m.model_dump(mode="json") for m in cands]})
 
         t0 = time.perf_counter()
-        image = image_query.picture(store.image(job_id), params.image, searcher.settings.ingest_max_pixels) \
-            if params.image else None
+        image = searcher.picture(store.image(job_id), params.image) if params.image else None
         outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates,
                                   cancelled=lambda: store.cancelled(job_id), image=image, owner=job.owner)
         if store.cancelled(job_id):  # cancelled during the last stage: the client asked not to get it
             raise Cancelled("cancelled by the client while it ran")
         if params.explain:
-            from pipeline.explain import explain_results
-
             t1 = time.perf_counter()
-            explain_results(params, outcome.results, searcher)
+            searcher.explain(params, outcome.results)
             outcome.timings = {**outcome.timings, "explain": round((time.perf_counter() - t1) * 1000, 3)}
         job.timings = {**outcome.timings, "total": round((time.perf_counter() - t0) * 1000, 3),
                        "queue_wait": round((job.started_at - job.created_at) * 1000, 3)}

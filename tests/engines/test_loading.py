@@ -40,6 +40,26 @@ def test_encoders_give_unit_vectors_and_fixed_padding(engines) -> None:  # type:
     np.testing.assert_allclose(np.linalg.norm(i, axis=1), 1.0, rtol=1e-5)
 
 
+def test_a_workers_engines_are_built_with_one_model_lock(engines) -> None:  # type: ignore[no-untyped-def]
+    # the text encoder and the reranker never run at once: each takes the lock the registry built them with
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from PIL import Image
+
+    assert engines.text.lock is engines.lock and engines.reranker.lock is engines.lock  # type: ignore[attr-defined]
+    pool = ThreadPoolExecutor(1)
+    engines.lock.acquire()  # as a text encoder's call would
+    try:
+        call = pool.submit(engines.reranker.vision_features, [Image.new("RGB", (32, 32), "red")])
+        with pytest.raises(FutureTimeout):
+            call.result(timeout=0.5)  # the reranker waits for it
+    finally:
+        engines.lock.release()
+    assert len(call.result(timeout=60)) == 1  # and runs once it is free
+    pool.shutdown()
+
+
 def test_versions_name_the_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from engines.loading import version_of
     from engines.tiny import make_tiny_models

@@ -23,7 +23,7 @@ from cli import stack
 from pipeline.ingest import FolderSource, Ledger, RedditSource, run_ingest
 from pipeline.ingest.images import dhash
 from pipeline.layout import feature_key, image_key, post_key
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from standins.reddit import RedditStandin, Served, gallery, picture, post, running

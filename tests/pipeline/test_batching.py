@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.batching import Active, Batcher
+from pipeline.search.batching import Active, Batcher
 
 QUERIES = ["a red circle", "two small blue squares on a white background, drawn by hand", "😮", "a",
            "a yellow triangle on black"]
@@ -87,3 +87,27 @@ def test_one_bad_item_fails_only_itself() -> None:
         with pytest.raises(ValueError):
             futures[1].result(10)
         assert [futures[i].result(10) for i in (0, 2, 3)] == [1, 2, 3]
+
+
+def test_close_answers_the_calls_handed_in_then_ends_the_thread_and_refuses_more() -> None:
+    active = Active()
+    release = threading.Event()
+
+    def double(xs: list[int]) -> list[int]:
+        release.wait(5)
+        return [2 * x for x in xs]
+
+    b: Batcher[int, int] = Batcher("close", double, max_items=2, wait_s=0.05, active=active)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(b, x) for x in range(4)]  # a batch runs (held), the rest wait behind it
+        deadline = time.monotonic() + 5
+        while b._q.qsize() < 2 and time.monotonic() < deadline:  # noqa: SLF001 - the calls are handed in
+            time.sleep(0.01)
+        closer = pool.submit(b.close, 10)
+        release.set()
+        closer.result(10)
+        assert sorted(f.result(10) for f in futures) == [0, 2, 4, 6]  # put before the stop mark: all answered
+    assert not b.running
+    with pytest.raises(RuntimeError, match="closed"):
+        b(1)
+    b.close()  # twice: nothing left to stop

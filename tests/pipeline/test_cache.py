@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache, cache_client
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings

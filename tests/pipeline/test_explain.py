@@ -1,4 +1,4 @@
-"""pipeline/explain.py with the kit's BLIP: a done text job's results get maps (distributions over the patch
+"""pipeline/search/explain.py with the kit's BLIP: a done text job's results get maps (distributions over the patch
 grid), image queries say there is no text-to-image map, a job not done is 409, a post not in its results 404,
 and an ONNX Runtime/TensorRT reranker is explained by a torch engine of the same checkpoint."""
 
@@ -17,7 +17,7 @@ from engines.blip import TorchBlip
 from engines.kit import KIT_DIR
 from engines.kit.world import make_split
 from pipeline.errors import Conflict, NotFound
-from pipeline.explain import NO_TEXT_MAP, explain_posts, overlay_png, torch_engine
+from pipeline.search.explain import NO_TEXT_MAP, explain_posts, overlay_png, torch_engine
 from pipeline.types import Job, Result
 
 

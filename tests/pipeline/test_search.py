@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pipeline.jobs.keys import events_key, job_key
 from pipeline.jobs.runner import run_job
 from pipeline.jobs.store import JobStore, connect
 from pipeline.layout import feature_key
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import Job, SearchParams
 from tests.conftest import make_settings
@@ -175,8 +176,8 @@ def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, eng
     cancellation and deadlines hold, the fleet's counters carry the kind, and a liked post whose features are
     missing keeps the ANN order."""
     from pipeline import metrics
-    from pipeline.image_query import check
     from pipeline.jobs.keys import cancel_key, image_key
+    from pipeline.search.image_query import check
 
     r = connect(redis_server.url(2), 5)
     r.flushdb()
@@ -216,3 +217,29 @@ def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, eng
     bare.blobs.delete(feature_key(engines.reranker.version, "demo007"))
     out = bare.search(SearchParams(query="", like="demo007", limit=5))
     assert out.not_reranked and [x.score for x in out.results] == [x.ann_score for x in out.results]
+
+
+def test_each_kind_gets_its_plan_and_close_stops_the_searchers_threads(store_dir, tiny_models, engines) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from pipeline.search.plans import ImagePlan, LikePlan, TextPlan, plan_for
+
+    assert isinstance(plan_for(SearchParams(query="x")), TextPlan)
+    assert isinstance(plan_for(SearchParams(query="", like="demo007")), LikePlan)
+    assert isinstance(plan_for(SearchParams(query="", image="ab" * 32)), ImagePlan)
+
+    def ours() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith(("batch-", "store_", "fetch_"))}
+
+    before = ours()  # other tests' Searchers, never closed
+    searcher = _searcher(store_dir, tiny_models, engines, batch_max=4)
+    assert searcher.search(SearchParams(query="a red circle", limit=3)).results  # every pool has run once
+    names = {t.name.split("_")[0] for t in ours() - before}
+    assert names == {"batch-encode", "batch-rerank", "store", "fetch"}, names
+    searcher.close()
+    deadline = time.monotonic() + 10
+    while ours() - before and time.monotonic() < deadline:  # pool threads end once they see the shutdown
+        time.sleep(0.02)
+    assert ours() - before == set()
+    with pytest.raises(RuntimeError):
+        searcher.search(SearchParams(query="a red circle", limit=3))

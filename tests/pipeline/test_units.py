@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import features
 from pipeline.errors import InvalidRequest, StoreError
-from pipeline.fusion import fuse, rank
+from pipeline.search.fusion import fuse, rank
 from pipeline.settings import Settings
 from pipeline.stores.local_blob import LocalBlobStore
 

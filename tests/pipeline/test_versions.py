@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from pipeline.versions import ModelVersionMismatch

@@ -22,6 +22,7 @@ from pipeline.ingest.fanout import run_fanout
 from pipeline.ingest.ledger import CLAIMED, INGESTED
 from pipeline.jobs.store import JobStore, connect
 from pipeline.settings import Settings
+from pipeline.versions import ModelVersions
 from standins.faults import FaultProxy
 from tests.conftest import settings_env
 from tests.live import Live
@@ -154,7 +155,7 @@ def test_a_run_whose_coordinator_dies_is_resumed_by_another(pool: Pool, tmp_path
 def test_a_run_spreads_over_both_hosts_and_survives_losing_one(pool: Pool, demo_images, engines,  # type: ignore[no-untyped-def]
                                                                 pinecone_standin) -> None:
     s = pool.settings()
-    versions = f"{engines.image.version}|{engines.reranker.version}"
+    versions = ModelVersions.of(engines.image, engines.reranker)
     watch = Ledger(pool.ledger_url)
     pool.proxy.set("delay", delay_s=3)  # every upsert stalls: batches are held while the test looks
     out: dict[str, Any] = {}
@@ -207,7 +208,7 @@ def test_a_batch_that_keeps_failing_is_recorded_with_its_reason_and_the_run_ends
     s = pool.settings()
     pool.proxy.set("status")
     try:
-        report = run_fanout(s, FolderSource(folder), batch_sender(s), f"{engines.image.version}|{engines.reranker.version}")
+        report = run_fanout(s, FolderSource(folder), batch_sender(s), ModelVersions.of(engines.image, engines.reranker))
     finally:
         pool.proxy.set("pass")
     assert report.ingested == 0 and sorted(report.failed) == [f"doomed{i}" for i in range(BATCH)]

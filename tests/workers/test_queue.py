@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.search import Searcher
+from pipeline.search.searcher import Searcher
 from pipeline.stores import make_blob_store, make_vector_store
 from pipeline.types import SearchParams
 from tests.conftest import make_settings, settings_env

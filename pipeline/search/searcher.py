@@ -1,9 +1,12 @@
 """The search stages and the Searcher that runs them: encode -> retrieve -> fetch -> rerank -> fuse.
 
-A query is text, a stored post (``like``) or a picture (``image``). Each goes through the same stages:
-``encode`` is the SigLIP text tower, the post's stored vector (read from the vector store: no model runs) or
-the SigLIP image tower; an image query's rerank is the cosine of BLIP's ITC image projections (the query's
-against each candidate's stored one; no ITM, which needs text), its fused score that cosine."""
+A query is text, a stored post (``like``) or a picture (``image``). Each goes through the same stages; its plan
+(``pipeline.search.plans``, picked once per query from its kind) says what differs: ``encode`` is the SigLIP text
+tower, the post's stored vector (read from the vector store: no model runs) or the SigLIP image tower; an image
+query's rerank is the cosine of BLIP's ITC image projections (the query's against each candidate's stored one; no
+ITM, which needs text), its fused score that cosine.
+
+The Searcher's threads (the vector store's calls, the feature fetches, the batchers) run until ``close``."""
 
 from __future__ import annotations
 
@@ -20,17 +23,19 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from pipeline import filters
-from pipeline.batching import Active, Batcher
 from pipeline.breaker import Breaker
 from pipeline.cache import FeatureCache, LocalLRU, ResultCache
 from pipeline.errors import Cancelled, DeadlineExceeded, NotFound, Unavailable
-from pipeline.feature_source import FeatureSource
-from pipeline.fusion import fuse, rank
 from pipeline.ids import reddit_path
 from pipeline.protocols import BlobStore, ImageEncoder, Reranker, TextEncoder, VectorStore
+from pipeline.search import explain, image_query
+from pipeline.search.batching import Active, Batcher
+from pipeline.search.feature_source import FeatureSource
+from pipeline.search.fusion import rank
+from pipeline.search.plans import Plan, Query, Scores, plan_for
 from pipeline.settings import WorkerSettings
 from pipeline.stores.bundle import Stores
-from pipeline.types import Match, Result, SearchOutcome, SearchParams, Vector
+from pipeline.types import Job, Match, Result, SearchOutcome, SearchParams, Vector
 from pipeline.versions import check_versions
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,15 @@ class Searcher:
         return cls(settings, text, stores.vectors, stores.blobs, reranker, feature_cache=stores.feature_cache,
                    results=stores.results, local=stores.local, image=image)
 
+    def close(self) -> None:
+        """Stop this Searcher's threads (a worker process's shutdown): the batchers end once the calls they hold
+        are answered; queued store calls and fetches are dropped. A search after this fails."""
+        for batcher in (self._encode, self._rerank):
+            if batcher is not None:
+                batcher.close()
+        self._store_pool.shutdown(wait=False, cancel_futures=True)
+        self.features.close()
+
     def circuits(self) -> dict[str, str]:
         """Each store's circuit: closed, open or half-open."""
         return {name: b.state for name, b in self.breakers.items()}
@@ -147,8 +161,24 @@ class Searcher:
 
     def fetch(self, ids: Sequence[str], counts: dict[str, int] | None = None,
               deadline: float | None = None) -> dict[str, NDArray[Any]]:
-        """Stored BLIP features by id, from the feature source (see pipeline.feature_source)."""
+        """Stored BLIP features by id, from the feature source (see pipeline.search.feature_source)."""
         return self.features.fetch(self.reranker.version, ids, counts, deadline)
+
+    def stored_features(self, ids: Sequence[str]) -> dict[str, NDArray[Any]]:
+        """Stored BLIP features of this worker's reranker by id (what ``explain`` reads)."""
+        return self.features.fetch(self.reranker.version, ids)
+
+    def picture(self, data: bytes | None, sha256: str) -> Image.Image:
+        """An image query's kept picture, decoded again with ingest's guards (``image_query.picture``)."""
+        return image_query.picture(data, sha256, self.settings.ingest_max_pixels)
+
+    def explain(self, params: SearchParams, results: Sequence[Result]) -> None:
+        """``explain: true``: maps on the first results (``explain.explain_results``)."""
+        explain.explain_results(params, results, self.reranker, self.stored_features)
+
+    def explain_posts(self, job: Job, post_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The explanation of each of ``post_ids`` in ``job``'s results (``explain.explain_posts``)."""
+        return explain.explain_posts(job, post_ids, self.reranker, self.stored_features)
 
     def rerank(self, query: str, feats: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         if self._rerank is not None:
@@ -168,14 +198,10 @@ class Searcher:
                       subreddit=md.get("subreddit"), permalink=reddit_path(md.get("permalink")),
                       created_utc=md.get("created_utc"), image_url=self.settings.image_url.format(id=m.id), metadata=md)
 
-    def fuse(self, candidates: list[Match], reranked: list[str], itm: NDArray[np.float32] | None,
-             cosine: NDArray[np.float32]) -> list[Result]:
-        """Reranked candidates by fused score, then the rest in ANN order (their score is the ANN score). Without
-        ITM (an image query) the score is the cosine."""
+    def fuse(self, candidates: list[Match], reranked: list[str], scores: Scores) -> list[Result]:
+        """Reranked candidates by fused score, then the rest in ANN order (their score is the ANN score)."""
         by_id = {m.id: m for m in candidates}
-        fused = cosine if itm is None else fuse(itm, cosine, self.settings.itm_weight, self.settings.cosine_weight)
-        out = [self.result(by_id[reranked[i]], float(fused[i]), None if itm is None else float(itm[i]),
-                           float(cosine[i])) for i in rank(fused)]
+        out = [self.result(by_id[reranked[i]], *scores.part(i)) for i in rank(scores.fused)]
         done = set(reranked)
         return out + [self.result(m, m.score) for m in candidates if m.id not in done]
 
@@ -210,33 +236,40 @@ class Searcher:
         if params.image and image is None:
             raise ValueError("an image query needs its picture")
         with self.active.job():
-            return self._search(params, deadline, on_candidates, cancelled, image, owner)
-
-    def _search(self, params: SearchParams, deadline: float | None,
-                on_candidates: Callable[[list[Match]], None] | None,
-                cancelled: Callable[[], bool] | None, image: Image.Image | None, owner: str | None) -> SearchOutcome:
-        t0 = time.perf_counter()
-        key = None
-        if self.results is not None:
-            key = ResultCache.key(params.query, params.model_dump(exclude={"query"}),
-                                  [self.text.version, self.reranker.version, str(self.settings.itm_weight),
-                                   str(self.settings.cosine_weight), str(self.settings.top_k), str(self.settings.rerank_k)],
-                                  owner)
-            cached = self.results.get(key)
+            key = self._cache_key(params, owner)
+            cached = self._cached(key, on_candidates)
             if cached is not None:
-                if on_candidates is not None:
-                    on_candidates(cached.candidates)
-                cached.timings = {"cache": round((time.perf_counter() - t0) * 1000, 3)}
-                cached.stats = {"result_cache": 1}
                 return cached
-        clock = _Clock(deadline, cancelled)
-        if params.like:
-            vector = clock.run("encode", self.lookup, params.like, params, deadline)
-        elif image is not None:
-            vector = clock.run("encode", self.encode_image, image)
-        else:
-            vector = clock.run("encode", self.encode, params.query)
-        candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params, deadline)
+            outcome = self._run(plan_for(params), Query(params, image, deadline), _Clock(deadline, cancelled),
+                                on_candidates)
+            if key is not None and self.results is not None and not outcome.not_reranked:
+                self.results.put(key, outcome)  # a degraded answer is not worth keeping
+            return outcome
+
+    def _cache_key(self, params: SearchParams, owner: str | None) -> str | None:
+        if self.results is None:
+            return None
+        s = self.settings
+        return ResultCache.key(params.query, params.model_dump(exclude={"query"}),
+                               [self.text.version, self.reranker.version, str(s.itm_weight), str(s.cosine_weight),
+                                str(s.top_k), str(s.rerank_k)], owner)
+
+    def _cached(self, key: str | None, on_candidates: Callable[[list[Match]], None] | None) -> SearchOutcome | None:
+        t0 = time.perf_counter()
+        cached = self.results.get(key) if key is not None and self.results is not None else None
+        if cached is not None:
+            if on_candidates is not None:
+                on_candidates(cached.candidates)
+            cached.timings = {"cache": round((time.perf_counter() - t0) * 1000, 3)}
+            cached.stats = {"result_cache": 1}
+        return cached
+
+    def _run(self, plan: Plan, q: Query, clock: _Clock,
+             on_candidates: Callable[[list[Match]], None] | None) -> SearchOutcome:
+        """The stages, in the order every kind runs them; ``plan`` says what differs by kind."""
+        params = q.params
+        vector = clock.run("encode", plan.encode, self, q)
+        candidates: list[Match] = clock.run("retrieve", self.retrieve, vector, params, q.deadline)
         if on_candidates is not None:
             on_candidates(candidates)
         wanted = params.candidates if params.candidates is not None else params.rerank_k
@@ -244,28 +277,16 @@ class Searcher:
                                                    len(candidates))
         to_rerank = [m.id for m in candidates[:rerank_k]]
         stats: dict[str, int] = {}
-        # a like query's own features are its rerank query
-        wanted_ids = to_rerank + [params.like] if params.like and to_rerank else to_rerank
-        feats = clock.run("fetch", self.fetch, wanted_ids, stats, deadline) if wanted_ids else {}
-        query_feats: NDArray[Any] | Image.Image | None = feats.pop(params.like, None) if params.like else image
-        reranked = [pid for pid in to_rerank if pid in feats]
-        if params.kind != "text" and query_feats is None:
-            reranked = []  # the liked post's features are missing: nothing to compare, the ANN order stands
-        itm: NDArray[np.float32] | None
-        if params.kind == "text":
-            itm, cosine = (clock.run("rerank", self.rerank, params.query, [feats[pid] for pid in reranked])
-                           if reranked else (np.zeros(0, np.float32), np.zeros(0, np.float32)))
-        else:
-            itm = None
-            cosine = (clock.run("rerank", self.rerank_image, query_feats, [feats[pid] for pid in reranked])
-                      if reranked else np.zeros(0, np.float32))
-        limit = params.limit or self.settings.limit
-        ranked = clock.run("fuse", self.fuse, candidates, reranked, itm, cosine)
+        ids = plan.wanted(q, to_rerank)
+        feats = clock.run("fetch", self.fetch, ids, stats, q.deadline) if ids else {}
+        against = plan.against(q, feats)
+        reranked = [pid for pid in to_rerank if pid in feats] if against is not None else []
+        scores = (clock.run("rerank", plan.score, self, against, [feats[pid] for pid in reranked])
+                  if reranked else plan.none())
+        ranked = clock.run("fuse", self.fuse, candidates, reranked, scores)
         if params.min_score is not None:
             ranked = [r for r in ranked if r.score >= params.min_score]
-        results = ranked[params.offset:params.offset + limit]
-        outcome = SearchOutcome(results=results, candidates=candidates, timings=clock.timings, stats=stats,
-                                not_reranked=[pid for pid in to_rerank if pid not in reranked])
-        if key is not None and self.results is not None and not outcome.not_reranked:
-            self.results.put(key, outcome)  # a degraded answer is not worth keeping
-        return outcome
+        limit = params.limit or self.settings.limit
+        return SearchOutcome(results=ranked[params.offset:params.offset + limit], candidates=candidates,
+                             timings=clock.timings, stats=stats,
+                             not_reranked=[pid for pid in to_rerank if pid not in reranked])

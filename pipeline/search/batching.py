@@ -46,54 +46,84 @@ class Active:
                 self._n -= 1
 
 
+_STOP = None  # put by ``close``: the thread ends once the calls put before it are answered
+
+
 class Batcher(Generic[In, Out]):
     def __init__(self, name: str, fn: Callable[[Sequence[In]], Sequence[Out]], *, max_items: int, wait_s: float,
                  active: Active | None = None) -> None:
         self.name, self.fn, self.max_items, self.wait_s = name, fn, max_items, wait_s
         self.active = active or Active()
-        self._q: queue.SimpleQueue[tuple[In, Future[Out]]] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[In, Future[Out]] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._put = threading.Lock()  # a call is put before the stop mark, or refused: none waits forever
         self.sizes: list[int] = []  # the size of each batch run (the last 1,000), for tests and the benchmark
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
 
     def __call__(self, item: In) -> Out:
         fut: Future[Out] = Future()
-        self._q.put((item, fut))
+        with self._put:
+            if self._closed:
+                raise RuntimeError(f"{self.name}: the batcher is closed")
+            self._q.put((item, fut))
         return fut.result()
 
-    def _gather(self) -> list[tuple[In, Future[Out]]]:
-        batch = [self._q.get()]
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread, once the calls already handed in are answered (waits ``timeout`` at most)."""
+        with self._put:
+            if not self._closed:
+                self._closed = True
+                self._q.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _gather(self) -> tuple[list[tuple[In, Future[Out]]], bool]:
+        """The next batch, and whether the stop mark came after it."""
+        first = self._q.get()
+        if first is None:  # the stop mark
+            return [], True
+        batch = [first]
         until = time.monotonic() + self.wait_s
         while len(batch) < self.max_items:
             try:  # whatever is already waiting joins at once
-                batch.append(self._q.get_nowait())
-                continue
+                got = self._q.get_nowait()
             except queue.Empty:
-                pass
-            left = until - time.monotonic()
-            if left <= 0 or self.active.n <= len(batch):  # no other running job could add to this batch
-                break
-            try:
-                batch.append(self._q.get(timeout=left))
-            except queue.Empty:
-                break
-        return batch
+                left = until - time.monotonic()
+                if left <= 0 or self.active.n <= len(batch):  # no other running job could add to this batch
+                    break
+                try:
+                    got = self._q.get(timeout=left)
+                except queue.Empty:
+                    break
+            if got is None:  # the stop mark
+                return batch, True
+            batch.append(got)
+        return batch, False
 
     def _loop(self) -> None:
-        while True:
-            batch = self._gather()
-            self.sizes = [*self.sizes[-999:], len(batch)]
-            try:
-                self._run(batch)
-            except BaseException:  # noqa: BLE001 - one item broke the batch: each alone, so only it fails
-                if len(batch) == 1:
-                    continue
-                log.warning("%s: a batch of %d failed; running its items one by one", self.name, len(batch))
-                for one in batch:
-                    try:
-                        self._run([one])
-                    except BaseException:  # noqa: BLE001 - already handed to its caller
-                        pass
+        stop = False
+        while not stop:
+            batch, stop = self._gather()
+            if batch:
+                self._serve(batch)
+
+    def _serve(self, batch: list[tuple[In, Future[Out]]]) -> None:
+        self.sizes = [*self.sizes[-999:], len(batch)]
+        try:
+            self._run(batch)
+        except BaseException:  # noqa: BLE001 - one item broke the batch: each alone, so only it fails
+            if len(batch) == 1:
+                return
+            log.warning("%s: a batch of %d failed; running its items one by one", self.name, len(batch))
+            for one in batch:
+                try:
+                    self._run([one])
+                except BaseException:  # noqa: BLE001 - already handed to its caller
+                    pass
 
     def _run(self, batch: list[tuple[In, Future[Out]]]) -> None:
         try:

@@ -94,3 +94,7 @@ class FeatureSource:
                 for pid in fresh:
                     self.local.put(f"{version}:{pid}", out[pid])
         return out
+
+    def close(self) -> None:
+        """Stop the fetch threads (a worker process's shutdown); fetches not started are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -79,16 +79,16 @@ def explain_posts(job: Job, post_ids: Sequence[str], reranker: Any,
     return {p: m.as_json() for p, m in zip(post_ids, maps, strict=True)}
 
 
-def explain_results(params: SearchParams, results: Sequence[Any], searcher: Any, *, top: int = EXPLAIN_TOP) -> None:
+def explain_results(params: SearchParams, results: Sequence[Any], reranker: Any,
+                    features: Callable[[Sequence[str]], dict[str, NDArray[Any]]], *, top: int = EXPLAIN_TOP) -> None:
     """``explain: true``: the first ``top`` results each get ``explanation`` (a map, or for an image query why
-    there is none), in the worker right after the search."""
+    there is none), in the worker right after the search. ``features``: stored vision features by post id."""
     shown = list(results[:top])
     if params.kind != "text":
         for r in shown:
             r.explanation = {"available": False, "reason": NO_TEXT_MAP}
         return
-    reranker = searcher.reranker
-    found = searcher.features.fetch(reranker.version, [r.id for r in shown])
+    found = features([r.id for r in shown])
     have = [r for r in shown if r.id in found]
     from engines.explain import explain
 
