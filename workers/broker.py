@@ -10,7 +10,9 @@ down instead of letting it reconnect:
 Here neither is attempted on a dead channel: those messages stay in the broker's unacked set, from which
 Redis's visibility timeout restores them in the end, and the API's rescue sends a job stranded so again
 within ``rescue_after_s``. On a live channel (a worker stopping for a rolling restart, after its soft shutdown)
-the messages it could not finish go back to the head of their queue at once, for the next worker. A job run
+the messages it could not finish go back to the head of their queue at once, for the next worker; if the broker
+fails that moment (a failover with no primary known yet), the channel that replaces it hands them back at its
+first sweep instead. A job run
 twice still ends once (the first end wins), and one that already ended is skipped when its message comes back.
 
 A ``sentinel://`` URL gets the same two fixes on kombu's Sentinel transport (``SentinelTransport``).
@@ -21,6 +23,7 @@ Checked on the kombu versions that pipeline/vendor.py names (pyproject.toml pins
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -28,6 +31,9 @@ from kombu.transport import redis as kombu_redis
 from pipeline import redisconn, vendor
 
 log = logging.getLogger(__name__)
+# delivery tags a closing channel could not hand back (the broker away): this process's next sweep does
+_pending: set[str] = set()
+_pending_lock = threading.Lock()
 vendor.within("kombu")  # checked on a range of kombu's versions; outside it, say so (tests/test_vendor.py fails)
 
 
@@ -52,11 +58,30 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             log.warning("%d messages left to the visibility timeout: their channel closed with the broker "
                         "connection", len(self._delivered or ()))
             return
+        tags = list(self._delivered or ())
         try:
             super().restore_unacked(client)
-        except Exception as exc:  # noqa: BLE001 - the broker went away meanwhile: the visibility timeout restores
-            log.warning("messages not handed back at close (%s: %s); the visibility timeout restores them",
-                        type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - the broker went away meanwhile (no primary known, a failover)
+            with _pending_lock:
+                _pending.update(tags)
+            log.warning("%d messages not handed back at close (%s: %s); the next channel hands them back",
+                        len(tags), type(exc).__name__, exc)
+
+    def restore_visible(self, *args: Any, **kw: Any) -> Any:
+        """Kombu's periodic sweep (every ``unacked_restore_interval``), after handing back what a channel closed
+        with the broker away could not: reserved messages, not yet started, that otherwise wait for the
+        visibility timeout (past their jobs' deadlines) while a busy queue keeps the rescue from sending them.
+        ``restore_by_tag`` takes each from the unacked set in a transaction, so none goes back twice, and one
+        acknowledged meanwhile is not there to go back. A connection error leaves the rest for the next sweep."""
+        with _pending_lock:
+            tags = list(_pending)
+        for tag in tags:
+            self.restore_by_tag(tag)
+            with _pending_lock:
+                _pending.discard(tag)
+        if tags:
+            log.warning("handed back %d messages a closed channel held", len(tags))
+        return super().restore_visible(*args, **kw)
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
