@@ -20,6 +20,7 @@ from engines.blip import SETTING as BLIP_SETTING
 from engines.blip import BlipBase
 from engines.siglip import SETTING as SIGLIP_SETTING
 from engines.siglip import SiglipBase
+from pipeline.vendor import needs_extra
 
 
 def load_tensorrt() -> Any:
@@ -27,9 +28,8 @@ def load_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise EngineMissing("the tensorrt backend needs the `tensorrt` package and a CUDA GPU: "
-                            "pip install 'imgsearch[gpu]' on a GPU machine, or choose IMGSEARCH_ENGINE_BACKEND="
-                            "onnxruntime or torch") from exc
+        raise EngineMissing(needs_extra("the tensorrt backend needs the `tensorrt` package and a CUDA GPU", "gpu")
+                            + " on a GPU machine, or choose IMGSEARCH_ENGINE_BACKEND=onnxruntime or torch") from exc
     return trt
 
 
