@@ -16,7 +16,7 @@ from api import errors, job_body, metrics
 from api.lanes import Lanes
 from api.limits import BodyLimit, Slots
 from api.middleware import RequestContext
-from api.routes import admin, explain, health, images, jobs, search
+from api.routes import admin, explain, health, images, jobs, page, search
 from pipeline.admission.admit import Admission
 from pipeline.jobs.recovery import Recovery
 from pipeline.jobs.store import AsyncJobStore, aconnect
@@ -91,8 +91,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     # outermost of ours: its id, latency and security headers cover the body limit's 413 too
     app.add_middleware(RequestContext)
 
-    for router in (jobs.router, explain.router, search.router, images.router, health.router, admin.router):
+    for router in (jobs.router, explain.router, search.router, images.router, health.router, page.router,
+                   admin.router):
         app.include_router(router)
-    # the page's scripts beside it (the page itself is health.page)
+    # the page's scripts beside it (the page itself is api.routes.page)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     return app

@@ -299,26 +299,17 @@ def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime or tens
     from rich.progress import Progress
 
     from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, check_precision
-    from engines.export import build_onnx
+    from engines.build import build_engines, onnx_precisions
     from pipeline.settings import get_settings
 
     _logging()
     s = get_settings()
     check_precision(backend, precision)
-    steps = len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * (2 if precision == "int8" else 1)
+    steps = len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * len(onnx_precisions(precision))
     with Progress() as bar:
         task = bar.add_task("onnx export", total=steps)
-        built = build_onnx(s.siglip_model, s.blip_model, s.engines_path,
-                           precisions=("fp32", "int8") if precision == "int8" else ("fp32",), force=force,
-                           progress=lambda what: bar.update(task, advance=1, description=what))
-    if backend == "tensorrt":
-        from engines.blip import BlipBase
-        from engines.siglip import SiglipBase
-        from engines.trt import build_all
-
-        built = build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
-                          BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, precision, force,
-                          max_queries=s.batch_max)
+        built = build_engines(s, backend, precision, force,
+                              progress=lambda what: bar.update(task, advance=1, description=what))
     for path in built:
         typer.echo(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
 

@@ -53,6 +53,7 @@ class Search:
     def load(self) -> None:
         """Once per container: build this GPU type's engines into the Volume if they are not there yet (the
         first container of a GPU type pays it, never a request), then load them and warm up."""
+        from engines.build import build_engines
         from engines.registry import load_engines, preflight
         from pipeline.errors import ImgSearchError
         from pipeline.search.searcher import Searcher
@@ -63,7 +64,7 @@ class Search:
         try:
             preflight(s)
         except ImgSearchError:
-            _build_engines(s)
+            build_engines(s, s.engine_backend, s.engine_precision)
             volume.commit()
         engines = load_engines(s)
         self.searcher = Searcher.over(s, engines.text, engines.reranker, Stores.build(s, caches=False))
@@ -79,21 +80,6 @@ class Search:
         outcome = self.searcher.search(params)
         return {"results": [r.model_dump(mode="json") for r in outcome.results],
                 "degraded": bool(outcome.not_reranked), "timings": outcome.timings}
-
-
-def _build_engines(s: Any) -> None:
-    from engines.export import build_onnx
-
-    precisions = ("fp32", "int8") if s.engine_precision == "int8" else ("fp32",)
-    build_onnx(s.siglip_model, s.blip_model, s.engines_path, precisions=precisions)
-    if s.engine_backend == "tensorrt":
-        from engines.blip import BlipBase
-        from engines.siglip import SiglipBase
-        from engines.trt import build_all
-
-        build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
-                  BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, s.engine_precision,
-                  max_queries=s.batch_max)
 
 
 def limits_store(s: Any) -> Any:

@@ -150,7 +150,7 @@ class Searcher:
         """A vector store call within the deadline, through its circuit breaker."""
         breaker = self.breakers["vector_store"]
         budget = None if deadline is None else max(0.0, deadline - time.time())
-        with breaker.guard():
+        with breaker.attempt():
             future = self._store_pool.submit(call)
             try:
                 return future.result(timeout=budget)

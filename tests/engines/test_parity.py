@@ -115,7 +115,8 @@ def test_full_size_siglip_text_parity(tmp_path_factory) -> None:  # type: ignore
 @pytest.mark.gpu
 def test_tensorrt_parity(tiny_models, engine_dir, reference, demo_images) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("tensorrt")
-    from engines.trt import TrtBlip, TrtSiglip, build_all
+    from engines.build import build_all
+    from engines.trt import TrtBlip, TrtSiglip
 
     ref_s, ref_b = reference
     build_all(ref_s, ref_b, engine_dir, "fp16")

@@ -110,7 +110,7 @@ def test_the_breaker_opens_after_failures_in_a_row_then_lets_one_trial_through()
         b.call(lambda: 7)
     assert exc.value.code == "vector_store_unavailable" and "10.0 s" in exc.value.message
     now[0] = 10.5  # half-open: one trial; a second caller meanwhile is refused
-    with b.guard():
+    with b.attempt():
         assert b.state == "half_open"
         with pytest.raises(CircuitOpen):
             b.call(lambda: 7)
