@@ -84,15 +84,15 @@ class Search:
 def _build_engines(s: Any) -> None:
     from engines.export import build_onnx
 
-    precisions = ("fp32", "int8") if s.engine_precision == "int8" else ("fp32",)
-    build_onnx(s.siglip_model, s.blip_model, s.engines_path, precisions=precisions)
-    if s.engine_backend == "tensorrt":
+    precisions = ("fp32", "int8") if s.engines.precision == "int8" else ("fp32",)
+    build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=precisions)
+    if s.engines.backend == "tensorrt":
         from engines.blip import BlipBase
         from engines.siglip import SiglipBase
         from engines.trt import build_all
 
-        build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
-                  BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, s.engine_precision,
+        build_all(SiglipBase(s.engines.siglip_model, max_tokens=s.engines.text_max_tokens),
+                  BlipBase(s.engines.blip_model, max_tokens=s.engines.blip_max_tokens), s.engines_path, s.engines.precision,
                   max_queries=s.batch_max)
 
 
@@ -100,7 +100,7 @@ def limits_store(s: Any) -> Any:
     """The rate limit's Redis (``IMGSEARCH_LIMITS_REDIS_URL``), or None where the limit is off on purpose
     (``IMGSEARCH_RATE_LIMIT_PER_MIN=0``). A limit with nowhere to keep its buckets is refused at start: the
     endpoint would be open to any rate (the limit is on by default, as the API's)."""
-    if s.rate_limit_per_min <= 0:
+    if s.limits.rate_limit_per_min <= 0:
         return None
     if not s.limits_redis_url:
         raise RuntimeError("the Modal endpoint's rate limit (IMGSEARCH_RATE_LIMIT_PER_MIN) needs a Redis for its "
@@ -133,7 +133,7 @@ def web() -> Any:
     admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}
-    api.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)  # the API's body cap, 413 in the same shape
+    api.add_middleware(BodyLimit, max_bytes=s.limits.max_body_bytes)  # the API's body cap, 413 in the same shape
 
     @api.post("/search")
     async def search(body: SearchRequest, request: Request) -> Any:

@@ -171,7 +171,7 @@ class IngestRun:
         try:
             run_id, cursor = self.ledger.open_run(self.source.key(), fresh)
             self.report.run_id, self.report.resumed = run_id, cursor is not None
-            q: queue.Queue[Any] = queue.Queue(maxsize=2 * self.s.ingest_batch_size + self.s.ingest_concurrency)
+            q: queue.Queue[Any] = queue.Queue(maxsize=2 * self.s.ingest_batch_size + self.s.fetch.concurrency)
             producer = threading.Thread(target=self._produce, args=(cursor, downloader, q), name="ingest-list",
                                         daemon=True)
             producer.start()
@@ -288,7 +288,7 @@ class IngestRun:
     def _spread(self, tower: int, images: list[Image.Image]) -> list[Any]:
         """One tower (0: SigLIP image, 1: BLIP vision) over ``images``, split across the embed streams, each
         calling its engine ``step`` images at a time; results in input order."""
-        step = self.s.ingest_embed_batch or (1 if self.s.device == "cpu" else max(1, len(images)))
+        step = self.s.ingest_embed_batch or (1 if self.s.engines.device == "cpu" else max(1, len(images)))
 
         def run(pair: tuple[ImageEncoder, Reranker], imgs: list[Image.Image]) -> list[Any]:
             call = pair[0].encode_images if tower == 0 else pair[1].vision_features

@@ -71,7 +71,7 @@ def _run(job: Job, searcher: Searcher, store: JobStore) -> Job | None:
             store.event(job_id, "candidates", {"candidates": [m.model_dump(mode="json") for m in cands]})
 
         t0 = time.perf_counter()
-        image = image_query.picture(store.image(job_id), params.image, searcher.settings.ingest_max_pixels) \
+        image = image_query.picture(store.image(job_id), params.image, searcher.settings.fetch.max_pixels) \
             if params.image else None
         outcome = searcher.search(params, deadline=job.deadline_at, on_candidates=on_candidates,
                                   cancelled=lambda: store.cancelled(job_id), image=image, owner=job.owner)
