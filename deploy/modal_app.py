@@ -64,7 +64,7 @@ class Search:
         try:
             preflight(s)
         except ImgSearchError:
-            build_engines(s, s.engine_backend, s.engine_precision)
+            build_engines(s, s.engines.backend, s.engines.precision)
             volume.commit()
         engines = load_engines(s)
         self.searcher = Searcher.over(s, engines.text, engines.reranker, Stores.build(s, caches=False))
@@ -86,7 +86,7 @@ def limits_store(s: Any) -> Any:
     """The rate limit's Redis (``IMGSEARCH_LIMITS_REDIS_URL``), or None where the limit is off on purpose
     (``IMGSEARCH_RATE_LIMIT_PER_MIN=0``). A limit with nowhere to keep its buckets is refused at start: the
     endpoint would be open to any rate (the limit is on by default, as the API's)."""
-    if s.rate_limit_per_min <= 0:
+    if s.limits.rate_limit_per_min <= 0:
         return None
     if not s.limits_redis_url:
         raise RuntimeError("the Modal endpoint's rate limit (IMGSEARCH_RATE_LIMIT_PER_MIN) needs a Redis for its "
@@ -119,7 +119,7 @@ def web() -> Any:
     admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}
-    api.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)  # the API's body cap, 413 in the same shape
+    api.add_middleware(BodyLimit, max_bytes=s.limits.max_body_bytes)  # the API's body cap, 413 in the same shape
 
     @api.post("/search")
     async def search(body: SearchRequest, request: Request) -> Any:

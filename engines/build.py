@@ -35,12 +35,12 @@ def build_engines(settings: WorkerSettings, backend: str, precision: str, force:
                   progress: Callable[[str], None] | None = None) -> list[Path]:
     """The configured models' engines for ``backend`` at ``precision`` under the engine dir (what is there is
     kept unless ``force``): the ONNX exports, then, for TensorRT, its plans. The files the last step built."""
-    built = build_onnx(settings.siglip_model, settings.blip_model, settings.engines_path,
+    built = build_onnx(settings.engines.siglip_model, settings.engines.blip_model, settings.engines_path,
                        precisions=onnx_precisions(precision), force=force, progress=progress)
     if backend != "tensorrt":
         return built
-    return build_all(SiglipBase(settings.siglip_model, max_tokens=settings.text_max_tokens),
-                     BlipBase(settings.blip_model, max_tokens=settings.blip_max_tokens), settings.engines_path,
+    return build_all(SiglipBase(settings.engines.siglip_model, max_tokens=settings.engines.text_max_tokens),
+                     BlipBase(settings.engines.blip_model, max_tokens=settings.engines.blip_max_tokens), settings.engines_path,
                      precision, force, max_queries=settings.batch_max)
 
 

@@ -170,7 +170,7 @@ class Searcher:
 
     def picture(self, data: bytes | None, sha256: str) -> Image.Image:
         """An image query's kept picture, decoded again with ingest's guards (``image_query.picture``)."""
-        return image_query.picture(data, sha256, self.settings.ingest_max_pixels)
+        return image_query.picture(data, sha256, self.settings.fetch.max_pixels)
 
     def explain(self, params: SearchParams, results: Sequence[Result]) -> None:
         """``explain: true``: maps on the first results (``explain.explain_results``)."""

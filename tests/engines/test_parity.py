@@ -181,7 +181,7 @@ def _streams_vs_shared(siglip: str, blip: str, engine_dir: str, demo_images: str
     from engines.registry import load_engines, load_image_engines, prepare_ingest_process
     from pipeline.settings import Settings
 
-    s = Settings(siglip_model=siglip, blip_model=blip, engine_backend="onnxruntime", engine_dir=Path(engine_dir),
+    s = Settings(engines={"siglip_model": siglip, "blip_model": blip, "backend": "onnxruntime", "dir": Path(engine_dir)},
                  ingest_embed_streams=2)
     prepare_ingest_process(s)
     shared = load_engines(s)
