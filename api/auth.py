@@ -10,10 +10,14 @@ from pipeline.admission.admit import Admission
 from pipeline.admission.callers import Caller
 
 
+def key_of(authorization: str | None, api_key: str | None) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` or else ``X-API-Key: <key>`` (every edge reads it so)."""
+    auth = authorization or ""
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else api_key
+
+
 def token(request: Request) -> str | None:
-    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+    return key_of(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 def client_ip(admission: Admission, request: Request) -> str:

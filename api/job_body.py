@@ -88,7 +88,7 @@ async def _upload(request: Request, settings: ApiSettings) -> Submission:
             req.image_options()
         except ValueError as exc:
             raise InvalidRequest(f"options: {exc}") from None
-        data = await picture.read(settings.max_upload_bytes + 1)
+        data = await picture.read(settings.limits.max_upload_bytes + 1)
     finally:
         await form.close()
     return await _with_image(data, params_of(req)[1], request)

@@ -10,6 +10,8 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_body
+
 
 class BodyLimit:
     """Refuse a request body over ``max_bytes`` with 413, whether or not it declares its length.
@@ -59,8 +61,7 @@ class BodyLimit:
                 await self._refuse(send, cap)
 
     async def _refuse(self, send: Send, cap: int) -> None:
-        body = json.dumps({"error": {"code": "payload_too_large",
-                                     "message": f"the request body is over {cap} bytes"}}).encode()
+        body = json.dumps(error_body("payload_too_large", f"the request body is over {cap} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

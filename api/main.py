@@ -16,7 +16,7 @@ from api import errors, job_body, metrics
 from api.lanes import Lanes
 from api.limits import BodyLimit, Slots
 from api.middleware import RequestContext
-from api.routes import admin, explain, health, images, jobs, search
+from api.routes import admin, explain, health, images, jobs, page, search
 from pipeline.admission.admit import Admission
 from pipeline.jobs.recovery import Recovery
 from pipeline.jobs.store import AsyncJobStore, aconnect
@@ -58,7 +58,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # followers (event streams, POST /search's waits) block on a pool of their own: they can't starve the rest
         streams = aconnect(settings.redis_url, settings.redis_socket_timeout_s, sentinel_password=pw,
                            max_connections=settings.stream_pool_size, name="imgsearch-api-streams")
-        app.state.streams = Slots(settings.max_streams, settings.stream_max_s + 5)
+        app.state.streams = Slots(settings.limits.max_streams, settings.limits.stream_max_s + 5)
         celery = app.state.celery = client_app(settings)
         lanes = app.state.lanes = Lanes(settings)
 
@@ -87,14 +87,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="imgsearch", version="0.1.0", lifespan=lifespan,
                   description="Asynchronous text-to-image search over Reddit image posts.")
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       upload_max_bytes=settings.max_upload_bytes + job_body.FORM_SLACK,
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes,
+                       upload_max_bytes=settings.limits.max_upload_bytes + job_body.FORM_SLACK,
                        upload_routes=frozenset({("POST", jobs.router.prefix)}))  # the one route that takes a picture
     # outermost of ours: its id, latency and security headers cover the body limit's 413 too
     app.add_middleware(RequestContext)
 
-    for router in (jobs.router, explain.router, search.router, images.router, health.router, admin.router):
+    for router in (jobs.router, explain.router, search.router, images.router, health.router, page.router,
+                   admin.router):
         app.include_router(router)
-    # the page's scripts beside it (the page itself is health.page)
+    # the page's scripts beside it (the page itself is api.routes.page)
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="static")
     return app

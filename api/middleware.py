@@ -16,7 +16,7 @@ from api import metrics
 from pipeline import logs
 
 # every answer: never sniffed into another type, never framed; a JSON answer runs nothing. (The page sets its own
-# policy, api.routes.health; the OpenAPI pages load their scripts from a CDN, so they get only the frame rule.)
+# policy, api.routes.page; the OpenAPI pages load their scripts from a CDN, so they get only the frame rule.)
 SECURITY_HEADERS = {b"x-content-type-options": b"nosniff", b"x-frame-options": b"DENY",
                     b"referrer-policy": b"no-referrer"}
 API_CSP = b"default-src 'none'; frame-ancestors 'none'"

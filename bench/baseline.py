@@ -41,10 +41,10 @@ def original_rerank(blip: TorchBlip, query: str, images: list[Image.Image]) -> t
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or get_settings()
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
-    siglip = TorchSiglip(s.siglip_model)
-    blip = TorchBlip(s.blip_model)
+    if s.engines.intra_op_threads:
+        torch.set_num_threads(s.engines.intra_op_threads)
+    siglip = TorchSiglip(s.engines.siglip_model)
+    blip = TorchBlip(s.engines.blip_model)
     vectors, blobs = make_vector_store(s), make_blob_store(s)
     app = FastAPI(title="imgsearch baseline (the original's way)")
 

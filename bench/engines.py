@@ -104,7 +104,7 @@ def backends(models: dict[str, Path], engines: Path) -> tuple[tuple[str, str], .
     else:
         print("onnxruntime skipped: no CUDAExecutionProvider in this onnxruntime (needs onnxruntime-gpu)")
     try:
-        from engines.trt import build_all
+        from engines.build import build_all
 
         build_all(SiglipBase(str(models["siglip"])), BlipBase(str(models["blip"])), engines, "fp16")
         chosen.append(GPU_BACKENDS[3])
@@ -240,7 +240,7 @@ def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[in
             build_onnx(str(folder), str(folder), engines, precisions=tuple(ort), components=BLIP_COMPONENTS)
     else:
         try:  # TensorRT plans of BLIP's text side, where tensorrt is installed
-            from engines.trt import blip_profiles, build_plans
+            from engines.build import blip_profiles, build_plans
 
             build_onnx(str(folder), str(folder), engines, precisions=("fp32",))
             blip = BlipBase(str(folder), max_tokens=64)

@@ -123,7 +123,7 @@ def sequential(n: int, models: dict[str, Path], engines: Path) -> dict[str, Any]
                 a = time.perf_counter()
                 data = http.get(p.url).content
                 b = time.perf_counter()
-                img = prepare(data, s.ingest_max_pixels)
+                img = prepare(data, s.fetch.max_pixels)
                 c = time.perf_counter()
                 vec = e.image.encode_images([img.image])[0]
                 feat = e.reranker.vision_features([img.image])[0]

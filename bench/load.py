@@ -84,8 +84,8 @@ def prepare(root: Path, models: str, n: int) -> dict[str, str]:
         siglip, blip = made["siglip"], made["blip-base" if models == "base" else "blip"]
     env = {"IMGSEARCH_DATA_DIR": str(root / "data"), "IMGSEARCH_SIGLIP_MODEL": str(siglip),
            "IMGSEARCH_BLIP_MODEL": str(blip), "IMGSEARCH_CACHE_RESULTS_TTL_S": "0"}
-    s = Settings(data_dir=root / "data", siglip_model=str(siglip), blip_model=str(blip), engine_backend="torch",
-                 engine_precision="fp32")
+    s = Settings(data_dir=root / "data", engines={"siglip_model": str(siglip), "blip_model": str(blip), "backend": "torch",
+                                                  "precision": "fp32"})
     engines = load_engines(s)
     dim = engines.text.encode_text(["x"]).shape[1]
     img_dir = write_demo_images(root / "images", min(n, 64), size=128)

@@ -69,7 +69,7 @@ def prepare(data_dir: Path, n_images: int) -> tuple[dict[str, str], list[str]]:
 
     quiet_libraries()
     # this process's settings, given (the children get ``env``): nothing writes os.environ to reach our own code
-    s = Settings(data_dir=data_dir, siglip_model=str(siglip), blip_model=str(blip), ingest_dedup="off")
+    s = Settings(data_dir=data_dir, engines={"siglip_model": str(siglip), "blip_model": str(blip)}, ingest_dedup="off")
     e = load_engines(s)
     vectors = make_vector_store(s)
     rep = ingest_folder(s, img_dir, e.image, e.reranker, vectors, make_blob_store(s))

@@ -85,7 +85,7 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default: IMGSEARCH_W
         from engines.registry import prepare_ingest_process
 
         prepare_ingest_process(s)  # before the engines load (prefork children inherit it)
-    if "auto" in (s.engine_backend, s.engine_precision) and (pool or s.worker_pool) == "prefork" and \
+    if "auto" in (s.engines.backend, s.engines.precision) and (pool or s.worker_pool) == "prefork" and \
             (concurrency or s.worker_concurrency) > 1:
         # the pool's children would each time the candidates at once, on the same cores: choose once, in a
         # process of its own (this one never loads a model), and they read the cached choice
@@ -156,7 +156,7 @@ def _preflight(s: Any) -> None:
 
     try:
         preflight(s)
-        check_text_layout(s.siglip_model, s.text_max_tokens)  # tokenizer files that would give wrong vectors
+        check_text_layout(s.engines.siglip_model, s.engines.text_max_tokens)  # tokenizer files that would give wrong vectors
     except (ImgSearchError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -299,26 +299,17 @@ def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime or tens
     from rich.progress import Progress
 
     from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, check_precision
-    from engines.export import build_onnx
+    from engines.build import build_engines, onnx_precisions
     from pipeline.settings import get_settings
 
     _logging()
     s = get_settings()
     check_precision(backend, precision)
-    steps = len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * (2 if precision == "int8" else 1)
+    steps = len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * len(onnx_precisions(precision))
     with Progress() as bar:
         task = bar.add_task("onnx export", total=steps)
-        built = build_onnx(s.siglip_model, s.blip_model, s.engines_path,
-                           precisions=("fp32", "int8") if precision == "int8" else ("fp32",), force=force,
-                           progress=lambda what: bar.update(task, advance=1, description=what))
-    if backend == "tensorrt":
-        from engines.blip import BlipBase
-        from engines.siglip import SiglipBase
-        from engines.trt import build_all
-
-        built = build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
-                          BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, precision, force,
-                          max_queries=s.batch_max)
+        built = build_engines(s, backend, precision, force,
+                              progress=lambda what: bar.update(task, advance=1, description=what))
     for path in built:
         typer.echo(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
 
@@ -333,7 +324,7 @@ def engines_list() -> None:
 
     s = get_settings()
     current = set()
-    for source, setting in ((s.siglip_model, SIGLIP_SETTING), (s.blip_model, BLIP_SETTING)):
+    for source, setting in ((s.engines.siglip_model, SIGLIP_SETTING), (s.engines.blip_model, BLIP_SETTING)):
         try:
             current.add(version_of(resolve(source, setting)))
         except Exception:  # a missing model only means nothing is current
@@ -411,8 +402,8 @@ def eval_kit(models: Path = KIT_DIR, n: int = 500, backend: str = "torch", preci
     from engines.registry import load_engines
     from pipeline.settings import get_settings
 
-    s = get_settings().model_copy(update={"siglip_model": str(models / "siglip"), "blip_model": str(models / "blip"),
-                                          "engine_backend": backend, "engine_precision": precision})
+    s = get_settings().model_copy(update={"engines": {"siglip_model": str(models / "siglip"), "blip_model": str(models / "blip"),
+                                                      "backend": backend, "precision": precision}})
     try:
         sweep = [float(w) for w in weights.split(",") if w.strip()]
         gallery = load_manifest(manifest) if manifest is not None else None

@@ -53,6 +53,7 @@ class Search:
     def load(self) -> None:
         """Once per container: build this GPU type's engines into the Volume if they are not there yet (the
         first container of a GPU type pays it, never a request), then load them and warm up."""
+        from engines.build import build_engines
         from engines.registry import load_engines, preflight
         from pipeline.errors import ImgSearchError
         from pipeline.search.searcher import Searcher
@@ -63,7 +64,7 @@ class Search:
         try:
             preflight(s)
         except ImgSearchError:
-            _build_engines(s)
+            build_engines(s, s.engines.backend, s.engines.precision)
             volume.commit()
         engines = load_engines(s)
         self.searcher = Searcher.over(s, engines.text, engines.reranker, Stores.build(s, caches=False))
@@ -81,26 +82,11 @@ class Search:
                 "degraded": bool(outcome.not_reranked), "timings": outcome.timings}
 
 
-def _build_engines(s: Any) -> None:
-    from engines.export import build_onnx
-
-    precisions = ("fp32", "int8") if s.engine_precision == "int8" else ("fp32",)
-    build_onnx(s.siglip_model, s.blip_model, s.engines_path, precisions=precisions)
-    if s.engine_backend == "tensorrt":
-        from engines.blip import BlipBase
-        from engines.siglip import SiglipBase
-        from engines.trt import build_all
-
-        build_all(SiglipBase(s.siglip_model, max_tokens=s.text_max_tokens),
-                  BlipBase(s.blip_model, max_tokens=s.blip_max_tokens), s.engines_path, s.engine_precision,
-                  max_queries=s.batch_max)
-
-
 def limits_store(s: Any) -> Any:
     """The rate limit's Redis (``IMGSEARCH_LIMITS_REDIS_URL``), or None where the limit is off on purpose
     (``IMGSEARCH_RATE_LIMIT_PER_MIN=0``). A limit with nowhere to keep its buckets is refused at start: the
     endpoint would be open to any rate (the limit is on by default, as the API's)."""
-    if s.rate_limit_per_min <= 0:
+    if s.limits.rate_limit_per_min <= 0:
         return None
     if not s.limits_redis_url:
         raise RuntimeError("the Modal endpoint's rate limit (IMGSEARCH_RATE_LIMIT_PER_MIN) needs a Redis for its "
@@ -133,7 +119,7 @@ def web() -> Any:
     admission = Admission(s, None, limits)
     api = FastAPI(title="imgsearch on Modal")
     errors.install(api)  # errors as the API gives them: {"error": {"code", "message"}}
-    api.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)  # the API's body cap, 413 in the same shape
+    api.add_middleware(BodyLimit, max_bytes=s.limits.max_body_bytes)  # the API's body cap, 413 in the same shape
 
     @api.post("/search")
     async def search(body: SearchRequest, request: Request) -> Any:

@@ -73,8 +73,8 @@ def _onnx_built(s: WorkerSettings, precision: str) -> bool:
     from engines.siglip import SETTING as SIGLIP_SETTING
 
     try:
-        siglip = version_of(resolve(s.siglip_model, SIGLIP_SETTING))
-        blip = version_of(resolve(s.blip_model, BLIP_SETTING))
+        siglip = version_of(resolve(s.engines.siglip_model, SIGLIP_SETTING))
+        blip = version_of(resolve(s.engines.blip_model, BLIP_SETTING))
     except Exception:  # noqa: BLE001 - a model that does not resolve fails later, with its own message
         return False
     return not missing_graphs(s.engines_path, siglip, "siglip", precision) and \
@@ -85,7 +85,7 @@ def _trt_built(s: WorkerSettings) -> bool:
     try:
         from engines.registry import preflight
 
-        preflight(s.model_copy(update={"engine_backend": "tensorrt", "engine_precision": "fp16"}))
+        preflight(s.model_copy(update={"engines": {"backend": "tensorrt", "precision": "fp16"}}))
         import tensorrt  # noqa: F401
     except Exception:  # noqa: BLE001 - not built or not installed: torch fp16
         return False
@@ -94,7 +94,7 @@ def _trt_built(s: WorkerSettings) -> bool:
 
 def candidates(s: WorkerSettings, flags: set[str] | None = None) -> tuple[list[tuple[str, str]], str]:
     """The (backend, precision) pairs worth timing on this machine, and why those."""
-    if s.device.startswith("cuda"):
+    if s.engines.device.startswith("cuda"):
         if _trt_built(s):
             return [("tensorrt", "fp16")], "CUDA with TensorRT plans built"
         return [("torch", "fp16")], "CUDA without TensorRT plans: torch fp16"
@@ -121,7 +121,7 @@ def precision_for(backend: str, s: WorkerSettings, flags: set[str] | None = None
     """``auto`` precision on an explicit backend: the fastest this machine runs it at without a timed pass."""
     if backend == "tensorrt":
         return "fp16"
-    if s.device.startswith("cuda"):
+    if s.engines.device.startswith("cuda"):
         return "fp16" if backend == "torch" else "fp32"
     flags = cpu()[1] if flags is None else flags
     if backend == "onnxruntime":
@@ -135,10 +135,10 @@ def cache_path(s: WorkerSettings) -> Path:
     from engines.loading import resolve, version_of
     from engines.siglip import SETTING as SIGLIP_SETTING
 
-    siglip = version_of(resolve(s.siglip_model, SIGLIP_SETTING))
-    blip = version_of(resolve(s.blip_model, BLIP_SETTING))
+    siglip = version_of(resolve(s.engines.siglip_model, SIGLIP_SETTING))
+    blip = version_of(resolve(s.engines.blip_model, BLIP_SETTING))
     host = (s.host or "host").replace("/", "_")
-    return s.engines_path / "auto" / f"{host}.{s.device}.{siglip}.{blip}.json"
+    return s.engines_path / "auto" / f"{host}.{s.engines.device}.{siglip}.{blip}.json"
 
 
 def _stamp() -> dict[str, str]:
@@ -152,7 +152,7 @@ def cached(s: WorkerSettings) -> Choice | None:
         saved = json.loads(cache_path(s).read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("stamp") != _stamp() or saved.get("threads") != s.torch_threads:
+    if saved.get("stamp") != _stamp() or saved.get("threads") != s.engines.intra_op_threads:
         return None
     return Choice(**saved["choice"])
 
@@ -162,7 +162,7 @@ def _save(s: WorkerSettings, choice: Choice) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.torch_threads}))
+        tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.engines.intra_op_threads}))
         tmp.replace(path)
     except OSError as exc:  # a read-only engine dir: measured again next start
         log.warning("auto: could not cache the choice in %s: %s", path, exc)
@@ -197,19 +197,19 @@ def time_query(engines: Any, budget_s: float = BUDGET_S) -> float:
 def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Choice, Any]:
     """The choice for ``s`` (a setting of ``auto``), and the chosen engines if the timed pass loaded them (else
     None: the caller loads them). ``load`` loads a concrete configuration's engines."""
-    if s.engine_backend != AUTO:  # an explicit backend wins; its precision by the CPU's features
-        precision = precision_for(s.engine_backend, s)
-        return Choice(s.engine_backend, precision, f"{s.engine_backend} set; precision {precision} by this "
+    if s.engines.backend != AUTO:  # an explicit backend wins; its precision by the CPU's features
+        precision = precision_for(s.engines.backend, s)
+        return Choice(s.engines.backend, precision, f"{s.engines.backend} set; precision {precision} by this "
                                                    "machine's features"), None
     hit = cached(s)
     if hit is not None:
         return Choice(hit.backend, hit.precision, hit.reason + " (cached)", hit.measured_ms), None
     pairs, why = candidates(s)
-    if s.engine_precision != AUTO:  # an explicit precision wins; the backends that run it
+    if s.engines.precision != AUTO:  # an explicit precision wins; the backends that run it
         from engines.artifacts import PRECISIONS
 
-        pairs = [(b, s.engine_precision) for b in dict.fromkeys(b for b, _ in pairs) if s.engine_precision in PRECISIONS[b]]
-        pairs = pairs or [("torch", s.engine_precision)]
+        pairs = [(b, s.engines.precision) for b in dict.fromkeys(b for b, _ in pairs) if s.engines.precision in PRECISIONS[b]]
+        pairs = pairs or [("torch", s.engines.precision)]
     if len(pairs) == 1:
         choice = Choice(*pairs[0], f"{why}: {pairs[0][0]} {pairs[0][1]}")
         _save(s, choice)
@@ -217,7 +217,7 @@ def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Ch
     measured: dict[str, float] = {}
     best: tuple[float, tuple[str, str], Any] | None = None
     for backend, precision in pairs:
-        concrete = s.model_copy(update={"engine_backend": backend, "engine_precision": precision})
+        concrete = s.model_copy(update={"engines": {"backend": backend, "precision": precision}})
         try:
             engines = load(concrete)
             ms = time_query(engines)
@@ -241,8 +241,8 @@ def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Ch
 
 def describe_host(s: WorkerSettings) -> str:
     """One line for ``imgsearch models check``: what a worker with these settings runs on this machine."""
-    if AUTO not in (s.engine_backend, s.engine_precision):
-        return f"engines: {s.engine_backend} {s.engine_precision} (set explicitly)"
+    if AUTO not in (s.engines.backend, s.engines.precision):
+        return f"engines: {s.engines.backend} {s.engines.precision} (set explicitly)"
     try:
         hit = cached(s)
     except Exception:  # noqa: BLE001 - models that do not resolve here: the rule alone
@@ -261,4 +261,4 @@ if __name__ == "__main__":  # `python -m engines.auto`: choose now (and cache), 
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     concrete, _, how = resolve_auto(get_worker_settings())
-    print(json.dumps({"backend": concrete.engine_backend, "precision": concrete.engine_precision, **(how or {})}))
+    print(json.dumps({"backend": concrete.engines.backend, "precision": concrete.engines.precision, **(how or {})}))

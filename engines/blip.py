@@ -280,6 +280,3 @@ class TorchBlip(BlipBase):
                      embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         itm, proj = self.cores.itm_rx(self._t(ids), self._t(mask), self._t(owner), self._t(embeds))
         return itm.float().cpu().numpy(), proj.float().cpu().numpy()
-
-
-BlipReranker = TorchBlip

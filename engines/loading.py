@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
+from pipeline.vendor import needs_extra
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,8 @@ def load_tokenizer(path: Path, setting: str) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except (ImportError, ValueError, OSError) as exc:
         if "sentencepiece" in str(exc).lower() or "protobuf" in str(exc).lower():
-            raise ModelLoadError(
-                f"the tokenizer of {path} (set by {setting}) is a SentencePiece model and needs the sentencepiece "
-                "package: pip install 'imgsearch[worker]'") from None
+            raise ModelLoadError(needs_extra(f"the tokenizer of {path} (set by {setting}) is a SentencePiece model "
+                                             "and needs the sentencepiece package", "worker")) from None
         raise ModelLoadError(f"could not load the tokenizer of {path} (set by {setting}): {exc}") from None
 
 

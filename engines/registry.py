@@ -1,4 +1,4 @@
-"""Pick and load the engines a worker holds, by the ``engine_backend`` and ``engine_precision`` settings
+"""Pick and load the engines a worker holds, by the ``engines.backend`` and ``engines.precision`` settings
 (``auto``, the default, for either: chosen on this machine at load, engines/auto.py)."""
 
 from __future__ import annotations
@@ -40,33 +40,37 @@ def _torch(s: WorkerSettings) -> Engines:
     from engines.siglip import TorchSiglip
 
     lock = threading.Lock()
-    siglip = TorchSiglip(s.siglip_model, device=s.device, precision=s.engine_precision, max_tokens=s.text_max_tokens,
+    siglip = TorchSiglip(s.engines.siglip_model, device=s.engines.device, precision=s.engines.precision,
+                         max_tokens=s.engines.text_max_tokens,
                          lock=lock)
-    blip = TorchBlip(s.blip_model, device=s.device, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
-                     cross_attention=s.blip_cross_attention, lock=lock)
-    return Engines(siglip, siglip, blip, "torch", s.engine_precision, lock)
+    blip = TorchBlip(s.engines.blip_model, device=s.engines.device, precision=s.engines.precision,
+                     max_tokens=s.engines.blip_max_tokens,
+                     cross_attention=s.engines.blip_cross_attention, lock=lock)
+    return Engines(siglip, siglip, blip, "torch", s.engines.precision, lock)
 
 
 def _onnxruntime(s: WorkerSettings) -> Engines:
     from engines.ort import OrtBlip, OrtSiglip
 
     lock = threading.Lock()
-    siglip = OrtSiglip(s.siglip_model, s.engines_path, max_tokens=s.text_max_tokens, device=s.device,
-                       precision=s.engine_precision, threads=s.torch_threads, lock=lock)
-    blip = OrtBlip(s.blip_model, s.engines_path, max_tokens=s.blip_max_tokens, cross_attention=s.blip_cross_attention,
-                   device=s.device, precision=s.engine_precision, threads=s.torch_threads, lock=lock)
-    return Engines(siglip, siglip, blip, "onnxruntime", s.engine_precision, lock)
+    siglip = OrtSiglip(s.engines.siglip_model, s.engines_path, max_tokens=s.engines.text_max_tokens, device=s.engines.device,
+                       precision=s.engines.precision, threads=s.engines.intra_op_threads, lock=lock)
+    blip = OrtBlip(s.engines.blip_model, s.engines_path, max_tokens=s.engines.blip_max_tokens,
+                   cross_attention=s.engines.blip_cross_attention,
+                   device=s.engines.device, precision=s.engines.precision, threads=s.engines.intra_op_threads, lock=lock)
+    return Engines(siglip, siglip, blip, "onnxruntime", s.engines.precision, lock)
 
 
 def _tensorrt(s: WorkerSettings) -> Engines:
     from engines.trt import TrtBlip, TrtSiglip
 
     lock = threading.Lock()
-    siglip = TrtSiglip(s.siglip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.text_max_tokens,
+    siglip = TrtSiglip(s.engines.siglip_model, s.engines_path, precision=s.engines.precision,
+                       max_tokens=s.engines.text_max_tokens,
                        lock=lock)
-    blip = TrtBlip(s.blip_model, s.engines_path, precision=s.engine_precision, max_tokens=s.blip_max_tokens,
-                   cross_attention=s.blip_cross_attention, lock=lock)
-    return Engines(siglip, siglip, blip, "tensorrt", s.engine_precision, lock)
+    blip = TrtBlip(s.engines.blip_model, s.engines_path, precision=s.engines.precision, max_tokens=s.engines.blip_max_tokens,
+                   cross_attention=s.engines.blip_cross_attention, lock=lock)
+    return Engines(siglip, siglip, blip, "tensorrt", s.engines.precision, lock)
 
 
 BACKENDS: dict[str, Callable[[WorkerSettings], Engines]] = {"torch": _torch, "onnxruntime": _onnxruntime,
@@ -74,11 +78,11 @@ BACKENDS: dict[str, Callable[[WorkerSettings], Engines]] = {"torch": _torch, "on
 
 
 def _load(settings: WorkerSettings) -> Engines:
-    if settings.engine_backend not in BACKENDS:
-        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: auto, "
+    if settings.engines.backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {settings.engines.backend!r}; valid: auto, "
                          f"{', '.join(sorted(BACKENDS))}")
-    check_precision(settings.engine_backend, settings.engine_precision)
-    return BACKENDS[settings.engine_backend](settings)
+    check_precision(settings.engines.backend, settings.engines.precision)
+    return BACKENDS[settings.engines.backend](settings)
 
 
 def resolve_auto(settings: WorkerSettings) -> tuple[WorkerSettings, Engines | None, dict[str, Any] | None]:
@@ -86,21 +90,21 @@ def resolve_auto(settings: WorkerSettings) -> tuple[WorkerSettings, Engines | No
     the timed pass already loaded them, and how the choice was made. Settings without ``auto``: as they are."""
     from engines.auto import AUTO, choose
 
-    if AUTO not in (settings.engine_backend, settings.engine_precision):
+    if AUTO not in (settings.engines.backend, settings.engines.precision):
         return settings, None, None
-    check_precision(settings.engine_backend, settings.engine_precision)
+    check_precision(settings.engines.backend, settings.engines.precision)
     choice, engines = choose(settings, _load)
     log.info("engines: auto chose %s %s: %s", choice.backend, choice.precision, choice.reason)
-    concrete = settings.model_copy(update={"engine_backend": choice.backend, "engine_precision": choice.precision})
+    concrete = settings.model_copy(update={"engines": {"backend": choice.backend, "precision": choice.precision}})
     return concrete, engines, choice.describe()
 
 
 def load_engines(settings: WorkerSettings) -> Engines:
     """Load the configured engines; a missing model or engine raises one error naming what to set or build."""
-    if settings.torch_threads:
+    if settings.engines.intra_op_threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.engines.intra_op_threads)
     concrete, engines, chosen = resolve_auto(settings)
     engines = engines or _load(concrete)
     engines.chosen = chosen
@@ -116,7 +120,7 @@ def embed_streams(settings: IngestSettings) -> int:
 
     if settings.ingest_embed_streams:
         return settings.ingest_embed_streams
-    if settings.engine_backend == "onnxruntime" and settings.device == "cpu":
+    if settings.engines.backend == "onnxruntime" and settings.engines.device == "cpu":
         return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
     return 1
 
@@ -124,7 +128,7 @@ def embed_streams(settings: IngestSettings) -> int:
 def prepare_ingest_process(settings: IngestSettings) -> None:
     """Before any engine loads in a process that ingests: sessions with their own pools, if it will run
     parallel embed streams."""
-    if embed_streams(settings) > 1 and settings.engine_backend == "onnxruntime":
+    if embed_streams(settings) > 1 and settings.engines.backend == "onnxruntime":
         from engines.ort import per_session_pools
 
         per_session_pools()
@@ -134,21 +138,22 @@ def load_image_engines(settings: IngestSettings, engines: Engines | None = None)
     """The (SigLIP image, BLIP vision) pairs an ingest run embeds with: the loaded engines alone, or as many
     single-threaded ONNX Runtime replicas (image sessions only) as ``embed_streams`` says."""
     n = embed_streams(settings)
-    if n > 1 and settings.engine_backend == "onnxruntime":
+    if n > 1 and settings.engines.backend == "onnxruntime":
         from engines.ort import per_session_pools
 
         if not per_session_pools():
             log.warning("ONNX Runtime's global thread pool is already in use here: ingest embeds in one stream "
                         "(call engines.ort.per_session_pools() before loading any engine)")
             n = 1
-    if n <= 1 or settings.engine_backend != "onnxruntime":
+    if n <= 1 or settings.engines.backend != "onnxruntime":
         e = engines or load_engines(settings)
         return [(e.image, e.reranker)]
     from engines.ort import OrtBlip, OrtSiglip
 
-    kw = dict(device=settings.device, precision=settings.engine_precision, threads=1, shared_pool=False)
-    return [(OrtSiglip(settings.siglip_model, settings.engines_path, components=("siglip_image",), **kw),  # type: ignore[arg-type]
-             OrtBlip(settings.blip_model, settings.engines_path, **kw))  # type: ignore[arg-type]
+    kw = dict(device=settings.engines.device, precision=settings.engines.precision, threads=1, shared_pool=False)
+    return [(OrtSiglip(settings.engines.siglip_model, settings.engines_path, components=("siglip_image",),
+                       **kw),  # type: ignore[arg-type]
+             OrtBlip(settings.engines.blip_model, settings.engines_path, **kw))  # type: ignore[arg-type]
             for _ in range(n)]
 
 
@@ -159,28 +164,28 @@ def preflight(settings: WorkerSettings) -> None:
     from engines.loading import resolve, version_of
     from engines.siglip import SETTING as SIGLIP_SETTING
 
-    if settings.engine_backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown engine backend {settings.engine_backend!r}; valid: auto, "
+    if settings.engines.backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown engine backend {settings.engines.backend!r}; valid: auto, "
                          f"{', '.join(sorted(BACKENDS))}")
-    check_precision(settings.engine_backend, settings.engine_precision)
-    siglip = version_of(resolve(settings.siglip_model, SIGLIP_SETTING))
-    blip = version_of(resolve(settings.blip_model, BLIP_SETTING))
-    if settings.engine_backend == "auto":
+    check_precision(settings.engines.backend, settings.engines.precision)
+    siglip = version_of(resolve(settings.engines.siglip_model, SIGLIP_SETTING))
+    blip = version_of(resolve(settings.engines.blip_model, BLIP_SETTING))
+    if settings.engines.backend == "auto":
         return  # auto times only what is built (engines/auto.py)
-    if settings.engine_precision == "auto":
+    if settings.engines.precision == "auto":
         from engines.auto import precision_for
 
-        settings = settings.model_copy(update={"engine_precision": precision_for(settings.engine_backend, settings)})
-    if settings.engine_backend == "onnxruntime":
+        settings = settings.model_copy(update={"engines": {"precision": precision_for(settings.engines.backend, settings)}})
+    if settings.engines.backend == "onnxruntime":
         for version, names in ((siglip, SIGLIP_COMPONENTS), (blip, BLIP_COMPONENTS)):
             for name in names:
-                require(onnx_path(settings.engines_path, version, name, settings.engine_precision), "onnxruntime",
-                        settings.engine_precision)
-    elif settings.engine_backend == "tensorrt":
+                require(onnx_path(settings.engines_path, version, name, settings.engines.precision), "onnxruntime",
+                        settings.engines.precision)
+    elif settings.engines.backend == "tensorrt":
         from engines.trt import Plan, plan_path
 
         for version, names in ((siglip, SIGLIP_COMPONENTS), (blip, BLIP_COMPONENTS)):
             for name in names:
-                path = plan_path(settings.engines_path, version, name, settings.engine_precision)
+                path = plan_path(settings.engines_path, version, name, settings.engines.precision)
                 if not path.is_file():
                     Plan(path)  # raises the message that names the build command

@@ -111,7 +111,3 @@ class TorchSiglip(SiglipBase):
         pixels = torch.from_numpy(pixel_values).to(self.device, self.dtype)
         out = features(self.model.get_image_features(pixel_values=pixels))
         return out.float().cpu().numpy()  # type: ignore[no-any-return]
-
-
-# the name the first version used
-SiglipEncoder = TorchSiglip

@@ -1,15 +1,12 @@
-"""TensorRT backend: engines built from the ONNX exports with optimisation profiles sized to the real inputs,
-cached on disk under a key of model version, GPU name and TensorRT version, and run through torch's CUDA
-memory. Building is a command (``imgsearch engines build --backend tensorrt``), never a request-time step.
+"""TensorRT backend: plans (built from the ONNX exports by engines.build) found on disk under a key of model
+version, GPU name and TensorRT version, and run through torch's CUDA memory. Building is a command
+(``imgsearch engines build --backend tensorrt``), never a request-time step; this module only loads and runs.
 
 Needs a CUDA GPU, the ``tensorrt`` package and its libraries (the ``gpu`` extra, or NVIDIA's images).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -18,23 +15,22 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engines.artifacts import EngineMissing, onnx_path
+from engines.artifacts import EngineMissing
 from engines.blip import MAX_TOKENS as BLIP_MAX_TOKENS
 from engines.blip import SETTING as BLIP_SETTING
 from engines.blip import BlipBase
 from engines.siglip import SETTING as SIGLIP_SETTING
 from engines.siglip import SiglipBase
+from pipeline.vendor import needs_extra
 
-log = logging.getLogger(__name__)
 
-
-def _trt() -> Any:
+def load_tensorrt() -> Any:
+    """The tensorrt module, or EngineMissing naming what to install."""
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise EngineMissing("the tensorrt backend needs the `tensorrt` package and a CUDA GPU: "
-                            "pip install 'imgsearch[gpu]' on a GPU machine, or choose IMGSEARCH_ENGINE_BACKEND="
-                            "onnxruntime or torch") from exc
+        raise EngineMissing(needs_extra("the tensorrt backend needs the `tensorrt` package and a CUDA GPU", "gpu")
+                            + " on a GPU machine, or choose IMGSEARCH_ENGINE_BACKEND=onnxruntime or torch") from exc
     return trt
 
 
@@ -42,7 +38,7 @@ def cache_dir(engine_dir: Path, model_version: str) -> Path:
     """The folder of this model's engines for this GPU and this TensorRT version."""
     import torch
 
-    trt = _trt()
+    trt = load_tensorrt()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
     return engine_dir / model_version / f"trt-{gpu}-{trt.__version__}"
 
@@ -51,36 +47,6 @@ def plan_path(engine_dir: Path, model_version: str, component: str, precision: s
     from engines.artifacts import graph_name
 
     return cache_dir(engine_dir, model_version) / f"{graph_name(component)}.{precision}.plan"
-
-
-def build_plan(onnx_file: Path, plan: Path, profiles: dict[str, tuple[tuple[int, ...], ...]], precision: str = "fp16",
-               workspace_gb: int = 4) -> Path:
-    """Parse ``onnx_file``, build an engine with one optimisation profile (min, opt, max per input), save it."""
-    trt = _trt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_file)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_file}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_gb << 30)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profiles.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build {plan.name}")
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.with_name(f".tmp-{os.getpid()}-{plan.name}")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, plan)
-    (plan.parent / f"{plan.stem}.json").write_text(json.dumps({"profiles": profiles, "precision": precision}))
-    return plan
 
 
 class Plan:
@@ -92,7 +58,7 @@ class Plan:
                                 "version): build it with `imgsearch engines build --backend tensorrt`")
         import torch
 
-        trt = _trt()
+        trt = load_tensorrt()
         self.torch = torch
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
         self.context = self.engine.create_execution_context()
@@ -173,63 +139,3 @@ class TrtBlip(BlipBase):
         itm, proj = self.itm_rx(input_ids=ids, attention_mask=mask, owner=owner,
                                 image_embeds=embeds.astype(np.float32, copy=False))
         return itm, proj
-
-
-def siglip_profiles(siglip: SiglipBase, max_queries: int = 8) -> dict[str, dict[str, Any]]:
-    """SigLIP's optimisation profiles: its 64-token queries (up to ``max_queries`` per call, and ingest's
-    batches), the processor's image size."""
-    import json as _json
-
-    img = _json.loads((siglip.path / "config.json").read_text())["vision_config"].get("image_size", 224)
-    t = siglip.max_tokens
-    return {
-        "siglip_text": {"input_ids": ((1, t), (16, t), (max(64, max_queries), t))},
-        "siglip_image": {"pixel_values": ((1, 3, img, img), (16, 3, img, img), (32, 3, img, img))},
-    }
-
-
-def blip_profiles(blip: BlipBase, max_batch: int = 128, max_queries: int = 8) -> dict[str, dict[str, Any]]:
-    """BLIP's optimisation profiles, covering every call the worker makes: up to ``max_queries`` queries per call
-    (the batcher's ``batch_max``; ITC and the reassociated ITM pass take one row per query) of up to its token
-    limit, and up to ``max_batch`` rerank candidates with the model's patch count and width."""
-    import json as _json
-
-    cfg = _json.loads((blip.path / "config.json").read_text())["vision_config"]
-    img = cfg.get("image_size", 384)
-    patches = (img // cfg.get("patch_size", 16)) ** 2 + 1
-    width = cfg.get("hidden_size", 768)
-    q, nq = blip.max_tokens, max(1, max_queries)
-    embeds = ((1, patches, width), (32, patches, width), (max_batch, patches, width))
-    return {
-        "blip_vision": {"pixel_values": ((1, 3, img, img), (16, 3, img, img), (32, 3, img, img))},
-        "blip_itc": {"input_ids": ((1, 1), (1, 16), (nq, q)), "attention_mask": ((1, 1), (1, 16), (nq, q))},
-        "blip_itm": {"input_ids": ((1, 1), (32, 16), (max_batch, q)), "attention_mask": ((1, 1), (32, 16), (max_batch, q)),
-                     "image_embeds": embeds},
-        "blip_itm_rx": {"input_ids": ((1, 1), (1, 16), (nq, q)), "attention_mask": ((1, 1), (1, 16), (nq, q)),
-                        "owner": ((1,), (32,), (max_batch,)), "image_embeds": embeds},
-    }
-
-
-def profiles_for(siglip: SiglipBase, blip: BlipBase, max_batch: int = 128, max_queries: int = 8) -> dict[str, dict[str, Any]]:
-    """Every component's optimisation profile (``siglip_profiles`` and ``blip_profiles``)."""
-    return {**siglip_profiles(siglip, max_queries), **blip_profiles(blip, max_batch, max_queries)}
-
-
-def build_plans(profiles: dict[str, dict[str, Any]], versions: dict[str, str], engine_dir: Path, precision: str = "fp16",
-                force: bool = False) -> list[Path]:
-    """Build (or keep) one plan per component from its fp32 ONNX export; ``versions``: component -> model version."""
-    built = []
-    for component, shapes in profiles.items():
-        plan = plan_path(engine_dir, versions[component], component, precision)
-        if force or not plan.is_file():
-            log.info("building TensorRT %s %s", component, precision)
-            build_plan(onnx_path(engine_dir, versions[component], component, "fp32"), plan, shapes, precision)
-        built.append(plan)
-    return built
-
-
-def build_all(siglip: SiglipBase, blip: BlipBase, engine_dir: Path, precision: str = "fp16",
-              force: bool = False, max_queries: int = 8) -> list[Path]:
-    profiles = profiles_for(siglip, blip, max_queries=max_queries)
-    versions = {c: siglip.version if c.startswith("siglip") else blip.version for c in profiles}
-    return build_plans(profiles, versions, engine_dir, precision, force)

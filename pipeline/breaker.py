@@ -77,7 +77,7 @@ class Breaker:
                 self._opened_at, self._trial = self.clock(), False
 
     @contextmanager
-    def guard(self) -> Iterator[None]:
+    def attempt(self) -> Iterator[None]:
         """Around one call of the dependency: refused while open; its outcome counted."""
         self.allow()
         try:
@@ -93,5 +93,5 @@ class Breaker:
         self.success()
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
-        with self.guard():
+        with self.attempt():
             return fn(*args)

@@ -69,13 +69,12 @@ class LocalLRU:
         return len(self._items)
 
 
-class _Guarded:
+class _BestEffort:
     """Runs Redis calls, turning failures into a default and pausing calls for a while after one."""
 
     def __init__(self, client: redis.Redis, pause_s: float = 5.0) -> None:
         self.r, self.pause_s = client, pause_s
         self._down_until = 0.0
-        self.errors = 0
 
     def call(self, fn: Callable[[], T], default: T) -> T:
         if time.monotonic() < self._down_until:
@@ -83,13 +82,12 @@ class _Guarded:
         try:
             return fn()
         except redis.RedisError as exc:
-            self.errors += 1
             self._down_until = time.monotonic() + self.pause_s
             log.warning("cache unavailable (%s); searching without it for %.0f s", type(exc).__name__, self.pause_s)
             return default
 
 
-class FeatureCache(_Guarded):
+class FeatureCache(_BestEffort):
     """Hot BLIP features in Redis: each entry expires, and at most ``max_items`` are kept (oldest out first)."""
 
     def __init__(self, client: redis.Redis, ttl_s: int, max_items: int) -> None:
@@ -139,7 +137,7 @@ class FeatureCache(_Guarded):
         self.call(drop, None)
 
 
-class ResultCache(_Guarded):
+class ResultCache(_BestEffort):
     """Whole query outcomes, keyed by who asked, the query, its parameters and the model versions; they expire.
 
     Per owner (the job's key) because a hit shows: it answers in a millisecond and says ``result_cache`` in the

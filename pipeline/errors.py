@@ -1,4 +1,4 @@
-"""One error family; each error carries a stable code that the API maps to HTTP."""
+"""One error family; each error carries a stable code and the HTTP status class every edge answers it with."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ class ImgSearchError(Exception):
     """Base error. ``code`` is stable and machine-readable; the message is for people."""
 
     code = "internal_error"
+    status = 500  # what an HTTP edge answers with (api.errors); a subclass inherits its parent's
     # the message speaks of the caller's request (or of waiting) only, in our words: a job's public record may
     # show it. Others may carry a store's address, a key, a path or an exception's text (public_error).
     public = False
@@ -23,26 +24,33 @@ class ImgSearchError(Exception):
 
 class InvalidRequest(ImgSearchError):
     code = "invalid_request"
+    status = 422
     public = True
 
 
 class NotFound(ImgSearchError):
     code = "not_found"
+    status = 404
     public = True
 
 
 class Forbidden(ImgSearchError):
     code = "forbidden"
+    status = 403
 
 
 class Conflict(ImgSearchError):
     """The request does not fit the resource's state (e.g. cancelling a job that already ended)."""
 
     code = "conflict"
+    status = 409
 
 
 class Cancelled(ImgSearchError):
+    """The client cancelled the job (raised on a worker); an edge waiting on the job answers 409, a conflict."""
+
     code = "cancelled"
+    status = 409
     public = True
 
 
@@ -57,6 +65,7 @@ class Unavailable(ImgSearchError):
     """A dependency (Redis, a store) can't be reached; retry later."""
 
     code = "unavailable"
+    status = 503
 
 
 class ModelLoadError(ImgSearchError):
@@ -69,6 +78,7 @@ class StoreError(ImgSearchError):
 
 class DeadlineExceeded(ImgSearchError):
     code = "deadline_exceeded"
+    status = 504
     public = True
 
 
@@ -76,12 +86,14 @@ class Unauthorized(ImgSearchError):
     """No valid API key where one is needed."""
 
     code = "unauthorized"
+    status = 401
 
 
 class RateLimited(ImgSearchError):
     """Over a limit (the rate, or the caller's jobs in flight); ``retry_after`` in whole seconds."""
 
     code = "rate_limited"
+    status = 429
 
     def __init__(self, message: str, retry_after: float, code: str | None = None) -> None:
         super().__init__(message, code=code)
@@ -109,6 +121,17 @@ def public_error(exc: BaseException) -> tuple[str, str]:
         safe = next((m for cls, m in _SAFE_MESSAGES if isinstance(exc, cls)), "the search failed")
         return exc.code, safe
     return INTERNAL, "the search failed on an internal error (logged with this job's id)"
+
+
+# The failures an edge waiting on a job tells apart (any other is a 500). A job's record keeps the code only, so
+# its error is the class whose code the recorded one is or ends with (a store's ``vector_store_unavailable``).
+_JOB_FAILURES: tuple[type[ImgSearchError], ...] = (DeadlineExceeded, Cancelled, InvalidRequest, Rejected, Unavailable)
+
+
+def job_failure(code: str, message: str) -> ImgSearchError:
+    """A failed job's recorded error (``public_error``'s code and message) as the error it answers with."""
+    kind = next((cls for cls in _JOB_FAILURES if code.endswith(cls.code)), ImgSearchError)
+    return kind(message, code=code)
 
 
 def describe(exc: BaseException) -> str:

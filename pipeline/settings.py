@@ -1,22 +1,31 @@
-"""All settings, read from the environment in one place: one class per deployable on a shared base.
+"""All settings, read from the environment in one place: one class per deployable on a shared base, the settings
+that belong together in groups.
 
-``SharedSettings`` holds what every process needs (Redis, the stores, the jobs' bounds); ``ApiSettings`` adds the
-API's (keys, limits, proxies), ``WorkerSettings`` a search worker's (models, engines, caches, batching) and
-``IngestSettings`` ingest's (sources, downloads, near-duplicates) on top of the worker's (ingest embeds with the
-same engines). ``Settings`` is all of them, for the processes that start every deployable: the CLI and the demo.
-Each process reads only its own class, so a worker never needs the API's keys and the API never sees a Reddit
-secret; env=production checks each class's own unsafe values."""
+``SharedSettings`` holds what every process needs (Redis, the stores, the jobs' bounds, and the rules for fetching
+a picture, ``fetch``); ``ApiSettings`` adds the API's (keys, proxies, ``limits``), ``WorkerSettings`` a search
+worker's (``engines``, ``caches``, batching) and ``IngestSettings`` ingest's (sources, ``reddit``, near-duplicates)
+on top of the worker's (ingest embeds with the same engines). ``Settings`` is all of them, for the processes that
+start every deployable: the CLI and the demo. Each process reads only its own class, so a worker never needs the
+API's keys and the API never sees a Reddit secret; env=production checks each class's own unsafe values.
+
+A group's field is set by ``IMGSEARCH_<GROUP>__<FIELD>`` (``IMGSEARCH_LIMITS__RATE_LIMIT_PER_MIN=0``) or the whole
+group as JSON (``IMGSEARCH_FETCH='{"max_bytes": 1000000}'``). The flat names the settings had before the groups
+(``IMGSEARCH_RATE_LIMIT_PER_MIN``) keep working: ``MIGRATION`` maps each to its group and field, read below the new
+names (a new name set too wins), and the same names work as keyword arguments (``Settings(rate_limit_per_min=0)``)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 
 class ApiKey(BaseModel):
@@ -31,6 +40,207 @@ def _env(name: str, *legacy: str) -> AliasChoices:
     return AliasChoices(f"IMGSEARCH_{name}", *legacy)
 
 
+class _Group(BaseModel):
+    # a refused value is named, never shown, as in the settings classes
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
+
+
+class FetchRules(_Group):
+    """How a picture is fetched from the internet and decoded: ingest's downloads, and the API's ``image_url``
+    queries (which tighten the time, the size and the tries: ``pipeline.image_query.fetch``). A worker decodes a
+    query's picture under ``max_pixels`` too."""
+
+    concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
+    timeout_s: float = Field(20.0, gt=0)  # per connect and per read of a download
+    retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx
+    max_bytes: int = Field(20 << 20, ge=1)  # a larger download is refused (the bytes read count)
+    # a download's whole time, every try and redirect included: a slow host can't hold a run (and its lock)
+    deadline_s: float = Field(60.0, gt=0)
+    # ...and its slowest average rate once it has had min_rate_after_s: a drip is cut off early
+    min_bytes_per_s: int = Field(16_384, ge=0)
+    min_rate_after_s: float = Field(5.0, ge=0)
+    # loopback, private, link-local and other non-public addresses are never fetched from, except inside these
+    # networks (CIDRs): for a test's stand-in ("127.0.0.1/32") or a private mirror; keep each as narrow as that
+    allow_networks: list[str] = []
+    # the only ports a picture is fetched from, redirects included: a URL or a redirect naming another (a Redis's
+    # 6379 on a network allowed above) is refused; add a test stand-in's port here, not a range
+    allow_ports: list[int] = [80, 443]
+    max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard (width x height)
+    # every download's User-Agent, and Reddit's listings'
+    user_agent: str = "linux:imgsearch-ingest:0.1 (text-to-image search; by /u/imgsearch)"
+    # hosts whose links are taken as direct images (gallery images come from Reddit's own media metadata)
+    # ...and the only hosts an image is fetched from, redirects included (a gallery's images too)
+    image_hosts: list[str] = ["i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"]
+    max_wait_s: float = Field(120.0, ge=0)  # the longest Retry-After / rate-limit reset honoured (Reddit's too)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, nets: list[str]) -> list[str]:
+        for net in nets:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"fetch.allow_networks: {net!r} is not an address or CIDR") from None
+        return nets
+
+    @field_validator("allow_ports")
+    @classmethod
+    def _ports(cls, ports: list[int]) -> list[int]:
+        if any(not 1 <= p <= 65535 for p in ports):
+            raise ValueError("fetch.allow_ports: each a TCP port, 1 to 65535")
+        return ports
+
+
+class Limits(_Group):
+    """What the API lets one request, one caller and one API process have: it answers 413, 429 or 503 past them."""
+
+    rate_limit_per_min: int = Field(120, ge=0)  # per API key, or per client address without keys; 0: off
+    rate_limit_burst: int = Field(30, ge=1)
+    max_jobs_in_flight: int = Field(32, ge=0)  # per caller: queued or running; 0: no cap
+    max_queue_length: int = Field(2000, ge=0)  # search jobs waiting; past it, new ones get 503 at once (0: no cap)
+    max_query_chars: int = 512
+    max_body_bytes: int = Field(16_384, ge=256)
+    # an upload's cap (POST /v1/jobs as multipart/form-data; JSON bodies keep max_body_bytes), and an image_url
+    # query's download's
+    max_upload_bytes: int = Field(10 << 20, ge=1024)
+    # event streams (GET /v1/jobs/{id}/events): per caller at once (429 past it; counted in the limits' Redis,
+    # so across API processes), in all on one API process (503 past it), and the longest one lasts (the client
+    # reconnects with Last-Event-ID); 0: no cap
+    max_streams_per_caller: int = Field(8, ge=0)
+    max_streams: int = Field(200, ge=1)
+    stream_max_s: float = Field(300.0, gt=0)
+
+
+class Engines(_Group):
+    """The models a worker runs and the engines that run them."""
+
+    siglip_model: str = "google/siglip2-base-patch16-512"
+    blip_model: str = "Salesforce/blip-itm-large-coco"
+    # auto (default): chosen at worker start from this machine's CPU features or GPU, confirmed by a short timed
+    # pass, cached per host and model version (engines/auto.py); else torch | onnxruntime | tensorrt
+    backend: str = "auto"
+    precision: str = "auto"  # auto | torch: fp32 bf16 fp16; onnxruntime: fp32 int8; tensorrt: fp16 fp32
+    dir: Path | None = None  # built engines; default {data_dir}/engines
+    device: str = "cpu"
+    text_max_tokens: int = 64
+    # BLIP ITM was trained on captions of at most 35 tokens ([CLS] and [SEP] included); longer queries are cut there
+    blip_max_tokens: int = Field(35, ge=2, le=512)
+    # auto: BLIP's cross-attention reassociated wherever that is cheaper (exact; engines/crossattn.py); plain:
+    # transformers' own forward, for comparison and debugging
+    blip_cross_attention: Literal["auto", "plain"] = "auto"
+    # the threads one operator may use, in torch and in ONNX Runtime's sessions alike; 0: each library's default
+    intra_op_threads: int = Field(0, ge=0)
+
+
+class Caches(_Group):
+    """A search worker's caches (Redis at redis_url; an outage slows search, never fails it)."""
+
+    results_ttl_s: int = Field(300, ge=0)  # 0 turns the query result cache off
+    # the Redis feature cache pays off in front of a remote blob store; a local folder (page-cached) answers a
+    # query's 32 x 1.2 MB features faster than Redis does (bench.stores), so "auto" uses it for remote ones only
+    features: Literal["auto", "on", "off"] = "auto"
+    features_ttl_s: int = Field(3600, ge=0)
+    features_max: int = Field(20_000, ge=0)  # feature entries kept in Redis (about 1.2 MB each at full size)
+    local_mb: int = Field(256, ge=0)  # each worker's in-process feature LRU
+
+
+class Reddit(_Group):
+    """Ingest's Reddit source: app-only OAuth when both credentials are set, the public JSON listings otherwise."""
+
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    # subreddit -> minimum score, as the original service had them (JSON in the environment)
+    subreddits: dict[str, int] = {"memes": 1000, "dankmemes": 1000, "me_irl": 800, "meirl": 800}
+    sort: Literal["top", "hot", "new", "rising", "controversial"] = "top"
+    period: Literal["hour", "day", "week", "month", "year", "all"] = "day"
+    page_size: int = Field(100, ge=1, le=100)
+    max_pages: int = Field(10, ge=1)  # per subreddit and run (Reddit serves about 1,000 items a listing)
+    public_url: str = "https://www.reddit.com"
+    oauth_url: str = "https://oauth.reddit.com"
+    token_url: str = "https://www.reddit.com/api/v1/access_token"
+    # a listing's (or token's) answer is read up to this many bytes (decoded), then refused: a 100-post page of
+    # raw JSON is well under 1 MiB
+    max_listing_bytes: int = Field(8 << 20, ge=4096)
+
+
+def _moved(group: str, fields: str, prefix: str = "") -> dict[str, tuple[str, str]]:
+    return {f"IMGSEARCH_{prefix}{f}".upper(): (group, f) for f in fields.split()}
+
+
+# The flat names before the groups -> (group, field). The environment's old names keep working (below the new
+# ones: a new name set too wins), and so do the same names, lower-case and without IMGSEARCH_, as keyword arguments.
+MIGRATION: dict[str, tuple[str, str]] = {
+    **_moved("fetch", "concurrency timeout_s retries max_bytes deadline_s min_bytes_per_s min_rate_after_s "
+                      "allow_networks allow_ports max_pixels", prefix="ingest_"),
+    "IMGSEARCH_REDDIT_USER_AGENT": ("fetch", "user_agent"),
+    "IMGSEARCH_REDDIT_IMAGE_HOSTS": ("fetch", "image_hosts"),
+    "IMGSEARCH_REDDIT_MAX_WAIT_S": ("fetch", "max_wait_s"),
+    **_moved("limits", "rate_limit_per_min rate_limit_burst max_jobs_in_flight max_queue_length max_query_chars "
+                       "max_body_bytes max_upload_bytes max_streams_per_caller max_streams stream_max_s"),
+    **_moved("engines", "siglip_model blip_model text_max_tokens blip_max_tokens blip_cross_attention device"),
+    "IMGSEARCH_ENGINE_BACKEND": ("engines", "backend"),
+    "IMGSEARCH_ENGINE_PRECISION": ("engines", "precision"),
+    "IMGSEARCH_ENGINE_DIR": ("engines", "dir"),
+    "IMGSEARCH_TORCH_THREADS": ("engines", "intra_op_threads"),
+    **_moved("caches", "results_ttl_s features features_ttl_s features_max local_mb", prefix="cache_"),
+    **_moved("reddit", "client_id client_secret subreddits sort period page_size max_pages public_url oauth_url "
+                       "token_url max_listing_bytes", prefix="reddit_"),
+    "REDDIT_CLIENT_ID": ("reddit", "client_id"),  # the original service's bare names
+    "REDDIT_CLIENT_SECRET": ("reddit", "client_secret"),
+}
+# the same as keyword arguments: Settings(rate_limit_per_min=0) is Settings(limits={"rate_limit_per_min": 0})
+_OLD_KEYWORDS = {old.removeprefix("IMGSEARCH_").lower(): where for old, where in MIGRATION.items()
+                 if old.startswith("IMGSEARCH_")}
+
+
+def _group_field(settings_cls: type[BaseSettings], group: str, name: str) -> FieldInfo | None:
+    field = settings_cls.model_fields.get(group)
+    model = field.annotation if field is not None else None
+    return model.model_fields[name] if isinstance(model, type) and issubclass(model, _Group) else None
+
+
+class _OldNames(PydanticBaseSettingsSource):
+    """The environment's flat names (``MIGRATION``) of the groups this class has, as nested values; read below the
+    new names' source, so a new name set too wins."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads MIGRATION's names
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {k.upper(): v for k, v in os.environ.items()}  # names match in any case, as the new ones do
+        found: dict[str, dict[str, Any]] = {}
+        for old, (group, name) in MIGRATION.items():
+            field = _group_field(self.settings_cls, group, name)
+            if field is None or old not in environ or name in found.get(group, {}):
+                continue
+            try:
+                value = self.prepare_field_value(name, field, environ[old], False)
+            except ValueError:  # the value is not shown: it may be a secret
+                raise SettingsError(f"{old}: not valid JSON") from None
+            found.setdefault(group, {})[name] = value
+        return found
+
+
+class _OldKeywords(PydanticBaseSettingsSource):
+    """Keyword arguments by their flat names, folded into their groups (a group's own value given too wins)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.init = init
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ folds the init source's answer
+
+    def __call__(self) -> dict[str, Any]:
+        values = dict(self.init())
+        for key in [k for k in values if k in _OLD_KEYWORDS]:
+            group, name = _OLD_KEYWORDS[key]
+            if group not in self.settings_cls.model_fields:
+                continue  # extra="ignore", as before: a class without the group never read the name
+            given = values.get(group) or {}
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given)
+            values[group] = {name: values.pop(key), **given}
+        return values
 
 
 # hide_input_in_errors: a refused value is named, never shown (the input holds every IMGSEARCH_* variable, secrets too)
@@ -43,6 +253,33 @@ class SharedSettings(BaseSettings):
     """What every deployable reads (env prefix ``IMGSEARCH_``)."""
 
     model_config = _CONFIG
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # keyword arguments, then the new names, then MIGRATION's old names
+        return (_OldKeywords(settings_cls, init_settings), env_settings, _OldNames(settings_cls), dotenv_settings,
+                file_secret_settings)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update``; a group's value may be a dict of the fields it changes
+        (``update={"engines": {"backend": "torch"}}``). A name that is no setting is refused, not set on the side
+        (an old flat name, or a group's field given at the top)."""
+        changes = dict(update or {})
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no setting {', '.join(unknown)} (see MIGRATION for the "
+                             "groups' fields)")
+        for name, value in changes.items():
+            group = getattr(self, name)
+            if isinstance(group, _Group) and isinstance(value, Mapping):
+                if extra := sorted(set(value) - set(type(group).model_fields)):
+                    raise ValueError(f"{name} has no field {', '.join(extra)}")
+                changes[name] = group.model_copy(update=value, deep=deep)
+        return super().model_copy(update=changes, deep=deep)
 
     # --- services ---
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL", "REDIS_URL"))
@@ -90,38 +327,16 @@ class SharedSettings(BaseSettings):
     thumbnail_sizes: list[int] = [128, 256, 512]
 
     # --- fetching pictures from the internet: ingest's downloads and the API's image_url queries ---
-    ingest_concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
-    ingest_timeout_s: float = Field(20.0, gt=0)  # per connect and per read of a download
-    ingest_retries: int = Field(2, ge=0)  # per download, on timeouts, 429 and 5xx
-    ingest_max_bytes: int = Field(20 << 20, ge=1)  # a larger download is refused (the bytes read count)
-    # a download's whole time, every try and redirect included: a slow host can't hold a run (and its lock)
-    ingest_deadline_s: float = Field(60.0, gt=0)
-    # ...and its slowest average rate once it has had ingest_min_rate_after_s: a drip is cut off early
-    ingest_min_bytes_per_s: int = Field(16_384, ge=0)
-    ingest_min_rate_after_s: float = Field(5.0, ge=0)
-    # loopback, private, link-local and other non-public addresses are never fetched from, except inside these
-    # networks (CIDRs): for a test's stand-in ("127.0.0.1/32") or a private mirror; keep each as narrow as that
-    ingest_allow_networks: list[str] = []
-    # the only ports a picture is fetched from, redirects included: a URL or a redirect naming another (a Redis's
-    # 6379 on a network allowed above) is refused; add a test stand-in's port here, not a range
-    ingest_allow_ports: list[int] = [80, 443]
-    ingest_max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard (width x height)
-    reddit_user_agent: str = "linux:imgsearch-ingest:0.1 (text-to-image search; by /u/imgsearch)"
-    # hosts whose links are taken as direct images (gallery images come from Reddit's own media metadata)
-    # ...and the only hosts an image is fetched from, redirects included (a gallery's images too)
-    reddit_image_hosts: list[str] = ["i.redd.it", "i.imgur.com", "imgur.com", "preview.redd.it"]
-    reddit_max_wait_s: float = Field(120.0, ge=0)  # the longest Retry-After / rate-limit reset honoured
+    fetch: FetchRules = FetchRules()
 
     # --- a search's bounds and defaults (the API checks requests against them, workers apply them) ---
     top_k: int = Field(32, ge=1, le=1000)
     rerank_k: int = Field(32, ge=0, le=1000)
     limit: int = Field(32, ge=1, le=100)
-    max_query_chars: int = 512
 
     # --- jobs ---
     job_ttl_s: int = Field(3600, ge=10)
     job_deadline_s: float = Field(60.0, gt=0)  # also the cap on a request's own deadline_s
-    max_queue_length: int = Field(2000, ge=0)  # search jobs waiting; past it, new ones get 503 at once (0: no cap)
     events_maxlen: int = Field(256, ge=16)
     visibility_timeout_s: int = Field(0, ge=0)  # 0: derived from the job deadline
     # the API ends jobs still open this long past their deadline (every reaper_interval_s; 0: no reaper)
@@ -143,13 +358,6 @@ class SharedSettings(BaseSettings):
     def _check_shared(self) -> "SharedSettings":
         if self.rerank_k > self.top_k:
             raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
-        for net in self.ingest_allow_networks:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"ingest_allow_networks: {net!r} is not an address or CIDR") from None
-        if any(not 1 <= p <= 65535 for p in self.ingest_allow_ports):
-            raise ValueError("ingest_allow_ports: each a TCP port, 1 to 65535")
         if any(not 16 <= n <= 1024 for n in self.thumbnail_sizes):
             raise ValueError("thumbnail_sizes: each between 16 and 1024 pixels")
         from pipeline.redisconn import is_sentinel, parse_sentinel
@@ -186,27 +394,22 @@ class SharedSettings(BaseSettings):
 
 
 class _ApiFields(SharedSettings):
-    # --- keys, limits, the page ---
+    # --- keys, the limits (413, 429 and 503 past them), proxies ---
     # API keys as SHA-256 hashes (`imgsearch keys new` makes one): none configured, the API is open (local use)
     # and its admin routes closed; configured, every /v1 route and /search need a key, admin routes an admin's
     api_keys: list[ApiKey] = []
-    rate_limit_per_min: int = Field(120, ge=0)  # per API key, or per client address without keys; 0: off
-    rate_limit_burst: int = Field(30, ge=1)
-    max_jobs_in_flight: int = Field(32, ge=0)  # per caller: queued or running; 0: no cap
-    max_body_bytes: int = Field(16_384, ge=256)
+    limits: Limits = Limits()
     trusted_proxies: list[str] = []  # addresses or CIDRs whose X-Forwarded-For is believed
     behind_proxy: bool = False  # the API is reached through a proxy or load balancer (production needs trusted_proxies)
     search_wait_s: float = Field(30.0, gt=0)  # how long POST /search waits for its job
 
     # --- search by image: {"like": id}, an uploaded picture, {"image_url": ...} ---
-    # an upload's cap (POST /v1/jobs as multipart/form-data); JSON bodies keep max_body_bytes
-    max_upload_bytes: int = Field(10 << 20, ge=1024)
     # an image_url query's download: its whole time (every try and redirect); the hosts, the networks and the pixel
-    # cap are the fetching rules above, the size cap max_upload_bytes
+    # cap are the fetching rules (fetch), the size cap limits.max_upload_bytes
     image_query_fetch_s: float = Field(10.0, gt=0)
     # a query picture's decode may take this much memory: its pixel cap follows from the format's decoded mode
     # (pipeline.image_query.pixel_cap: an RGBA PNG or WebP gets about budget / 7 bytes, a JPEG is counted at the
-    # size its draft mode decodes to); at most ingest_max_pixels in any case
+    # size its draft mode decodes to); at most fetch.max_pixels in any case
     image_query_decode_mib: int = Field(64, ge=8)
     # the API's own thread lanes (api.lanes), none of them anyio's shared 40: image_url downloads, picture decodes
     # (each at most image_query_decode_mib: 2 x 64 MiB), and Celery's sends; a call waits lane_wait_s at most
@@ -217,15 +420,9 @@ class _ApiFields(SharedSettings):
     blob_io_threads: int = Field(8, ge=1, le=64)  # image and thumbnail reads and writes of the blob store
     lane_wait_s: float = Field(2.0, gt=0)
 
-    # --- event streams, the API's Redis pools, images ---
-    # event streams (GET /v1/jobs/{id}/events): per caller at once (429 past it; counted in the limits' Redis,
-    # so across API processes), in all on one API process (503 past it), and the longest one lasts (the client
-    # reconnects with Last-Event-ID); 0: no cap
-    max_streams_per_caller: int = Field(8, ge=0)
-    max_streams: int = Field(200, ge=1)
-    stream_max_s: float = Field(300.0, gt=0)
+    # --- the API's Redis pools, images ---
     # the API's Redis connections: requests share redis_max_connections, streams and POST /search's waits
-    # their own pool (max_streams + 32), so a flood of streams never starves the other routes, and the API
+    # their own pool (limits.max_streams + 32), so a flood of streams never starves the other routes, and the API
     # never holds more of Redis's clients (which it shares with the workers) than these two
     redis_max_connections: int = Field(64, ge=4)
     # images need a key when keys are configured, unless this makes them public (an <img> tag sends no key)
@@ -234,7 +431,7 @@ class _ApiFields(SharedSettings):
     @property
     def stream_pool_size(self) -> int:
         """The API's Redis connections for event streams and POST /search's waits."""
-        return self.max_streams + 32
+        return self.limits.max_streams + 32
 
 
 class ApiSettings(_ApiFields):
@@ -259,21 +456,7 @@ class WorkerSettings(SharedSettings):
     """A search worker's settings: the models, their engines, the caches and the batching."""
 
     # --- models and engines ---
-    siglip_model: str = "google/siglip2-base-patch16-512"
-    blip_model: str = "Salesforce/blip-itm-large-coco"
-    # auto (default): chosen at worker start from this machine's CPU features or GPU, confirmed by a short timed
-    # pass, cached per host and model version (engines/auto.py); else torch | onnxruntime | tensorrt
-    engine_backend: str = "auto"
-    engine_precision: str = "auto"  # auto | torch: fp32 bf16 fp16; onnxruntime: fp32 int8; tensorrt: fp16 fp32
-    engine_dir: Path | None = None  # built engines; default {data_dir}/engines
-    device: str = "cpu"
-    text_max_tokens: int = 64
-    # BLIP ITM was trained on captions of at most 35 tokens ([CLS] and [SEP] included); longer queries are cut there
-    blip_max_tokens: int = Field(35, ge=2, le=512)
-    # auto: BLIP's cross-attention reassociated wherever that is cheaper (exact; engines/crossattn.py); plain:
-    # transformers' own forward, for comparison and debugging
-    blip_cross_attention: Literal["auto", "plain"] = "auto"
-    torch_threads: int = 0  # 0: leave torch's default
+    engines: Engines = Engines()
 
     # --- search ---
     image_url: str = "/v1/images/{id}"  # each result's image link ({id}: the post id); a CDN's URL works too
@@ -285,14 +468,7 @@ class WorkerSettings(SharedSettings):
     breaker_reset_s: float = Field(10.0, gt=0)
 
     # --- caches ---
-    # caches (Redis at redis_url; an outage slows search, never fails it)
-    cache_results_ttl_s: int = Field(300, ge=0)  # 0 turns the query result cache off
-    # the Redis feature cache pays off in front of a remote blob store; a local folder (page-cached) answers a
-    # query's 32 x 1.2 MB features faster than Redis does (bench.stores), so "auto" uses it for remote ones only
-    cache_features: Literal["auto", "on", "off"] = "auto"
-    cache_features_ttl_s: int = Field(3600, ge=0)
-    cache_features_max: int = Field(20_000, ge=0)  # feature entries kept in Redis (about 1.2 MB each at full size)
-    cache_local_mb: int = Field(256, ge=0)  # each worker's in-process feature LRU
+    caches: Caches = Caches()
 
     # --- the worker process ---
     # a worker process runs worker_concurrency jobs at once on threads (the stores' waits overlap), and their
@@ -316,18 +492,18 @@ class WorkerSettings(SharedSettings):
 
     @property
     def feature_cache_on(self) -> bool:
-        if self.cache_features == "auto":
-            return self.blob_store != "local" and self.cache_features_ttl_s > 0
-        return self.cache_features == "on" and self.cache_features_ttl_s > 0
+        if self.caches.features == "auto":
+            return self.blob_store != "local" and self.caches.features_ttl_s > 0
+        return self.caches.features == "on" and self.caches.features_ttl_s > 0
 
     @property
     def engines_path(self) -> Path:
-        return self.engine_dir or self.data_dir / "engines"
+        return self.engines.dir or self.data_dir / "engines"
 
 
 class IngestSettings(WorkerSettings):
     """Ingest's settings: a worker's (ingest embeds with the same engines and writes the same stores) plus the
-    sources, the downloads and the near-duplicate checks."""
+    sources (Reddit's among them) and the near-duplicate checks; the downloads follow the shared ``fetch`` rules."""
 
     # --- ingest ---
     ingest_source: Literal["reddit", "folder"] = "reddit"
@@ -355,22 +531,7 @@ class IngestSettings(WorkerSettings):
     ingest_batch_tries: int = Field(3, ge=1)  # claims of an item before it is recorded failed for the run
 
     # --- Reddit ---
-    # Reddit: app-only OAuth when both credentials are set, the public JSON listings otherwise
-    reddit_client_id: str | None = Field(None, validation_alias=_env("REDDIT_CLIENT_ID", "REDDIT_CLIENT_ID"))
-    reddit_client_secret: SecretStr | None = Field(
-        None, validation_alias=_env("REDDIT_CLIENT_SECRET", "REDDIT_CLIENT_SECRET"))
-    # subreddit -> minimum score, as the original service had them (JSON in the environment)
-    reddit_subreddits: dict[str, int] = {"memes": 1000, "dankmemes": 1000, "me_irl": 800, "meirl": 800}
-    reddit_sort: Literal["top", "hot", "new", "rising", "controversial"] = "top"
-    reddit_period: Literal["hour", "day", "week", "month", "year", "all"] = "day"
-    reddit_page_size: int = Field(100, ge=1, le=100)
-    reddit_max_pages: int = Field(10, ge=1)  # per subreddit and run (Reddit serves about 1,000 items a listing)
-    reddit_public_url: str = "https://www.reddit.com"
-    reddit_oauth_url: str = "https://oauth.reddit.com"
-    reddit_token_url: str = "https://www.reddit.com/api/v1/access_token"
-    # a listing's (or token's) answer is read up to this many bytes (decoded), then refused: a 100-post page of
-    # raw JSON is well under 1 MiB
-    reddit_max_listing_bytes: int = Field(8 << 20, ge=4096)
+    reddit: Reddit = Reddit()
 
     @model_validator(mode="after")
     def _check_ingest(self) -> "IngestSettings":

@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 Vector = NDArray[np.float32]
 Metadata = dict[str, Any]
 JobStatus = Literal["queued", "running", "done", "failed"]
-EVENT_NAMES = ("queued", "started", "candidates", "results", "done", "failed")
 
 
 class Match(BaseModel):

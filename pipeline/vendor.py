@@ -1,4 +1,5 @@
-"""The vendors' internals we patch, each with the version range it was checked on.
+"""The vendors: the optional packages, each installed by an extra (``needs_extra`` says which), and the
+internals we patch, each with the version range it was checked on.
 
 A patch of a library's internals holds only for the versions someone read and tested it against, so each
 sits behind a range that ``pyproject.toml`` pins too, and ``tests/test_vendor.py`` fails when the installed
@@ -35,6 +36,11 @@ PATCHES = {p.dist: p for p in (
     Patch("onnxruntime", ">=1.32,<1.33", "engines/ort.py",
           "one process-wide intra-op thread pool (onnxruntime.capi._pybind_state.set_global_thread_pool_sizes)"),
 )}
+
+
+def needs_extra(what: str, extra: str) -> str:
+    """The one way to say an optional package is missing: what needs it, and the extra that installs it."""
+    return f"{what}: pip install 'imgsearch[{extra}]'"
 
 
 def installed(dist: str) -> str | None:

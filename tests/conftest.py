@@ -116,8 +116,9 @@ def settings_env(data_dir: Path, models: Models, redis_url: str, **extra: str) -
 def make_settings(data_dir: Path, models: Models, redis_url: str = "redis://127.0.0.1:1/0", **kw: object):  # type: ignore[no-untyped-def]
     from pipeline.settings import Settings
 
-    return Settings(data_dir=data_dir, siglip_model=str(models.siglip), blip_model=str(models.blip),
-                    redis_url=redis_url, torch_threads=1, **{"engine_backend": "torch", "engine_precision": "fp32", **kw})
+    return Settings(data_dir=data_dir, engines={"siglip_model": str(models.siglip), "blip_model": str(models.blip),
+                                                "intra_op_threads": 1},
+                    redis_url=redis_url, **{"engine_backend": "torch", "engine_precision": "fp32", **kw})
 
 
 @pytest.fixture(scope="session")

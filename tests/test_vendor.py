@@ -57,3 +57,21 @@ def test_outside_the_range_the_patch_is_refused(monkeypatch: pytest.MonkeyPatch)
             vendor.require("pinecone")
     finally:
         vendor.within.cache_clear()
+
+
+def test_every_missing_package_message_names_an_extra_pyproject_has() -> None:
+    """An optional package that is missing is named with the extra that installs it (vendor.needs_extra): each
+    extra a call names is one of pyproject's, so the advice works."""
+    import ast
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {}
+    for pkg in ("api", "workers", "pipeline", "engines", "cli", "deploy"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "needs_extra":
+                    arg = node.args[1]
+                    assert isinstance(arg, ast.Constant), f"{path}:{node.lineno} names its extra as a literal"
+                    named[f"{path.relative_to(ROOT)}:{node.lineno}"] = arg.value
+    assert len(named) >= 4 and set(named.values()) <= extras, named
+    assert vendor.needs_extra("X needs y", "gpu") == "X needs y: pip install 'imgsearch[gpu]'"

@@ -24,7 +24,7 @@ def takedown_posts(ids: Sequence[str], settings: WorkerSettings | None = None, s
             from engines.blip import SETTING
             from engines.loading import resolve, version_of
 
-            versions.append(version_of(resolve(s.blip_model, SETTING)))
+            versions.append(version_of(resolve(s.engines.blip_model, SETTING)))
         except Exception:  # the model is not here: the ledger still names the versions that made the post
             pass
     ledger = Ledger.open(s)

@@ -114,7 +114,7 @@ async def job_events(stream: Annotated[tuple[Job, str], Depends(_stream)], jobs:
     case (reconnect with Last-Event-ID). FastAPI's own SSE response sends the keep-alive comments while the job
     is quiet."""
     job, after = stream
-    until = time.monotonic() + settings.stream_max_s
+    until = time.monotonic() + settings.limits.stream_max_s
     async for entry in jobs.follow(job.id, after):
         if time.monotonic() > until:
             return

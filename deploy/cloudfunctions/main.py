@@ -51,18 +51,15 @@ def _setup() -> tuple[Any, Any, Any]:
     return _clients["settings"], _clients["jobs"], _clients["admission"]
 
 
-def _error(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
-    return status, {"error": {"code": code, "message": message}}
-
-
 def handle(body: Any, token: str | None = None, peer: str = "unknown",
            forwarded_for: str | list[str] = "") -> tuple[int, dict[str, Any]]:
     """(status, JSON body) for one request body: the API's admission and ``POST /search`` contract."""
     import redis
 
     from api import contract
+    from api.errors import error_body
     from pipeline.admission.addresses import client_address
-    from pipeline.errors import ImgSearchError
+    from pipeline.errors import ImgSearchError, Unavailable
 
     try:
         query, params = contract.request_of(body)
@@ -71,19 +68,22 @@ def handle(body: Any, token: str | None = None, peer: str = "unknown",
         job = admission.admit_sync(caller, query, params)
         return 200, contract.answer(job.id, jobs.wait(job.id, s.search_wait_s), s.search_wait_s)
     except ImgSearchError as exc:
-        return contract.status_of(exc), contract.error_body(exc)
+        err = exc
     except (redis.RedisError, OSError) as exc:
-        return _error(503, "unavailable", f"the job store (Redis) is unreachable: {type(exc).__name__}")
+        err = Unavailable(f"the job store (Redis) is unreachable: {type(exc).__name__}")
+    return err.status, error_body(err.code, err.message)
 
 
 @_http
 def search(request: Any) -> tuple[str, int, dict[str, str]]:
+    from api.auth import key_of
+    from api.errors import error_body
+
     if request.method != "POST":
-        status, body = _error(405, "method_not_allowed", "POST a JSON body: {\"query\": ...}")
+        status, body = 405, error_body("method_not_allowed", "POST a JSON body: {\"query\": ...}")
     else:
         headers = getattr(request, "headers", {}) or {}
-        auth = headers.get("Authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("X-API-Key")
+        token = key_of(headers.get("Authorization"), headers.get("X-API-Key"))
         forwarded = headers.getlist("X-Forwarded-For") if hasattr(headers, "getlist") else \
             headers.get("X-Forwarded-For", "")  # every line of it (Flask's headers), as the API reads them
         try:

@@ -30,8 +30,8 @@ from pipeline.types import Job
 def validate(settings: ApiSettings, query: str, params: dict[str, Any]) -> None:
     """The checks a query passes before it costs anything: its length, and its filter (refused here, not
     later in the worker)."""
-    if len(query) > settings.max_query_chars:
-        raise InvalidRequest(f"the query is {len(query)} characters long; the limit is {settings.max_query_chars}")
+    if len(query) > settings.limits.max_query_chars:
+        raise InvalidRequest(f"the query is {len(query)} characters long; the limit is {settings.limits.max_query_chars}")
     filters.for_search(params.get("filter"))
 
 
@@ -89,7 +89,7 @@ class Admission:
         """The job, and the commands of its admission: its limit, and its creation (queue cap and record)."""
         assert self.jobs is not None, "an edge with no job store admits no job"
         validate(self.s, query, params)
-        cap = self.s.max_jobs_in_flight
+        cap = self.s.limits.max_jobs_in_flight
         job = new_job(self.s, query, params, request_id=request_id, job_id=job_id,
                       inflight_key=inflight_key(caller.id) if cap > 0 else None,
                       owner=caller.id if caller.key_name else None)
@@ -98,7 +98,7 @@ class Admission:
     def _create(self, job: Job) -> Create:
         assert self.jobs is not None
         write = Write(job, self.jobs.ttl, self.jobs.maxlen, (("queued", {"id": job.id}),), create=True)
-        return Create(write, self.s.search_queue, self.s.max_queue_length)
+        return Create(write, self.s.search_queue, self.s.limits.max_queue_length)
 
     def _uncounted(self, job: Job, exc: Exception) -> Create:
         """The limits' own Redis is away: the job goes in uncounted (its record then names no in-flight set)."""

@@ -32,8 +32,8 @@ class Limits:
                 cost: float = 1.0, counted: str | None = None) -> Limit:
         """``cost`` tokens from the caller's bucket and, under ``cap``, ``member`` counted in its jobs in flight
         (or in ``counted``) until ``until``."""
-        rate = self.s.rate_limit_per_min / 60.0 if self.s.rate_limit_per_min > 0 else 0.0
-        return Limit(bucket_key(caller.id), counted or inflight_key(caller.id), self.s.rate_limit_burst, rate,
+        rate = self.s.limits.rate_limit_per_min / 60.0 if self.s.limits.rate_limit_per_min > 0 else 0.0
+        return Limit(bucket_key(caller.id), counted or inflight_key(caller.id), self.s.limits.rate_limit_burst, rate,
                      cost, cap, member, until)
 
     def answered(self) -> None:
@@ -52,16 +52,16 @@ class Limits:
         if v.ok:
             return
         if v.what == "rate_limited":
-            raise RateLimited(f"rate limit: {s.rate_limit_per_min} requests a minute (bursts of "
-                              f"{s.rate_limit_burst}); retry later", v.figure)
+            raise RateLimited(f"rate limit: {s.limits.rate_limit_per_min} requests a minute (bursts of "
+                              f"{s.limits.rate_limit_burst}); retry later", v.figure)
         if v.what == "too_many_jobs" and streams:
             raise RateLimited(f"{v.figure:.0f} of your event streams are open (the cap is "
-                              f"{s.max_streams_per_caller}); close one first", 1.0, code="too_many_streams")
+                              f"{s.limits.max_streams_per_caller}); close one first", 1.0, code="too_many_streams")
         if v.what == "too_many_jobs":
             raise RateLimited(f"{v.figure:.0f} of your jobs are still queued or running (the cap is "
-                              f"{s.max_jobs_in_flight}); wait for them", 1.0, code="too_many_jobs")
+                              f"{s.limits.max_jobs_in_flight}); wait for them", 1.0, code="too_many_jobs")
         if v.what == "queue_full":
-            raise Unavailable(f"the search queue is full ({s.max_queue_length} jobs waiting); retry shortly",
+            raise Unavailable(f"the search queue is full ({s.limits.max_queue_length} jobs waiting); retry shortly",
                               code="queue_full")
         raise Unavailable(f"the job could not be created ({v.what})")
 
@@ -78,27 +78,27 @@ class Limits:
         return True
 
     async def limit(self, caller: Caller, cost: float = 1.0) -> None:
-        """Take ``cost`` tokens from the caller's bucket (``rate_limit_per_min``, bursts of ``rate_limit_burst``):
+        """Take ``cost`` tokens from the caller's bucket (``limits.rate_limit_per_min``, bursts of ``limits.rate_limit_burst``):
         the routes that make no job."""
-        if self.s.rate_limit_per_min > 0 and self.x is not None:
+        if self.s.limits.rate_limit_per_min > 0 and self.x is not None:
             await self._counted(self.command(caller, cost=cost))
 
     async def open_stream(self, caller: Caller) -> str:
         """Count an event stream of ``caller``, in one script: a token from its bucket (the rate limit of every
-        route) and a place among its open streams (``max_streams_per_caller``), held until ``close_stream`` or
-        for ``stream_max_s`` at most (a stream lasts no longer, so a crashed API's entries lapse). RateLimited
+        route) and a place among its open streams (``limits.max_streams_per_caller``), held until ``close_stream`` or
+        for ``limits.stream_max_s`` at most (a stream lasts no longer, so a crashed API's entries lapse). RateLimited
         past either; the stream's token to close it with."""
         token = uuid.uuid4().hex
-        cap = self.s.max_streams_per_caller
-        if self.x is None or (cap <= 0 and self.s.rate_limit_per_min <= 0):
+        cap = self.s.limits.max_streams_per_caller
+        if self.x is None or (cap <= 0 and self.s.limits.rate_limit_per_min <= 0):
             return token
-        await self._counted(self.command(caller, cap, token, time.time() + self.s.stream_max_s + 5,
+        await self._counted(self.command(caller, cap, token, time.time() + self.s.limits.stream_max_s + 5,
                                          counted=streams_key(caller.id)), streams=True)
         return token
 
     async def close_stream(self, caller: Caller, token: str) -> None:
         """Best effort: the entry lapses at the stream's longest life anyway."""
-        if isinstance(self.x, AsyncExecutor) and self.s.max_streams_per_caller > 0:
+        if isinstance(self.x, AsyncExecutor) and self.s.limits.max_streams_per_caller > 0:
             await self.x.attempt(Release(streams_key(caller.id), token), False)
 
     async def state(self) -> str:

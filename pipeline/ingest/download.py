@@ -40,8 +40,8 @@ class FetchError(Exception):
 class Downloader:
     def __init__(self, settings: SharedSettings) -> None:
         self.s = settings
-        self.guard = UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks, settings.ingest_allow_ports)
-        self.pool = ThreadPoolExecutor(settings.ingest_concurrency, thread_name_prefix="download")
+        self.guard = UrlGuard(settings.fetch.image_hosts, settings.fetch.allow_networks, settings.fetch.allow_ports)
+        self.pool = ThreadPoolExecutor(settings.fetch.concurrency, thread_name_prefix="download")
         self._clients: dict[str, httpx.Client] = {}
         self._lock = threading.Lock()
         self.busy_s = 0.0  # summed over threads: time spent fetching
@@ -53,10 +53,10 @@ class Downloader:
         by hop, never by httpx; the environment's proxies and .netrc credentials are not used."""
         with self._lock:
             if host not in self._clients:
-                n = self.s.ingest_concurrency
+                n = self.s.fetch.concurrency
                 self._clients[host] = httpx.Client(
                     follow_redirects=False, trust_env=False,
-                    headers={"User-Agent": self.s.reddit_user_agent, "Accept-Encoding": "identity"},
+                    headers={"User-Agent": self.s.fetch.user_agent, "Accept-Encoding": "identity"},
                     limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
             return self._clients[host]
 
@@ -68,7 +68,7 @@ class Downloader:
         data = self.read_file(post.file) if post.file is not None else self.fetch(post.url)
         t1 = time.perf_counter()
         try:
-            return prepare(data, self.s.ingest_max_pixels)
+            return prepare(data, self.s.fetch.max_pixels)
         except BadImage as exc:
             raise FetchError(str(exc), permanent=True) from None
         finally:
@@ -77,7 +77,7 @@ class Downloader:
 
     def read_file(self, path: Path) -> bytes:
         """A folder source's image, capped like a download."""
-        cap = self.s.ingest_max_bytes
+        cap = self.s.fetch.max_bytes
         try:
             with open(path, "rb") as fh:
                 data = fh.read(cap + 1)
@@ -89,18 +89,18 @@ class Downloader:
 
     def fetch(self, url: str) -> bytes:
         """The bytes at ``url``, within the download's deadline; FetchError says why not."""
-        deadline = time.monotonic() + self.s.ingest_deadline_s
+        deadline = time.monotonic() + self.s.fetch.deadline_s
         # timeouts, refused or reset connections, 429s and 5xx are worth another try, within the deadline
-        again = retrying((httpx.TransportError, RetryLater), attempts=self.s.ingest_retries + 1,
-                         within_s=self.s.ingest_deadline_s, first_s=1.0, max_s=10.0,
-                         server_wait_max_s=self.s.reddit_max_wait_s)
+        again = retrying((httpx.TransportError, RetryLater), attempts=self.s.fetch.retries + 1,
+                         within_s=self.s.fetch.deadline_s, first_s=1.0, max_s=10.0,
+                         server_wait_max_s=self.s.fetch.max_wait_s)
         try:
             return again(self._follow, url, deadline)
         except (httpx.TransportError, RetryLater) as exc:
             tries = again.statistics.get("attempt_number", 1)
             last = f"{type(exc).__name__}: {exc}" if isinstance(exc, httpx.TransportError) and str(exc) else \
                 str(exc) or type(exc).__name__
-            raise FetchError(f"download failed after {tries} tries within {self.s.ingest_deadline_s:g} s: {last}",
+            raise FetchError(f"download failed after {tries} tries within {self.s.fetch.deadline_s:g} s: {last}",
                              permanent=False) from None
 
     def _follow(self, url: str, deadline: float) -> bytes:
@@ -112,9 +112,9 @@ class Downloader:
                 raise FetchError(str(exc), permanent=True) from None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise FetchError(f"too slow: no answer within the {self.s.ingest_deadline_s:g} s deadline",
+                raise FetchError(f"too slow: no answer within the {self.s.fetch.deadline_s:g} s deadline",
                                  permanent=False)
-            with self._request(target, min(self.s.ingest_timeout_s, remaining)) as r:
+            with self._request(target, min(self.s.fetch.timeout_s, remaining)) as r:
                 if r.is_redirect:  # the next hop is checked like the first
                     try:
                         url = str(httpx.URL(url).join(r.headers["location"]))
@@ -142,11 +142,11 @@ class Downloader:
         """The body, as raw bytes (no decompression), stopped at the cap, the deadline or a rate too low. A read
         blocked at the deadline is cut there (its socket shut down), so the deadline holds whatever the host
         does; connecting and the headers are bounded by the request's timeouts, set to what is left of it."""
-        cap, min_rate, grace = self.s.ingest_max_bytes, self.s.ingest_min_bytes_per_s, self.s.ingest_min_rate_after_s
+        cap, min_rate, grace = self.s.fetch.max_bytes, self.s.fetch.min_bytes_per_s, self.s.fetch.min_rate_after_s
         declared = r.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:  # a fair warning; the bytes read are what count
             raise FetchError(f"too large: {int(declared):,} bytes is over the {cap:,} allowed", permanent=True)
-        too_slow = FetchError(f"too slow: not done within the {self.s.ingest_deadline_s:g} s deadline", permanent=False)
+        too_slow = FetchError(f"too slow: not done within the {self.s.fetch.deadline_s:g} s deadline", permanent=False)
         buf = bytearray()
         start = time.monotonic()
         watchdog = _cut_at(r, deadline)

@@ -76,7 +76,7 @@ def post_from_json(raw: str, settings: IngestSettings, source: str, folder: str 
         else:
             if file is not None:
                 raise ValueError(f"a {source} post names a file ({shown(str(file))})")
-            check_form(str(d.get("url")), settings.reddit_image_hosts, settings.ingest_allow_ports)
+            check_form(str(d.get("url")), settings.fetch.image_hosts, settings.fetch.allow_ports)
         return Post(**d)
     except (ValueError, TypeError, Refused) as exc:  # json's errors are ValueErrors; unknown fields TypeErrors
         raise InvalidRequest(f"a planned post in the ledger is refused: {exc}") from None

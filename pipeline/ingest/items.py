@@ -185,7 +185,7 @@ class ItemStages:
 
     def _embed(self, batch: list[Ready]) -> tuple[list[Ready], np.ndarray, list[Any]]:
         images = [r.prepared.image for r in batch]
-        step = self.s.ingest_embed_batch or (1 if self.s.device == "cpu" else max(1, len(images)))
+        step = self.s.ingest_embed_batch or (1 if self.s.engines.device == "cpu" else max(1, len(images)))
         vecs = np.stack(self.models.spread(0, images, step))
         if self.s.ingest_dedup == "embedding":
             t0 = time.perf_counter()

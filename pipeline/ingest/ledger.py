@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline import vendor
 from pipeline.errors import Unavailable
 from pipeline.versions import ModelVersions
 
@@ -94,7 +95,8 @@ class _Db:
             try:
                 import psycopg
             except ImportError as exc:  # pragma: no cover - the extra is part of dev and the worker image
-                raise RuntimeError("IMGSEARCH_LEDGER_URL is PostgreSQL: install the `postgres` extra (psycopg)") from exc
+                raise RuntimeError(vendor.needs_extra("IMGSEARCH_LEDGER_URL is PostgreSQL and needs psycopg",
+                                                      "postgres")) from exc
             self.kind = "postgres"
             self.conn: Any = psycopg.connect(where, autocommit=True, connect_timeout=10)
             self.where = "PostgreSQL"  # never the URL: it holds a password

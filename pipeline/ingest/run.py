@@ -161,7 +161,7 @@ class IngestRun:
             self.ledger.unlock()
 
     def _consume(self, cursor: dict[str, Any] | None, stages: ItemStages) -> None:
-        q: queue.Queue[_Message] = queue.Queue(maxsize=2 * self.s.ingest_batch_size + self.s.ingest_concurrency)
+        q: queue.Queue[_Message] = queue.Queue(maxsize=2 * self.s.ingest_batch_size + self.s.fetch.concurrency)
         producer = threading.Thread(target=self._produce, args=(cursor, stages, q), name="ingest-list", daemon=True)
         producer.start()
         batch: list[Ready] = []

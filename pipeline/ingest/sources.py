@@ -217,11 +217,11 @@ class RedditSource:
     def __init__(self, settings: IngestSettings, client: httpx.Client | None = None,
                  sleep: Any = time.sleep) -> None:
         self.s = settings
-        self.subs = dict(settings.reddit_subreddits)
+        self.subs = dict(settings.reddit.subreddits)
         # trust_env=False: no proxy variable or .netrc of the host's environment reaches Reddit's requests
         # gzip or nothing: the one encoding _capped_body inflates under its cap
-        self.http = client or httpx.Client(timeout=settings.ingest_timeout_s, follow_redirects=True, trust_env=False,
-                                           headers={"User-Agent": settings.reddit_user_agent,
+        self.http = client or httpx.Client(timeout=settings.fetch.timeout_s, follow_redirects=True, trust_env=False,
+                                           headers={"User-Agent": settings.fetch.user_agent,
                                                     "Accept-Encoding": "gzip"})
         self.sleep = sleep
         self._token: tuple[str, float] | None = None
@@ -229,18 +229,18 @@ class RedditSource:
 
     @property
     def oauth(self) -> bool:
-        return bool(self.s.reddit_client_id and self.s.reddit_client_secret)
+        return bool(self.s.reddit.client_id and self.s.reddit.client_secret)
 
     def key(self) -> str:
         subs = ",".join(f"{k}>={v}" for k, v in sorted(self.subs.items()))
-        return f"reddit:{self.s.reddit_sort}:{self.s.reddit_period}:{subs}"
+        return f"reddit:{self.s.reddit.sort}:{self.s.reddit.period}:{subs}"
 
     def _bearer(self) -> str:
         if self._token and self._token[1] > time.monotonic() + 30:
             return self._token[0]
-        assert self.s.reddit_client_id and self.s.reddit_client_secret
-        r = self._send("POST", self.s.reddit_token_url, data={"grant_type": "client_credentials"},
-                       auth=(self.s.reddit_client_id, self.s.reddit_client_secret.get_secret_value()))
+        assert self.s.reddit.client_id and self.s.reddit.client_secret
+        r = self._send("POST", self.s.reddit.token_url, data={"grant_type": "client_credentials"},
+                       auth=(self.s.reddit.client_id, self.s.reddit.client_secret.get_secret_value()))
         body = r.json()
         if "access_token" not in body:
             raise Unavailable(f"Reddit OAuth token request refused: {body.get('error', 'no token in the answer')}")
@@ -248,21 +248,21 @@ class RedditSource:
         return self._token[0]
 
     def _wait(self, seconds: float, why: str) -> None:
-        seconds = min(max(seconds, 0.0), self.s.reddit_max_wait_s)
+        seconds = min(max(seconds, 0.0), self.s.fetch.max_wait_s)
         if seconds > 0:
             log.info("reddit: waiting %.1f s (%s)", seconds, why)
             self.sleep(seconds)
 
     def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
         """One request with bounded retries: 429 and 5xx wait for Retry-After (or back off), timeouts retry."""
-        tries = self.s.ingest_retries + 1
+        tries = self.s.fetch.retries + 1
         why = {"last": ""}
 
         def note(state: RetryCallState) -> None:
             why["last"] = last_error(state)
 
         again = retrying((httpx.TransportError, RetryLater), attempts=tries, first_s=1.0, max_s=30.0,
-                         server_wait_max_s=self.s.reddit_max_wait_s,
+                         server_wait_max_s=self.s.fetch.max_wait_s,
                          sleep=lambda seconds: self._wait(seconds, why["last"]), before_sleep=note)
         try:
             r = again(self._once, method, url, **kw)
@@ -276,7 +276,7 @@ class RedditSource:
         return r
 
     def _once(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        """One request, its body read up to ``reddit_max_listing_bytes`` (``_capped_body``), then Unavailable."""
+        """One request, its body read up to ``reddit.max_listing_bytes`` (``_capped_body``), then Unavailable."""
         auth = kw.pop("auth", None)
         request = self.http.build_request(method, url, **kw)
         r = self.http.send(request, auth=auth, stream=True)
@@ -285,23 +285,23 @@ class RedditSource:
                 raise RetryLater(f"HTTP {r.status_code}", _retry_after(r))
             if r.status_code >= 400:
                 raise Unavailable(f"{method} {urlsplit(url).path}: HTTP {r.status_code}")
-            body = _capped_body(r, self.s.reddit_max_listing_bytes, f"{method} {urlsplit(url).path}")
+            body = _capped_body(r, self.s.reddit.max_listing_bytes, f"{method} {urlsplit(url).path}")
         finally:
             r.close()
         headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")]
         return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=request)
 
     def listing(self, sub: str, after: str | None) -> dict[str, Any]:
-        params = {"limit": str(self.s.reddit_page_size), "raw_json": "1"}
-        if self.s.reddit_sort in ("top", "controversial"):
-            params["t"] = self.s.reddit_period
+        params = {"limit": str(self.s.reddit.page_size), "raw_json": "1"}
+        if self.s.reddit.sort in ("top", "controversial"):
+            params["t"] = self.s.reddit.period
         if after:
             params["after"] = after
         if self.oauth:
-            url = f"{self.s.reddit_oauth_url}/r/{sub}/{self.s.reddit_sort}"
+            url = f"{self.s.reddit.oauth_url}/r/{sub}/{self.s.reddit.sort}"
             r = self._send("GET", url, params=params, headers={"Authorization": f"bearer {self._bearer()}"})
         else:
-            r = self._send("GET", f"{self.s.reddit_public_url}/r/{sub}/{self.s.reddit_sort}.json", params=params)
+            r = self._send("GET", f"{self.s.reddit.public_url}/r/{sub}/{self.s.reddit.sort}.json", params=params)
         body = r.json()
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             raise Unavailable(f"r/{sub}: the listing is not a Reddit listing")
@@ -312,7 +312,7 @@ class RedditSource:
         score = int(d.get("score") or 0)
         if score < self.subs[sub]:
             return None
-        url, why = image_of(d, self.s.reddit_image_hosts, self.s.ingest_allow_ports)
+        url, why = image_of(d, self.s.fetch.image_hosts, self.s.fetch.allow_ports)
         if url is None:
             return why
         link = reddit_path(d.get("permalink"))
@@ -327,7 +327,7 @@ class RedditSource:
         start = subs.index(cursor["sub"]) if cursor and cursor.get("sub") in subs else 0
         for i, sub in enumerate(subs[start:], start):
             after = cursor.get("after") if cursor and i == start else None
-            for page_no in range(self.s.reddit_max_pages):
+            for page_no in range(self.s.reddit.max_pages):
                 try:
                     data = self.listing(sub, after)
                 except (Unavailable, ValueError) as exc:  # one subreddit failing never stops the run
@@ -356,7 +356,7 @@ class RedditSource:
                         posts.append(entry)
                 after = data.get("after") if isinstance(data.get("after"), str) else None
                 # top listings come best first: past the minimum score, later pages only hold lower ones
-                done = not after or (below and self.s.reddit_sort == "top") or page_no + 1 == self.s.reddit_max_pages
+                done = not after or (below and self.s.reddit.sort == "top") or page_no + 1 == self.s.reddit.max_pages
                 nxt = {"sub": subs[i + 1], "after": None} if done and i + 1 < len(subs) else \
                     {"sub": sub, "after": after} if not done else {"sub": None, "after": None}
                 yield Page(posts, nxt, rejected, listed=len(children))

@@ -38,8 +38,8 @@ from pipeline.jobs.keys import (
     cancel_key,
     events_key,
     heartbeat_key,
-    image_key,
     job_key,
+    picture_key,
     resent_key,
 )
 from pipeline.jobs.queues import UNACKED_KEY, waiting_lists
@@ -231,7 +231,7 @@ return write_job(krec, kev, kopen, kimg, ARGV)
 """
 
     def keys(self) -> list[str]:
-        return [job_key(self.job.id), events_key(self.job.id), OPEN_KEY, image_key(self.job.id)]
+        return [job_key(self.job.id), events_key(self.job.id), OPEN_KEY, picture_key(self.job.id)]
 
     def argv(self) -> list[Any]:
         job = self.job
@@ -440,7 +440,7 @@ class Picture(Command[bytes | None]):
     OPTIONS = {NEVER_DECODE: True}
 
     def argv(self) -> list[Any]:
-        return ["GET", image_key(self.job_id)]
+        return ["GET", picture_key(self.job_id)]
 
     def read(self, answer: Any) -> bytes | None:
         return None if answer is None else bytes(answer)
@@ -455,7 +455,7 @@ class KeepPicture(Command[bool]):
     ttl: int
 
     def argv(self) -> list[Any]:
-        return ["SET", image_key(self.job_id), self.data, "EX", self.ttl]
+        return ["SET", picture_key(self.job_id), self.data, "EX", self.ttl]
 
     def read(self, answer: Any) -> bool:
         return bool(answer)
@@ -466,7 +466,7 @@ class DropPicture(Command[int]):
     job_id: str
 
     def argv(self) -> list[Any]:
-        return ["DEL", image_key(self.job_id)]
+        return ["DEL", picture_key(self.job_id)]
 
     def read(self, answer: Any) -> int:
         return int(answer)

@@ -30,7 +30,7 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:cancel"
 
 
-def image_key(job_id: str) -> str:
+def picture_key(job_id: str) -> str:
     """An image query's picture (checked and normalised by the API, JPEG), kept as long as the job's record."""
     return f"{PREFIX}:job:{job_id}:image"
 

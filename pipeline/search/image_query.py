@@ -43,8 +43,8 @@ def check(data: bytes, settings: Any) -> QueryImage:
     off an event loop."""
     from pipeline.ingest.images import BadImage, prepare, sniff
 
-    if len(data) > settings.max_upload_bytes:
-        raise InvalidRequest(f"the image is {len(data):,} bytes; the limit is {settings.max_upload_bytes:,}",
+    if len(data) > settings.limits.max_upload_bytes:
+        raise InvalidRequest(f"the image is {len(data):,} bytes; the limit is {settings.limits.max_upload_bytes:,}",
                              code="image_too_large")
     try:
         kind = sniff(data)
@@ -56,7 +56,7 @@ def check(data: bytes, settings: Any) -> QueryImage:
         raise InvalidRequest(f"a {kind.upper()} picture is not taken as a query (JPEG, PNG, WebP and GIF are)",
                              code="unsupported_format")
     try:
-        prepared = prepare(data, settings.ingest_max_pixels, budget=settings.image_query_decode_mib << 20)
+        prepared = prepare(data, settings.fetch.max_pixels, budget=settings.image_query_decode_mib << 20)
     except BadImage as exc:
         code = "image_too_large" if str(exc).startswith("image too large") else "bad_image"
         raise InvalidRequest(str(exc), code=code) from None
@@ -64,7 +64,7 @@ def check(data: bytes, settings: Any) -> QueryImage:
 
 
 def fetch(url: str, settings: Any) -> bytes:
-    """The bytes at ``url`` under ingest's rules, within ``image_query_fetch_s`` and ``max_upload_bytes``, or
+    """The bytes at ``url`` under ingest's rules, within ``image_query_fetch_s`` and ``limits.max_upload_bytes``, or
     InvalidRequest: ``url_refused`` (scheme, host, or an address that is not public, on any hop) or
     ``image_fetch_failed`` (the host's answer: an error status, too large, too slow). Blocking: run it in a
     thread."""
@@ -72,13 +72,12 @@ def fetch(url: str, settings: Any) -> bytes:
     from pipeline.ingest.urls import Refused, UrlGuard
 
     try:
-        UrlGuard(settings.reddit_image_hosts, settings.ingest_allow_networks, settings.ingest_allow_ports).check(url)
+        UrlGuard(settings.fetch.image_hosts, settings.fetch.allow_networks, settings.fetch.allow_ports).check(url)
     except Refused as exc:
-        raise InvalidRequest(f"{exc}; allowed hosts: {', '.join(settings.reddit_image_hosts)}",
+        raise InvalidRequest(f"{exc}; allowed hosts: {', '.join(settings.fetch.image_hosts)}",
                              code="url_refused") from None
-    rules = settings.model_copy(update={"ingest_deadline_s": settings.image_query_fetch_s,
-                                        "ingest_max_bytes": settings.max_upload_bytes, "ingest_retries": 0,
-                                        "ingest_concurrency": 1})
+    rules = settings.model_copy(update={"fetch": {"deadline_s": settings.image_query_fetch_s,
+                                                  "max_bytes": settings.limits.max_upload_bytes, "retries": 0, "concurrency": 1}})
     downloader = Downloader(rules)
     try:
         return downloader.fetch(url)

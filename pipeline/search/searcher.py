@@ -150,7 +150,7 @@ class Searcher:
         """A vector store call within the deadline, through its circuit breaker."""
         breaker = self.breakers["vector_store"]
         budget = None if deadline is None else max(0.0, deadline - time.time())
-        with breaker.guard():
+        with breaker.attempt():
             future = self._store_pool.submit(call)
             try:
                 return future.result(timeout=budget)
@@ -170,7 +170,7 @@ class Searcher:
 
     def picture(self, data: bytes | None, sha256: str) -> Image.Image:
         """An image query's kept picture, decoded again with ingest's guards (``image_query.picture``)."""
-        return image_query.picture(data, sha256, self.settings.ingest_max_pixels)
+        return image_query.picture(data, sha256, self.settings.fetch.max_pixels)
 
     def explain(self, params: SearchParams, results: Sequence[Result]) -> None:
         """``explain: true``: maps on the first results (``explain.explain_results``)."""

@@ -29,10 +29,10 @@ class Stores:
             return cls(vectors, blobs)
         client = cache_client(settings.redis_url, sentinel_password=settings.redis_sentinel_password)
         return cls(vectors, blobs,
-                   feature_cache=FeatureCache(client, settings.cache_features_ttl_s, settings.cache_features_max)
+                   feature_cache=FeatureCache(client, settings.caches.features_ttl_s, settings.caches.features_max)
                    if (settings.feature_cache_on if feature_cache is None else feature_cache) else None,
-                   results=ResultCache(client, settings.cache_results_ttl_s),
-                   local=LocalLRU(settings.cache_local_mb << 20))
+                   results=ResultCache(client, settings.caches.results_ttl_s),
+                   local=LocalLRU(settings.caches.local_mb << 20))
 
     def forget(self, post_id: str) -> None:
         """A taken-down post leaves this process's feature LRU (the Redis caches are cleared by takedown)."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pipeline.errors import StoreError, Unavailable
+from pipeline.vendor import needs_extra
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -21,7 +22,7 @@ class GcsBlobStore:
             from google.api_core import exceptions as gexc
             from google.cloud import storage
         except ImportError as exc:
-            raise StoreError("BLOB_STORE=gcs needs google-cloud-storage: pip install 'imgsearch[gcs]'") from exc
+            raise StoreError(needs_extra("BLOB_STORE=gcs needs google-cloud-storage", "gcs")) from exc
         self._gexc = gexc
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             from google.auth.credentials import AnonymousCredentials

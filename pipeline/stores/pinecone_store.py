@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import vendor
 from pipeline.errors import Rejected, StoreError, Unavailable
 from pipeline.types import Match, Metadata, Vector
 
@@ -22,7 +23,7 @@ def _client(api_key: str, host: str | None, index_name: str | None, timeout: flo
     try:
         from pinecone import Pinecone, RetryConfig
     except ImportError as exc:
-        raise StoreError("VECTOR_STORE=pinecone needs the pinecone client: pip install 'imgsearch[pinecone]'") from exc
+        raise StoreError(vendor.needs_extra("VECTOR_STORE=pinecone needs the pinecone client", "pinecone")) from exc
     # backoff between retries capped at the per-call timeout: a store that is down costs a few timeouts
     policy = RetryConfig(max_retries=retries, backoff_factor=0.1, max_wait=min(5.0, timeout))
     pc = Pinecone(api_key=api_key, timeout=timeout, retry_config=policy)
@@ -46,8 +47,6 @@ def _set_data_plane_retries(index: Any, policy: Any) -> None:
 
         from pinecone._internal.constants import DATA_PLANE_API_VERSION
         from pinecone._internal.http_client import HTTPClient
-
-        from pipeline import vendor
 
         vendor.require("pinecone")  # the internals below were read on these versions only
         index._http = HTTPClient(replace(index._config, retry_config=policy), DATA_PLANE_API_VERSION)

@@ -154,7 +154,7 @@ def test_the_modal_endpoint_has_production_defaults_and_a_rate_limit() -> None:
     assert '"IMGSEARCH_ENV": os.environ.get("IMGSEARCH_ENV", "production")' in text and modal_app.MAX_GPUS >= 1
     with pytest.raises(RuntimeError, match="IMGSEARCH_LIMITS_REDIS_URL"):
         modal_app.limits_store(ApiSettings())  # the default: 120 a minute
-    assert modal_app.limits_store(ApiSettings(rate_limit_per_min=0)) is None
+    assert modal_app.limits_store(ApiSettings(limits={"rate_limit_per_min": 0})) is None
     assert modal_app.limits_store(ApiSettings(limits_redis_url="redis://127.0.0.1:1/0")) is not None
 
 

@@ -33,7 +33,7 @@ def test_the_cpu_features_name_the_candidates(flags, want, tmp_path, tiny_models
 def test_vnni_without_bf16_times_onnxruntime_int8_where_it_is_built(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
     s = _auto(tmp_path, tiny_models)
     assert auto.onnx_precisions_needed({"avx512_vnni"}) == ("int8",) and not auto.onnx_precisions_needed({"amx_bf16"})
-    build_onnx(s.siglip_model, s.blip_model, s.engines_path, precisions=("fp32", "int8"))
+    build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32", "int8"))
     pairs, _ = auto.candidates(s, {"avx2", "avx_vnni"})
     assert pairs == [("onnxruntime", "int8"), ("torch", "fp32")]
 

@@ -16,11 +16,11 @@ from tests.conftest import make_settings
 def test_missing_model_names_the_setting(tmp_path, tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as err:
-        load_engines(make_settings(tmp_path, tiny_models).model_copy(update={"siglip_model": "no-such/model-here"}))
+        load_engines(make_settings(tmp_path, tiny_models).model_copy(update={"engines": {"siglip_model": "no-such/model-here"}}))
     assert "IMGSEARCH_SIGLIP_MODEL" in str(err.value) and "no-such/model-here" in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
-        load_engines(make_settings(tmp_path, tiny_models).model_copy(update={"blip_model": str(tmp_path / "empty")}))
+        load_engines(make_settings(tmp_path, tiny_models).model_copy(update={"engines": {"blip_model": str(tmp_path / "empty")}}))
 
 
 def test_unknown_backend_lists_the_valid_ones(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]

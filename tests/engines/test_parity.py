@@ -115,7 +115,8 @@ def test_full_size_siglip_text_parity(tmp_path_factory) -> None:  # type: ignore
 @pytest.mark.gpu
 def test_tensorrt_parity(tiny_models, engine_dir, reference, demo_images) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("tensorrt")
-    from engines.trt import TrtBlip, TrtSiglip, build_all
+    from engines.build import build_all
+    from engines.trt import TrtBlip, TrtSiglip
 
     ref_s, ref_b = reference
     build_all(ref_s, ref_b, engine_dir, "fp16")
@@ -180,7 +181,7 @@ def _streams_vs_shared(siglip: str, blip: str, engine_dir: str, demo_images: str
     from engines.registry import load_engines, load_image_engines, prepare_ingest_process
     from pipeline.settings import Settings
 
-    s = Settings(siglip_model=siglip, blip_model=blip, engine_backend="onnxruntime", engine_dir=Path(engine_dir),
+    s = Settings(engines={"siglip_model": siglip, "blip_model": blip, "backend": "onnxruntime", "dir": Path(engine_dir)},
                  ingest_embed_streams=2)
     prepare_ingest_process(s)
     shared = load_engines(s)

@@ -126,7 +126,7 @@ def test_a_caller_over_its_rate_limit_gets_429_before_its_picture_is_read(redis_
     from pipeline.settings import ApiSettings
 
     redis.Redis.from_url(redis_server.url(12)).flushdb()
-    s = ApiSettings(redis_url=redis_server.url(12), data_dir=store_dir, rate_limit_per_min=1, rate_limit_burst=1,
+    s = ApiSettings(redis_url=redis_server.url(12), data_dir=store_dir, limits={"rate_limit_per_min": 1, "rate_limit_burst": 1},
                     reaper_interval_s=0)
     with TestClient(create_app(s)) as c:
         assert c.post("/v1/jobs", json={"query": "a red circle"}).status_code == 202  # the one token

@@ -324,8 +324,9 @@ def test_the_listing_client_caps_its_body_and_ignores_the_environments_proxy(tmp
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     try:
-        s = IngestSettings(data_dir=tmp_path, reddit_public_url=f"http://127.0.0.1:{server.server_address[1]}",
-                           reddit_max_listing_bytes=1 << 20, ingest_retries=0)
+        s = IngestSettings(data_dir=tmp_path, reddit={"public_url": f"http://127.0.0.1:{server.server_address[1]}",
+                                                      "max_listing_bytes": 1 << 20},
+                           fetch={"retries": 0})
         source = RedditSource(s)
         with _Measured(os.getpid()) as cost, pytest.raises(Unavailable, match="over 1,048,576 bytes"):
             source.listing("memes", None)

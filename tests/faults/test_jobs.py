@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 def _client(redis_server: Any, db: int, **kw: Any) -> TestClient:
     redis.Redis.from_url(redis_server.url(db)).flushdb()
-    return TestClient(create_app(Settings(redis_url=redis_server.url(db), rate_limit_per_min=0, **kw)))
+    return TestClient(create_app(Settings(redis_url=redis_server.url(db), limits={"rate_limit_per_min": 0}, **kw)))
 
 
 def _events(redis_server: Any, db: int, job_id: str) -> list[str]:

@@ -153,7 +153,7 @@ def test_reddit_ingest_fills_the_stores_and_records_every_failure(reddit, tmp_pa
     # the 429 was honoured: the page was asked again after Retry-After; every request said who it is
     page2 = [r for r in reddit.listing_requests() if r["query"].get("after") == ["t3_n1"]]
     assert len(page2) == 2 and page2[1]["t"] - page2[0]["t"] >= reddit.retry_after_s * 0.95
-    assert {r["headers"].get("User-Agent") for r in reddit.requests} == {s.reddit_user_agent}
+    assert {r["headers"].get("User-Agent") for r in reddit.requests} == {s.fetch.user_agent}
 
     # and search reads what ingest wrote
     searcher = Searcher(s, engines.text, vectors, blobs, engines.reranker)

@@ -176,7 +176,7 @@ def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, eng
     cancellation and deadlines hold, the fleet's counters carry the kind, and a liked post whose features are
     missing keeps the ANN order."""
     from pipeline import metrics
-    from pipeline.jobs.keys import cancel_key, image_key
+    from pipeline.jobs.keys import cancel_key, picture_key
     from pipeline.search.image_query import check
 
     r = connect(redis_server.url(2), 5)
@@ -193,11 +193,11 @@ def test_image_jobs_end_like_text_ones(redis_server, store_dir, tiny_models, eng
         assert out is not None
         return out
 
-    r.set(image_key("d" * 32), picture.jpeg)
+    r.set(picture_key("d" * 32), picture.jpeg)
     by_picture = run("d", {"image": picture.sha256, "limit": 5})
     assert by_picture.status == "done" and by_picture.results and by_picture.results[0].id == "demo007"
     assert all(x.itm is None and x.score == x.cosine for x in by_picture.results)
-    assert r.exists(image_key("d" * 32)) == 0  # dropped by the script that ended the job
+    assert r.exists(picture_key("d" * 32)) == 0  # dropped by the script that ended the job
     gone = run("e", {"image": picture.sha256})  # never kept (or expired)
     assert gone.status == "failed" and gone.error is not None and gone.error.code == "image_expired"
     liked = run("f", {"like": "demo007", "limit": 5})

@@ -79,8 +79,8 @@ def test_local_blob_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_redis_feature_cache_only_in_front_of_remote_blobs() -> None:
     assert not Settings().feature_cache_on  # a local folder beats Redis for 1 MB values
     assert Settings(blob_store="gcs").feature_cache_on
-    assert Settings(cache_features="on").feature_cache_on
-    assert not Settings(blob_store="gcs", cache_features="off").feature_cache_on
+    assert Settings(caches={"features": "on"}).feature_cache_on
+    assert not Settings(blob_store="gcs", caches={"features": "off"}).feature_cache_on
 
 
 def test_the_breaker_opens_after_failures_in_a_row_then_lets_one_trial_through() -> None:
@@ -110,7 +110,7 @@ def test_the_breaker_opens_after_failures_in_a_row_then_lets_one_trial_through()
         b.call(lambda: 7)
     assert exc.value.code == "vector_store_unavailable" and "10.0 s" in exc.value.message
     now[0] = 10.5  # half-open: one trial; a second caller meanwhile is refused
-    with b.guard():
+    with b.attempt():
         assert b.state == "half_open"
         with pytest.raises(CircuitOpen):
             b.call(lambda: 7)
