@@ -58,7 +58,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             log.warning("%d messages left to the visibility timeout: their channel closed with the broker "
                         "connection", len(self._delivered or ()))
             return
-        tags = list(self._delivered or ())
+        tags: list[Any] = list(self._delivered or ())
         try:
             super().restore_unacked(client)
         except Exception as exc:  # noqa: BLE001 - the broker went away meanwhile (no primary known, a failover)

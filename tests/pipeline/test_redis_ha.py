@@ -208,8 +208,9 @@ def test_a_job_no_replica_confirms_is_refused_503_and_leaves_nothing_behind(grou
 
     r = redisconn.connect(group.url(2), 2)
     r.flushdb()
-    settings = Settings(redis_url=group.url(2), replica_acks=1, replica_wait_ms=50, rate_limit_per_min=0,
-                        max_jobs_in_flight=50, reaper_interval_s=0, data_dir=tmp_path)
+    settings = Settings(redis_url=group.url(2), replica_acks=1, replica_wait_ms=50, limits={"rate_limit_per_min": 0,
+                                                                                            "max_jobs_in_flight": 50},
+                        reaper_interval_s=0, data_dir=tmp_path)
     primary = group.primary()
     (replica,) = [p for p in group.nodes if p != primary]
     with TestClient(create_app(settings)) as c:
