@@ -70,7 +70,7 @@ def compare(folder: Path, precision: str, pairs: int) -> dict[str, Any]:
             "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
             "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),
             "main_cpu_ms": round(statistics.median(cpu["main"]), 1),
-            "pair_ratio_median": round(statistics.median(m / o for m, o in zip(wall["main"], wall["ours"])), 3),
+            "pair_ratio_median": round(statistics.median([m / o for m, o in zip(wall["main"], wall["ours"], strict=True)]), 3),
             "itm_max_diff": float(np.abs(got["ours"][0] - got["main"][0]).max()),
             "cos_max_diff": float(np.abs(got["ours"][1] - got["main"][1]).max()),
             "speedup": round(med["main"] / med["ours"], 3)}
