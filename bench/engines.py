@@ -13,8 +13,9 @@ Then the rerank table: full-size BLIP-base and BLIP-large, each backend with the
                                       # rewrite / best without it>
     python -m bench.engines --quick --rerank-only --models base   # BLIP-base's rerank, 8 tokens x 32 candidates
     python -m bench.engines           # the full tables on full-size random-weight models
-    python -m bench.engines --profile [--models base] [--precision bf16]   # where the reassociated rerank's time
-                                      # goes, per op, against this machine's large-matmul rate
+    python -m bench.engines --profile [--models base] [--precision bf16] [--profile-pass main]   # where the
+                                      # reassociated rerank's time goes, per op, against this machine's
+                                      # large-matmul rate (main: the pass before issue 26's cuts)
 
 Full-size models are random-weight models of the real architectures (engines/fullsize.py): same cost as
 the real checkpoints. They and their ONNX exports are built into ``build/`` (ignored by git).
@@ -320,6 +321,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="only the per-op profile of the reassociated rerank (torch.profiler), with achieved FLOP/s")
     ap.add_argument("--precision", default="bf16", help="--profile's torch precision (fp32 or bf16)")
+    ap.add_argument("--profile-pass", choices=("ours", "main"), default="ours",
+                    help="--profile's pass: ours, or main (as it was before issue 26's cuts, bench/baseline.py)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -331,7 +334,7 @@ def main() -> None:
     if args.profile:
         from bench.profile import profile_main
 
-        profile_main(args.build, models if models != "full" else "base", args.precision, args.quick)
+        profile_main(args.build, models if models != "full" else "base", args.precision, args.quick, args.profile_pass)
         return
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []

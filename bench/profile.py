@@ -1,8 +1,10 @@
 """Where the reassociated rerank's time goes on this machine: ``python -m bench.engines --profile``.
 
 One query of 8 tokens against 32 candidates' stored features (BLIP-base sized random weights, or the tiny model
-with ``--models tiny``), torch at ``--precision`` (bf16 or fp32), the worker's own pass (``TorchBlip.score``):
-``torch.profiler`` over a few calls, each op's self time per call, grouped:
+with ``--models tiny``), torch at ``--precision`` (bf16 or fp32), the worker's own pass (``TorchBlip.score``, its
+features in the form the worker's feature source keeps them; ``--profile-pass main``: the pass as it was before
+issue 26's cuts, ``bench.baseline.ReassociatedItmOnMain``, fed float16): ``torch.profiler`` over a few calls,
+each op's self time per call, grouped:
 
 - image attention: the two products over the image tokens per candidate (``(Q W_k) X^T`` and ``softmax . X``);
 - weight products: every product with a weight matrix (the layers' Linear, ``Q W_k`` and ``(P X) W_v``);
@@ -10,8 +12,16 @@ with ``--models tiny``), torch at ``--precision`` (bf16 or fp32), the worker's o
 - the rest by op (LayerNorm, softmax, GELU, copies, casts, adds, ...).
 
 Achieved FLOP/s of each product group against this machine's rate for a 2048 x 2048 x 2048 matmul in the same
-dtype, and the memory floor: the stored features one query reads (32 x 577 x 768 float16) over the measured
-memory bandwidth (a large copy's). The last line is the report as one line of JSON.
+dtype: by the profiler's times (which the profiler itself inflates) and by the call's unprofiled wall time
+shared out as the profile shares it (``gflops_wall``); and the memory floor: the stored features one query
+reads (32 x 577 x 768, 2 bytes each) over the measured memory bandwidth (a large copy's), with what the pass
+streams besides (the text tower's weights once, the features twice a layer) as a second floor. The last line is
+the report as one line of JSON.
+
+With more than one thread the profiler slows the small ops far more than the large products (on a 2-core Xeon:
+200 ms a call unprofiled, 1,150 ms profiled), so the wall-based column overstates the products' rates there;
+``OMP_NUM_THREADS=1 python -m bench.engines --profile ...`` gives shares the wall time agrees with (337 ms a
+call, 417 ms profiled).
 """
 
 from __future__ import annotations
@@ -54,15 +64,18 @@ def bandwidth(mb: int = 256, runs: int = 5) -> float:
 
 
 def profile_rerank(blip: Any, query: str, feats: list[Any], runs: int = 3) -> dict[str, Any]:
-    """Self time per call and FLOPs by group over ``runs`` calls of ``blip.score``."""
+    """Self time per call and FLOPs by group over ``runs`` calls of ``blip.score``; the wall time per call is
+    the median of ``2 * runs`` unprofiled calls."""
     from torch.profiler import ProfilerActivity, profile
 
     patches = int(feats[0].shape[0])
     blip.score(query, feats)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(runs):
+    times = []
+    for _ in range(2 * runs):
+        t0 = time.perf_counter()
         blip.score(query, feats)
-    wall_ms = (time.perf_counter() - t0) / runs * 1000
+        times.append(time.perf_counter() - t0)
+    wall_ms = float(np.median(times)) * 1000
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         for _ in range(runs):
             blip.score(query, feats)
@@ -93,7 +106,12 @@ def _classify(name: str, shapes: list[Any], patches: int, blip: Any) -> str:
     return name.replace("aten::", "")
 
 
-def report(blip: Any, precision: str, label: str) -> dict[str, Any]:
+def text_weight_bytes(blip: Any) -> int:
+    """Bytes of the text tower's weights: what one ITM pass reads at least once."""
+    return sum(p.numel() * p.element_size() for p in blip.model.text_encoder.parameters())
+
+
+def report(blip: Any, precision: str, label: str, stored_form: bool = True) -> dict[str, Any]:
     from PIL import Image
 
     from bench.engines import exact_query
@@ -102,41 +120,54 @@ def report(blip: Any, precision: str, label: str) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     feats = [(one + rng.standard_normal(one.shape).astype(np.float16) * np.float16(0.1)).astype(np.float16)
              for _ in range(CANDIDATES)]
+    if stored_form:  # as the worker's feature source keeps them
+        feats = [blip.stored_form(f) for f in feats]
     query = exact_query(blip, TOKENS)
     got = profile_rerank(blip, query, feats)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     rate = matmul_rate(dtype)
     bw = bandwidth()
     feature_bytes = sum(f.nbytes for f in feats)
+    layers = len(blip.model.text_encoder.encoder.layer)
+    streamed = text_weight_bytes(blip) + 2 * layers * feature_bytes
+    to_wall = got["wall_ms"] / max(got["profiled_ms"], 1e-9)  # the profile's shares of the unprofiled call
     rows = []
     for name, g in sorted(got["groups"].items(), key=lambda kv: -kv[1]["ms"]):
         row = {"group": name, "ms": round(g["ms"], 2), "share": round(g["ms"] / max(got["profiled_ms"], 1e-9), 3),
                "calls": round(g["calls"])}
         if g["flop"]:
             achieved = g["flop"] / (g["ms"] / 1000) if g["ms"] else float("nan")
+            at_wall = g["flop"] / (g["ms"] * to_wall / 1000) if g["ms"] else float("nan")
             row.update(gflop=round(g["flop"] / 1e9, 3), gflops=round(achieved / 1e9, 1),
-                       of_matmul_rate=round(achieved / rate, 3))
+                       of_matmul_rate=round(achieved / rate, 3), gflops_wall=round(at_wall / 1e9, 1),
+                       of_matmul_rate_wall=round(at_wall / rate, 3))
         rows.append(row)
     return {"models": label, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
             "tokens": TOKENS, "wall_ms": got["wall_ms"], "profiled_ms": got["profiled_ms"],
             "matmul_2048_gflops": round(rate / 1e9, 1), "bandwidth_gb_s": round(bw / 1e9, 1),
             "feature_mb_per_query": round(feature_bytes / 1e6, 2),
-            "memory_floor_ms": round(feature_bytes / bw * 1000, 3), "rows": rows}
+            "memory_floor_ms": round(feature_bytes / bw * 1000, 3),
+            "streamed_mb_per_query": round(streamed / 1e6, 1), "streamed_floor_ms": round(streamed / bw * 1000, 2),
+            "rows": rows}
 
 
 def table(rep: dict[str, Any]) -> str:
     out = [f"{rep['models']}, torch {rep['precision']}, {rep['threads']} threads, {rep['candidates']} candidates x "
            f"{rep['tokens']} tokens: {rep['wall_ms']} ms a call ({rep['profiled_ms']} ms profiled); "
            f"{rep['precision']} 2048^3 matmul {rep['matmul_2048_gflops']} GFLOP/s; memory floor "
-           f"{rep['memory_floor_ms']} ms ({rep['feature_mb_per_query']} MB at {rep['bandwidth_gb_s']} GB/s)",
-           "", "| group | ms per call | share | calls | GFLOP | GFLOP/s | of matmul rate |", "|---|---|---|---|---|---|---|"]
+           f"{rep['memory_floor_ms']} ms ({rep['feature_mb_per_query']} MB of stored features at "
+           f"{rep['bandwidth_gb_s']} GB/s); {rep['streamed_floor_ms']} ms with what the pass streams "
+           f"({rep['streamed_mb_per_query']} MB: the text weights once, the features twice a layer)",
+           "", "| group | ms per call (profiled) | share | calls | GFLOP | GFLOP/s (profiled) | of matmul rate | "
+           "GFLOP/s (wall) | of matmul rate (wall) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         out.append(f"| {r['group']} | {r['ms']} | {r['share']:.0%} | {r['calls']} | {r.get('gflop', '-')} | "
-                   f"{r.get('gflops', '-')} | {r.get('of_matmul_rate', '-')} |")
+                   f"{r.get('gflops', '-')} | {r.get('of_matmul_rate', '-')} | {r.get('gflops_wall', '-')} | "
+                   f"{r.get('of_matmul_rate_wall', '-')} |")
     return "\n".join(out)
 
 
-def profile_main(build: Path, models: str, precision: str, quick: bool) -> None:
+def profile_main(build: Path, models: str, precision: str, quick: bool, which: str = "ours") -> None:
     from engines.blip import TorchBlip
 
     if models == "tiny":
@@ -148,6 +179,10 @@ def profile_main(build: Path, models: str, precision: str, quick: bool) -> None:
 
         folder, label = make_fullsize_models(build / "fullsize", which=("blip-base",))["blip-base"], "BLIP-base"
     blip = TorchBlip(str(folder), precision=precision)
-    rep = report(blip, precision, label)
+    if which == "main":
+        from bench.baseline import main_rerank
+
+        blip, label = main_rerank(blip), f"{label}, the pass before issue 26's cuts"
+    rep = report(blip, precision, label, stored_form=which != "main")
     print(table(rep))
     print(json.dumps(rep))

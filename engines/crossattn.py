@@ -13,11 +13,13 @@ So the 577 image tokens are never projected to keys and values: per layer and ca
 about ``2 P E D`` multiply-adds (the projections) to about ``2 L (D E + H P E)``. For a short query that is
 several times less; near 62 tokens the two meet, and ``reassociation_pays`` says which is cheaper for a call.
 
-Two more exact savings, for every call of this forward:
+More exact savings, for every call of this forward:
 - the first layer's text-only work (embeddings, self-attention, the cross-attention query and ``Q_h W_k,h``)
   depends on the query alone, so it runs once per query and is gathered to its candidates (``owner``);
 - the last layer computes only the [CLS] row, the only output ITM reads (its self-attention still sees every
-  token as keys and values).
+  token as keys and values);
+- the softmax scale rides on the cross-attention query (``Q_h W_k,h`` is scaled, not the B x HR x P scores), and
+  the value bias through the output dense is folded into that dense's bias once at load.
 
 The forward uses the model's own modules (embeddings, ``nn.Linear`` layers, LayerNorms) and weights, so it
 loads nothing of its own, exports to ONNX as plain MatMul/Softmax graphs, and its weight matmuls quantize as
@@ -103,6 +105,16 @@ class ReassociatedItm(nn.Module):
         self.head_dim = int(cfg.hidden_size) // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.tap: AttentionTap | None = None
+        # each layer's cross-attention value bias through its output dense, plus that dense's bias: softmax rows
+        # sum to one, so the bias adds b_v to every context row and b_v W_o^T + b_o to every output row
+        for i, layer in enumerate(model.text_encoder.encoder.layer):
+            self.register_buffer(f"value_out_bias_{i}", self._value_out_bias(layer.crossattention), persistent=False)
+
+    @staticmethod
+    @torch.no_grad()
+    def _value_out_bias(attention: Any) -> torch.Tensor:
+        dense, b_v = attention.output.dense, attention.self.value.bias
+        return (dense.weight.float() @ b_v.float() + dense.bias.float()).to(dense.bias.dtype)
 
     # --- the pieces of one BLIP text layer ---
     def _self_attention(self, layer: Any, h: torch.Tensor, neg: torch.Tensor, rows: int | None) -> torch.Tensor:
@@ -120,11 +132,12 @@ class ReassociatedItm(nn.Module):
         return layer.attention.output(ctx, hq)  # type: ignore[no-any-return]
 
     def _query_keys(self, layer: Any, a: torch.Tensor) -> torch.Tensor:
-        """``Q_h W_k,h`` for every head, laid out B x HR x E for the scores (the key bias dropped: softmax
-        cancels it). The heads are the batch of the product, so no weight is copied per candidate."""
+        """``Q_h W_k,h`` for every head, scaled by ``1/sqrt(d)`` (so the scores need no pass of their own), laid
+        out B x HR x E for the scores (the key bias dropped: softmax cancels it). The heads are the batch of the
+        product, so no weight is copied per candidate."""
         c = layer.crossattention.self
         b, r, _ = a.shape
-        q = c.query(a).view(b * r, self.heads, self.head_dim).transpose(0, 1)         # H x BR x d
+        q = (c.query(a) * self.scale).view(b * r, self.heads, self.head_dim).transpose(0, 1)  # H x BR x d
         w_k = c.key.weight.view(self.heads, self.head_dim, -1)                         # H x d x E
         qk = torch.bmm(q, w_k)                                                         # H x BR x E
         return qk.view(self.heads, b, r, -1).transpose(0, 1).reshape(b, self.heads * r, -1)
@@ -134,17 +147,22 @@ class ReassociatedItm(nn.Module):
         c = layer.crossattention.self
         b, r, _ = a.shape
         h, d = self.heads, self.head_dim
-        # one product per candidate for all heads: its image tokens are shared by every head
-        scores = torch.bmm(qk, x.transpose(1, 2)) * self.scale                         # B x HR x P
-        probs = torch.softmax(scores, dim=-1)
+        # one product per candidate for all heads (its image tokens are shared by every head), the image tokens
+        # as its rows: B x P x HR, measured faster than B x HR x P (the longer side first), then softmax over
+        # the image tokens and back to B x HR x P for the second product
+        scores = torch.bmm(x, qk.transpose(1, 2))                                      # B x P x HR
+        probs = torch.softmax(scores, dim=1).transpose(1, 2).contiguous()              # B x HR x P
         if self.tap is not None:
             self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, h)
         px = torch.bmm(probs, x)                                                       # B x HR x E
         px = px.view(b, h, r, -1).transpose(0, 1).reshape(h, b * r, -1)                # H x BR x E
         w_v = c.value.weight.view(h, d, -1).transpose(1, 2)                            # H x E x d
-        ctx = torch.bmm(px, w_v) + c.value.bias.view(h, 1, d)                          # H x BR x d
+        ctx = torch.bmm(px, w_v)                                                       # H x BR x d
         ctx = ctx.view(h, b, r, d).permute(1, 2, 0, 3).reshape(b, r, h * d)
-        return layer.crossattention.output(ctx, a)  # type: ignore[no-any-return]
+        # the value bias, through the output dense, is a constant row: in that dense's bias (value_out_bias)
+        out = layer.crossattention.output
+        dense = nn.functional.linear(ctx, out.dense.weight, getattr(self, f"value_out_bias_{index}"))
+        return out.LayerNorm(out.dropout(dense) + a)  # type: ignore[no-any-return]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, owner: torch.Tensor,
                 image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -24,16 +24,21 @@ log = logging.getLogger(__name__)
 
 
 class FeatureSource:
+    """``prepare``: what a decoded feature is turned into before it is kept in this process and handed out (the
+    reranker's ``stored_form``: the dtype it computes in, so a query never converts its candidates)."""
+
     def __init__(self, settings: WorkerSettings, blobs: BlobStore, breaker: Breaker, *, feature_cache: FeatureCache | None = None,
-                 local: LocalLRU | None = None, threads: int = 8) -> None:
+                 local: LocalLRU | None = None, threads: int = 8,
+                 prepare: Callable[[NDArray[Any]], NDArray[Any]] | None = None) -> None:
         self.settings, self.blobs, self.breaker = settings, blobs, breaker
         self.feature_cache, self.local = feature_cache, local
+        self.prepare = prepare or (lambda arr: arr)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
 
     def _from_blob(self, version: str, post_id: str) -> tuple[NDArray[Any] | None, bytes | None, str | None]:
         try:
             data = self.breaker.call(self.blobs.get, feature_key(version, post_id))
-            return (None, None, "missing") if data is None else (featcodec.decode(data), data, None)
+            return (None, None, "missing") if data is None else (self.prepare(featcodec.decode(data)), data, None)
         except ImgSearchError as exc:  # missing, corrupt or unreachable: this candidate is not reranked
             return None, None, exc.code
 
@@ -56,6 +61,7 @@ class FeatureSource:
             for pid, data in self.feature_cache.get_many(version, rest).items():
                 arr = decode_cached(data)
                 if arr is not None:
+                    arr = self.prepare(arr)
                     out[pid] = arr
                     if self.local is not None:
                         self.local.put(f"{version}:{pid}", arr)

@@ -79,7 +79,8 @@ class Searcher:
         self.breakers = {name: Breaker(name, settings.breaker_failures, settings.breaker_reset_s)
                          for name in ("vector_store", "blob_store")}
         self.features = FeatureSource(settings, blobs, self.breakers["blob_store"], feature_cache=feature_cache,
-                                      local=local, threads=fetch_threads)
+                                      local=local, threads=fetch_threads,
+                                      prepare=getattr(reranker, "stored_form", None))
         # cross-query batching: the jobs this process runs at once share their model calls
         self.active = Active()
         self._encode: Batcher[str, Vector] | None = None

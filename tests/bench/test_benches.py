@@ -56,6 +56,7 @@ BENCHES = {
     "explain": ([], _json),
     "query_decode": ([], _pairs),
     "slow_hosts": ([], _pairs),
+    "rerank": (["--build", "{tmp}/build"], _figure("rerank_speedup")),
 }
 
 

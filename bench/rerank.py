@@ -1,0 +1,102 @@
+"""The rerank of 32 candidates for an 8-token query: today's pass against the one before issue 26's cuts, in one
+process, timed alternately (so both see the same machine, whatever else runs on it).
+
+- ours: ``TorchBlip.score`` as the worker runs it, its candidates' features as the worker's feature source
+  keeps them (``stored_form``: bfloat16 in bf16);
+- main: the pass as it was (``bench.baseline.ReassociatedItmOnMain``), fed float16 features as the cache held
+  them then (converted every query).
+
+    python -m bench.rerank                    # BLIP-base (random full-size weights), torch bf16, 15 pairs
+    python -m bench.rerank --quick            # the tiny model, a few pairs (seconds)
+    python -m bench.rerank --precision fp32 --threads 1
+
+Each pair's wall time and this process's CPU time (all threads) are recorded; the last line is
+``rerank_speedup=<main's median wall time / ours>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.blip import TorchBlip
+
+CANDIDATES = 32
+TOKENS = 8
+
+
+def _models(build: Path, models: str) -> tuple[Path, str]:
+    if models == "tiny":
+        from engines.tiny import make_tiny_models
+
+        return make_tiny_models(build / "tiny")[1], "tiny BLIP"
+    from engines.fullsize import make_fullsize_models
+
+    return make_fullsize_models(build / "fullsize", which=("blip-base",))["blip-base"], "BLIP-base (random full-size weights)"
+
+
+def compare(folder: Path, precision: str, pairs: int) -> dict[str, Any]:
+    from bench.baseline import main_rerank
+    from bench.engines import exact_query
+
+    ours = TorchBlip(str(folder), precision=precision)
+    main = main_rerank(TorchBlip(str(folder), precision=precision))
+    rng = np.random.default_rng(0)
+    shape = (ours.shape["patches"], ours.shape["width"])
+    stored = [rng.standard_normal(shape).astype(np.float16) for _ in range(CANDIDATES)]
+    kept = [ours.stored_form(f) for f in stored]
+    query = exact_query(ours, TOKENS)
+    runs = {"ours": (ours, kept), "main": (main, stored)}
+    got = {k: b.score(query, f) for k, (b, f) in runs.items()}  # warm-up, and the numbers compared
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(pairs):
+        for k in (("ours", "main") if i % 2 else ("main", "ours")):
+            b, f = runs[k]
+            t0, c0 = time.perf_counter(), time.process_time()
+            b.score(query, f)
+            wall[k].append((time.perf_counter() - t0) * 1000)
+            cpu[k].append((time.process_time() - c0) * 1000)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    return {"precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES, "tokens": TOKENS,
+            "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
+            "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
+            "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),
+            "main_cpu_ms": round(statistics.median(cpu["main"]), 1),
+            "pair_ratio_median": round(statistics.median([m / o for m, o in zip(wall["main"], wall["ours"], strict=True)]), 3),
+            "itm_max_diff": float(np.abs(got["ours"][0] - got["main"][0]).max()),
+            "cos_max_diff": float(np.abs(got["ours"][1] - got["main"][1]).max()),
+            "speedup": round(med["main"] / med["ours"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--build", type=Path, default=Path("build"))
+    ap.add_argument("--models", choices=("tiny", "base"), default=None, help="default: base (tiny with --quick)")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--pairs", type=int, default=None, help="timed pairs (default 15, 4 with --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
+    rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15))}
+    print(f"{label}, torch {rep['precision']}, {rep['threads']} threads, {CANDIDATES} candidates x {TOKENS} tokens, "
+          f"{rep['pairs']} alternating pairs: ours {rep['ours_ms']} ms (min {rep['ours_min_ms']}, CPU "
+          f"{rep['ours_cpu_ms']}), main's {rep['main_ms']} ms (min {rep['main_min_ms']}, CPU {rep['main_cpu_ms']}); "
+          f"median of pair ratios {rep['pair_ratio_median']}x; largest difference ITM {rep['itm_max_diff']:.2e}, "
+          f"cosine {rep['cos_max_diff']:.2e}")
+    print(json.dumps(rep))
+    print(f"rerank_speedup={rep['speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
