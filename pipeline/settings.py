@@ -47,7 +47,7 @@ class _Group(BaseModel):
 
 class FetchRules(_Group):
     """How a picture is fetched from the internet and decoded: ingest's downloads, and the API's ``image_url``
-    queries (which tighten the time, the size and the tries: ``pipeline.image_query.fetch``). A worker decodes a
+    queries (which tighten the time, the size and the tries: ``pipeline.search.image_query.fetch``). A worker decodes a
     query's picture under ``max_pixels`` too."""
 
     concurrency: int = Field(8, ge=1, le=256)  # downloads in flight
@@ -408,7 +408,7 @@ class _ApiFields(SharedSettings):
     # cap are the fetching rules (fetch), the size cap limits.max_upload_bytes
     image_query_fetch_s: float = Field(10.0, gt=0)
     # a query picture's decode may take this much memory: its pixel cap follows from the format's decoded mode
-    # (pipeline.image_query.pixel_cap: an RGBA PNG or WebP gets about budget / 7 bytes, a JPEG is counted at the
+    # (pipeline.search.image_query.pixel_cap: an RGBA PNG or WebP gets about budget / 7 bytes, a JPEG is counted at the
     # size its draft mode decodes to); at most fetch.max_pixels in any case
     image_query_decode_mib: int = Field(64, ge=8)
     # the API's own thread lanes (api.lanes), none of them anyio's shared 40: image_url downloads, picture decodes

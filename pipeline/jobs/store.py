@@ -221,7 +221,7 @@ class JobStore:
         return job
 
     def image(self, job_id: str) -> bytes | None:
-        """An image query's picture, as the API kept it (pipeline.image_query), or None once it expired."""
+        """An image query's picture, as the API kept it (pipeline.search.image_query), or None once it expired."""
         return self.x.run(Picture(job_id))
 
     def wait(self, job_id: str, timeout: float) -> Job | None:

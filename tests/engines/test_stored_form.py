@@ -10,8 +10,8 @@ from engines.blip import TorchBlip
 from pipeline import features as featcodec
 from pipeline.breaker import Breaker
 from pipeline.cache import LocalLRU
-from pipeline.feature_source import FeatureSource
 from pipeline.layout import feature_key
+from pipeline.search.feature_source import FeatureSource
 from pipeline.stores import make_blob_store
 from tests.conftest import make_settings
 
