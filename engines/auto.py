@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -171,7 +170,10 @@ def _save(s: WorkerSettings, choice: Choice) -> None:
 # --- the timed pass ---
 def time_query(engines: Any, budget_s: float = BUDGET_S) -> float:
     """One query's engine time on ``engines``: the text tower on a query, then the rerank of ``CANDIDATES``
-    stored features; the median of at least two rounds after a warm-up, within about ``budget_s``."""
+    stored features; the fastest of at least three rounds after a warm-up, within about ``budget_s``. The
+    fastest, not the median: other work on the machine only ever adds time, so the minimum is the estimate it
+    disturbs least (a median taken while another process ran once timed bf16 slower than fp32 on an AMX CPU
+    where it is twice as fast, and the choice is cached per host)."""
     import numpy as np
     from PIL import Image
 
@@ -189,9 +191,9 @@ def time_query(engines: Any, budget_s: float = BUDGET_S) -> float:
 
     once()  # warm-up: first-run allocations
     times, start = [once()], time.perf_counter()
-    while len(times) < 2 or (time.perf_counter() - start < budget_s and len(times) < 7):
+    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 7):
         times.append(once())
-    return statistics.median(times)
+    return min(times)
 
 
 def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Choice, Any]:
