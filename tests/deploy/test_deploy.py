@@ -50,10 +50,13 @@ def test_the_compose_file_has_every_service_with_healthchecks_profiles_and_one_e
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert services["worker-gpu"]["profiles"] == ["gpu"] and services["prometheus"]["profiles"] == ["metrics"]
     assert services["flower"]["profiles"] == ["flower"]  # it needs credentials .env.example leaves empty
-    assert set(_compose()["volumes"]) == {"data", "redis-data"}  # named volumes: the images own /data, no chown
+    # named volumes: the images own /data, no chown (the replica's only under the sentinel profile)
+    assert set(_compose()["volumes"]) == {"data", "redis-data", "redis-replica-data"}
+    redis_ha = {n for n, svc in services.items() if svc.get("profiles") == ["sentinel"]}
+    assert redis_ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}  # optional: `up` starts none
     (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    apps = [n for n in services if n not in ("redis", "prometheus")]
+    apps = [n for n in services if n not in {"redis", "prometheus"} | redis_ha]
     for name in apps:  # one shared .env, and the same Redis and data dir
         svc = services[name]
         assert svc["env_file"] == ".env", name
