@@ -1,6 +1,6 @@
-"""A soak: 64 concurrent clients for a minute (SOAK_S=300 for five) against the whole stack with the tiny
+"""A soak: 64 concurrent clients for two minutes (SOAK_S=300 for five) against the whole stack with the tiny
 models, most through the blocking ``POST /search``, some submitting and polling. No 5xx, no job lost, the
-worker's memory flat (RSS growth under 5% from a fifth of the way in, at most a minute in), and Redis's key count bounded
+worker's memory flat (RSS growth under 5% from the end of the first minute), and Redis's key count bounded
 (job records expire)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.live import Live, start_stack
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 CLIENTS = 64
-SOAK_S = float(os.environ.get("SOAK_S", "60"))  # make test keeps CI short; the memory check starts at 24 s
+SOAK_S = float(os.environ.get("SOAK_S", "120"))  # make test keeps CI short; the memory check starts at 24 s
 JOB_TTL_S = 20
 WORDS = ["red", "blue", "green", "yellow", "circle", "square", "triangle", "on", "a", "white", "black", "background",
          "small", "large", "two", "shapes"]
