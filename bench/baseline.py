@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI
 from PIL import Image
 
 from engines.blip import TorchBlip
@@ -30,6 +29,9 @@ from engines.siglip import TorchSiglip, l2
 from pipeline.layout import image_key
 from pipeline.settings import Settings, get_settings
 from pipeline.stores import make_blob_store, make_vector_store
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 class ReassociatedItmOnMain(ReassociatedItm):
@@ -120,6 +122,9 @@ def original_rerank(blip: TorchBlip, query: str, images: list[Image.Image]) -> t
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    from fastapi import FastAPI  # here, not at the top: bench.rerank imports this module's rerank alone, on GPU
+    # machines without the API's packages too
+
     s = settings or get_settings()
     if s.engines.intra_op_threads:
         torch.set_num_threads(s.engines.intra_op_threads)

@@ -9,6 +9,7 @@ process, timed alternately (so both see the same machine, whatever else runs on 
     python -m bench.rerank                    # BLIP-base (random full-size weights), torch bf16, 15 pairs
     python -m bench.rerank --quick            # the tiny model, a few pairs (seconds)
     python -m bench.rerank --precision fp32 --threads 1
+    python -m bench.rerank --device cuda --precision fp16   # on a GPU
 
 Each pair's wall time and this process's CPU time (all threads) are recorded; the last line is
 ``rerank_speedup=<main's median wall time / ours>``.
@@ -42,12 +43,12 @@ def _models(build: Path, models: str) -> tuple[Path, str]:
     return make_fullsize_models(build / "fullsize", which=("blip-base",))["blip-base"], "BLIP-base (random full-size weights)"
 
 
-def compare(folder: Path, precision: str, pairs: int) -> dict[str, Any]:
+def compare(folder: Path, precision: str, pairs: int, device: str = "cpu") -> dict[str, Any]:
     from bench.baseline import main_rerank
     from bench.engines import exact_query
 
-    ours = TorchBlip(str(folder), precision=precision)
-    main = main_rerank(TorchBlip(str(folder), precision=precision))
+    ours = TorchBlip(str(folder), precision=precision, device=device)
+    main = main_rerank(TorchBlip(str(folder), precision=precision, device=device))
     rng = np.random.default_rng(0)
     shape = (ours.shape["patches"], ours.shape["width"])
     stored = [rng.standard_normal(shape).astype(np.float16) for _ in range(CANDIDATES)]
@@ -61,11 +62,11 @@ def compare(folder: Path, precision: str, pairs: int) -> dict[str, Any]:
         for k in (("ours", "main") if i % 2 else ("main", "ours")):
             b, f = runs[k]
             t0, c0 = time.perf_counter(), time.process_time()
-            b.score(query, f)
+            b.score(query, f)  # its answer comes back as NumPy: a GPU's work has finished
             wall[k].append((time.perf_counter() - t0) * 1000)
             cpu[k].append((time.process_time() - c0) * 1000)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    return {"precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES, "tokens": TOKENS,
+    return {"device": device, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES, "tokens": TOKENS,
             "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
             "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
             "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),
@@ -83,13 +84,14 @@ def main() -> None:
     ap.add_argument("--models", choices=("tiny", "base"), default=None, help="default: base (tiny with --quick)")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs (default 15, 4 with --quick)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (with --precision fp16 on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
-    rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15))}
-    print(f"{label}, torch {rep['precision']}, {rep['threads']} threads, {CANDIDATES} candidates x {TOKENS} tokens, "
+    rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15), args.device)}
+    print(f"{label}, torch {rep['precision']} on {rep['device']}, {rep['threads']} threads, {CANDIDATES} candidates x {TOKENS} tokens, "
           f"{rep['pairs']} alternating pairs: ours {rep['ours_ms']} ms (min {rep['ours_min_ms']}, CPU "
           f"{rep['ours_cpu_ms']}), main's {rep['main_ms']} ms (min {rep['main_min_ms']}, CPU {rep['main_cpu_ms']}); "
           f"median of pair ratios {rep['pair_ratio_median']}x; largest difference ITM {rep['itm_max_diff']:.2e}, "
