@@ -105,6 +105,7 @@ class ReassociatedItm(nn.Module):
         self.head_dim = int(cfg.hidden_size) // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.tap: AttentionTap | None = None
+        self.tokens_as_rows: bool | None = None  # the scores' layout; None: by the device (_tokens_as_rows)
         # each layer's cross-attention value bias through its output dense, plus that dense's bias: softmax rows
         # sum to one, so the bias adds b_v to every context row and b_v W_o^T + b_o to every output row
         for i, layer in enumerate(model.text_encoder.encoder.layer):
@@ -115,6 +116,11 @@ class ReassociatedItm(nn.Module):
     def _value_out_bias(attention: Any) -> torch.Tensor:
         dense, b_v = attention.output.dense, attention.self.value.bias
         return (dense.weight.float() @ b_v.float() + dense.bias.float()).to(dense.bias.dtype)
+
+    def _tokens_as_rows(self, x: torch.Tensor) -> bool:
+        """The scores' layout: B x P x HR (True) or B x HR x P; ``tokens_as_rows`` set on the module wins (the
+        tests compare both on one device), else by the device (rows first on a CPU)."""
+        return x.device.type == "cpu" if self.tokens_as_rows is None else self.tokens_as_rows
 
     # --- the pieces of one BLIP text layer ---
     def _self_attention(self, layer: Any, h: torch.Tensor, neg: torch.Tensor, rows: int | None) -> torch.Tensor:
@@ -147,11 +153,16 @@ class ReassociatedItm(nn.Module):
         c = layer.crossattention.self
         b, r, _ = a.shape
         h, d = self.heads, self.head_dim
-        # one product per candidate for all heads (its image tokens are shared by every head), the image tokens
-        # as its rows: B x P x HR, measured faster than B x HR x P (the longer side first), then softmax over
-        # the image tokens and back to B x HR x P for the second product
-        scores = torch.bmm(x, qk.transpose(1, 2))                                      # B x P x HR
-        probs = torch.softmax(scores, dim=1).transpose(1, 2).contiguous()              # B x HR x P
+        # one product per candidate for all heads (its image tokens are shared by every head). On a CPU the image
+        # tokens are its rows: B x P x HR, measured faster than B x HR x P (the longer side first), then softmax
+        # over the image tokens and back to B x HR x P for the second product. On a GPU a softmax over a middle
+        # dimension is a slow kernel (on an H200, 53% of the pass's kernel time for 32 candidates in fp16), so
+        # there the scores come as B x HR x P and the softmax runs over their last dimension.
+        if self._tokens_as_rows(x):
+            scores = torch.bmm(x, qk.transpose(1, 2))                                  # B x P x HR
+            probs = torch.softmax(scores, dim=1).transpose(1, 2).contiguous()          # B x HR x P
+        else:
+            probs = torch.softmax(torch.bmm(qk, x.transpose(1, 2)), dim=-1)            # B x HR x P
         if self.tap is not None:
             self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, h)
         px = torch.bmm(probs, x)                                                       # B x HR x E

@@ -113,6 +113,24 @@ def test_fp16_within_2e3_of_transformers(reference, wide, length) -> None:  # ty
     np.testing.assert_allclose(cos, cos_ref, atol=2e-3)
 
 
+def test_both_score_layouts_equal_transformers(reference) -> None:  # type: ignore[no-untyped-def]
+    """The scores as B x P x HR (a CPU's layout) and as B x HR x P (a GPU's): each equals transformers' forward,
+    so the GPU's layout is checked here on the CPU too."""
+    tb, feats, refs = reference
+    ids, itm_ref, cos_ref = refs[8]
+    assert tb.cores.rx._tokens_as_rows(torch.zeros(1, 1, 1))  # a CPU tensor: tokens as rows by default
+    got = {}
+    try:
+        for layout in (True, False):
+            tb.cores.rx.tokens_as_rows = layout
+            got[layout] = _ours(tb, ids, feats)
+            np.testing.assert_allclose(got[layout][0], itm_ref, atol=1e-5)
+            np.testing.assert_allclose(got[layout][1], cos_ref, atol=1e-5)
+    finally:
+        tb.cores.rx.tokens_as_rows = None
+    np.testing.assert_allclose(got[True][0], got[False][0], atol=1e-6)
+
+
 def test_mixed_lengths_in_one_batched_call(reference) -> None:  # type: ignore[no-untyped-def]
     """Cross-query batching: queries of 8, 16 and 35 tokens in one ``score_many``, padded and masked, each equal to
     transformers on its own (the stored features are float16, as ingest writes them)."""
