@@ -66,7 +66,8 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu") -> di
             wall[k].append((time.perf_counter() - t0) * 1000)
             cpu[k].append((time.process_time() - c0) * 1000)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    return {"device": device, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES, "tokens": TOKENS,
+    return {"device": device, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
+            "tokens": TOKENS,
             "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
             "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
             "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),
@@ -91,7 +92,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
     rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15), args.device)}
-    print(f"{label}, torch {rep['precision']} on {rep['device']}, {rep['threads']} threads, {CANDIDATES} candidates x {TOKENS} tokens, "
+    print(f"{label}, torch {rep['precision']} on {rep['device']}, {rep['threads']} threads, "
+          f"{CANDIDATES} candidates x {TOKENS} tokens, "
           f"{rep['pairs']} alternating pairs: ours {rep['ours_ms']} ms (min {rep['ours_min_ms']}, CPU "
           f"{rep['ours_cpu_ms']}), main's {rep['main_ms']} ms (min {rep['main_min_ms']}, CPU {rep['main_cpu_ms']}); "
           f"median of pair ratios {rep['pair_ratio_median']}x; largest difference ITM {rep['itm_max_diff']:.2e}, "
