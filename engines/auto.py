@@ -11,8 +11,9 @@ At worker start the CPU's features (or the GPU) name the candidates:
 A short timed pass on the real models (the text tower on one query, the rerank of ``CANDIDATES`` stored
 features; a warm-up, then at least two rounds, more within ``BUDGET_S``) picks the fastest candidate; a lone
 candidate is not timed. The choice is cached per host and model versions in ``{engine_dir}/auto/`` (with the CPU
-model, torch version and thread count it was made with: another measures again), logged with its reason, and
-shown on ``/readyz`` and by ``imgsearch models check``. An explicit backend or precision always wins.
+model, torch version, thread count and candidates it was made with: another, or engines built since, measures
+again), logged with its reason, and shown on ``/readyz`` and by ``imgsearch models check``. An explicit backend or
+precision always wins.
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ def cached(s: WorkerSettings) -> Choice | None:
         return None
     if saved.get("stamp") != _stamp() or saved.get("threads") != s.engines.intra_op_threads:
         return None
+    # engines built since (or removed): the candidates differ, so the choice is made again
+    if saved.get("candidates") != [list(p) for p in candidates(s)[0]]:
+        return None
     return Choice(**saved["choice"])
 
 
@@ -170,7 +174,8 @@ def _save(s: WorkerSettings, choice: Choice) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.engines.intra_op_threads}))
+        tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.engines.intra_op_threads,
+                                   "candidates": [list(p) for p in candidates(s)[0]]}))
         tmp.replace(path)
     except OSError as exc:  # a read-only engine dir: measured again next start
         log.warning("auto: could not cache the choice in %s: %s", path, exc)

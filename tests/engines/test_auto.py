@@ -46,6 +46,20 @@ def test_without_bf16_onnxruntime_is_timed_where_it_is_built(tmp_path, tiny_mode
     assert auto.candidates(s, {"avx512_bf16"})[0] == [("torch", "bf16"), ("torch", "fp32")]  # bf16: torch alone
 
 
+def test_engines_built_after_a_choice_are_timed_at_the_next_start(tmp_path, tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An AVX2-only CPU: torch fp32 alone, cached; once ONNX Runtime fp32 is built the cached choice no longer
+    stands (its candidates differ), and the next start times both."""
+    monkeypatch.setattr(auto, "cpu", lambda: ("an AVX2-only CPU", {"avx2", "fma"}))
+    s = _auto(tmp_path, tiny_models)
+    first = load_engines(s)
+    assert (first.backend, first.precision) == ("torch", "fp32") and auto.cached(s) is not None
+    build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32",))
+    assert auto.cached(s) is None
+    again = load_engines(s)
+    assert set(again.describe()["auto_measured_ms"]) == {"onnxruntime fp32", "torch fp32"}
+    assert auto.cached(s) is not None and not again.describe()["auto"].endswith("(cached)")
+
+
 def test_cuda_gets_torch_fp16_without_tensorrt_plans(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
     pairs, why = auto.candidates(_auto(tmp_path, tiny_models, device="cuda"))
     assert pairs == [("torch", "fp16")] and "TensorRT" in why
