@@ -139,8 +139,15 @@ class Supervisor:
         return None
 
     def stop(self) -> None:
-        for p in reversed(self.procs()):
+        """The API and the worker told to stop at once (their shutdowns overlap: one after the other they could
+        outlast a caller's patience, and a caller that then kills the demo leaves Redis behind), then Redis."""
+        children = [p for p in self.children.values() if p.alive()]
+        for p in children:
+            p.signal_group(signal.SIGTERM)
+        for p in children:
             p.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequence[str] = ()) -> int:

@@ -212,7 +212,7 @@ def _process_stack_top10(tmp: Path) -> list[tuple[str, float]]:
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         try:
-            demo.wait(30)
+            demo.wait(60)  # it stops its API, worker and Redis (each may take up to 15 s)
         except subprocess.TimeoutExpired:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(10)
