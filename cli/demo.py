@@ -195,7 +195,10 @@ def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequen
             return 0
         typer.echo("serving; Ctrl-C to stop")
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Ctrl-C and SIGTERM both end the loop, then everything it started. SIGINT set here, not left to Python's
+        # KeyboardInterrupt: a shell starts a background job with SIGINT ignored, and Python then keeps it so
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         try:
             while not stop.wait(0.5):
                 why = sup.check()

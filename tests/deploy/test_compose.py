@@ -210,7 +210,8 @@ def _process_stack_top10(tmp: Path) -> list[tuple[str, float]]:
         assert r.status_code == 200, r.text
         return _results(r.json())
     finally:
-        os.killpg(demo.pid, signal.SIGINT)
+        # SIGTERM, not SIGINT: a test run started as a background job inherits SIGINT ignored
+        os.killpg(demo.pid, signal.SIGTERM)
         try:
             demo.wait(60)  # it stops its API, worker and Redis (each may take up to 15 s)
         except subprocess.TimeoutExpired:
