@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
@@ -142,6 +144,24 @@ def _load_in_main(sender: Any = None, **_: Any) -> None:
     name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "solo" in name or "thread" in name:
         runtime.load()
+        _stop_on_an_early_sigterm()
+
+
+def _stop_on_an_early_sigterm() -> None:
+    """Celery installs its SIGTERM handler (a shutdown that ends in worker_shutdown, which removes the heartbeat)
+    only when the worker starts, after worker_init has loaded the engines and started the heartbeat. A SIGTERM in
+    between ended the process at once and left its heartbeat for the TTL, so /readyz listed a stopped worker (seen
+    on a slow 2-core CPU: a deploy's SIGTERM right after the first heartbeat). Until Celery's handler replaces this
+    one, a SIGTERM stops the runtime (the heartbeat's key goes with it), then ends the process as it would have."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        runtime.shutdown()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @worker_process_shutdown.connect
