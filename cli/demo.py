@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,6 +172,12 @@ def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequen
     except OSError:
         pass
     sup = Supervisor(env, port, logs)
+    # From here on Ctrl-C and SIGTERM, whenever they come (starting up, running the example queries, serving), unwind
+    # to the `finally` below, which stops everything started. Both are set here rather than left to Python: a SIGTERM
+    # would end the demo at once and leave its Redis, worker and API running, and a shell starts a background job
+    # with SIGINT ignored, which Python then keeps.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupted)
     try:
         if not redis_url:
             rport = stack.free_port()
@@ -194,22 +199,22 @@ def run(*, port: int, n_images: int, data_dir: Path, once: bool, queries: Sequen
         if once:
             return 0
         typer.echo("serving; Ctrl-C to stop")
-        stop = threading.Event()
-        # Ctrl-C and SIGTERM both end the loop, then everything it started. SIGINT set here, not left to Python's
-        # KeyboardInterrupt: a shell starts a background job with SIGINT ignored, and Python then keeps it so
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                why = sup.check()
-                if why is not None:
-                    typer.echo(f"the demo cannot go on: {why}", err=True)
-                    return 1
-        except KeyboardInterrupt:
-            pass
+        while True:
+            time.sleep(0.5)
+            why = sup.check()
+            if why is not None:
+                typer.echo(f"the demo cannot go on: {why}", err=True)
+                return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (_interrupted)
         return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one would cut the stopping short
+            signal.signal(sig, signal.SIG_IGN)
         sup.stop()
+
+
+def _interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _show(text: str, job: dict) -> None:
