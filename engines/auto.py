@@ -164,9 +164,14 @@ def cached(s: WorkerSettings) -> Choice | None:
     if saved.get("stamp") != _stamp() or saved.get("threads") != s.engines.intra_op_threads:
         return None
     # engines built since (or removed): the candidates differ, so the choice is made again
-    if saved.get("candidates") != [list(p) for p in candidates(s)[0]]:
+    if saved.get("candidates") != _candidate_key(s):
         return None
     return Choice(**saved["choice"])
+
+
+def _candidate_key(s: WorkerSettings) -> list[list[str]]:
+    """The candidates as the cache file keeps them (JSON lists)."""
+    return [list(p) for p in candidates(s)[0]]
 
 
 def _save(s: WorkerSettings, choice: Choice) -> None:
@@ -175,7 +180,7 @@ def _save(s: WorkerSettings, choice: Choice) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.engines.intra_op_threads,
-                                   "candidates": [list(p) for p in candidates(s)[0]]}))
+                                   "candidates": _candidate_key(s)}))
         tmp.replace(path)
     except OSError as exc:  # a read-only engine dir: measured again next start
         log.warning("auto: could not cache the choice in %s: %s", path, exc)
