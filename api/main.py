@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,7 +21,7 @@ from pipeline.jobs.recovery import Recovery
 from pipeline.jobs.store import AsyncJobStore, aconnect
 from pipeline.settings import ApiSettings, get_api_settings
 from pipeline.stores import make_blob_store
-from workers.celery_app import SEARCH_TASK, client_app
+from workers.celery_app import SEARCH_TASK, client_app, send_job
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
         async def send(job_id: str) -> None:
             """The job's task on the search queue (the broker's client blocks: off the event loop, in its lane)."""
-            await lanes.send.run(partial(celery.send_task, SEARCH_TASK, args=[{"job_id": job_id}],
-                                         task_id=job_id, queue=settings.search_queue))
+            await lanes.send.run(send_job, celery, SEARCH_TASK, job_id, settings.search_queue)
 
         limits = app.state.redis if not settings.limits_redis_url else aconnect(
             settings.limits_redis_url, 0.5, sentinel_password=pw, max_connections=settings.redis_max_connections,

@@ -211,7 +211,7 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
     from pipeline.jobs.keys import events_key
     from pipeline.settings import Settings
     from pipeline.types import Job
-    from workers.celery_app import NOOP_TASK, client_app
+    from workers.celery_app import NOOP_TASK, client_app, send_job
 
     s = Settings(redis_url=redis_url, data_dir=Path(settings_env["IMGSEARCH_DATA_DIR"]))
     r = redis.Redis.from_url(redis_url)
@@ -226,7 +226,7 @@ def queue_overhead(redis_url: str, settings_env: dict[str, str], n: int = 300) -
                   deadline_at=time.time() + 30)
         t0 = time.perf_counter()
         x.run(Write(job, 60, 64, (("queued", {"id": job.id}),), create=True))
-        celery.send_task(NOOP_TASK, args=[{"job_id": job.id}], task_id=job.id, queue=s.search_queue)
+        send_job(celery, NOOP_TASK, job.id, s.search_queue)
         last = "0"
         while True:
             got = r.xread({events_key(job.id): last}, block=5000)

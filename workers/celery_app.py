@@ -90,12 +90,21 @@ def client_app(settings: SharedSettings) -> Celery:
     return client
 
 
+def send_job(client: Celery, task: str, job_id: str, queue: str) -> None:
+    """Send a job's task by name (its id the task's id). Its outcome lives in the job's record, never in Celery's
+    result backend: ``ignore_result`` keeps Celery from subscribing to the task's result channel first, a
+    connection that has no socket timeout of its own and so held a send as long as Redis was frozen (33 s in a
+    failover), where the publish alone fails within the socket timeout and the API answers 503."""
+    client.send_task(task, args=[{"job_id": job_id}], task_id=job_id, queue=queue, ignore_result=True)
+
+
 def batch_sender(settings: SharedSettings) -> Callable[[dict[str, Any]], None]:
-    """How a fanned-out ingest run's coordinator sends a batch: by name, to the embed queue."""
+    """How a fanned-out ingest run's coordinator sends a batch: by name, to the embed queue (no result: see
+    ``send_job``)."""
     client = client_app(settings)
 
     def send(payload: dict[str, Any]) -> None:
-        client.send_task(EMBED_TASK, args=[payload], queue=settings.embed_queue)
+        client.send_task(EMBED_TASK, args=[payload], queue=settings.embed_queue, ignore_result=True)
 
     return send
 

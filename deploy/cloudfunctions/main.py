@@ -35,7 +35,7 @@ def _setup() -> tuple[Any, Any, Any]:
         from pipeline.admission.admit import Admission
         from pipeline.jobs.store import JobStore, connect
         from pipeline.settings import get_api_settings
-        from workers.celery_app import SEARCH_TASK, client_app
+        from workers.celery_app import SEARCH_TASK, client_app, send_job
 
         s = get_api_settings()
         celery = client_app(s)
@@ -44,7 +44,7 @@ def _setup() -> tuple[Any, Any, Any]:
         limits = connect(s.limits_redis_url, 0.5, sentinel_password=pw) if s.limits_redis_url else None
 
         def send(job_id: str) -> None:
-            celery.send_task(SEARCH_TASK, args=[{"job_id": job_id}], task_id=job_id, queue=s.search_queue)
+            send_job(celery, SEARCH_TASK, job_id, s.search_queue)
 
         jobs = JobStore.from_settings(s, r, limits=limits, send=send)
         _clients.update(settings=s, celery=celery, jobs=jobs, admission=Admission(s, jobs, limits))

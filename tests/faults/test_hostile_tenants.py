@@ -289,7 +289,7 @@ def test_a_failed_job_shows_a_stable_code_and_a_safe_message_and_logs_the_rest(t
     """A like query on a post embedded by another SigLIP: the worker refuses it with a message naming models and
     the namespace. Its caller sees the code and a plain sentence; the log has the story, under the job's id."""
     from pipeline.jobs.store import JobStore, new_job
-    from workers.celery_app import SEARCH_TASK, client_app
+    from workers.celery_app import SEARCH_TASK, client_app, send_job
 
     t = tenants
     s = Settings(redis_url=t.main.env["IMGSEARCH_REDIS_URL"])
@@ -300,7 +300,7 @@ def test_a_failed_job_shows_a_stable_code_and_a_safe_message_and_logs_the_rest(t
     try:
         for job in jobs:
             JobStore(t.r, 600, 64).write(job, ("queued", {"id": job.id}), create=True)
-            celery.send_task(SEARCH_TASK, args=[{"job_id": job.id}], task_id=job.id, queue=s.search_queue)
+            send_job(celery, SEARCH_TASK, job.id, s.search_queue)
     finally:
         celery.close()
     log = (t.logs / "main" / "worker0.log")
