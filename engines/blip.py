@@ -131,6 +131,12 @@ class BlipBase:
         """``ids``/``mask``: one row per query; ``owner``: each candidate's query row."""
         raise NotImplementedError
 
+    def _itm_text(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+                  embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]] | None:
+        """``_itm``'s outputs and the queries' ITC text embeddings from one pass, where this backend folds the
+        unimodal text pass into the ITM pass; None where it does not (then ``_itc_core`` runs apart)."""
+        return None
+
     def _itm(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
              embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         """ITM for candidates ``embeds`` of the queries ``ids[owner]``, by the cheaper exact pass."""
@@ -181,13 +187,22 @@ class BlipBase:
 
     def _score(self, ids: NDArray[np.int64], mask: NDArray[np.int64],
                features: Sequence[NDArray[Any]]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        # ITC: the query's unimodal text pass runs once, whatever the number of candidates
-        text_feat = l2(self._itc_core(ids, mask))[0]
+        # ITC: the query's unimodal text pass runs once, whatever the number of candidates; in the first ITM
+        # call where the backend folds it in (``_itm_text``), else on its own
+        text_feat: NDArray[Any] | None = None
         itm_out, cos_out = [], []
         for start in range(0, len(features), self.batch_size):
             # as stored (float16): each core casts where it runs (on the GPU, after a copy of half the bytes)
             embeds = self._stack(features[start:start + self.batch_size])
-            itm, image_proj = self._itm(ids, mask, np.zeros(embeds.shape[0], np.int64), embeds)
+            owner = np.zeros(embeds.shape[0], np.int64)
+            folded = self._itm_text(ids, mask, owner, embeds) if text_feat is None else None
+            if folded is not None:
+                itm, image_proj, text = folded
+                text_feat = l2(np.asarray(text, np.float32))[0]
+            else:
+                if text_feat is None:
+                    text_feat = l2(self._itc_core(ids, mask))[0]
+                itm, image_proj = self._itm(ids, mask, owner, embeds)
             itm_out.append(np.asarray(itm, np.float32))
             cos_out.append(l2(image_proj) @ text_feat)
         return np.concatenate(itm_out), np.concatenate(cos_out).astype(np.float32)
@@ -311,6 +326,16 @@ class TorchBlip(BlipBase):
                   embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         itm, proj = self.cores.itm(self._t(ids), self._t(mask), self._t(embeds))
         return itm.float().cpu().numpy(), proj.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _itm_text(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
+                  embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]] | None:
+        """One query's ITC rows in its reassociated ITM pass (``ReassociatedItm.with_text``)."""
+        rx = self.cores.rx
+        if not (rx.folds_text and len(ids) == 1 and self.reassociates(ids.shape[1])):
+            return None
+        itm, proj, text = rx.with_text(self._t(ids), self._t(mask), self._t(owner), self._t(embeds))
+        return itm.float().cpu().numpy(), proj.float().cpu().numpy(), text.float().cpu().numpy()
 
     @torch.inference_mode()
     def _itm_rx_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],

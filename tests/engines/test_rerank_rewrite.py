@@ -121,6 +121,21 @@ def test_fp32_equals_transformers_full_forward(reference, length) -> None:  # ty
 
 
 @pytest.mark.parametrize("length", LENGTHS)
+def test_the_itc_pass_folded_into_the_rewrite_equals_transformers(reference, length, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A query's score as the worker asks for it: where the rewrite runs, the ITC text pass rides in its ITM pass
+    (``ReassociatedItm.with_text``) and no separate ITC pass runs; either way both scores equal transformers'."""
+    tb, feats, refs = reference
+    ids, itm_ref, cos_ref = refs[length]
+    apart: list[int] = []
+    itc = tb._itc_core
+    monkeypatch.setattr(tb, "_itc_core", lambda i, m: apart.append(1) or itc(i, m))
+    itm, cos = tb._score(ids, np.ones_like(ids), list(feats))
+    np.testing.assert_allclose(itm, itm_ref, atol=1e-5)
+    np.testing.assert_allclose(cos, cos_ref, atol=1e-5)
+    assert (not apart) == tb.reassociates(length)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
 def test_fp16_within_2e3_of_transformers(reference, wide, length) -> None:  # type: ignore[no-untyped-def]
     _, feats, refs = reference
     ids, itm_ref, cos_ref = refs[length]
