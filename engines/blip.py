@@ -133,8 +133,9 @@ class BlipBase:
 
     def _itm_text(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
                   embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]] | None:
-        """``_itm``'s outputs and the queries' ITC text embeddings from one pass, where this backend folds the
-        unimodal text pass into the ITM pass; None where it does not (then ``_itc_core`` runs apart)."""
+        """``_itm``'s outputs and the ITC text embeddings of the queries that own a candidate here (one row per row
+        of ``ids``; the other rows are zeros) from one pass, where this backend folds the unimodal text pass into
+        the ITM pass; None where it does not (then ``_itc_core`` runs apart)."""
         return None
 
     def _itm(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
@@ -209,8 +210,9 @@ class BlipBase:
 
     def score_many(self, items: Sequence[tuple[str, Sequence[NDArray[Any]]]],
                    pairs_per_call: int = 128) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
-        """``score`` for several queries at once (cross-query batching): one ITC pass for all the queries (each
-        padded to the longest, its padding masked) and ITM passes over their (query, candidate) pairs, the queries
+        """``score`` for several queries at once (cross-query batching): ITM passes over their (query, candidate)
+        pairs, each query's ITC rows riding in the first one over its candidates where the backend folds them in
+        (else one ITC pass for all the queries, each padded to the longest, its padding masked), the queries
         of one length together: the ITM pass costs per token row, so a short query is never padded to a long
         one's length. Each query's scores equal ``score``'s."""
         items = [(q, f) for q, f in items]
@@ -224,18 +226,34 @@ class BlipBase:
 
     def _score_many(self, items: list[tuple[str, Sequence[NDArray[Any]]]], ids: NDArray[np.int64],
                     mask: NDArray[np.int64], pairs_per_call: int) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
-        text_feat = l2(self._itc_core(ids, mask))
         owner = np.concatenate([np.full(len(f), i) for i, (_, f) in enumerate(items)]).astype(np.int64)
         feats = [x for _, f in items for x in f]
         lengths = mask.sum(1)[owner]
         itm_all, cos_all = np.zeros(len(feats), np.float32), np.zeros(len(feats), np.float32)
+        # each query's ITC text embedding: from the first ITM call over its candidates where the backend folds the
+        # ITC rows in (``_itm_text``), else from one ITC pass over every query (at most once, when first needed)
+        text_feat: NDArray[Any] | None = None
+        known = np.zeros(len(items), bool)
+        apart: NDArray[Any] | None = None
         for n in np.unique(lengths):
             cut = slice(None, n) if self.tokenizer.padding_side == "right" else slice(-n, None)
             pairs = np.flatnonzero(lengths == n)
             for start in range(0, len(pairs), pairs_per_call):
                 pick = pairs[start:start + pairs_per_call]
                 rows = owner[pick]
-                itm, proj = self._itm(ids[:, cut], mask[:, cut], rows, self._stack([feats[i] for i in pick]))
+                embeds = self._stack([feats[i] for i in pick])
+                folded = self._itm_text(ids[:, cut], mask[:, cut], rows, embeds)
+                if folded is not None:
+                    itm, proj, texts = folded
+                else:
+                    if apart is None:
+                        apart = self._itc_core(ids, mask)
+                    texts = apart
+                    itm, proj = self._itm(ids[:, cut], mask[:, cut], rows, embeds)
+                new = np.unique(rows[~known[rows]])
+                if text_feat is None:
+                    text_feat = np.zeros((len(items), texts.shape[-1]), np.float32)
+                text_feat[new], known[new] = l2(np.asarray(texts[new], np.float32)), True
                 itm_all[pick] = np.asarray(itm, np.float32)
                 cos_all[pick] = np.einsum("nd,nd->n", l2(np.asarray(proj, np.float32)), text_feat[rows])
         out, at = [], 0
@@ -330,12 +348,17 @@ class TorchBlip(BlipBase):
     @torch.inference_mode()
     def _itm_text(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],
                   embeds: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]] | None:
-        """One query's ITC rows in its reassociated ITM pass (``ReassociatedItm.with_text``)."""
+        """The queries' ITC rows in their reassociated ITM pass (``ReassociatedItm.with_text``): each query that
+        owns a candidate here once, its first layer once too."""
         rx = self.cores.rx
-        if not (rx.folds_text and len(ids) == 1 and self.reassociates(ids.shape[1])):
+        if not (rx.folds_text and self.reassociates(ids.shape[1])):
             return None
-        itm, proj, text = rx.with_text(self._t(ids), self._t(mask), self._t(owner), self._t(embeds))
-        return itm.float().cpu().numpy(), proj.float().cpu().numpy(), text.float().cpu().numpy()
+        used, row = np.unique(owner, return_inverse=True)
+        itm, proj, text = rx.with_text(self._t(ids[used]), self._t(mask[used]), self._t(row.astype(np.int64)),
+                                       self._t(embeds))
+        texts = np.zeros((len(ids), text.shape[-1]), np.float32)
+        texts[used] = text.float().cpu().numpy()
+        return itm.float().cpu().numpy(), proj.float().cpu().numpy(), texts
 
     @torch.inference_mode()
     def _itm_rx_core(self, ids: NDArray[np.int64], mask: NDArray[np.int64], owner: NDArray[np.int64],

@@ -163,14 +163,17 @@ def test_both_score_layouts_equal_transformers(reference) -> None:  # type: igno
     np.testing.assert_allclose(got[True][0], got[False][0], atol=1e-6)
 
 
-def test_mixed_lengths_in_one_batched_call(reference) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_lengths_in_one_batched_call(reference, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Cross-query batching: queries of 8, 16 and 35 tokens in one ``score_many``, padded and masked, each equal to
-    transformers on its own (the stored features are float16, as ingest writes them)."""
+    transformers on its own (the stored features are float16, as ingest writes them), each query's ITC rows in
+    its ITM pass (no ITC pass apart) and its cosine equal to the plain pass's (whose ITC runs apart)."""
     tb, feats, refs = reference
     words = {n: " ".join(["red"] * (n - 2)) for n in (8, 16, 35)}
     stored = [f.astype(np.float16) for f in feats]
     items = [(words[n], stored[i::3]) for i, n in enumerate((8, 16, 35))]
-    got = tb.score_many(items)
+    with monkeypatch.context() as m:
+        m.setattr(tb, "_itc_core", lambda *_: pytest.fail("an ITC pass ran apart"))
+        got = tb.score_many(items)
     for (query, fs), (itm, cos) in zip(items, got, strict=True):
         ids = tb.query_inputs(query)[0]
         assert tb.reassociates(ids.shape[1])
@@ -179,6 +182,7 @@ def test_mixed_lengths_in_one_batched_call(reference) -> None:  # type: ignore[n
         np.testing.assert_allclose(cos, alone_cos, atol=1e-5)
         plain = TorchBlip(str(tb.path), max_tokens=64, cross_attention="plain").score(query, fs)
         np.testing.assert_allclose(itm, plain[0], atol=1e-5)
+        np.testing.assert_allclose(cos, plain[1], atol=1e-5)
 
 
 def _count_kv_projections(blip: TorchBlip, query: str, feats: list[np.ndarray]) -> int:
