@@ -38,9 +38,7 @@ class ReassociatedItmOnMain(ReassociatedItm):
     """``engines/crossattn.py``'s pass before issue 26's cuts (commit 28a0fe3), method for method: its ITC text
     pass ran apart (``folds_text`` off)."""
 
-    def __init__(self, model: Any) -> None:
-        super().__init__(model)
-        self.folds_text = False
+    folds_text = False
 
     def _self_attention(self, layer: Any, h: torch.Tensor, neg: torch.Tensor, rows: int | None) -> torch.Tensor:
         """The layer's text self-attention; with ``rows`` only the first ``rows`` positions are computed (as

@@ -97,6 +97,8 @@ class ReassociatedItm(nn.Module):
     candidates, the row of its query; ``image_embeds``: N x P x E. Several queries' candidates go in one call
     (cross-query batching) with each query's first layer run once."""
 
+    folds_text = True  # with_text may serve the ITC text embedding (bench.baseline's pass may not)
+
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.m = model
@@ -105,7 +107,6 @@ class ReassociatedItm(nn.Module):
         self.head_dim = int(cfg.hidden_size) // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.tap: AttentionTap | None = None
-        self.folds_text = True  # with_text may serve the ITC text embedding (bench.baseline's pass may not)
         self.tokens_as_rows: bool | None = None  # the scores' layout; None: by the device (_tokens_as_rows)
         # each layer's cross-attention value bias through its output dense, plus that dense's bias: softmax rows
         # sum to one, so the bias adds b_v to every context row and b_v W_o^T + b_o to every output row
