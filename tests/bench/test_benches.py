@@ -77,3 +77,21 @@ def test_quick_mode_runs_and_its_last_line_parses(name: str, tmp_path: Path) -> 
     if isinstance(value, float):
         assert value > 0 or math.isnan(value), lines[-1]
     assert took < LIMIT_S, f"bench.{name} --quick took {took:.0f} s"
+
+
+def test_the_rerank_profile_runs_quick_and_states_its_floors(tmp_path: Path) -> None:
+    """``bench.engines --profile`` (a mode of bench.engines, so not in BENCHES): the tiny model's pass, its groups,
+    and the compute floor, which is the product groups' FLOPs at the large-matmul rate and so below the call."""
+    argv = [sys.executable, "-m", "bench.engines", "--quick", "--profile", "--build", str(tmp_path / "build")]
+    t0 = time.monotonic()
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S * 3,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert time.monotonic() - t0 < LIMIT_S
+    rep = json.loads(done.stdout.strip().splitlines()[-1])
+    groups = {r["group"]: r for r in rep["rows"]}
+    assert {"image attention", "weight products"} <= set(groups), sorted(groups)
+    products = sum(r.get("gflop", 0.0) for r in rep["rows"])
+    assert rep["product_gflop"] == pytest.approx(products, abs=0.01)
+    assert 0 < rep["compute_floor_ms"] < rep["wall_ms"], rep
+    assert rep["compute_floor_ms"] == pytest.approx(rep["product_gflop"] / rep["matmul_2048_gflops"] * 1000, rel=0.05, abs=0.01)
