@@ -34,6 +34,11 @@ def schedule(spec: str) -> Any:
                    day_of_week=day_of_week)
 
 
+# the API must answer 503 quickly when Redis is down, not retry for long: a publish's retries, and the client's
+# result backend's (client_app)
+QUICK_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
 def celery_config(settings: SharedSettings) -> dict[str, Any]:
     url = settings.redis_url
     # a Sentinel group (pipeline/redisconn.py): kombu's Sentinel transport and Celery's Sentinel result backend,
@@ -59,6 +64,11 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
                                   "socket_connect_timeout": settings.redis_socket_timeout_s, **sentinel},
         result_backend_transport_options={"socket_timeout": settings.redis_socket_timeout_s,
                                           "socket_connect_timeout": settings.redis_socket_timeout_s, **sentinel},
+        # the result backend's own connections (the results an explanation or a takedown is awaited on, and the
+        # channel Celery subscribes to before such a send) read their timeouts from these, not from the transport
+        # options above: without them a frozen Redis held those routes' threads for as long as it stayed frozen
+        redis_socket_timeout=settings.redis_socket_timeout_s,
+        redis_socket_connect_timeout=settings.redis_socket_timeout_s,
         result_expires=settings.job_ttl_s,
         # ingest runs on its own queue (its own workers), so a run never holds a search worker; a takedown is
         # quick and goes to the search workers, which hold the stores
@@ -73,9 +83,8 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
                                   "options": {"queue": settings.ingest_queue}}}
         if isinstance(settings, IngestSettings) else {},
         task_default_queue=settings.search_queue,
-        # the API must answer 503 quickly when Redis is down, not retry for long
         task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        task_publish_retry_policy=QUICK_RETRY,
         broker_connection_timeout=settings.redis_socket_timeout_s,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -84,9 +93,13 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
 
 
 def client_app(settings: SharedSettings) -> Celery:
-    """A Celery app that only sends tasks (by name), for the API: it holds its own broker connections."""
+    """A Celery app that only sends tasks (by name), for the API: it holds its own broker connections. Where it
+    awaits a result (an explanation, a takedown) the result backend retries as briefly as a publish does (its
+    default: 20 tries a second apart), so a Redis that is away ends the wait in seconds, as a 503."""
     client = Celery("imgsearch-client", set_as_current=False)
-    client.conf.update(celery_config(settings))
+    conf = celery_config(settings)
+    conf["result_backend_transport_options"] = {**conf["result_backend_transport_options"], "retry_policy": QUICK_RETRY}
+    client.conf.update(conf)
     return client
 
 
