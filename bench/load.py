@@ -13,7 +13,9 @@ achieved FLOP/s against a large matmul's, and each process's RSS. Writes JSON an
     python -m bench.load --quick              # tiny models, ours at 1 and 4, the baseline at 1, 3 s each:
                                               # under a minute
     python -m bench.load --compare-old-default --no-unbatched --concurrency 1,16   # the issue-26 table: auto
-                                              # against torch fp32 (the default before auto) and the original
+                                              # against torch fp32 (the default before auto) and the original;
+                                              # the report's against_old_default gives each level's throughput
+                                              # ratio and p50 share (ours over torch fp32's)
     python -m bench.load --kind image         # search by image (uploads; --kind like: stored posts), ours alone
 
 Random-weight models cost what trained ones of the same shape do; rankings are meaningless, timings are not.
@@ -46,6 +48,8 @@ STAGES = ("queue_wait", "encode", "retrieve", "fetch", "rerank", "fuse", "total"
 WORDS = ("red blue green yellow black white circle square triangle star small large two three shapes cat dog "
          "face meme surprised happy drawing photo of a on the with background").split()
 
+
+OLD_DEFAULT = "torch fp32 (old default)"  # --compare-old-default's configuration: the default before auto
 
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
@@ -428,7 +432,7 @@ def main() -> None:
     duration = args.duration or (3.0 if args.quick else 40.0)
     backend = args.backend
     precision = args.precision or {"auto": "auto", "onnxruntime": "int8"}.get(backend, "fp32")
-    compare = [("torch fp32 (old default)", {"IMGSEARCH_ENGINE_BACKEND": "torch", "IMGSEARCH_ENGINE_PRECISION": "fp32"})] \
+    compare = [(OLD_DEFAULT, {"IMGSEARCH_ENGINE_BACKEND": "torch", "IMGSEARCH_ENGINE_PRECISION": "fp32"})] \
         if args.compare_old_default else []
     queue_n = 30 if args.quick else 300
     timeout = 900.0
@@ -513,10 +517,11 @@ def main() -> None:
     unbatched = next((r for r in rows if r["system"] == "ours, batching off"), ours[min(ours)])
     plain = {r["concurrency"]: r for r in rows if r["system"] == "ours, plain cross-attention"}
     if plain:
-        report["rewrite"] = {f"c{c}": {"qps_ratio": round(ours[c]["throughput_qps"] / max(plain[c]["throughput_qps"], 1e-9), 2),
-                                       "p50_ratio": round(plain[c]["e2e_ms"]["p50"] / ours[c]["e2e_ms"]["p50"], 2)}
-                             for c in sorted(set(ours) & set(plain))}
+        report["rewrite"] = versus(ours, plain)
         report["rewrite"]["qps_c_max_over_c1"] = round(ours[max(ours)]["throughput_qps"] / ours[min(ours)]["throughput_qps"], 3)
+    old_default = {r["concurrency"]: r for r in rows if r["system"] == f"ours, {OLD_DEFAULT}"}
+    if old_default:  # issue 26's targets: the lone query's p50 share, and c=16 throughput, against torch fp32
+        report["against_old_default"] = versus(ours, old_default)
     report["summary"] = {
         "throughput_ratio_at": top,
         "throughput_ratio": round(ours[top]["throughput_qps"] / max(base_rows[top]["throughput_qps"], 1e-9), 2),
@@ -526,12 +531,24 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1)}
     md = table(rows)
     print(md)
-    print(json.dumps({k: report[k] for k in ("queue", "limits", "summary", "rewrite") if k in report}, indent=1))
+    shown = ("queue", "limits", "summary", "rewrite", "against_old_default")
+    print(json.dumps({k: report[k] for k in shown if k in report}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         args.out.with_suffix(".md").write_text(md + "\n")
     print(f"throughput_ratio={report['summary']['throughput_ratio']}")
+
+
+def versus(ours: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Ours against another system's rows (by concurrency), at each concurrency both ran: throughput ratio, and
+    end-to-end p50 as a ratio (theirs over ours) and as a share (ours over theirs)."""
+    out: dict[str, Any] = {}
+    for c in sorted(set(ours) & set(other)):
+        mine, theirs = ours[c]["e2e_ms"]["p50"], other[c]["e2e_ms"]["p50"]
+        out[f"c{c}"] = {"qps_ratio": round(ours[c]["throughput_qps"] / max(other[c]["throughput_qps"], 1e-9), 2),
+                        "p50_ratio": round(theirs / max(mine, 1e-9), 2), "p50_share": round(mine / max(theirs, 1e-9), 3)}
+    return out
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _pairs(line: str) -> dict[str, str]:
 
 BENCHES = {
     "engines": (["--build", "{tmp}/build"], _figure("rerank_speedup_8tok")),
-    "load": ([], _figure("throughput_ratio")),
+    "load": (["--compare-old-default"], _figure("throughput_ratio")),
     "latency": ([], _json),
     "ingest": (["--build", "{tmp}/build"], _json),
     "memory": (["--build", "{tmp}/build"], _json),
@@ -74,6 +74,10 @@ def test_quick_mode_runs_and_its_last_line_parses(name: str, tmp_path: Path) -> 
     lines = done.stdout.strip().splitlines()
     assert lines, done.stderr[-2000:]
     value = parse(lines[-1])
+    if name == "load":  # the default against torch fp32 at each level (issue 26's figures), from the report
+        report = json.loads(done.stdout[done.stdout.index("\n{\n") + 1:done.stdout.rindex("\n}\n") + 2])
+        assert {"c1", "c4"} <= set(report["against_old_default"]), report
+        assert all(v["qps_ratio"] > 0 and v["p50_share"] > 0 for v in report["against_old_default"].values())
     if isinstance(value, float):
         assert value > 0 or math.isnan(value), lines[-1]
     assert took < LIMIT_S, f"bench.{name} --quick took {took:.0f} s"
