@@ -47,9 +47,8 @@ from cli import stack
 STAGES = ("queue_wait", "encode", "retrieve", "fetch", "rerank", "fuse", "total")
 WORDS = ("red blue green yellow black white circle square triangle star small large two three shapes cat dog "
          "face meme surprised happy drawing photo of a on the with background").split()
-
-
 OLD_DEFAULT = "torch fp32 (old default)"  # --compare-old-default's configuration: the default before auto
+
 
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
