@@ -323,6 +323,18 @@ class TorchBlip(BlipBase):
             return features
         return np.asarray(features).astype(bf16)
 
+    def _stack(self, features: Sequence[NDArray[Any]]) -> NDArray[Any]:
+        """As ``BlipBase._stack``, into memory torch allocated (64-byte aligned, which oneDNN's kernels read
+        fastest): NumPy's own allocation of 32 candidates' features may start 16 bytes into a cache line, and then
+        the products over them ran up to 1.6x slower (bf16, 2-core AMX Xeon: 2.1 against 1.3 ms a product)."""
+        if len({f.dtype for f in features}) > 1:
+            features = [self.stored_form(f) for f in features]
+        first = np.asarray(features[0])
+        if first.dtype.itemsize not in (2, 4):
+            return np.stack(features)
+        raw = torch.empty((len(features), *first.shape), dtype=torch.int16 if first.dtype.itemsize == 2 else torch.int32)
+        return np.stack(features, out=raw.numpy().view(first.dtype))
+
     def _t(self, x: NDArray[Any]) -> torch.Tensor:
         x = np.ascontiguousarray(x)
         if x.dtype == _numpy_bf16():  # NumPy's bfloat16 (stored_form's): torch reads the same bytes
