@@ -17,7 +17,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Asynchronous text-to-image search.")
 models_cli = typer.Typer(no_args_is_help=True, help="Model folders.")
 cli.add_typer(models_cli, name="models")
-engines_cli = typer.Typer(no_args_is_help=True, help="Built engines (ONNX Runtime, TensorRT).")
+engines_cli = typer.Typer(no_args_is_help=True, help="Built engines (ONNX Runtime, TensorRT, the compiled torch rerank).")
 cli.add_typer(engines_cli, name="engines")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
 cli.add_typer(keys_cli, name="keys")
@@ -292,10 +292,12 @@ def keys_new(name: str, admin: bool = False, monitor: bool = False) -> None:
 
 
 @engines_cli.command("build")
-def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt")] = "onnxruntime",
-                  precision: Annotated[str, typer.Option(help="onnxruntime: fp32, int8; tensorrt: fp16, fp32")] = "fp32",
+def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch")] = "onnxruntime",
+                  precision: Annotated[str, typer.Option(help="onnxruntime: fp32, int8; tensorrt: fp16, fp32; "
+                                                              "torch: fp32, bf16")] = "fp32",
                   force: bool = False) -> None:
-    """Export the configured models to ONNX (and int8, or TensorRT plans) under the engine dir."""
+    """Export the configured models to ONNX (and int8, or TensorRT plans) under the engine dir; with --backend
+    torch, compile the rerank pass for this host instead (engines/compiled.py)."""
     from rich.progress import Progress
 
     from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS, check_precision
@@ -305,9 +307,9 @@ def engines_build(backend: Annotated[str, typer.Option(help="onnxruntime or tens
     _logging()
     s = get_settings()
     check_precision(backend, precision)
-    steps = len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * len(onnx_precisions(precision))
+    steps = 1 if backend == "torch" else len(SIGLIP_COMPONENTS + BLIP_COMPONENTS) * len(onnx_precisions(precision))
     with Progress() as bar:
-        task = bar.add_task("onnx export", total=steps)
+        task = bar.add_task("compiling the rerank pass" if backend == "torch" else "onnx export", total=steps)
         built = build_engines(s, backend, precision, force,
                               progress=lambda what: bar.update(task, advance=1, description=what))
     for path in built:
@@ -333,13 +335,18 @@ def engines_list() -> None:
 
     graphs = {graph_name(g) for g in REVISIONS}  # at their current revisions
     root = s.engines_path
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".onnx", ".plan")) if root.is_dir() else []
+    from engines.compiled import is_current
+
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".onnx", ".plan", ".pt2")) if root.is_dir() else []
     if not files:
         typer.echo(f"no engines under {root}; build them with `imgsearch engines build`")
     for p in files:
         version = p.relative_to(root).parts[0]
         old_int8 = ".int8" in p.name and f".int8-{INT8_RECIPE.name}." not in p.name  # another recipe: never served
-        old_graph = p.name.rsplit(".", 2)[0] not in graphs  # a graph at an older revision, or no longer used
+        if p.suffix == ".pt2":  # a compiled rerank: {graph}.{precision}.aoti-{host}.pt2, current on its own host
+            old_graph = p.name.rsplit(".", 3)[0] not in graphs or not is_current(p)
+        else:
+            old_graph = p.name.rsplit(".", 2)[0] not in graphs  # a graph at an older revision, or no longer used
         mark = "current" if version in current and not old_int8 and not old_graph else "stale"
         typer.echo(f"{mark:8} {p.relative_to(root)}  {p.stat().st_size / 1e6:.1f} MB")
 

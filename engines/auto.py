@@ -164,7 +164,7 @@ def cached(s: WorkerSettings) -> Choice | None:
     if saved.get("stamp") != _stamp() or saved.get("threads") != s.engines.intra_op_threads:
         return None
     # engines built since (or removed): the candidates differ, so the choice is made again
-    if saved.get("candidates") != _candidate_key(s):
+    if saved.get("candidates") != _candidate_key(s) or saved.get("compiled", []) != _compiled_key(s):
         return None
     return Choice(**saved["choice"])
 
@@ -174,13 +174,26 @@ def _candidate_key(s: WorkerSettings) -> list[list[str]]:
     return [list(p) for p in candidates(s)[0]]
 
 
+def _compiled_key(s: WorkerSettings) -> list[str]:
+    """The precisions whose compiled rerank (engines/compiled.py) the torch backend would load here: one built
+    since the choice changes what torch's candidates measure."""
+    from engines.blip import SETTING as BLIP_SETTING
+    from engines.compiled import PRECISIONS, package_path
+    from engines.loading import resolve, version_of
+
+    if s.engines.compiled == "off" or not s.engines.device.startswith("cpu"):
+        return []
+    blip = version_of(resolve(s.engines.blip_model, BLIP_SETTING))
+    return [p for p in PRECISIONS if package_path(s.engines_path, blip, p).is_file()]
+
+
 def _save(s: WorkerSettings, choice: Choice) -> None:
     path = cache_path(s)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.engines.intra_op_threads,
-                                   "candidates": _candidate_key(s)}))
+                                   "candidates": _candidate_key(s), "compiled": _compiled_key(s)}))
         tmp.replace(path)
     except OSError as exc:  # a read-only engine dir: measured again next start
         log.warning("auto: could not cache the choice in %s: %s", path, exc)
@@ -231,8 +244,10 @@ def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Ch
 
         pairs = [(b, s.engines.precision) for b in dict.fromkeys(b for b, _ in pairs) if s.engines.precision in PRECISIONS[b]]
         pairs = pairs or [("torch", s.engines.precision)]
+    compiled = _compiled_key(s)
+    note = f"; torch's rerank compiled for this host in {', '.join(compiled)}" if compiled else ""
     if len(pairs) == 1:
-        choice = Choice(*pairs[0], f"{why}: {pairs[0][0]} {pairs[0][1]}")
+        choice = Choice(*pairs[0], f"{why}: {pairs[0][0]} {pairs[0][1]}{note}")
         _save(s, choice)
         return choice, None
     measured: dict[str, float] = {}
@@ -253,7 +268,7 @@ def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Ch
     if best is None:
         raise RuntimeError(f"auto: no engine configuration loaded on this machine (tried {pairs})")
     (backend, precision), engines = best[1], best[2]
-    timing = ", ".join(f"{k} {v:.0f} ms" for k, v in measured.items())
+    timing = ", ".join(f"{k} {v:.0f} ms" for k, v in measured.items()) + note
     choice = Choice(backend, precision, f"{why}: {backend} {precision} was fastest in the timed pass ({timing})",
                     measured)
     _save(s, choice)

@@ -19,6 +19,7 @@ import functools
 import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -299,13 +300,17 @@ class TorchBlip(BlipBase):
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", setting: str = SETTING,
                  batch_size: int = 32, max_tokens: int = MAX_TOKENS, cross_attention: str = "auto",
-                 lock: threading.Lock | None = None) -> None:
+                 lock: threading.Lock | None = None, compiled: str = "auto", engine_dir: Path | None = None) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
                          cross_attention=cross_attention, lock=lock)
+        from engines import compiled as aot
+
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.cores = BlipCores(self.model)
+        # the reassociated pass compiled ahead of time for this host, where built (engines/compiled.py)
+        self.compiled = aot.load(self, engine_dir, compiled)
 
     def _vision_proj(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """From the loaded model (a checkpoint with only ``pytorch_model.bin`` has no safetensors to read)."""
@@ -366,8 +371,10 @@ class TorchBlip(BlipBase):
         if not (rx.folds_text and self.reassociates(ids.shape[1])):
             return None
         used, row = np.unique(owner, return_inverse=True)
-        itm, proj, text = rx.with_text(self._t(ids[used]), self._t(mask[used]), self._t(row.astype(np.int64)),
-                                       self._t(embeds))
+        run: Any = rx.with_text
+        if self.compiled is not None and self.compiled.fits(len(used), ids.shape[1], len(row)):
+            run = self.compiled
+        itm, proj, text = run(self._t(ids[used]), self._t(mask[used]), self._t(row.astype(np.int64)), self._t(embeds))
         texts = np.zeros((len(ids), text.shape[-1]), np.float32)
         texts[used] = text.float().cpu().numpy()
         return itm.float().cpu().numpy(), proj.float().cpu().numpy(), texts

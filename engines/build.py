@@ -34,7 +34,13 @@ def onnx_precisions(precision: str) -> tuple[str, ...]:
 def build_engines(settings: WorkerSettings, backend: str, precision: str, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> list[Path]:
     """The configured models' engines for ``backend`` at ``precision`` under the engine dir (what is there is
-    kept unless ``force``): the ONNX exports, then, for TensorRT, its plans. The files the last step built."""
+    kept unless ``force``): the ONNX exports, then, for TensorRT, its plans; for torch, the rerank pass compiled
+    for this host (engines/compiled.py). The files the last step built."""
+    if backend == "torch":
+        path = build_compiled_rerank(settings, precision, force)
+        if progress:
+            progress(path.name)
+        return [path]
     built = build_onnx(settings.engines.siglip_model, settings.engines.blip_model, settings.engines_path,
                        precisions=onnx_precisions(precision), force=force, progress=progress)
     if backend != "tensorrt":
@@ -42,6 +48,18 @@ def build_engines(settings: WorkerSettings, backend: str, precision: str, force:
     return build_all(SiglipBase(settings.engines.siglip_model, max_tokens=settings.engines.text_max_tokens),
                      BlipBase(settings.engines.blip_model, max_tokens=settings.engines.blip_max_tokens), settings.engines_path,
                      precision, force, max_queries=settings.batch_max)
+
+
+def build_compiled_rerank(settings: WorkerSettings, precision: str, force: bool = False) -> Path:
+    """The torch backend's rerank pass at ``precision`` (fp32 or bf16), compiled ahead of time for this host."""
+    from engines import compiled
+    from engines.blip import TorchBlip
+
+    if precision not in compiled.PRECISIONS:
+        raise ValueError(f"the compiled rerank runs {' or '.join(compiled.PRECISIONS)} on a CPU, not {precision}")
+    blip = TorchBlip(settings.engines.blip_model, precision=precision, max_tokens=settings.engines.blip_max_tokens,
+                     compiled="off")
+    return compiled.build(blip, settings.engines_path, force)
 
 
 def build_plan(onnx_file: Path, plan: Path, profiles: dict[str, tuple[tuple[int, ...], ...]], precision: str = "fp16",

@@ -31,8 +31,10 @@ class Engines:
     chosen: dict[str, Any] | None = None  # how auto chose them (engines/auto.py Choice.describe); None: set
 
     def describe(self) -> dict[str, Any]:
+        compiled = getattr(self.reranker, "compiled", None)  # the torch backend's ahead-of-time rerank pass
         return {"backend": self.backend, "precision": self.precision, "siglip": self.text.version,
-                "blip": self.reranker.version, **(self.chosen or {})}
+                "blip": self.reranker.version, **({"rerank_compiled": compiled.path.name} if compiled else {}),
+                **(self.chosen or {})}
 
 
 def _torch(s: WorkerSettings) -> Engines:
@@ -45,7 +47,8 @@ def _torch(s: WorkerSettings) -> Engines:
                          lock=lock)
     blip = TorchBlip(s.engines.blip_model, device=s.engines.device, precision=s.engines.precision,
                      max_tokens=s.engines.blip_max_tokens,
-                     cross_attention=s.engines.blip_cross_attention, lock=lock)
+                     cross_attention=s.engines.blip_cross_attention, lock=lock, compiled=s.engines.compiled,
+                     engine_dir=s.engines_path)
     return Engines(siglip, siglip, blip, "torch", s.engines.precision, lock)
 
 
@@ -181,6 +184,10 @@ def preflight(settings: WorkerSettings) -> None:
             for name in names:
                 require(onnx_path(settings.engines_path, version, name, settings.engines.precision), "onnxruntime",
                         settings.engines.precision)
+    elif settings.engines.backend == "torch" and settings.engines.compiled == "on":
+        from engines.compiled import package_path
+
+        require(package_path(settings.engines_path, blip, settings.engines.precision), "torch", settings.engines.precision)
     elif settings.engines.backend == "tensorrt":
         from engines.trt import Plan, plan_path
 

@@ -128,6 +128,9 @@ class Engines(_Group):
     # auto: BLIP's cross-attention reassociated wherever that is cheaper (exact; engines/crossattn.py); plain:
     # transformers' own forward, for comparison and debugging
     blip_cross_attention: Literal["auto", "plain"] = "auto"
+    # the torch backend's rerank pass compiled ahead of time for this host (engines/compiled.py; built by `imgsearch
+    # engines build --backend torch`): auto uses it where built, on requires it, off runs the eager pass
+    compiled: Literal["auto", "on", "off"] = "auto"
     # the threads one operator may use, in torch and in ONNX Runtime's sessions alike; 0: each library's default
     intra_op_threads: int = Field(0, ge=0)
 
