@@ -387,6 +387,22 @@ def image_kinds(args: argparse.Namespace, env: dict[str, str], root: Path, level
         args.out.with_suffix(".md").write_text(md + "\n")
 
 
+def _build_compiled(env: dict[str, str], precision: str, engine_dir: Path) -> dict[str, Any]:
+    """The compiled rerank ours will load: at the precision set, else the one auto picks first on this CPU."""
+    from engines import compiled
+    from engines.auto import BF16_FLAGS, cpu
+    from engines.blip import TorchBlip
+
+    if precision not in compiled.PRECISIONS:
+        precision = "bf16" if cpu()[1] & set(BF16_FLAGS) else "fp32"
+    print(f"compiling the torch rerank ({precision}) for this host", flush=True)
+    t0 = time.perf_counter()
+    blip = TorchBlip(env["IMGSEARCH_BLIP_MODEL"], precision=precision, compiled="off")
+    path = compiled.build(blip, engine_dir)
+    del blip
+    return {"package": path.name, "build_s": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -413,6 +429,9 @@ def main() -> None:
     ap.add_argument("--plain-backend", default="onnxruntime", help="default onnxruntime (int8): the fastest CPU "
                     "backend without the rewrite (bench.engines)")
     ap.add_argument("--plain-precision", default=None)
+    ap.add_argument("--compiled", action="store_true",
+                    help="build the torch rerank compiled for this host first (engines/compiled.py: bf16 on a CPU with "
+                         "native bf16, else fp32), so ours runs it as a worker with it built does (about a minute)")
     ap.add_argument("--no-unbatched", action="store_true", help="skip the lone query with batching off")
     ap.add_argument("--kind", choices=("text", "like", "image"), default="text",
                     help="the queries: words (default, against the baseline), stored posts (like) or uploaded "
@@ -431,7 +450,8 @@ def main() -> None:
     duration = args.duration or (3.0 if args.quick else 40.0)
     backend = args.backend
     precision = args.precision or {"auto": "auto", "onnxruntime": "int8"}.get(backend, "fp32")
-    compare = [(OLD_DEFAULT, {"IMGSEARCH_ENGINE_BACKEND": "torch", "IMGSEARCH_ENGINE_PRECISION": "fp32"})] \
+    compare = [(OLD_DEFAULT, {"IMGSEARCH_ENGINE_BACKEND": "torch", "IMGSEARCH_ENGINE_PRECISION": "fp32",
+                              "IMGSEARCH_ENGINES__COMPILED": "off"})] \
         if args.compare_old_default else []
     queue_n = 30 if args.quick else 300
     timeout = 900.0
@@ -463,6 +483,8 @@ def main() -> None:
             build_onnx(env["IMGSEARCH_SIGLIP_MODEL"], env["IMGSEARCH_BLIP_MODEL"], root / "data" / "engines",
                        precisions=tuple(sorted(ort_precisions)))
             report["engine_build_s"] = round(time.perf_counter() - t0, 1)
+        if args.compiled and backend in ("auto", "torch"):
+            report["compiled"] = _build_compiled(env, precision, root / "data" / "engines")
         if args.compare_plain:
             report["ours_plain"] = f"{args.plain_backend} {plain_precision}, plain cross-attention"
         # one client address opens every stream here: the per-caller caps would refuse most of them
@@ -490,7 +512,8 @@ def main() -> None:
                 with ours_running({**env, **extra}, root, label.split()[0] + "-" + label.split()[1]) as (base, beat):
                     rows += run_system(ours_call, base, levels, duration, timeout, beat["pid"], f"ours, {label}")
             with ours_running(env, root, "ours") as (base, beat):
-                report["ours_engines"] = {k: beat.get(k) for k in ("backend", "precision", "auto", "auto_measured_ms")}
+                report["ours_engines"] = {k: beat.get(k) for k in ("backend", "precision", "auto", "auto_measured_ms",
+                                                                  "rerank_compiled")}
                 print(f"  ours runs {beat.get('backend')} {beat.get('precision')}: {beat.get('auto', 'set')}", flush=True)
                 rows += run_system(ours_call, base, levels, duration, timeout, beat["pid"], "ours")
                 report["queue"] = queue_overhead(env["IMGSEARCH_REDIS_URL"], env, n=queue_n)

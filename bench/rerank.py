@@ -10,9 +10,10 @@ process, timed alternately (so both see the same machine, whatever else runs on 
     python -m bench.rerank --quick            # the tiny model, a few pairs (seconds)
     python -m bench.rerank --precision fp32 --threads 1
     python -m bench.rerank --device cuda --precision fp16   # on a GPU
+    python -m bench.rerank --compiled         # also ours compiled for this host (engines/compiled.py)
 
 Each pair's wall time and this process's CPU time (all threads) are recorded; the last line is
-``rerank_speedup=<main's median wall time / ours>``.
+``rerank_speedup=<main's median wall time / ours>`` (ours compiled, with ``--compiled``).
 """
 
 from __future__ import annotations
@@ -43,39 +44,59 @@ def _models(build: Path, models: str) -> tuple[Path, str]:
     return make_fullsize_models(build / "fullsize", which=("blip-base",))["blip-base"], "BLIP-base (random full-size weights)"
 
 
-def compare(folder: Path, precision: str, pairs: int, device: str = "cpu") -> dict[str, Any]:
+def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engine_dir: Path | None = None) -> dict[str, Any]:
+    """Ours (eager) and main's pass, alternating; with ``engine_dir``, also ours with the rerank compiled for this
+    host (engines/compiled.py; built there first where missing), the three in a rotating order."""
     from bench.baseline import main_rerank
     from bench.engines import exact_query
 
-    ours = TorchBlip(str(folder), precision=precision, device=device)
-    main = main_rerank(TorchBlip(str(folder), precision=precision, device=device))
+    ours = TorchBlip(str(folder), precision=precision, device=device, compiled="off")
+    main = main_rerank(TorchBlip(str(folder), precision=precision, device=device, compiled="off"))
     rng = np.random.default_rng(0)
     shape = (ours.shape["patches"], ours.shape["width"])
     stored = [rng.standard_normal(shape).astype(np.float16) for _ in range(CANDIDATES)]
     kept = [ours.stored_form(f) for f in stored]
     query = exact_query(ours, TOKENS)
     runs = {"ours": (ours, kept), "main": (main, stored)}
+    if engine_dir is not None:
+        from engines import compiled
+
+        t0 = time.perf_counter()
+        package = compiled.build(ours, engine_dir)
+        built_s = time.perf_counter() - t0
+        fast = TorchBlip(str(folder), precision=precision, device=device, compiled="on", engine_dir=engine_dir)
+        runs["compiled"] = (fast, kept)
     got = {k: b.score(query, f) for k, (b, f) in runs.items()}  # warm-up, and the numbers compared
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
     for i in range(pairs):
-        for k in (("ours", "main") if i % 2 else ("main", "ours")):
+        for k in names[i % len(names):] + names[:i % len(names)]:
             b, f = runs[k]
             t0, c0 = time.perf_counter(), time.process_time()
             b.score(query, f)  # its answer comes back as NumPy: a GPU's work has finished
             wall[k].append((time.perf_counter() - t0) * 1000)
             cpu[k].append((time.process_time() - c0) * 1000)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    return {"device": device, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
-            "tokens": TOKENS,
-            "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
-            "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
-            "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),
-            "main_cpu_ms": round(statistics.median(cpu["main"]), 1),
-            "pair_ratio_median": round(statistics.median([m / o for m, o in zip(wall["main"], wall["ours"], strict=True)]), 3),
-            "itm_max_diff": float(np.abs(got["ours"][0] - got["main"][0]).max()),
-            "cos_max_diff": float(np.abs(got["ours"][1] - got["main"][1]).max()),
-            "speedup": round(med["main"] / med["ours"], 3)}
+    rep = {"device": device, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
+           "tokens": TOKENS,
+           "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
+           "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
+           "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),
+           "main_cpu_ms": round(statistics.median(cpu["main"]), 1),
+           "pair_ratio_median": round(statistics.median([m / o for m, o in zip(wall["main"], wall["ours"], strict=True)]), 3),
+           "itm_max_diff": float(np.abs(got["ours"][0] - got["main"][0]).max()),
+           "cos_max_diff": float(np.abs(got["ours"][1] - got["main"][1]).max()),
+           "speedup": round(med["main"] / med["ours"], 3)}
+    if "compiled" in runs:
+        rep.update({"compiled_ms": round(med["compiled"], 1), "compiled_min_ms": round(min(wall["compiled"]), 1),
+                    "compiled_cpu_ms": round(statistics.median(cpu["compiled"]), 1),
+                    "compiled_pair_ratio_median": round(statistics.median(
+                        [m / o for m, o in zip(wall["main"], wall["compiled"], strict=True)]), 3),
+                    "compiled_itm_max_diff": float(np.abs(got["compiled"][0] - got["ours"][0]).max()),
+                    "compiled_speedup": round(med["main"] / med["compiled"], 3),
+                    "compiled_package": package.name, "compiled_build_s": round(built_s, 1)})
+    return rep
 
 
 def main() -> None:
@@ -87,19 +108,28 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs (default 15, 4 with --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (with --precision fp16 on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time ours with the rerank compiled for this host (built under BUILD/engines first: "
+                         "about a minute); the last line is then its speedup")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
-    rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15), args.device)}
+    rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15), args.device,
+                                      args.build / "engines" if args.compiled else None)}
     print(f"{label}, torch {rep['precision']} on {rep['device']}, {rep['threads']} threads, "
           f"{CANDIDATES} candidates x {TOKENS} tokens, "
           f"{rep['pairs']} alternating pairs: ours {rep['ours_ms']} ms (min {rep['ours_min_ms']}, CPU "
           f"{rep['ours_cpu_ms']}), main's {rep['main_ms']} ms (min {rep['main_min_ms']}, CPU {rep['main_cpu_ms']}); "
           f"median of pair ratios {rep['pair_ratio_median']}x; largest difference ITM {rep['itm_max_diff']:.2e}, "
           f"cosine {rep['cos_max_diff']:.2e}")
+    if "compiled_ms" in rep:
+        print(f"compiled for this host ({rep['compiled_package']}, built or found in {rep['compiled_build_s']} s): "
+              f"{rep['compiled_ms']} ms (min {rep['compiled_min_ms']}, CPU {rep['compiled_cpu_ms']}); median of pair "
+              f"ratios against main's {rep['compiled_pair_ratio_median']}x; largest ITM difference from ours eager "
+              f"{rep['compiled_itm_max_diff']:.2e}")
     print(json.dumps(rep))
-    print(f"rerank_speedup={rep['speedup']:.2f}")
+    print(f"rerank_speedup={rep.get('compiled_speedup', rep['speedup']):.2f}")
 
 
 if __name__ == "__main__":
