@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup redis-server postgresql chromium qemu-user docker wrk clean lint cloudfunction lock
+.PHONY: demo test setup redis-server postgresql chromium qemu-user docker wrk cxx clean lint cloudfunction lock
 
 setup: $(STAMP) redis-server
 
@@ -53,10 +53,17 @@ wrk:
 	  echo "installing wrk from Debian"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
+# Debian's g++, where missing: AOTInductor compiles the torch rerank for this host with it (`imgsearch engines build
+# --backend torch`; tests/engines/test_compiled.py builds the tiny model's)
+cxx:
+	@command -v g++ >/dev/null 2>&1 || { \
+	  echo "installing g++ from Debian"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq g++ >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/imgsearch demo $(ARGS)
 
-test: setup postgresql chromium qemu-user docker wrk
+test: setup postgresql chromium qemu-user docker wrk cxx
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
