@@ -183,7 +183,10 @@ def _compiled_key(s: WorkerSettings) -> list[str]:
 
     if s.engines.compiled == "off" or not s.engines.device.startswith("cpu"):
         return []
-    blip = version_of(resolve(s.engines.blip_model, BLIP_SETTING))
+    try:
+        blip = version_of(resolve(s.engines.blip_model, BLIP_SETTING))
+    except Exception:  # noqa: BLE001 - a model that does not resolve fails later, with its own message
+        return []
     return [p for p in PRECISIONS if package_path(s.engines_path, blip, p).is_file()]
 
 

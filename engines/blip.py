@@ -335,8 +335,8 @@ class TorchBlip(BlipBase):
         if len({f.dtype for f in features}) > 1:
             features = [self.stored_form(f) for f in features]
         first = np.asarray(features[0])
-        if first.dtype.itemsize not in (2, 4):
-            return np.stack(features)
+        if first.dtype.itemsize not in (2, 4) or len({f.dtype for f in features}) > 1:
+            return np.stack(features)  # mixed still (fp32 keeps what comes): NumPy's promotion, never a narrowing
         raw = torch.empty((len(features), *first.shape), dtype=torch.int16 if first.dtype.itemsize == 2 else torch.int32)
         return np.stack(features, out=raw.numpy().view(first.dtype))
 

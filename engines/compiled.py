@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -53,7 +54,7 @@ MODES = ("auto", "on", "off")
 # candidates x 8 tokens, but with symbolic batch dimensions they failed an assertion unless their epilogue fusion
 # was off, and then gave NaN at other shapes (one query over one candidate) and once aborted the process: not used.
 INDUCTOR = {"aot_inductor.package_constants_in_so": False}
-# the largest ITM difference from the eager pass at the same precision a package may show in its check
+# the largest difference from the eager pass's outputs at the same precision a package may show in its check
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.02}
 
 
@@ -97,17 +98,21 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
 
     precision = _precision_of(blip)
     path = package_path(engine_dir, blip.version, precision)
-    if path.is_file() and path.with_suffix(".json").is_file() and not force:
-        return path
+    limits = {"queries": MAX_QUERIES, "tokens": max(3, blip.max_tokens), "candidates": MAX_CANDIDATES}
+    if path.is_file() and _record(path).get("limits") == limits and not force:
+        return path  # built for these shapes: kept (another token limit, or an older record: built again)
     if blip.device.type != "cpu":
         raise ValueError("the compiled rerank is built for CPUs (a GPU has TensorRT: --backend tensorrt)")
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"the compiled rerank needs a C++ compiler ({compiler}, or set CXX): `apt-get install g++`")
     patches, width = blip.shape["patches"], blip.shape["width"]
     # example sizes above 1 on every symbolic dimension (export specialises a dimension seen at 1)
     ids, mask = (torch.from_numpy(a).repeat(2, 1) for a in blip.query_inputs("a photo of a cat"))
     example = (ids, mask, torch.tensor([0, 1, 1], dtype=torch.long), torch.zeros(3, patches, width, dtype=blip.dtype))
-    queries = Dim("queries", min=1, max=MAX_QUERIES)
-    tokens = Dim("tokens", min=2, max=max(3, blip.max_tokens))
-    candidates = Dim("candidates", min=1, max=MAX_CANDIDATES)
+    queries = Dim("queries", min=1, max=limits["queries"])
+    tokens = Dim("tokens", min=2, max=limits["tokens"])
+    candidates = Dim("candidates", min=1, max=limits["candidates"])
     module = _Pass(blip.cores.rx).eval()
     log.info("compiling the rerank pass (%s, %s) for this host: about a minute", blip.version, precision)
     with torch.inference_mode(), warnings.catch_warnings():
@@ -118,23 +123,35 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         t0 = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=dict(INDUCTOR))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=dict(INDUCTOR))
         built_s = time.perf_counter() - t0
-        worst = self_check(CompiledPass(tmp, blip.max_tokens, blip.cores.rx), blip)
+        worst = self_check(CompiledPass(tmp, limits, blip.cores.rx), blip)
         if not worst <= TOLERANCE[precision]:
-            raise RuntimeError(f"the compiled rerank for {blip.version} {precision} gave ITM {worst:.3g} away from the "
+            raise RuntimeError(f"the compiled rerank for {blip.version} {precision} gave outputs {worst:.3g} away from the "
                                f"eager pass here (bound {TOLERANCE[precision]}): not kept; the eager pass serves")
-        path.with_suffix(".json").write_text(json.dumps({"build_s": round(built_s, 1), "itm_max_diff": worst,
-                                                         "inductor": INDUCTOR}))
+        path.with_suffix(".json").write_text(json.dumps({"build_s": round(built_s, 1), "max_diff": worst,
+                                                         "limits": limits, "inductor": INDUCTOR}))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("compiled rerank %s in %.0f s: ITM within %.2g of the eager pass", path.name, built_s, worst)
+    log.info("compiled rerank %s in %.0f s: outputs within %.2g of the eager pass", path.name, built_s, worst)
     return path
 
 
+def _record(path: Path) -> dict[str, Any]:
+    """What the build wrote beside a package (its check, the shapes it was built for); empty if unreadable."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def self_check(compiled: CompiledPass, blip: Any) -> float:
-    """The largest ITM difference between ``compiled`` and ``blip``'s eager pass, over calls of several shapes
+    """The largest difference between ``compiled``'s outputs and ``blip``'s eager pass's (ITM, the image projection
+    and the text embedding the cosine is made of), over calls of several shapes
     (one query and 32 candidates; two queries of different lengths over 5; one candidate) on random stored
     features (seeded); NaN or infinity counts as infinitely far."""
     rng = np.random.default_rng(0)
@@ -147,14 +164,18 @@ def self_check(compiled: CompiledPass, blip: Any) -> float:
         args = (torch.from_numpy(tok["input_ids"].astype(np.int64)), torch.from_numpy(tok["attention_mask"].astype(np.int64)),
                 torch.tensor(owner, dtype=torch.long), torch.from_numpy(feats).to(blip.dtype))
         with torch.inference_mode():
-            want = blip.cores.rx.with_text(*args)[0].float()
+            want = blip.cores.rx.with_text(*args)
             try:
-                got = compiled(*args)[0].float()
+                got = compiled(*args)
             except Exception as exc:  # noqa: BLE001 - a package that fails at a shape it was built for is not kept
                 log.warning("compiled rerank: the check's call over %d candidates failed: %s", len(owner), exc)
                 return float("inf")
-        diff = float((got - want).abs().max())
-        worst = max(worst, diff if np.isfinite(diff) else float("inf"))
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):  # ITM; the image projection and text embedding,
+            g, w = g.float(), w.float()                                 # as the cosine sees them (unit length)
+            if i:
+                g, w = nn.functional.normalize(g, dim=-1), nn.functional.normalize(w, dim=-1)
+            diff = float((g - w).abs().max()) if g.shape == w.shape else float("inf")
+            worst = max(worst, diff if np.isfinite(diff) else float("inf"))
     return worst
 
 
@@ -169,10 +190,11 @@ class CompiledPass:
     """A loaded package. ``fits`` says whether a call's shapes are among those it
     was built for."""
 
-    def __init__(self, path: Path, max_tokens: int, rx: ReassociatedItm) -> None:
-        """``rx``: the engine's pass, whose weights the package is bound to."""
+    def __init__(self, path: Path, limits: dict[str, int], rx: ReassociatedItm) -> None:
+        """``limits``: the largest queries, tokens and candidates it was built for; ``rx``: the engine's pass, whose
+        weights the package is bound to."""
         self.path = path
-        self.max_tokens = max(3, max_tokens)
+        self.limits = limits
         self.runner = torch._inductor.aoti_load_package(str(path))
         names = self.runner.get_constant_fqns()
         module = _Pass(rx)
@@ -184,7 +206,8 @@ class CompiledPass:
         self.runner.load_constants({n: own[n] for n in names}, check_full_update=True, user_managed=True)
 
     def fits(self, queries: int, tokens: int, candidates: int) -> bool:
-        return 1 <= queries <= MAX_QUERIES and 2 <= tokens <= self.max_tokens and 1 <= candidates <= MAX_CANDIDATES
+        return (1 <= queries <= self.limits["queries"] and 2 <= tokens <= self.limits["tokens"]
+                and 1 <= candidates <= self.limits["candidates"])
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.runner(*args)  # type: ignore[no-any-return]
@@ -210,7 +233,13 @@ def load(blip: Any, engine_dir: Path | None, mode: str) -> CompiledPass | None:
             raise EngineMissing(f"the compiled rerank {path.name} for {blip.version} is missing (looked in {path.parent}); "
                                 f"build it with `imgsearch engines build --backend torch --precision {precision}`")
         return None
-    if not path.with_suffix(".json").is_file():
-        raise EngineMissing(f"{path.name} has no record of its check ({path.with_suffix('.json').name}); rebuild it "
-                            f"with `imgsearch engines build --backend torch --precision {precision} --force`")
-    return CompiledPass(path, blip.max_tokens, blip.cores.rx)
+    try:
+        limits = _record(path)["limits"]
+        return CompiledPass(path, {k: int(limits[k]) for k in ("queries", "tokens", "candidates")}, blip.cores.rx)
+    except Exception as exc:  # noqa: BLE001 - auto serves eager from a package it cannot use; on refuses to start
+        message = (f"the compiled rerank {path.name} cannot be used ({type(exc).__name__}: {exc}); rebuild it with "
+                   f"`imgsearch engines build --backend torch --precision {precision} --force`")
+        if mode == "on":
+            raise EngineMissing(message) from exc
+        log.warning("%s; the eager pass serves", message)
+        return None

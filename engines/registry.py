@@ -187,7 +187,11 @@ def preflight(settings: WorkerSettings) -> None:
     elif settings.engines.backend == "torch" and settings.engines.compiled == "on":
         from engines.compiled import package_path
 
-        require(package_path(settings.engines_path, blip, settings.engines.precision), "torch", settings.engines.precision)
+        if not settings.engines.device.startswith("cpu"):
+            raise ValueError("engines.compiled=on: the compiled rerank runs on a CPU (a GPU has TensorRT)")
+        package = package_path(settings.engines_path, blip, settings.engines.precision)
+        require(package, "torch", settings.engines.precision)
+        require(package.with_suffix(".json"), "torch", settings.engines.precision)  # its check's record
     elif settings.engines.backend == "tensorrt":
         from engines.trt import Plan, plan_path
 

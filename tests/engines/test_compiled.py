@@ -4,6 +4,7 @@ the eager pass at every shape a worker sends, and the eager pass outside the bui
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from engines.build import build_engines
 from engines.registry import load_engines, preflight
 from tests.conftest import make_settings
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="AOTInductor compiles C++: no compiler here")
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                reason="AOTInductor compiles C++ with g++ (or $CXX): none here (make test installs g++)")
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,10 @@ def test_a_call_outside_the_built_shapes_runs_the_eager_pass(built, tiny_models,
     fast = TorchBlip(str(tiny_models.blip), engine_dir=s.engines_path)
     eager = TorchBlip(str(tiny_models.blip), compiled="off")
     assert fast.compiled is not None and fast.compiled.fits(1, 8, 32) and not fast.compiled.fits(1, 8, 1025)
-    monkeypatch.setattr(compiled, "MAX_CANDIDATES", 4)
+    monkeypatch.setitem(fast.compiled.limits, "candidates", 4)  # as if built for at most 4
     seen = _calls(fast)
     np.testing.assert_allclose(fast.score("a red circle", feats)[0], eager.score("a red circle", feats)[0], atol=2e-5)
-    assert seen == []  # 9 candidates: over the (patched) built range, so eager
+    assert seen == []  # 9 candidates: over the built range, so eager
     fast.score("a red circle", feats[:4])
     assert seen == [4]
 
@@ -159,7 +160,8 @@ def test_a_build_whose_check_fails_is_never_kept(built, tiny_models, tmp_path, m
 
     _, path = built
     record = json.loads(path.with_suffix(".json").read_text())
-    assert 0 <= record["itm_max_diff"] <= compiled.TOLERANCE["fp32"] and record["build_s"] > 0
+    assert 0 <= record["max_diff"] <= compiled.TOLERANCE["fp32"] and record["build_s"] > 0
+    assert record["limits"] == {"queries": compiled.MAX_QUERIES, "tokens": 35, "candidates": compiled.MAX_CANDIDATES}
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
                         lambda program, package_path, inductor_configs: shutil.copy(path, package_path))
     blip = TorchBlip(str(tiny_models.blip), compiled="off")
@@ -179,7 +181,6 @@ def test_the_rerank_bench_times_the_compiled_pass(built, tmp_path) -> None:  # t
     (the tiny models it writes are the fixture's, seed for seed: the same model version), ends with the compiled
     pass's speedup."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -197,3 +198,26 @@ def test_the_rerank_bench_times_the_compiled_pass(built, tmp_path) -> None:  # t
     rep = json.loads(report)
     assert rep["compiled_package"] == path.name and rep["compiled_itm_max_diff"] < 1e-4
     assert last == f"rerank_speedup={rep['compiled_speedup']:.2f}" and rep["compiled_ms"] > 0
+
+
+def test_a_package_serves_only_the_shapes_it_was_built_for(built, tiny_models, feats) -> None:  # type: ignore[no-untyped-def]
+    """Its token limit is the build's, not the loading worker's: a worker allowed longer queries sends those to
+    the eager pass."""
+    s, path = built
+    wide = TorchBlip(str(tiny_models.blip), max_tokens=64, engine_dir=s.engines_path)
+    assert wide.compiled is not None and wide.compiled.fits(1, 35, 4) and not wide.compiled.fits(1, 36, 4)
+
+
+def test_an_unusable_package_serves_eager_under_auto_and_stops_a_worker_with_on(built, tiny_models, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    _, path = built
+    into = tmp_path / "engines" / path.parent.name
+    into.mkdir(parents=True)
+    (into / path.name).write_bytes(b"not a package")
+    (into / path.with_suffix(".json").name).write_text(path.with_suffix(".json").read_text())
+    with caplog.at_level(logging.WARNING, logger="engines.compiled"):
+        assert TorchBlip(str(tiny_models.blip), engine_dir=tmp_path / "engines").compiled is None
+    assert "cannot be used" in caplog.text and "--force" in caplog.text
+    with pytest.raises(EngineMissing, match="cannot be used"):
+        TorchBlip(str(tiny_models.blip), compiled="on", engine_dir=tmp_path / "engines")
