@@ -190,13 +190,13 @@ def _compiled_key(s: WorkerSettings) -> list[str]:
     return [p for p in PRECISIONS if package_path(s.engines_path, blip, p).is_file()]
 
 
-def _save(s: WorkerSettings, choice: Choice) -> None:
+def _save(s: WorkerSettings, choice: Choice, compiled: list[str]) -> None:
     path = cache_path(s)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"choice": asdict(choice), "stamp": _stamp(), "threads": s.engines.intra_op_threads,
-                                   "candidates": _candidate_key(s), "compiled": _compiled_key(s)}))
+                                   "candidates": _candidate_key(s), "compiled": compiled}))
         tmp.replace(path)
     except OSError as exc:  # a read-only engine dir: measured again next start
         log.warning("auto: could not cache the choice in %s: %s", path, exc)
@@ -251,7 +251,7 @@ def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Ch
     note = f"; torch's rerank compiled for this host in {', '.join(compiled)}" if compiled else ""
     if len(pairs) == 1:
         choice = Choice(*pairs[0], f"{why}: {pairs[0][0]} {pairs[0][1]}{note}")
-        _save(s, choice)
+        _save(s, choice, compiled)
         return choice, None
     measured: dict[str, float] = {}
     best: tuple[float, tuple[str, str], Any] | None = None
@@ -274,7 +274,7 @@ def choose(s: WorkerSettings, load: Callable[[WorkerSettings], Any]) -> tuple[Ch
     timing = ", ".join(f"{k} {v:.0f} ms" for k, v in measured.items()) + note
     choice = Choice(backend, precision, f"{why}: {backend} {precision} was fastest in the timed pass ({timing})",
                     measured)
-    _save(s, choice)
+    _save(s, choice, compiled)
     return choice, engines
 
 

@@ -40,11 +40,13 @@ from torch import nn
 
 from engines.artifacts import EngineMissing, graph_name
 from engines.crossattn import ReassociatedItm
+from engines.siglip import DTYPES
 
 log = logging.getLogger(__name__)
 
 GRAPH = "blip_itm_rx"
 PRECISIONS = ("fp32", "bf16")  # on a CPU; fp16 has no fast CPU kernels
+PRECISION_OF = {DTYPES[p]: p for p in PRECISIONS}  # an engine's dtype -> the package's precision
 # the symbolic dimensions' ranges: queries per call, tokens (up to the engine's limit), candidates per call
 MAX_QUERIES, MAX_CANDIDATES = 256, 1024
 MODES = ("auto", "on", "off")
@@ -67,10 +69,10 @@ def host_tag() -> str:
     return hashlib.sha256(stamp.encode()).hexdigest()[:12]
 
 
-def package_path(engine_dir: Path, model_version: str, precision: str, tag: str | None = None) -> Path:
+def package_path(engine_dir: Path, model_version: str, precision: str) -> Path:
     """``{engine_dir}/{model version}/blip_itm_rx.{precision}.aoti-{host tag}.pt2``; beside it a ``.json`` with its
     check's result."""
-    return engine_dir / model_version / f"{graph_name(GRAPH)}.{precision}.aoti-{tag or host_tag()}.pt2"
+    return engine_dir / model_version / f"{graph_name(GRAPH)}.{precision}.aoti-{host_tag()}.pt2"
 
 
 def is_current(path: Path) -> bool:
@@ -115,16 +117,15 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
     candidates = Dim("candidates", min=1, max=limits["candidates"])
     module = _Pass(blip.cores.rx).eval()
     log.info("compiling the rerank pass (%s, %s) for this host: about a minute", blip.version, precision)
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's own, internal
-        program = torch.export.export(module, example, strict=False, dynamic_shapes=(
-            {0: queries, 1: tokens}, {0: queries, 1: tokens}, {0: candidates}, {0: candidates}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's own, internal
+            with torch.inference_mode():
+                program = torch.export.export(module, example, strict=False, dynamic_shapes=(
+                    {0: queries, 1: tokens}, {0: queries, 1: tokens}, {0: candidates}, {0: candidates}))
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=dict(INDUCTOR))
         built_s = time.perf_counter() - t0
         worst = self_check(CompiledPass(tmp, limits, blip.cores.rx), blip)
@@ -180,7 +181,7 @@ def self_check(compiled: CompiledPass, blip: Any) -> float:
 
 
 def _precision_of(blip: Any) -> str:
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(blip.dtype)
+    precision = PRECISION_OF.get(blip.dtype)
     if precision is None:
         raise ValueError(f"the compiled rerank runs {' or '.join(PRECISIONS)}, not {blip.dtype}")
     return precision
@@ -221,7 +222,7 @@ def load(blip: Any, engine_dir: Path | None, mode: str) -> CompiledPass | None:
         raise ValueError(f"unknown engines.compiled {mode!r}; valid: {', '.join(MODES)}")
     if mode == "off":
         return None
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(blip.dtype)
+    precision = PRECISION_OF.get(blip.dtype)
     if blip.device.type != "cpu" or precision is None or engine_dir is None:
         if mode == "on":
             raise ValueError(f"engines.compiled=on: the compiled rerank runs on a CPU in fp32 or bf16 with an engine "
