@@ -4,9 +4,11 @@ At worker start the CPU's features (or the GPU) name the candidates:
 
 - CUDA: TensorRT fp16 where its plans are built, else torch fp16;
 - a CPU with native bf16 (``avx512_bf16`` or AMX's ``amx_bf16``): torch bf16, confirmed against torch fp32;
-- a CPU with VNNI but no bf16 (``avx512_vnni``/``avx_vnni``): ONNX Runtime int8 and fp32 (where their engines
-  are built) measured against torch fp32;
-- any other CPU: ONNX Runtime fp32 (where built) measured against torch fp32, else torch fp32.
+- any other CPU (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 (where their engines are built) measured
+  against torch fp32, else torch fp32. int8 is right on every x86 kind (7-bit weights where a kernel adds pairs
+  in 16 bits, and a self-check at load: README "int8 on every CPU"), and where VNNI is missing it still pays: on a
+  2-core AVX2-only EPYC (Zen 3) ONNX Runtime's uint8 x int8 products ran at 2.2x, and its uint8 x uint8 ones
+  (the rerank's) at 1.6x, its fp32 products' rate (``python -m bench.int8 --quick``).
 
 A short timed pass on the real models (the text tower on one query, the rerank of ``CANDIDATES`` stored
 features; a warm-up, then at least two rounds, more within ``BUDGET_S``) picks the fastest candidate; a lone
@@ -102,28 +104,24 @@ def candidates(s: WorkerSettings, flags: set[str] | None = None) -> tuple[list[t
     have = sorted(flags & set(BF16_FLAGS))
     if have:
         return [("torch", "bf16"), ("torch", "fp32")], f"native bf16 ({', '.join(have)})"
-    # without bf16, ONNX Runtime's engines where they are built, timed against torch fp32: int8 with VNNI, fp32 on
-    # any CPU (on a 2-core AVX2-only EPYC its reassociated rerank took 1,029 ms against torch fp32's 1,276)
+    # without bf16, ONNX Runtime's engines where they are built (int8 and fp32), timed against torch fp32 (on a
+    # 2-core AVX2-only EPYC its reassociated rerank took 812 ms in int8 and 886 in fp32 against torch fp32's 1,132:
+    # `python -m bench.engines --quick --rerank-only --models base`)
     vnni = sorted(flags & set(VNNI_FLAGS))
     why = f"VNNI without bf16 ({', '.join(vnni)})" if vnni else "no native bf16 or VNNI on this CPU"
     built = [p for p in onnx_precisions_needed(flags) if _onnx_built(s, p)]
     pairs = [("onnxruntime", p) for p in built] + [("torch", "fp32")]
-    if vnni and "int8" not in built:
-        why += (", but no ONNX Runtime int8 engines built (`imgsearch engines build --backend onnxruntime "
-                "--precision int8`)")
-    elif not built:
-        why += ("; no ONNX Runtime engines built to time against torch fp32 (`imgsearch engines build --backend "
-                "onnxruntime --precision fp32`)")
+    if "int8" not in built:
+        why += (f"; no ONNX Runtime {'int8 ' if built else ''}engines built to time against torch fp32 "
+                "(`imgsearch engines build --backend onnxruntime --precision int8`)")
     return pairs, why
 
 
 def onnx_precisions_needed(flags: set[str] | None = None) -> tuple[str, ...]:
     """The ONNX Runtime engines ``auto`` would time on this CPU (where built), fastest first, for a benchmark to
-    build first: none with native bf16; int8 (with VNNI) and fp32 without it."""
+    build first: none with native bf16, int8 and fp32 without it."""
     flags = cpu()[1] if flags is None else flags
-    if flags & set(BF16_FLAGS):
-        return ()
-    return ("int8", "fp32") if flags & set(VNNI_FLAGS) else ("fp32",)
+    return () if flags & set(BF16_FLAGS) else ("int8", "fp32")
 
 
 def precision_for(backend: str, s: WorkerSettings, flags: set[str] | None = None) -> str:
@@ -134,7 +132,7 @@ def precision_for(backend: str, s: WorkerSettings, flags: set[str] | None = None
         return "fp16" if backend == "torch" else "fp32"
     flags = cpu()[1] if flags is None else flags
     if backend == "onnxruntime":
-        return "int8" if flags & set(VNNI_FLAGS) and _onnx_built(s, "int8") else "fp32"
+        return "int8" if _onnx_built(s, "int8") else "fp32"
     return "bf16" if flags & set(BF16_FLAGS) else "fp32"
 
 

@@ -26,23 +26,27 @@ def _auto(tmp_path, tiny_models, **kw):  # type: ignore[no-untyped-def]
 def test_the_cpu_features_name_the_candidates(flags, want, tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
     pairs, why = auto.candidates(_auto(tmp_path, tiny_models), flags)
     assert pairs == want
-    if flags == {"avx2", "avx512_vnni"}:
+    if "avx2" in flags:  # no engines built: the reason says how to build them
         assert "imgsearch engines build --backend onnxruntime --precision int8" in why
 
 
 def test_without_bf16_onnxruntime_is_timed_where_it_is_built(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
-    """VNNI: ONNX Runtime int8 and fp32 against torch fp32; AVX2 alone: ONNX Runtime fp32 against torch fp32; each
-    only once its engines are built (fp32 alone built: int8 is not timed, and the reason says how to build it)."""
+    """Without bf16 (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 against torch fp32, each only once its
+    engines are built (fp32 alone built: int8 is not timed, and the reason says how to build it); an explicit
+    onnxruntime backend runs int8 where it is built."""
     s = _auto(tmp_path, tiny_models)
-    assert auto.onnx_precisions_needed({"avx512_vnni"}) == ("int8", "fp32")
-    assert auto.onnx_precisions_needed({"avx2"}) == ("fp32",) and not auto.onnx_precisions_needed({"amx_bf16"})
+    assert auto.onnx_precisions_needed({"avx512_vnni"}) == auto.onnx_precisions_needed({"avx2"}) == ("int8", "fp32")
+    assert not auto.onnx_precisions_needed({"amx_bf16"})
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32",))
-    assert auto.candidates(s, {"avx2"})[0] == [("onnxruntime", "fp32"), ("torch", "fp32")]
-    pairs, why = auto.candidates(s, {"avx2", "avx_vnni"})
-    assert pairs == [("onnxruntime", "fp32"), ("torch", "fp32")] and "--precision int8" in why
+    for flags in ({"avx2"}, {"avx2", "avx_vnni"}):
+        pairs, why = auto.candidates(s, flags)
+        assert pairs == [("onnxruntime", "fp32"), ("torch", "fp32")] and "--precision int8" in why
+    assert auto.precision_for("onnxruntime", s, {"avx2"}) == "fp32"
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32", "int8"))
-    assert auto.candidates(s, {"avx2", "avx_vnni"})[0] == [("onnxruntime", "int8"), ("onnxruntime", "fp32"),
-                                                          ("torch", "fp32")]
+    for flags in ({"avx2"}, {"avx2", "avx_vnni"}):
+        pairs, why = auto.candidates(s, flags)
+        assert pairs == [("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("torch", "fp32")] and "build" not in why
+    assert auto.precision_for("onnxruntime", s, {"avx2"}) == "int8"
     assert auto.candidates(s, {"avx512_bf16"})[0] == [("torch", "bf16"), ("torch", "fp32")]  # bf16: torch alone
 
 
