@@ -7,7 +7,10 @@ For each recipe (engines/artifacts.py ``RECIPES``):
   batch 1 and 16 (full mode only);
 - every int8 graph's self-check probe (engines/selfcheck.py) run natively and under ``qemu-x86_64 -cpu
   Haswell`` (AVX2, no VNNI: the kernels that saturate), where qemu-user is installed; in full mode also the
-  full-size text tower's.
+  full-size text tower's;
+- ONNX Runtime's product kernels on this CPU (``kernels``): one weight product of the rerank's shape (264 rows,
+  768 x 3072) in fp32 and dynamically quantized with uint8 and with int8 weights, in GFLOP/s (integer operations
+  counted as FLOPs): where int8 pays without VNNI, and by how much (``auto`` times it on every CPU without bf16).
 
     python -m bench.int8 --quick   # the kit only, the old recipe against the chosen one; under a minute here,
                                    # plus about a minute per recipe under the emulator
@@ -93,6 +96,40 @@ def _probes(folder: Path, recipe: str, emulate: str | None) -> dict[str, Any]:
             f"{key}_refused": sorted(r["graph"].split("/")[1].split(".")[0] for r in rows if not r["ok"])}
 
 
+def kernels(rows: int = 264, inner: int = 768, cols: int = 3072, runs: int = 20) -> dict[str, float]:
+    """GFLOP/s of ONNX Runtime's fp32 MatMul and of its DynamicQuantizeMatMul with uint8 and int8 weights (U8U8,
+    U8S8 kernels) for one product, on this process's threads: the median of ``runs`` after a warm-up."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, inner)).astype(np.float32)
+    weights = {"fp32": rng.standard_normal((inner, cols)).astype(np.float32),
+               "u8u8": rng.integers(0, 256, (inner, cols)).astype(np.uint8),
+               "u8s8": rng.integers(-64, 64, (inner, cols)).astype(np.int8)}  # 7-bit, as s8-rr builds them
+    rates: dict[str, float] = {}
+    for name, w in weights.items():
+        inits = [numpy_helper.from_array(w, "w")]
+        if name == "fp32":
+            node = helper.make_node("MatMul", ["a", "w"], ["y"])
+        else:
+            inits += [numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
+                      numpy_helper.from_array(np.array(128 if w.dtype == np.uint8 else 0, w.dtype), "zero")]
+            node = helper.make_node("DynamicQuantizeMatMul", ["a", "w", "scale", "zero"], ["y"], domain="com.microsoft")
+        graph = helper.make_graph([node], name, [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, inner])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess.run(None, {"a": a})
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sess.run(None, {"a": a})
+            times.append(time.perf_counter() - t0)
+        rates[name] = round(2 * rows * inner * cols / statistics.median(times) / 1e9, 1)
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -109,6 +146,10 @@ def main() -> None:
     cpu = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512_vnni", "avx_vnni",
                                                                                  "avx512_bf16", "amx_int8")})
     print(f"# CPU flags: {' '.join(cpu)}; emulated: {emulate or 'no'}", flush=True)
+    rates = kernels()
+    print(f"# ONNX Runtime products here, GFLOP/s: fp32 {rates['fp32']}, uint8 x uint8 {rates['u8u8']} "
+          f"({rates['u8u8'] / rates['fp32']:.2f}x), uint8 x int8 {rates['u8s8']} ({rates['u8s8'] / rates['fp32']:.2f}x)",
+          flush=True)
     report: dict[str, Any] = {}
     for name in names:
         # one folder for every recipe: fp32 and the probes are built once, each recipe's int8 graphs by name
@@ -122,7 +163,7 @@ def main() -> None:
                 row |= {f"full_{k}": v for k, v in _probes(args.out / "full" / "engines", name, emulate).items()}
         report[name] = row
         print(json.dumps({"recipe": name, **row}), flush=True)
-    print(json.dumps({"chosen": INT8_RECIPE.name, "cpu": cpu, "recipes": report}))
+    print(json.dumps({"chosen": INT8_RECIPE.name, "cpu": cpu, "kernels": rates, "recipes": report}))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def test_bench_int8_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["chosen"] == INT8_RECIPE.name and set(report["recipes"]) == {"s8", INT8_RECIPE.name}
+    assert set(report["kernels"]) == {"fp32", "u8u8", "u8s8"} and min(report["kernels"].values()) > 0
     chosen = report["recipes"][INT8_RECIPE.name]
     assert chosen["kit_text_cos_min"] >= 0.99 and chosen["kit_top10_agreement"] >= 0.9
     assert chosen["probe_native_refused"] == []
