@@ -94,11 +94,22 @@ def ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def on_this_cpu(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``pairs`` without torch bf16 where this CPU has no native bf16 (there it would take hours, not minutes)."""
+    from engines.auto import torch_cpu_precision
+
+    if torch_cpu_precision() == "bf16":
+        return pairs
+    print("torch bf16 skipped: this CPU has no native bf16")
+    return tuple(p for p in pairs if p != ("torch", "bf16"))
+
+
 def backends(models: dict[str, Path], engines: Path) -> tuple[tuple[str, str], ...]:
-    """The CPU set, or on a GPU: torch fp32/fp16, then ONNX Runtime's CUDA provider and TensorRT fp16 where
-    they are installed (a CPU-only onnxruntime would silently run on the host's cores: it is left out)."""
+    """The CPU set (torch bf16 only where native), or on a GPU: torch fp32/fp16, then ONNX Runtime's CUDA
+    provider and TensorRT fp16 where they are installed (a CPU-only onnxruntime would silently run on the host's
+    cores: it is left out)."""
     if DEVICE == "cpu":
-        return BACKENDS
+        return on_this_cpu(BACKENDS)
     chosen = list(GPU_BACKENDS[:2])
     if ort_cuda():
         chosen.append(GPU_BACKENDS[2])
@@ -234,7 +245,7 @@ def rerank_times(backend: str, precision: str, folder: Path, engines: Path, feat
 
 def rerank_table_rows(folder: Path, engines: Path, label: str, lengths: tuple[int, ...], counts: tuple[int, ...],
                       backends: tuple[tuple[str, str], ...] | None = None) -> list[dict[str, Any]]:
-    chosen = backends or (RERANK_BACKENDS if DEVICE == "cpu" else GPU_RERANK_BACKENDS)
+    chosen = backends or (on_this_cpu(RERANK_BACKENDS) if DEVICE == "cpu" else GPU_RERANK_BACKENDS)
     if DEVICE == "cpu":
         ort = sorted({p for b, p in chosen if b == "onnxruntime"})
         if ort:
@@ -320,7 +331,8 @@ def main() -> None:
                          "BLIP-large, the default)")
     ap.add_argument("--profile", action="store_true",
                     help="only the per-op profile of the reassociated rerank (torch.profiler), with achieved FLOP/s")
-    ap.add_argument("--precision", default="bf16", help="--profile's torch precision (fp32 or bf16)")
+    ap.add_argument("--precision", default=None,
+                    help="--profile's torch precision, fp32 or bf16 (default: bf16 where this CPU has it natively)")
     ap.add_argument("--profile-pass", choices=("ours", "main"), default="ours",
                     help="--profile's pass: ours, or main (as it was before issue 26's cuts, bench/baseline.py)")
     args = ap.parse_args()
@@ -333,8 +345,10 @@ def main() -> None:
 
     if args.profile:
         from bench.profile import profile_main
+        from engines.auto import torch_cpu_precision
 
-        profile_main(args.build, models if models != "full" else "base", args.precision, args.quick, args.profile_pass)
+        profile_main(args.build, models if models != "full" else "base", args.precision or torch_cpu_precision(),
+                     args.quick, args.profile_pass)
         return
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []

@@ -390,11 +390,11 @@ def image_kinds(args: argparse.Namespace, env: dict[str, str], root: Path, level
 def _build_compiled(env: dict[str, str], precision: str, engine_dir: Path) -> dict[str, Any]:
     """The compiled rerank ours will load: at the precision set, else the one auto picks first on this CPU."""
     from engines import compiled
-    from engines.auto import BF16_FLAGS, cpu
+    from engines.auto import torch_cpu_precision
     from engines.blip import TorchBlip
 
     if precision not in compiled.PRECISIONS:
-        precision = "bf16" if cpu()[1] & set(BF16_FLAGS) else "fp32"
+        precision = torch_cpu_precision()
     print(f"compiling the torch rerank ({precision}) for this host", flush=True)
     t0 = time.perf_counter()
     blip = TorchBlip(env["IMGSEARCH_BLIP_MODEL"], precision=precision, compiled="off")

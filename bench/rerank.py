@@ -6,7 +6,8 @@ process, timed alternately (so both see the same machine, whatever else runs on 
 - main: the pass as it was (``bench.baseline.ReassociatedItmOnMain``), fed float16 features as the cache held
   them then (converted every query).
 
-    python -m bench.rerank                    # BLIP-base (random full-size weights), torch bf16, 15 pairs
+    python -m bench.rerank                    # BLIP-base (random full-size weights), torch bf16 (fp32 on a CPU
+                                              # without native bf16), 15 pairs
     python -m bench.rerank --quick            # the tiny model, a few pairs (seconds)
     python -m bench.rerank --precision fp32 --threads 1
     python -m bench.rerank --device cuda --precision fp16   # on a GPU
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.auto import torch_cpu_precision
 from engines.blip import TorchBlip
 
 CANDIDATES = 32
@@ -104,7 +106,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--build", type=Path, default=Path("build"))
     ap.add_argument("--models", choices=("tiny", "base"), default=None, help="default: base (tiny with --quick)")
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default=None,
+                    help="torch's precision (default: bf16 where this CPU has it natively, else fp32; fp16 on cuda)")
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs (default 15, 4 with --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (with --precision fp16 on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -115,7 +118,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
-    rep = {"models": label, **compare(folder, args.precision, args.pairs or (4 if args.quick else 15), args.device,
+    precision = args.precision or ("fp16" if args.device.startswith("cuda") else torch_cpu_precision())
+    rep = {"models": label, **compare(folder, precision, args.pairs or (4 if args.quick else 15), args.device,
                                       args.build / "engines" if args.compiled else None)}
     print(f"{label}, torch {rep['precision']} on {rep['device']}, {rep['threads']} threads, "
           f"{CANDIDATES} candidates x {TOKENS} tokens, "

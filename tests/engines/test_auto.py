@@ -50,6 +50,13 @@ def test_without_bf16_onnxruntime_is_timed_where_it_is_built(tmp_path, tiny_mode
     assert auto.candidates(s, {"avx512_bf16"})[0] == [("torch", "bf16"), ("torch", "fp32")]  # bf16: torch alone
 
 
+def test_torch_runs_bf16_only_where_the_cpu_has_it() -> None:
+    """The precision the benchmarks and an explicit torch backend default to: bf16 only where native (without it
+    torch's bf16 products are hundreds of times slower than fp32)."""
+    assert auto.torch_cpu_precision({"avx2", "fma"}) == auto.torch_cpu_precision({"avx512_vnni"}) == "fp32"
+    assert auto.torch_cpu_precision({"avx512_bf16"}) == auto.torch_cpu_precision({"amx_bf16"}) == "bf16"
+
+
 def test_engines_built_after_a_choice_are_timed_at_the_next_start(tmp_path, tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An AVX2-only CPU: torch fp32 alone, cached; once ONNX Runtime fp32 is built the cached choice no longer
     stands (its candidates differ), and the next start times both."""
