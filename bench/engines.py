@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from engines.artifacts import BLIP_COMPONENTS, SIGLIP_COMPONENTS
+from engines.auto import torch_cpu_precision
 from engines.blip import BlipBase, TorchBlip
 from engines.export import build_onnx
 from engines.ort import OrtBlip, OrtSiglip
@@ -96,8 +97,6 @@ def ort_cuda() -> bool:
 
 def on_this_cpu(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """``pairs`` without torch bf16 where this CPU has no native bf16 (there it would take hours, not minutes)."""
-    from engines.auto import torch_cpu_precision
-
     if torch_cpu_precision() == "bf16":
         return pairs
     print("torch bf16 skipped: this CPU has no native bf16")
@@ -345,7 +344,6 @@ def main() -> None:
 
     if args.profile:
         from bench.profile import profile_main
-        from engines.auto import torch_cpu_precision
 
         profile_main(args.build, models if models != "full" else "base", args.precision or torch_cpu_precision(),
                      args.quick, args.profile_pass)
