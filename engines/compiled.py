@@ -56,6 +56,9 @@ MODES = ("auto", "on", "off")
 # candidates x 8 tokens, but with symbolic batch dimensions they failed an assertion unless their epilogue fusion
 # was off, and then gave NaN at other shapes (one query over one candidate) and once aborted the process: not used.
 INDUCTOR = {"aot_inductor.package_constants_in_so": False}
+# what a build writes, besides the graph's own revision: a package from an earlier one computes the same numbers and
+# still loads, and the next build replaces it (2: the image-attention probabilities held contiguous, crossattn._contiguous)
+REVISION = 2
 # the largest difference from the eager pass's outputs at the same precision a package may show in its check
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.02}
 
@@ -101,8 +104,9 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
     precision = _precision_of(blip)
     path = package_path(engine_dir, blip.version, precision)
     limits = {"queries": MAX_QUERIES, "tokens": max(3, blip.max_tokens), "candidates": MAX_CANDIDATES}
-    if path.is_file() and _record(path).get("limits") == limits and not force:
-        return path  # built for these shapes: kept (another token limit, or an older record: built again)
+    record = _record(path)
+    if path.is_file() and record.get("limits") == limits and record.get("revision") == REVISION and not force:
+        return path  # built for these shapes by this code: kept (another token limit, or an older build: built again)
     if blip.device.type != "cpu":
         raise ValueError("the compiled rerank is built for CPUs (a GPU has TensorRT: --backend tensorrt)")
     compiler = os.environ.get("CXX", "g++")
@@ -132,7 +136,7 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
         if not worst <= TOLERANCE[precision]:
             raise RuntimeError(f"the compiled rerank for {blip.version} {precision} gave outputs {worst:.3g} away from the "
                                f"eager pass here (bound {TOLERANCE[precision]}): not kept; the eager pass serves")
-        path.with_suffix(".json").write_text(json.dumps({"build_s": round(built_s, 1), "max_diff": worst,
+        path.with_suffix(".json").write_text(json.dumps({"revision": REVISION, "build_s": round(built_s, 1), "max_diff": worst,
                                                          "limits": limits, "inductor": INDUCTOR}))
         os.replace(tmp, path)
     finally:

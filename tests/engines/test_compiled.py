@@ -176,6 +176,57 @@ def test_a_build_whose_check_fails_is_never_kept(built, tiny_models, tmp_path, m
     assert not [p for p in (tmp_path / "again").rglob("*") if p.is_file()]
 
 
+def test_a_package_from_an_earlier_build_is_compiled_again(built, tiny_models, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A package whose record names another build revision (or none) still serves, and the next build replaces it;
+    one from this revision is kept (the compile step is made to say whether it ran)."""
+    import json
+
+    import torch
+
+    _, path = built
+    blip = TorchBlip(str(tiny_models.blip), compiled="off")
+    here = compiled.package_path(tmp_path / "engines", blip.version, "fp32")
+    here.parent.mkdir(parents=True)
+    shutil.copy(path, here)
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["revision"] == compiled.REVISION
+
+    def compiling(program, package_path, inductor_configs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("compiling")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compiling)
+    here.with_suffix(".json").write_text(json.dumps(record))
+    assert compiled.build(blip, tmp_path / "engines") == here  # this revision's: kept
+    for older in ({**record, "revision": compiled.REVISION - 1}, {k: v for k, v in record.items() if k != "revision"}):
+        here.with_suffix(".json").write_text(json.dumps(older))
+        assert compiled.load(blip, tmp_path / "engines", "on") is not None  # it still serves meanwhile
+        with pytest.raises(RuntimeError, match="compiling"):
+            compiled.build(blip, tmp_path / "engines")
+
+
+def test_the_image_attention_probabilities_stay_contiguous_when_compiled() -> None:
+    """Inductor took ``contiguous()`` before the second image-attention product as a hint and wrote the
+    probabilities with the image tokens' stride 1 row apart (a slower product); ``crossattn._contiguous`` holds
+    the layout. Read from the code Inductor writes for the two products and the softmax between them."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from engines.crossattn import _contiguous
+
+    def attend(x: torch.Tensor, qk: torch.Tensor, hold: bool) -> torch.Tensor:
+        probs = torch.softmax(torch.bmm(x, qk.transpose(1, 2)), dim=1).transpose(1, 2)  # B x HR x P
+        return torch.bmm(_contiguous(probs) if hold else probs.contiguous(), x)
+
+    x, qk = torch.randn(2, 37, 16), torch.randn(2, 6, 16)
+    layouts = {}
+    for hold in (True, False):
+        torch._dynamo.reset()
+        out, (code, *_) = run_and_get_code(torch.compile(attend, dynamic=False), x, qk, hold)
+        assert torch.allclose(out, attend(x, qk, hold), atol=1e-5)
+        layouts[hold] = "(2, 6, 37), (222, 37, 1)" in code  # B x HR x P, the tokens contiguous
+    assert layouts == {True: True, False: False}, layouts
+
+
 def test_the_rerank_bench_times_the_compiled_pass(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """``python -m bench.rerank --quick --compiled --precision fp32``, with the package already in its build folder
     (the tiny models it writes are the fixture's, seed for seed: the same model version), ends with the compiled
