@@ -23,7 +23,7 @@ from pipeline.errors import ModelLoadError
 GRAPHS: dict[str, dict[str, int]] = {
     "siglip": {"siglip_text": 1, "siglip_image": 1},
     "blip": {"blip_vision": 1, "blip_itc": 1, "blip_itm": 1,
-             "blip_itm_rx": 1},  # rx: the reassociated ITM pass
+             "blip_itm_rx": 2},  # rx: the reassociated ITM pass (2: its softmax over the last axis)
 }
 SIGLIP_COMPONENTS = tuple(GRAPHS["siglip"])
 BLIP_COMPONENTS = tuple(GRAPHS["blip"])

@@ -21,8 +21,9 @@ def test_an_old_folder_is_refused_then_completed_never_half_used(tmp_path, tiny_
     built = {g: onnx_path(tmp_path, version, g, "fp32").stat().st_mtime_ns for g in GRAPHS["blip"]}
 
     # the reassociated graph's export changed: its revision is raised, its file gets a new name
-    monkeypatch.setitem(artifacts.REVISIONS, "blip_itm_rx", 2)
-    assert onnx_path(tmp_path, version, "blip_itm_rx", "fp32").name == "blip_itm_rx.r2.fp32.onnx"
+    raised = artifacts.REVISIONS["blip_itm_rx"] + 1
+    monkeypatch.setitem(artifacts.REVISIONS, "blip_itm_rx", raised)
+    assert onnx_path(tmp_path, version, "blip_itm_rx", "fp32").name == f"blip_itm_rx.r{raised}.fp32.onnx"
     assert missing_graphs(tmp_path, version, "blip", "fp32") == ["blip_itm_rx"]
     with pytest.raises(EngineMissing, match="imgsearch engines build --backend onnxruntime --precision fp32"):
         OrtBlip(blip, tmp_path, precision="fp32")  # refused at load, not at the first query

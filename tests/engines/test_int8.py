@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from engines.artifacts import INT8_RECIPE, RECIPES, EngineMissing, onnx_path
+from engines.artifacts import INT8_RECIPE, RECIPES, EngineMissing, graph_name, onnx_path
 from engines.check import check_model
 from engines.export import build_onnx
 from engines.ort import OrtBlip, OrtSiglip
@@ -68,7 +68,7 @@ def test_the_chosen_recipe_loads_and_reports_its_agreement(tiny_models, built) -
 def test_tampered_weight_scales_are_refused_at_load(component, tiny_models, built, tmp_path) -> None:  # type: ignore[no-untyped-def]
     engines = _copy(built, tmp_path)
     model = tiny_models.siglip if component.startswith("siglip") else tiny_models.blip
-    version = next(p.parent.name for p in engines.rglob(f"{component}.fp32.onnx"))
+    version = next(p.parent.name for p in engines.rglob(f"{graph_name(component)}.fp32.onnx"))
     assert _tamper_scales(onnx_path(engines, version, component, "int8")) > 0
     with pytest.raises(Int8Disagrees) as err:
         if component.startswith("siglip"):
@@ -76,7 +76,7 @@ def test_tampered_weight_scales_are_refused_at_load(component, tiny_models, buil
         else:
             OrtBlip(str(model), engines, precision="int8")
     line = err.value.message
-    assert "\n" not in line and f"{component}.int8-{INT8_RECIPE.name}.onnx" in line and f">= {MIN_COSINE}" in line
+    assert "\n" not in line and f"{graph_name(component)}.int8-{INT8_RECIPE.name}.onnx" in line and f">= {MIN_COSINE}" in line
     cosine = float(line.split("cosine to fp32 ")[1].split()[0])
     itm = float(line.split("largest ITM difference ")[1].split()[0])
     assert cosine < MIN_COSINE or itm > MAX_ITM_DIFF
