@@ -13,9 +13,10 @@ Then the rerank table: full-size BLIP-base and BLIP-large, each backend with the
                                       # rewrite / best without it>
     python -m bench.engines --quick --rerank-only --models base   # BLIP-base's rerank, 8 tokens x 32 candidates
     python -m bench.engines           # the full tables on full-size random-weight models
-    python -m bench.engines --profile [--models base] [--precision bf16] [--profile-pass main]   # where the
-                                      # reassociated rerank's time goes, per op, against this machine's
-                                      # large-matmul rate (main: the pass before issue 26's cuts)
+    python -m bench.engines --profile [--models base] [--precision bf16] [--profile-pass compiled|main]   # where
+                                      # the reassociated rerank's time goes, per op, against this machine's
+                                      # large-matmul rate (compiled: the pass as Inductor compiles it; main:
+                                      # the pass before issue 26's cuts)
 
 Full-size models are random-weight models of the real architectures (engines/fullsize.py): same cost as
 the real checkpoints. They and their ONNX exports are built into ``build/`` (ignored by git).
@@ -332,8 +333,9 @@ def main() -> None:
                     help="only the per-op profile of the reassociated rerank (torch.profiler), with achieved FLOP/s")
     ap.add_argument("--precision", default=None,
                     help="--profile's torch precision, fp32 or bf16 (default: bf16 where this CPU has it natively)")
-    ap.add_argument("--profile-pass", choices=("ours", "main"), default="ours",
-                    help="--profile's pass: ours, or main (as it was before issue 26's cuts, bench/baseline.py)")
+    ap.add_argument("--profile-pass", choices=("ours", "compiled", "main"), default="ours",
+                    help="--profile's pass: ours, ours as Inductor compiles it (the compiled rerank's lowering, "
+                         "through torch.compile), or main (as it was before issue 26's cuts, bench/baseline.py)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device

@@ -3,13 +3,16 @@
 One query of 8 tokens against 32 candidates' stored features (BLIP-base sized random weights, or the tiny model
 with ``--models tiny``), torch at ``--precision`` (bf16 or fp32), the worker's own pass (``TorchBlip.score``, its
 features in the form the worker's feature source keeps them; ``--profile-pass main``: the pass as it was before
-issue 26's cuts, ``bench.baseline.ReassociatedItmOnMain``, fed float16): ``torch.profiler`` over a few calls,
-each op's self time per call, grouped:
+issue 26's cuts, ``bench.baseline.ReassociatedItmOnMain``, fed float16; ``--profile-pass compiled``: the worker's
+pass as Inductor compiles it for ``engines/compiled.py``'s package, here through ``torch.compile`` at this call's
+shapes, since a package's C++ calls its products past the profiler): ``torch.profiler`` over a few calls, each
+op's self time per call, grouped:
 
 - image attention: the two products over the image tokens per candidate (``(Q W_k) X^T`` and ``softmax . X``);
 - weight products: every product with a weight matrix (the layers' Linear, ``Q W_k`` and ``(P X) W_v``);
 - text attention: self-attention's products over the query's tokens;
-- the rest by op (LayerNorm, softmax, GELU, copies, casts, adds, ...).
+- the rest by op (LayerNorm, softmax, GELU, copies, casts, adds, ...); in the compiled pass, Inductor's fused
+  kernels by the ops each fuses (``compiled: _softmax_inductor_force_stride_order_transpose``, ...).
 
 Achieved FLOP/s of each product group against this machine's rate for a 2048 x 2048 x 2048 matmul in the same
 dtype: by the profiler's times (which the profiler itself inflates) and by the call's unprofiled wall time
@@ -34,6 +37,7 @@ call, 417 ms profiled).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -44,6 +48,9 @@ import torch
 
 CANDIDATES = 32
 TOKENS = 8
+# what torch.compile's Python around a compiled graph records (an ahead-of-time package runs without it)
+TORCH_COMPILE_EVENTS = ("## Call CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo", "Pregraph bytecode",
+                        "AOTDispatcher")
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
@@ -99,6 +106,11 @@ def profile_rerank(blip: Any, query: str, feats: list[Any], runs: int = 3) -> di
 
 
 def _classify(name: str, shapes: list[Any], patches: int, blip: Any) -> str:
+    fused = re.fullmatch(r"graph_\d+_cpp_fused_(.+?)(_\d+)?", name)
+    if fused:  # one of Inductor's kernels, by the ops it fuses
+        return f"compiled: {fused.group(1).strip('_')}"
+    if name.startswith(TORCH_COMPILE_EVENTS):
+        return "torch.compile's Python wrapper (a package has none)"
     if name in ("aten::addmm", "aten::mm"):
         return "weight products"
     if name == "aten::bmm":
@@ -179,6 +191,8 @@ def table(rep: dict[str, Any]) -> str:
 
 
 def profile_main(build: Path, models: str, precision: str, quick: bool, which: str = "ours") -> None:
+    """``which``: ours (the eager pass), compiled (ours as Inductor compiles it) or main (the pass before issue
+    26's cuts)."""
     from engines.blip import TorchBlip
 
     if models == "tiny":
@@ -189,7 +203,13 @@ def profile_main(build: Path, models: str, precision: str, quick: bool, which: s
         from engines.fullsize import make_fullsize_models
 
         folder, label = make_fullsize_models(build / "fullsize", which=("blip-base",))["blip-base"], "BLIP-base"
-    blip = TorchBlip(str(folder), precision=precision)
+    blip = TorchBlip(str(folder), precision=precision, compiled="off")
+    if which == "compiled":
+        # a built package's C++ calls oneDNN past the profiler, so its products record no event: torch.compile
+        # lowers the same pass with the same Inductor (at this call's shapes) and, asked to, names its kernels
+        blip.cores.rx.with_text = torch.compile(blip.cores.rx.with_text, dynamic=False,
+                                                options={"cpp.enable_kernel_profile": True})
+        label = f"{label}, compiled by Inductor"
     if which == "main":
         from bench.baseline import main_rerank
 

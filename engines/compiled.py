@@ -55,6 +55,9 @@ MODES = ("auto", "on", "off")
 # max-autotune C++ GEMM templates were measured too (2-core AMX Xeon, BLIP-base bf16): 104 against 116 ms at 32
 # candidates x 8 tokens, but with symbolic batch dimensions they failed an assertion unless their epilogue fusion
 # was off, and then gave NaN at other shapes (one query over one candidate) and once aborted the process: not used.
+# Inductor's freezing (the weights packed for oneDNN at build, GELU fused into its product) was measured on the same
+# machine: 119 against 156 ms a pass, but it writes the weights into the package as oneDNN's packed tensors, which a
+# worker cannot bind to its own (a 279 MB package, 614 MB more resident memory a worker, 2.5 s to load): not used.
 INDUCTOR = {"aot_inductor.package_constants_in_so": False}
 # what a build writes, besides the graph's own revision: a package from an earlier one computes the same numbers and
 # still loads, and the next build replaces it (2: the image-attention probabilities held contiguous, crossattn._contiguous)

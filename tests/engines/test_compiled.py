@@ -227,11 +227,9 @@ def test_the_image_attention_probabilities_stay_contiguous_when_compiled() -> No
     assert layouts == {True: True, False: False}, layouts
 
 
-def test_the_rerank_bench_times_the_compiled_pass(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """``python -m bench.rerank --quick --compiled --precision fp32``, with the package already in its build folder
-    (the tiny models it writes are the fixture's, seed for seed: the same model version), ends with the compiled
-    pass's speedup."""
-    import json
+def _bench(built, tmp_path: Path, *argv: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """``python -m <argv> --build B`` with the fixture's package already in B's engines (the tiny models a
+    benchmark writes are the fixture's, seed for seed: the same model version); its output's lines."""
     import subprocess
     import sys
 
@@ -241,14 +239,42 @@ def test_the_rerank_bench_times_the_compiled_pass(built, tmp_path) -> None:  # t
     into.mkdir(parents=True)
     for f in (path, path.with_suffix(".json")):
         shutil.copy(f, into / f.name)
-    done = subprocess.run([sys.executable, "-m", "bench.rerank", "--quick", "--compiled", "--precision", "fp32",
-                           "--build", str(tmp_path / "build")],
+    done = subprocess.run([sys.executable, "-m", *argv, "--build", str(tmp_path / "build")],
                           cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-    *_, report, last = done.stdout.strip().splitlines()
+    return done.stdout.strip().splitlines()
+
+
+def test_the_rerank_bench_times_the_compiled_pass(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``python -m bench.rerank --quick --compiled --precision fp32`` ends with the compiled pass's speedup."""
+    import json
+
+    *_, report, last = _bench(built, tmp_path, "bench.rerank", "--quick", "--compiled", "--precision", "fp32")
     rep = json.loads(report)
-    assert rep["compiled_package"] == path.name and rep["compiled_itm_max_diff"] < 1e-4
+    assert rep["compiled_package"] == built[1].name and rep["compiled_itm_max_diff"] < 1e-4
     assert last == f"rerank_speedup={rep['compiled_speedup']:.2f}" and rep["compiled_ms"] > 0
+
+
+def test_the_profile_takes_the_compiled_pass_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``python -m bench.engines --quick --profile --profile-pass compiled --precision fp32``: the pass as Inductor
+    compiles it, its products by group and its fused kernels by what each fuses (no eager GELU or LayerNorm)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "bench.engines", "--quick", "--profile", "--profile-pass", "compiled",
+                           "--precision", "fp32", "--build", str(tmp_path / "build")],
+                          cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    rep = json.loads(done.stdout.strip().splitlines()[-1])
+    groups = {r["group"]: r for r in rep["rows"]}
+    assert rep["models"].endswith("compiled by Inductor"), rep["models"]
+    assert {"image attention", "weight products"} <= set(groups), sorted(groups)
+    fused = [g for g in groups if g.startswith("compiled: ")]
+    assert any("softmax" in g for g in fused) and any("layer_norm" in g for g in fused), sorted(groups)
+    assert not {"gelu", "native_layer_norm", "_softmax"} & set(groups), sorted(groups)
+    assert 0 < rep["compute_floor_ms"] < rep["wall_ms"], rep
 
 
 def test_a_package_serves_only_the_shapes_it_was_built_for(built, tiny_models, feats) -> None:  # type: ignore[no-untyped-def]
