@@ -75,7 +75,7 @@ def _contiguous(x: torch.Tensor) -> torch.Tensor:
     with the tokens' stride 1 row apart, and the product that reads them ran 1.4x slower (AOTInductor, BLIP-base
     bf16 on a 2-core AMX Xeon: 3.2 against 2.3 ms a layer over 32 candidates); its stride-order primitive holds
     the layout."""
-    if not torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not torch.compiler.is_compiling():
         return x.contiguous()
     from torch._inductor import inductor_prims  # noqa: F401 - registers prims.inductor_force_stride_order
 
@@ -174,8 +174,8 @@ class ReassociatedItm(nn.Module):
         # dimension is a slow kernel (on an H200, 53% of the pass's kernel time for 32 candidates in fp16), so
         # there the scores come as B x HR x P and the softmax runs over their last dimension.
         # The ONNX export (traced) turns the scores to B x HR x P before its softmax, over their last axis: ONNX
-        # Runtime runs a softmax over another axis between two transposes of its own, and the graph took 8 to 10%
-        # less time a rerank that way (BLIP-base, 32 candidates x 8 tokens, fp32 and int8, 2-core AMX Xeon).
+        # Runtime runs a softmax over another axis between two transposes of its own, and the graph took 6 to 8%
+        # less time a rerank that way (BLIP-base, 32 candidates x 8 tokens, int8 and fp32, 2-core AMX Xeon).
         if self._tokens_as_rows(x):
             scores = torch.bmm(x, qk.transpose(1, 2))                                  # B x P x HR
             if torch.jit.is_tracing():
