@@ -7,6 +7,10 @@ another CPU's bf16 kernels (AMX tiles sum in another order) and is the one state
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -20,11 +24,24 @@ ITM_BOUND = 0.05
 GALLERY, QUERIES = 60, 30
 
 
-def test_bf16_ranks_as_fp32_does_on_the_kit() -> None:
+@pytest.mark.parametrize("compiled", [
+    pytest.param(False, id="eager"),
+    pytest.param(True, id="compiled", marks=pytest.mark.skipif(
+        shutil.which(os.environ.get("CXX", "g++")) is None, reason="the compiled rerank needs g++ (make test installs it)")),
+])
+def test_bf16_ranks_as_fp32_does_on_the_kit(compiled: bool, tmp_path: Path) -> None:
+    """Eager, and with the rerank compiled for this host in bf16 (engines/compiled.py), as ``auto`` runs it where
+    that package is built."""
     gallery = held_out(GALLERY)
     queries = gallery.queries[:QUERIES]
     ref = TorchSiglip(str(KIT_DIR / "siglip")), TorchBlip(str(KIT_DIR / "blip"))
-    half = TorchSiglip(str(KIT_DIR / "siglip"), precision="bf16"), TorchBlip(str(KIT_DIR / "blip"), precision="bf16")
+    blip = TorchBlip(str(KIT_DIR / "blip"), precision="bf16", compiled="off")
+    if compiled:
+        from engines import compiled as aot
+
+        aot.build(blip, tmp_path)
+        blip = TorchBlip(str(KIT_DIR / "blip"), precision="bf16", compiled="on", engine_dir=tmp_path)
+    half = TorchSiglip(str(KIT_DIR / "siglip"), precision="bf16"), blip
     feats = list(ref[1].vision_features(gallery.images))  # stored features come from ingest's fp32 run here
     cos = (ref[0].encode_text(queries) * half[0].encode_text(queries)).sum(1)
     itm_diff, overlap = 0.0, []
@@ -33,6 +50,8 @@ def test_bf16_ranks_as_fp32_does_on_the_kit() -> None:
         itm_diff = max(itm_diff, float(np.abs(i_ref - i_half).max()))
         top = [set(np.argsort(-(0.7 * i + 0.3 * c))[:10].tolist()) for i, c in ((i_ref, c_ref), (i_half, c_half))]
         overlap.append(len(top[0] & top[1]) / 10)
+    print(f"bf16{' compiled' if compiled else ''}: text cosine to fp32 {float(cos.min()):.5f}, largest ITM difference "
+          f"{itm_diff:.4f}, top-10 agreement {float(np.mean(overlap)):.3f}")
     assert float(cos.min()) >= 0.999, cos.min()
     assert itm_diff <= ITM_BOUND, itm_diff
     assert float(np.mean(overlap)) >= 0.9, overlap
