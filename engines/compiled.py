@@ -66,6 +66,15 @@ REVISION = 2
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.02}
 
 
+def compiler() -> str:
+    """The C++ compiler Inductor calls: ``$CXX``, else g++."""
+    return os.environ.get("CXX", "g++")
+
+
+def has_compiler() -> bool:
+    return shutil.which(compiler()) is not None
+
+
 def host_tag() -> str:
     """12 hex digits naming what the compiled C++ depends on: torch's version, the CPU model and its flags."""
     from engines.auto import cpu
@@ -112,9 +121,8 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
         return path  # built for these shapes by this code: kept (another token limit, or an older build: built again)
     if blip.device.type != "cpu":
         raise ValueError("the compiled rerank is built for CPUs (a GPU has TensorRT: --backend tensorrt)")
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"the compiled rerank needs a C++ compiler ({compiler}, or set CXX): `apt-get install g++`")
+    if not has_compiler():
+        raise RuntimeError(f"the compiled rerank needs a C++ compiler ({compiler()}, or set CXX): `apt-get install g++`")
     patches, width = blip.shape["patches"], blip.shape["width"]
     # example sizes above 1 on every symbolic dimension (export specialises a dimension seen at 1)
     ids, mask = (torch.from_numpy(a).repeat(2, 1) for a in blip.query_inputs("a photo of a cat"))

@@ -7,14 +7,13 @@ another CPU's bf16 kernels (AMX tiles sum in another order) and is the one state
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engines.blip import TorchBlip
+from engines.compiled import has_compiler
 from engines.kit import KIT_DIR
 from engines.kit.evaluate import held_out
 from engines.siglip import TorchSiglip
@@ -27,7 +26,7 @@ GALLERY, QUERIES = 60, 30
 @pytest.mark.parametrize("compiled", [
     pytest.param(False, id="eager"),
     pytest.param(True, id="compiled", marks=pytest.mark.skipif(
-        shutil.which(os.environ.get("CXX", "g++")) is None, reason="the compiled rerank needs g++ (make test installs it)")),
+        not has_compiler(), reason="the compiled rerank needs g++ (make test installs it)")),
 ])
 def test_bf16_ranks_as_fp32_does_on_the_kit(compiled: bool, tmp_path: Path) -> None:
     """Eager, and with the rerank compiled for this host in bf16 (engines/compiled.py), as ``auto`` runs it where
