@@ -9,7 +9,8 @@ shapes, since a package's C++ calls its products past the profiler): ``torch.pro
 op's self time per call, grouped:
 
 - image attention: the two products over the image tokens per candidate (``(Q W_k) X^T`` and ``softmax . X``);
-- weight products: every product with a weight matrix (the layers' Linear, ``Q W_k`` and ``(P X) W_v``);
+- weight products: every product with a weight matrix (the layers' Linear, on weights packed for oneDNN in bf16
+  (``engines/packed.py``), ``Q W_k`` and ``(P X) W_v``);
 - text attention: self-attention's products over the query's tokens;
 - the rest by op (LayerNorm, softmax, GELU, copies, casts, adds, ...); in the compiled pass, Inductor's fused
   kernels by the ops each fuses (``compiled: _softmax_inductor_force_stride_order_transpose``, ...).
@@ -99,10 +100,19 @@ def profile_rerank(blip: Any, query: str, feats: list[Any], runs: int = 3) -> di
             continue
         g = groups[_classify(ev.key, ev.input_shapes, patches, blip)]
         g["ms"] += ev.self_cpu_time_total / 1000 / runs
-        g["flop"] += (ev.flops or 0) / runs
+        g["flop"] += (ev.flops or _packed_flops(ev.key, ev.input_shapes) * ev.count) / runs
         g["calls"] += ev.count / runs
     profiled_ms = sum(g["ms"] for g in groups.values())
     return {"wall_ms": round(wall_ms, 1), "profiled_ms": round(profiled_ms, 1), "groups": dict(groups)}
+
+
+def _packed_flops(name: str, shapes: list[Any]) -> int:
+    """FLOPs of one call of oneDNN's product on a packed weight (``engines/packed.py``), which the profiler does not
+    count: input rows x in x out, twice."""
+    if name != "mkldnn::_linear_pointwise" or len(shapes) < 2 or not shapes[0] or len(shapes[1]) != 2:
+        return 0
+    rows = int(np.prod(shapes[0][:-1]))
+    return 2 * rows * int(shapes[1][0]) * int(shapes[1][1])
 
 
 def _classify(name: str, shapes: list[Any], patches: int, blip: Any) -> str:
@@ -111,8 +121,8 @@ def _classify(name: str, shapes: list[Any], patches: int, blip: Any) -> str:
         return f"compiled: {fused.group(1).strip('_')}"
     if name.startswith(TORCH_COMPILE_EVENTS):
         return "torch.compile's Python wrapper (a package has none)"
-    if name in ("aten::addmm", "aten::mm"):
-        return "weight products"
+    if name in ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "imgsearch::linear"):
+        return "weight products"  # imgsearch::linear: the call on a packed weight around oneDNN's (engines/packed.py)
     if name == "aten::bmm":
         dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and s]
         if any(patches in d for d in dims):

@@ -4,7 +4,9 @@ process, timed alternately (so both see the same machine, whatever else runs on 
 - ours: ``TorchBlip.score`` as the worker runs it, its candidates' features as the worker's feature source
   keeps them (``stored_form``: bfloat16 in bf16);
 - main: the pass as it was (``bench.baseline.ReassociatedItmOnMain``), fed float16 features as the cache held
-  them then (converted every query).
+  them then (converted every query);
+- unpacked (where ours packs its linear weights for oneDNN: bf16 on a CPU, ``engines/packed.py``): ours on its
+  plain weights, so the line after the first gives what packing them pays.
 
     python -m bench.rerank                    # BLIP-base (random full-size weights), torch bf16 (fp32 on a CPU
                                               # without native bf16), 15 pairs
@@ -47,8 +49,9 @@ def _models(build: Path, models: str) -> tuple[Path, str]:
 
 
 def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engine_dir: Path | None = None) -> dict[str, Any]:
-    """Ours (eager) and main's pass, alternating; with ``engine_dir``, also ours with the rerank compiled for this
-    host (engines/compiled.py; built there first where missing), the three in a rotating order."""
+    """Ours (eager) and main's pass, alternating; where ours packs its weights (bf16 on a CPU, engines/packed.py),
+    also ours on its plain weights; with ``engine_dir``, also ours with the rerank compiled for this host
+    (engines/compiled.py; built there first where missing); all in a rotating order."""
     from bench.baseline import main_rerank
     from bench.engines import exact_query
 
@@ -60,6 +63,10 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     kept = [ours.stored_form(f) for f in stored]
     query = exact_query(ours, TOKENS)
     runs = {"ours": (ours, kept), "main": (main, stored)}
+    if ours.cores.rx.packed:  # ours again on its plain weights: what packing them for oneDNN gives (engines/packed.py)
+        plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off")
+        plain.cores.rx.packed = False
+        runs["unpacked"] = (plain, kept)
     if engine_dir is not None:
         from engines import compiled
 
@@ -90,6 +97,9 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
            "itm_max_diff": float(np.abs(got["ours"][0] - got["main"][0]).max()),
            "cos_max_diff": float(np.abs(got["ours"][1] - got["main"][1]).max()),
            "speedup": round(med["main"] / med["ours"], 3)}
+    if "unpacked" in runs:
+        rep.update({"unpacked_ms": round(med["unpacked"], 1), "packed_pair_ratio_median": round(statistics.median(
+            [u / o for u, o in zip(wall["unpacked"], wall["ours"], strict=True)]), 3)})
     if "compiled" in runs:
         rep.update({"compiled_ms": round(med["compiled"], 1), "compiled_min_ms": round(min(wall["compiled"]), 1),
                     "compiled_cpu_ms": round(statistics.median(cpu["compiled"]), 1),
@@ -127,6 +137,9 @@ def main() -> None:
           f"{rep['ours_cpu_ms']}), main's {rep['main_ms']} ms (min {rep['main_min_ms']}, CPU {rep['main_cpu_ms']}); "
           f"median of pair ratios {rep['pair_ratio_median']}x; largest difference ITM {rep['itm_max_diff']:.2e}, "
           f"cosine {rep['cos_max_diff']:.2e}")
+    if "unpacked_ms" in rep:
+        print(f"ours on unpacked weights: {rep['unpacked_ms']} ms; median of pair ratios against ours (packed) "
+              f"{rep['packed_pair_ratio_median']}x")
     if "compiled_ms" in rep:
         print(f"compiled for this host ({rep['compiled_package']}, built or found in {rep['compiled_build_s']} s): "
               f"{rep['compiled_ms']} ms (min {rep['compiled_min_ms']}, CPU {rep['compiled_cpu_ms']}); median of pair "

@@ -309,6 +309,8 @@ class TorchBlip(BlipBase):
         self.dtype = DTYPES[precision]
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.cores = BlipCores(self.model)
+        # the reassociated pass's linear weights packed once for oneDNN, in bf16 on a CPU (engines/packed.py)
+        self.packed_bytes = self.cores.rx.pack()
         # the reassociated pass compiled ahead of time for this host, where built (engines/compiled.py)
         self.compiled = aot.load(self, engine_dir, compiled)
 

@@ -60,8 +60,9 @@ MODES = ("auto", "on", "off")
 # worker cannot bind to its own (a 279 MB package, 614 MB more resident memory a worker, 2.5 s to load): not used.
 INDUCTOR = {"aot_inductor.package_constants_in_so": False}
 # what a build writes, besides the graph's own revision: a package from an earlier one computes the same numbers and
-# still loads, and the next build replaces it (2: the image-attention probabilities held contiguous, crossattn._contiguous)
-REVISION = 2
+# still loads, and the next build replaces it (2: the image-attention probabilities held contiguous, crossattn._contiguous;
+# 3: the linear products on weights packed for oneDNN, engines/packed.py)
+REVISION = 3
 # the largest difference from the eager pass's outputs at the same precision a package may show in its check
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.02}
 

@@ -24,6 +24,8 @@ More exact savings, for every call of this forward:
 The forward uses the model's own modules (embeddings, ``nn.Linear`` layers, LayerNorms) and weights, so it
 loads nothing of its own, exports to ONNX as plain MatMul/Softmax graphs, and its weight matmuls quantize as
 the original's do.
+In bf16 on a CPU its linear products run on those weights packed once for oneDNN (``pack``,
+``engines/packed.py``), the same products up to rounding.
 
 An optional ``AttentionTap`` set on the module (``tap``) keeps, for one layer, the text [CLS] row's attention
 probabilities over the image tokens as the pass computes them (``engines/explain.py`` turns them into maps);
@@ -37,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from engines import packed as packing
 
 
 def cross_attention_macs(tokens: int, *, hidden: int, heads: int, patches: int, width: int,
@@ -121,6 +125,7 @@ class ReassociatedItm(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.tap: AttentionTap | None = None
         self.tokens_as_rows: bool | None = None  # the scores' layout; None: by the device (_tokens_as_rows)
+        self.packed = False  # the text layers' linear weights packed for oneDNN (pack; engines/packed.py)
         # each layer's cross-attention value bias through its output dense, plus that dense's bias: softmax rows
         # sum to one, so the bias adds b_v to every context row and b_v W_o^T + b_o to every output row
         for i, layer in enumerate(model.text_encoder.encoder.layer):
@@ -131,6 +136,45 @@ class ReassociatedItm(nn.Module):
     def _value_out_bias(attention: Any) -> torch.Tensor:
         dense, b_v = attention.output.dense, attention.self.value.bias
         return (dense.weight.float() @ b_v.float() + dense.bias.float()).to(dense.bias.dtype)
+
+    def pack(self) -> int:
+        """Packs the text layers' linear weights for oneDNN (``engines/packed.py``), where that serves (bf16 on a
+        CPU, layers wide enough for it to pay); the pass then runs its products on them. Returns the bytes added (0
+        where nothing is packed)."""
+        w = self.m.text_encoder.encoder.layer[0].attention.self.query.weight
+        if not packing.available(w.dtype, w.device, int(self.m.text_encoder.config.hidden_size)):
+            return 0
+        weights = []
+        for layer in self.m.text_encoder.encoder.layer:
+            s, c = layer.attention.self, layer.crossattention
+            weights += [s.query.weight, s.key.weight, s.value.weight, layer.attention.output.dense.weight,
+                        c.self.query.weight, c.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight]
+        added = packing.pack(weights)
+        self.packed = True
+        return added
+
+    def _linear(self, dense: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``dense(x)`` (with ``bias`` in place of its own where given), on its packed weight where in use."""
+        b = dense.bias if bias is None else bias
+        if packing.in_use(self):
+            return torch.ops.imgsearch.linear(x, dense.weight, b, False)  # type: ignore[no-any-return]
+        return dense(x) if bias is None else nn.functional.linear(x, dense.weight, b)
+
+    def _output(self, out: Any, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """A BLIP text layer's output block (``BlipTextSelfOutput``/``BlipTextOutput``: dense, dropout, LayerNorm of
+        the sum with ``residual``)."""
+        if not packing.in_use(self):
+            return out(h, residual)  # type: ignore[no-any-return]
+        return out.LayerNorm(out.dropout(self._linear(out.dense, h)) + residual)  # type: ignore[no-any-return]
+
+    def _feed_forward(self, layer: Any, h: torch.Tensor) -> torch.Tensor:
+        """``layer.feed_forward_chunk(h)``; on packed weights with BLIP's GELU (erf) in the first product's epilogue."""
+        if not packing.in_use(self):
+            return layer.feed_forward_chunk(h)  # type: ignore[no-any-return]
+        inter = layer.intermediate
+        fused = getattr(layer.config, "hidden_act", None) == "gelu"
+        mid = torch.ops.imgsearch.linear(h, inter.dense.weight, inter.dense.bias, fused)
+        return self._output(layer.output, mid if fused else inter.intermediate_act_fn(mid), h)
 
     def _tokens_as_rows(self, x: torch.Tensor) -> bool:
         """The scores' layout: B x P x HR (True) or B x HR x P; ``tokens_as_rows`` set on the module wins (the
@@ -145,12 +189,12 @@ class ReassociatedItm(nn.Module):
         b, t, _ = h.shape
         hq = h if rows is None else h[:, :rows]
         r = hq.shape[1]
-        q = a.query(hq).view(b, r, self.heads, self.head_dim).transpose(1, 2)
-        k = a.key(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        v = a.value(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = self._linear(a.query, hq).view(b, r, self.heads, self.head_dim).transpose(1, 2)
+        k = self._linear(a.key, h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self._linear(a.value, h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) * self.scale + neg, dim=-1)
         ctx = (probs @ v).transpose(1, 2).reshape(b, r, -1)
-        return layer.attention.output(ctx, hq)  # type: ignore[no-any-return]
+        return self._output(layer.attention.output, ctx, hq)
 
     def _query_keys(self, layer: Any, a: torch.Tensor) -> torch.Tensor:
         """``Q_h W_k,h`` for every head, scaled by ``1/sqrt(d)`` (so the scores need no pass of their own), laid
@@ -158,7 +202,7 @@ class ReassociatedItm(nn.Module):
         product, so no weight is copied per candidate."""
         c = layer.crossattention.self
         b, r, _ = a.shape
-        q = (c.query(a) * self.scale).view(b * r, self.heads, self.head_dim).transpose(0, 1)  # H x BR x d
+        q = (self._linear(c.query, a) * self.scale).view(b * r, self.heads, self.head_dim).transpose(0, 1)  # H x BR x d
         w_k = c.key.weight.view(self.heads, self.head_dim, -1)                         # H x d x E
         qk = torch.bmm(q, w_k)                                                         # H x BR x E
         return qk.view(self.heads, b, r, -1).transpose(0, 1).reshape(b, self.heads * r, -1)
@@ -193,7 +237,7 @@ class ReassociatedItm(nn.Module):
         ctx = ctx.view(h, b, r, d).permute(1, 2, 0, 3).reshape(b, r, h * d)
         # the value bias, through the output dense, is a constant row: in that dense's bias (value_out_bias)
         out = layer.crossattention.output
-        dense = nn.functional.linear(ctx, out.dense.weight, getattr(self, f"value_out_bias_{index}"))
+        dense = self._linear(out.dense, ctx, getattr(self, f"value_out_bias_{index}"))
         return out.LayerNorm(out.dropout(dense) + a)  # type: ignore[no-any-return]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, owner: torch.Tensor,
@@ -237,9 +281,9 @@ class ReassociatedItm(nn.Module):
                 qk = self._query_keys(layer, a)
             crossed = self._cross_attention(layer, a, qk, x, i)
             if ta is None:
-                h = layer.feed_forward_chunk(crossed)
+                h = self._feed_forward(layer, crossed)
             else:
-                out = layer.feed_forward_chunk(torch.cat([crossed, ta]))
+                out = self._feed_forward(layer, torch.cat([crossed, ta]))
                 h, th = out[:n], out[n:]
         cls = h[:, 0, :]
         itm = torch.softmax(self.m.itm_head(cls).float(), dim=-1)[:, 1]
