@@ -300,7 +300,8 @@ class TorchBlip(BlipBase):
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", setting: str = SETTING,
                  batch_size: int = 32, max_tokens: int = MAX_TOKENS, cross_attention: str = "auto",
-                 lock: threading.Lock | None = None, compiled: str = "auto", engine_dir: Path | None = None) -> None:
+                 lock: threading.Lock | None = None, compiled: str = "auto", engine_dir: Path | None = None,
+                 packed: bool = True) -> None:
         super().__init__(source, setting=setting, batch_size=batch_size, max_tokens=max_tokens,
                          cross_attention=cross_attention, lock=lock)
         from engines import compiled as aot
@@ -310,7 +311,7 @@ class TorchBlip(BlipBase):
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.cores = BlipCores(self.model)
         # the reassociated pass's linear weights packed once for oneDNN, in bf16 on a CPU (engines/packed.py)
-        self.packed_bytes = self.cores.rx.pack()
+        self.packed_bytes = self.cores.rx.pack() if packed else 0
         # the reassociated pass compiled ahead of time for this host, where built (engines/compiled.py)
         self.compiled = aot.load(self, engine_dir, compiled)
 

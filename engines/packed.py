@@ -1,19 +1,22 @@
-"""The rerank's linear weights packed once for oneDNN, on a CPU in bf16.
+"""Linear weights packed once for oneDNN, on a CPU in bf16: the rerank's and the query encoder's.
 
 ``torch.nn.functional.linear`` hands oneDNN the weight in its plain layout, and oneDNN copies it into its
-blocked (AMX/VNNI) layout at every call: for the rerank's products of a few hundred rows that copy is a large
-part of the product. ``pack`` does it once at load, per weight (``torch.ops.mkldnn._reorder_linear_weight``, as
-Inductor's freezing does), and ``linear`` runs oneDNN's product on the packed weight, with BLIP's GELU in its
-epilogue where asked. On a 2-core Intel Xeon with AMX, BLIP-base's products of 256 rows ran 1.3x faster for
-768 x 768 and 768 x 3,072 weights and 1.05x for 3,072 x 768 (``python -m bench.engines --profile`` takes the
-pass apart).
+blocked (AMX/VNNI) layout at every call: for products of a few dozen to a few hundred rows (a query's 64 tokens,
+the rerank's 32 candidates x 8 tokens) that copy is a large part of the product. ``pack`` does it once at load,
+per weight (``torch.ops.mkldnn._reorder_linear_weight``, as Inductor's freezing does), and ``linear`` runs
+oneDNN's product on the packed weight, with BLIP's GELU in its epilogue where asked. On a 2-core Intel Xeon
+with AMX, products of 256 rows ran 1.3x faster for 768 x 768 and 768 x 3,072 weights and 1.05x for 3,072 x 768;
+BLIP-base's rerank 1.06x (``python -m bench.rerank`` times it against the unpacked pass) and SigLIP-base's text
+encoding 1.27x (41 against 53 ms a query, a scratch comparison in one process).
 
-``linear`` is a custom operator (``imgsearch::linear``), so the compiled pass (``engines/compiled.py``) calls it
+``linear`` is a custom operator (``imgsearch::linear``), so the compiled rerank (``engines/compiled.py``) calls it
 too: the package binds the engine's own plain weights as before, and the operator finds each one's packed form
 here by its address. A weight with no packed form (or a call with gradients on, or not bf16 on a CPU) runs
-``torch.nn.functional.linear``: the same product up to rounding.
+``torch.nn.functional.linear``: the same product up to rounding. ``ReassociatedItm.pack`` packs the rerank's
+layers, ``pack_linears`` a whole tower (SigLIP's text tower: every ``nn.Linear`` becomes a ``PackedLinear``).
 
-The packed copies add the text layers' weights once more to a worker's memory (BLIP-base: about 190 MB in bf16).
+The packed copies add those weights once more to a worker's memory (BLIP-base's text layers 198 MB, SigLIP-base's
+text tower 171 MB); ``IMGSEARCH_ENGINES__PACKED_WEIGHTS=off`` keeps them plain.
 """
 
 from __future__ import annotations
@@ -88,6 +91,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 @linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose product runs on its packed weight (``linear``) where one is made, except in a pass with
+    gradients or a trace (``pack_linears`` turns a model's linear layers into these, keeping their parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return super().forward(x)
+        return torch.ops.imgsearch.linear(x, self.weight, self.bias, False)  # type: ignore[no-any-return]
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Packs the weight of every ``nn.Linear`` under ``module`` and puts a ``PackedLinear`` holding the same
+    parameters in its place; returns the bytes added."""
+    weights = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            swapped = PackedLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            swapped.weight, swapped.bias = child.weight, child.bias
+            setattr(parent, name, swapped)
+            weights.append(child.weight)
+    return pack(weights)
 
 
 def in_use(module: Any) -> bool:

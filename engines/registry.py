@@ -44,11 +44,11 @@ def _torch(s: WorkerSettings) -> Engines:
     lock = threading.Lock()
     siglip = TorchSiglip(s.engines.siglip_model, device=s.engines.device, precision=s.engines.precision,
                          max_tokens=s.engines.text_max_tokens,
-                         lock=lock)
+                         lock=lock, packed=s.engines.packed_weights == "auto")
     blip = TorchBlip(s.engines.blip_model, device=s.engines.device, precision=s.engines.precision,
                      max_tokens=s.engines.blip_max_tokens,
                      cross_attention=s.engines.blip_cross_attention, lock=lock, compiled=s.engines.compiled,
-                     engine_dir=s.engines_path)
+                     engine_dir=s.engines_path, packed=s.engines.packed_weights == "auto")
     return Engines(siglip, siglip, blip, "torch", s.engines.precision, lock)
 
 

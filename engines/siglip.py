@@ -94,11 +94,19 @@ class TorchSiglip(SiglipBase):
     backend = "torch"
 
     def __init__(self, source: str, *, device: str = "cpu", precision: str = "fp32", max_tokens: int = 64,
-                 setting: str = SETTING, lock: threading.Lock | None = None) -> None:
+                 setting: str = SETTING, lock: threading.Lock | None = None, packed: bool = True) -> None:
+        """``packed``: the text tower's linear weights packed once for oneDNN where that pays (bf16 on a CPU,
+        ``engines/packed.py``)."""
         super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
+        from engines import packed as packing
+
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = SiglipModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
+        text = self.model.text_model
+        self.packed_bytes = 0
+        if packed and packing.available(self.dtype, self.device, int(text.config.hidden_size)):
+            self.packed_bytes = packing.pack_linears(text)
         self._warm_up()
 
     @torch.inference_mode()

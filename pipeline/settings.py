@@ -131,6 +131,9 @@ class Engines(_Group):
     # the torch backend's rerank pass compiled ahead of time for this host (engines/compiled.py; built by `imgsearch
     # engines build --backend torch`): auto uses it where built, on requires it, off runs the eager pass
     compiled: Literal["auto", "on", "off"] = "auto"
+    # the query encoder's and the rerank's linear weights packed once for oneDNN where that pays (bf16 on a CPU,
+    # engines/packed.py): faster products for a second copy of those weights (about 370 MB for SigLIP and BLIP base)
+    packed_weights: Literal["auto", "off"] = "auto"
     # the threads one operator may use, in torch and in ONNX Runtime's sessions alike; 0: each library's default
     intra_op_threads: int = Field(0, ge=0)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from engines import compiled, packed
 from engines.blip import TorchBlip
+from engines.siglip import TorchSiglip
 
 pytestmark = pytest.mark.skipif(not packed.available(torch.bfloat16, torch.device("cpu"), width=768),
                                 reason="weights are packed where oneDNN runs bf16 natively (avx512_bf16 or AMX): not here")
@@ -111,3 +112,33 @@ def test_the_compiled_pass_runs_its_products_on_the_engines_packed_weights(tiny_
     assert np.ptp(want[0]) > 0
     np.testing.assert_allclose(got[0], want[0], atol=0.02)
     np.testing.assert_allclose(got[1], want[1], atol=0.02)
+
+
+def test_the_query_encoder_runs_on_packed_weights_with_the_vectors_it_gives_unpacked(tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(packed, "MIN_WIDTH", 1)
+    fast = TorchSiglip(str(tiny_models.siglip), precision="bf16")
+    plain = TorchSiglip(str(tiny_models.siglip), precision="bf16", packed=False)
+    assert fast.packed_bytes > 0 and plain.packed_bytes == 0
+    layers = [m for m in fast.model.text_model.modules() if isinstance(m, nn.Linear)]
+    linears = len(layers)
+    assert linears and all(isinstance(m, packed.PackedLinear) for m in layers)
+    texts = ["a red circle", "two green triangles on a white field"]
+    got, calls = _onednn_calls(lambda: fast.encode_text(texts))
+    assert calls == linears  # every linear layer of the text tower, once
+    want, calls = _onednn_calls(lambda: plain.encode_text(texts))
+    assert calls == 0
+    cos = (np.asarray(got, np.float32) * np.asarray(want, np.float32)).sum(1)  # unit vectors
+    assert cos.min() > 0.999 and abs(float(got[0] @ got[1])) < 0.999  # the two texts' vectors differ
+
+
+def test_packing_is_off_by_the_setting(tiny_models, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from engines.registry import load_engines
+    from tests.conftest import make_settings
+
+    monkeypatch.setattr(packed, "MIN_WIDTH", 1)
+    for setting, want in (("auto", True), ("off", False)):
+        s = make_settings(tmp_path, tiny_models, engine_precision="bf16")
+        s = s.model_copy(update={"engines": s.engines.model_copy(update={"packed_weights": setting})})
+        e = load_engines(s)
+        assert (e.text.packed_bytes > 0) is want and (e.reranker.packed_bytes > 0) is want
+        assert e.reranker.cores.rx.packed is want
