@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engines import packed as packing
 from engines.artifacts import EngineMissing, graph_name
 from engines.crossattn import ReassociatedItm
 from engines.siglip import DTYPES
@@ -58,11 +59,14 @@ MODES = ("auto", "on", "off")
 # Inductor's freezing (the weights packed for oneDNN at build, GELU fused into its product) was measured on the same
 # machine: 119 against 156 ms a pass, but it writes the weights into the package as oneDNN's packed tensors, which a
 # worker cannot bind to its own (a 279 MB package, 614 MB more resident memory a worker, 2.5 s to load): not used.
+# Its weight packing is done instead at load, on the worker's own weights (engines/packed.py: the package calls
+# imgsearch::linear, which finds them), with GELU in the feed-forward product's epilogue as freezing would fuse it.
 INDUCTOR = {"aot_inductor.package_constants_in_so": False}
 # what a build writes, besides the graph's own revision: a package from an earlier one computes the same numbers and
 # still loads, and the next build replaces it (2: the image-attention probabilities held contiguous, crossattn._contiguous;
-# 3: the linear products on weights packed for oneDNN, engines/packed.py)
-REVISION = 3
+# 3: the linear products on weights packed for oneDNN, engines/packed.py, through a Python operator; 4: through
+# its C++ twin, which needs no GIL)
+REVISION = 4
 # the largest difference from the eager pass's outputs at the same precision a package may show in its check
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.02}
 
@@ -133,6 +137,10 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
     candidates = Dim("candidates", min=1, max=limits["candidates"])
     module = _Pass(blip.cores.rx).eval()
     log.info("compiling the rerank pass (%s, %s) for this host: about a minute", blip.version, precision)
+    # packed weights: the package calls the C++ operator on them (engines/packed.py), built and loaded first
+    native = packing.build_native(engine_dir) if blip.cores.rx.packed else None
+    if native is not None:
+        packing.load_native(native)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
@@ -144,12 +152,13 @@ def build(blip: Any, engine_dir: Path, force: bool = False) -> Path:
                     {0: queries, 1: tokens}, {0: queries, 1: tokens}, {0: candidates}, {0: candidates}))
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=dict(INDUCTOR))
         built_s = time.perf_counter() - t0
-        worst = self_check(CompiledPass(tmp, limits, blip.cores.rx), blip)
+        worst = self_check(CompiledPass(tmp, limits, blip.cores.rx, native), blip)
         if not worst <= TOLERANCE[precision]:
             raise RuntimeError(f"the compiled rerank for {blip.version} {precision} gave outputs {worst:.3g} away from the "
                                f"eager pass here (bound {TOLERANCE[precision]}): not kept; the eager pass serves")
         path.with_suffix(".json").write_text(json.dumps({"revision": REVISION, "build_s": round(built_s, 1), "max_diff": worst,
-                                                         "limits": limits, "inductor": INDUCTOR}))
+                                                         "limits": limits, "inductor": INDUCTOR,
+                                                         "native": native.name if native else None}))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -207,11 +216,14 @@ class CompiledPass:
     """A loaded package. ``fits`` says whether a call's shapes are among those it
     was built for."""
 
-    def __init__(self, path: Path, limits: dict[str, int], rx: ReassociatedItm) -> None:
+    def __init__(self, path: Path, limits: dict[str, int], rx: ReassociatedItm, native: Path | None = None) -> None:
         """``limits``: the largest queries, tokens and candidates it was built for; ``rx``: the engine's pass, whose
-        weights the package is bound to."""
+        weights the package is bound to; ``native``: the library of the C++ operator it calls on packed weights,
+        loaded first (``engines/packed.py``)."""
         self.path = path
         self.limits = limits
+        if native is not None:
+            packing.load_native(native)
         self.runner = torch._inductor.aoti_load_package(str(path))
         names = self.runner.get_constant_fqns()
         module = _Pass(rx)
@@ -251,8 +263,12 @@ def load(blip: Any, engine_dir: Path | None, mode: str) -> CompiledPass | None:
                                 f"build it with `imgsearch engines build --backend torch --precision {precision}`")
         return None
     try:
-        limits = _record(path)["limits"]
-        return CompiledPass(path, {k: int(limits[k]) for k in ("queries", "tokens", "candidates")}, blip.cores.rx)
+        record = _record(path)
+        limits, native = record["limits"], record.get("native")
+        if native is not None and not (engine_dir / "native" / native).is_file():
+            raise EngineMissing(f"its operator library native/{native} is missing")
+        return CompiledPass(path, {k: int(limits[k]) for k in ("queries", "tokens", "candidates")}, blip.cores.rx,
+                            engine_dir / "native" / native if native else None)
     except Exception as exc:  # noqa: BLE001 - auto serves eager from a package it cannot use; on refuses to start
         message = (f"the compiled rerank {path.name} cannot be used ({type(exc).__name__}: {exc}); rebuild it with "
                    f"`imgsearch engines build --backend torch --precision {precision} --force`")

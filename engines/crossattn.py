@@ -157,7 +157,7 @@ class ReassociatedItm(nn.Module):
         """``dense(x)`` (with ``bias`` in place of its own where given), on its packed weight where in use."""
         b = dense.bias if bias is None else bias
         if packing.in_use(self):
-            return torch.ops.imgsearch.linear(x, dense.weight, b, False)  # type: ignore[no-any-return]
+            return packing.op()(x, dense.weight, b, False)  # type: ignore[no-any-return]
         return dense(x) if bias is None else nn.functional.linear(x, dense.weight, b)
 
     def _output(self, out: Any, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ class ReassociatedItm(nn.Module):
             return layer.feed_forward_chunk(h)  # type: ignore[no-any-return]
         inter = layer.intermediate
         fused = getattr(layer.config, "hidden_act", None) == "gelu"
-        mid = torch.ops.imgsearch.linear(h, inter.dense.weight, inter.dense.bias, fused)
+        mid = packing.op()(h, inter.dense.weight, inter.dense.bias, fused)
         return self._output(layer.output, mid if fused else inter.intermediate_act_fn(mid), h)
 
     def _tokens_as_rows(self, x: torch.Tensor) -> bool:

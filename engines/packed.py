@@ -6,14 +6,18 @@ the rerank's 32 candidates x 8 tokens) that copy is a large part of the product.
 per weight (``torch.ops.mkldnn._reorder_linear_weight``, as Inductor's freezing does), and ``linear`` runs
 oneDNN's product on the packed weight, with BLIP's GELU in its epilogue where asked. On a 2-core Intel Xeon
 with AMX, products of 256 rows ran 1.3x faster for 768 x 768 and 768 x 3,072 weights and 1.05x for 3,072 x 768;
-BLIP-base's rerank 1.06x (``python -m bench.rerank`` times it against the unpacked pass) and SigLIP-base's text
+BLIP-base's eager rerank 1.06 to 1.12x (``python -m bench.rerank`` times it against the unpacked pass) and SigLIP-base's text
 encoding 1.27x (41 against 53 ms a query, a scratch comparison in one process).
 
-``linear`` is a custom operator (``imgsearch::linear``), so the compiled rerank (``engines/compiled.py``) calls it
-too: the package binds the engine's own plain weights as before, and the operator finds each one's packed form
-here by its address. A weight with no packed form (or a call with gradients on, or not bf16 on a CPU) runs
-``torch.nn.functional.linear``: the same product up to rounding. ``ReassociatedItm.pack`` packs the rerank's
-layers, ``pack_linears`` a whole tower (SigLIP's text tower: every ``nn.Linear`` becomes a ``PackedLinear``).
+``linear`` is a custom operator (``imgsearch::linear``): it finds a weight's packed form here by its address. A
+weight with no packed form (or a call with gradients on, or not bf16 on a CPU) runs
+``torch.nn.functional.linear``: the same product up to rounding. The compiled rerank (``engines/compiled.py``)
+calls its C++ twin instead, ``imgsearch_native::packed_linear`` (``packed_op.cpp``, compiled with the package by
+``build_native``), and still binds the engine's own plain weights: a package calling the Python operator waited
+for the GIL at each of its 96 products, and ran 2x slower while another thread of the process ran Python
+(599 against 314 ms unpacked, in a scratch comparison); the C++ one ran 1.09x faster than unpacked with or without
+such a thread. ``ReassociatedItm.pack`` packs the rerank's layers, ``pack_linears`` a whole tower (SigLIP's text
+tower: every ``nn.Linear`` becomes a ``PackedLinear``).
 
 The packed copies add those weights once more to a worker's memory (BLIP-base's text layers 198 MB, SigLIP-base's
 text tower 171 MB); ``IMGSEARCH_ENGINES__PACKED_WEIGHTS=off`` keeps them plain.
@@ -21,8 +25,12 @@ text tower 171 MB); ``IMGSEARCH_ENGINES__PACKED_WEIGHTS=off`` keeps them plain.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,13 +43,15 @@ ROWS_HINT = 256  # the rows oneDNN's layout is chosen for: 32 candidates x 8 tok
 # the narrowest layers packed: BLIP-base's (768 wide) rerank ran 1.06x faster packed, the kit's (128 wide) 1.05x
 # slower, its products too small for the copy saved to outweigh the operator's call (2-core AMX Xeon, bf16)
 MIN_WIDTH = 512
+NATIVE_SOURCE = Path(__file__).with_name("packed_op.cpp")
+_native: Path | None = None  # the C++ operator's library, once loaded (load_native)
 
 
 def available(dtype: torch.dtype, device: torch.device, width: int) -> bool:
-    """Whether packed weights serve here: bf16 on a CPU where oneDNN runs it natively, layers ``width`` wide
-    at least ``MIN_WIDTH``. Not fp32: MKL's packed
-    weights (``torch.ops.mkl._mkl_linear``, Inductor's for fp32) made BLIP-base's compiled fp32 rerank 1.04x
-    faster and the eager one 1.01x on the AMX Xeon, too little to hold a second copy of the weights for."""
+    """Whether packed weights serve here: bf16 on a CPU where oneDNN runs it natively, in layers at least
+    ``MIN_WIDTH`` wide. Not fp32: MKL's packed weights (``torch.ops.mkl._mkl_linear``, Inductor's for fp32) made
+    BLIP-base's compiled fp32 rerank 1.04x faster and the eager one 1.01x on the AMX Xeon (a scratch comparison),
+    too little to hold a second copy of the weights for."""
     return (width >= MIN_WIDTH and dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
@@ -56,6 +66,8 @@ def pack(weights: list[torch.Tensor]) -> int:
                 continue
             _PACKED[w.data_ptr()] = (weakref.ref(w), torch.ops.mkldnn._reorder_linear_weight(w.detach(), ROWS_HINT))
             weakref.finalize(w, _forget, w.data_ptr(), _PACKED[w.data_ptr()][0])
+            if _native is not None:
+                torch.ops.imgsearch_native.remember(w, _PACKED[w.data_ptr()][1])
             added += w.numel() * w.element_size()
     return added
 
@@ -64,6 +76,8 @@ def _forget(address: int, ref: weakref.ref[torch.Tensor]) -> None:
     with _LOCK:
         if address in _PACKED and _PACKED[address][0] is ref:
             del _PACKED[address]
+            if _native is not None:
+                torch.ops.imgsearch_native.forget(address)
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -89,8 +103,72 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 
 
 @linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+def _shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def op() -> Any:
+    """The operator a pass calls for its packed products: while it is compiled, the C++ one where its library is
+    loaded (the package then runs without Python: ``build_native``), else ``imgsearch::linear``."""
+    if _native is not None and torch.compiler.is_compiling():
+        return torch.ops.imgsearch_native.packed_linear
+    return torch.ops.imgsearch.linear
+
+
+def native_path(engine_dir: Path) -> Path:
+    """``{engine_dir}/native/imgsearch_packed-{tag}.so``, the tag naming torch's version, the compiler and the
+    source: what the library depends on."""
+    from engines.compiled import compiler
+
+    stamp = f"{torch.__version__}\n{compiler()}\n".encode() + NATIVE_SOURCE.read_bytes()
+    return engine_dir / "native" / f"imgsearch_packed-{hashlib.sha256(stamp).hexdigest()[:12]}.so"
+
+
+def build_native(engine_dir: Path) -> Path:
+    """Compiles ``packed_op.cpp`` (``imgsearch_native::packed_linear``, the compiled rerank's product on a packed
+    weight, with no Python in it) against this torch, once: about 10 s with g++. A worker loads it with the
+    package that calls it (``engines/compiled.py``)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    from engines.compiled import compiler
+
+    path = native_path(engine_dir)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    libs = library_paths()
+    cmd = [compiler(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *(f"-I{p}" for p in include_paths()), str(NATIVE_SOURCE), "-o", str(tmp),
+           *(f"-L{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch", *(f"-Wl,-rpath,{p}" for p in libs)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"compiling {NATIVE_SOURCE.name} failed: {done.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_native(path: Path) -> None:
+    """Loads the C++ operator's library (once a process) and files every packed weight with it."""
+    global _native
+    if _native is not None:
+        return  # a process registers the operator once; every build of the same source is the same code
+    torch.ops.load_library(str(path))
+    torch.library.register_fake("imgsearch_native::packed_linear")(_shape)
+    with _LOCK:
+        for ref, form in _PACKED.values():
+            w = ref()
+            if w is not None:
+                torch.ops.imgsearch_native.remember(w, form)
+        _native = path
+
+
+def native_loaded() -> bool:
+    return _native is not None
 
 
 class PackedLinear(nn.Linear):

@@ -100,14 +100,18 @@ def test_a_pass_that_wants_gradients_or_runs_fp32_keeps_the_plain_products(tiny_
 def test_the_compiled_pass_runs_its_products_on_the_engines_packed_weights(tiny_models, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(packed, "MIN_WIDTH", 1)
     eager = TorchBlip(str(tiny_models.blip), precision="bf16", compiled="off")
-    compiled.build(eager, tmp_path)  # checked against the eager pass before it is kept
+    path = compiled.build(eager, tmp_path)  # checked against the eager pass before it is kept
     fast = TorchBlip(str(tiny_models.blip), precision="bf16", compiled="on", engine_dir=tmp_path)
     assert fast.compiled is not None and fast.cores.rx.packed
     layers = len(fast.model.text_encoder.encoder.layer)
     rng = np.random.default_rng(4)
     feats = [rng.standard_normal((fast.shape["patches"], fast.shape["width"])).astype(np.float16) for _ in range(5)]
+    python_calls = []
+    monkeypatch.setattr(packed, "packed", lambda w: python_calls.append(w) or None)  # the Python operator's lookup
     got, calls = _onednn_calls(lambda: fast.score("two green triangles", feats))
-    assert calls == 8 * layers  # the package calls imgsearch::linear, which finds this engine's packed weights
+    # the package calls the C++ operator, which finds this engine's packed weights; no call takes Python's GIL
+    assert calls == 8 * layers and python_calls == []
+    assert packed.native_loaded() and compiled._record(path)["native"] == packed.native_path(tmp_path).name
     want = eager.score("two green triangles", feats)
     assert np.ptp(want[0]) > 0
     np.testing.assert_allclose(got[0], want[0], atol=0.02)
