@@ -59,8 +59,8 @@ MODES = ("auto", "on", "off")
 # Inductor's freezing (the weights packed for oneDNN at build, GELU fused into its product) was measured on the same
 # machine: 119 against 156 ms a pass, but it writes the weights into the package as oneDNN's packed tensors, which a
 # worker cannot bind to its own (a 279 MB package, 614 MB more resident memory a worker, 2.5 s to load): not used.
-# Its weight packing is done instead at load, on the worker's own weights (engines/packed.py: the package calls
-# imgsearch::linear, which finds them), with GELU in the feed-forward product's epilogue as freezing would fuse it.
+# Its weight packing is done instead at load, on the worker's own weights (engines/packed.py: the package calls the
+# C++ operator imgsearch_native::packed_linear, which finds them), GELU in the feed-forward product's epilogue.
 INDUCTOR = {"aot_inductor.package_constants_in_so": False}
 # what a build writes, besides the graph's own revision: a package from an earlier one computes the same numbers and
 # still loads, and the next build replaces it (2: the image-attention probabilities held contiguous, crossattn._contiguous;

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from transformers import AutoImageProcessor, SiglipModel
 
+from engines import packed as packing
 from engines.loading import load_tokenizer, resolve, version_of
 from engines.tokens import check_layout, tokenize
 from pipeline.types import Vector
@@ -98,8 +99,6 @@ class TorchSiglip(SiglipBase):
         """``packed``: the text tower's linear weights packed once for oneDNN where that pays (bf16 on a CPU,
         ``engines/packed.py``)."""
         super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
-        from engines import packed as packing
-
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = SiglipModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
