@@ -121,8 +121,8 @@ def _classify(name: str, shapes: list[Any], patches: int, blip: Any) -> str:
         return f"compiled: {fused.group(1).strip('_')}"
     if name.startswith(TORCH_COMPILE_EVENTS):
         return "torch.compile's Python wrapper (a package has none)"
-    if name in ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "imgsearch::linear"):
-        return "weight products"  # imgsearch::linear: the call on a packed weight around oneDNN's (engines/packed.py)
+    if name in ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "imgsearch::linear", "imgsearch_native::packed_linear"):
+        return "weight products"  # imgsearch*: the calls on a packed weight around oneDNN's (engines/packed.py)
     if name == "aten::bmm":
         dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and s]
         if any(patches in d for d in dims):

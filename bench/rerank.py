@@ -64,8 +64,7 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     query = exact_query(ours, TOKENS)
     runs = {"ours": (ours, kept), "main": (main, stored)}
     if ours.cores.rx.packed:  # ours again on its plain weights: what packing them for oneDNN gives (engines/packed.py)
-        plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off")
-        plain.cores.rx.packed = False
+        plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off", packed=False)
         runs["unpacked"] = (plain, kept)
     if engine_dir is not None:
         from engines import compiled
