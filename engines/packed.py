@@ -176,7 +176,7 @@ class PackedLinear(nn.Linear):
     gradients or a trace (``pack_linears`` turns a model's linear layers into these, keeping their parameters)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or torch.jit.is_tracing():
+        if _plain_wanted():
             return super().forward(x)
         return torch.ops.imgsearch.linear(x, self.weight, self.bias, False)  # type: ignore[no-any-return]
 
@@ -199,4 +199,9 @@ def pack_linears(module: nn.Module) -> int:
 def in_use(module: Any) -> bool:
     """Whether a pass should call ``linear``: its weights are packed (``module.packed``), no gradient is wanted (the
     explain path's), and it is not being traced for ONNX (whose graph keeps plain MatMuls)."""
-    return bool(getattr(module, "packed", False)) and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    return bool(getattr(module, "packed", False)) and not _plain_wanted()
+
+
+def _plain_wanted() -> bool:
+    """A pass that wants gradients (a custom operator has none) or is traced for ONNX runs the plain products."""
+    return torch.is_grad_enabled() or torch.jit.is_tracing()
