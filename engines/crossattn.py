@@ -209,9 +209,6 @@ class ReassociatedItm(nn.Module):
 
     def _cross_attention(self, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor,
                          index: int = 0) -> torch.Tensor:
-        c = layer.crossattention.self
-        b, r, _ = a.shape
-        h, d = self.heads, self.head_dim
         # one product per candidate for all heads (its image tokens are shared by every head). On a CPU the image
         # tokens are its rows: B x P x HR, measured faster than B x HR x P (the longer side first), then softmax
         # over the image tokens and back to B x HR x P for the second product. On a GPU a softmax over a middle
@@ -229,8 +226,15 @@ class ReassociatedItm(nn.Module):
         else:
             probs = torch.softmax(torch.bmm(qk, x.transpose(1, 2)), dim=-1)            # B x HR x P
         if self.tap is not None:
-            self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, h)
-        px = torch.bmm(probs, x)                                                       # B x HR x E
+            self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, self.heads)
+        return self._attend(layer, a, torch.bmm(probs, x), index)                     # B x HR x E
+
+    def _attend(self, layer: Any, a: torch.Tensor, px: torch.Tensor, index: int) -> torch.Tensor:
+        """The cross-attention's end from ``P_h X`` (B x HR x E): each head's value weights, the output dense (the
+        value bias in its bias) and the residual LayerNorm."""
+        c = layer.crossattention.self
+        b, r, _ = a.shape
+        h, d = self.heads, self.head_dim
         px = px.view(b, h, r, -1).transpose(0, 1).reshape(h, b * r, -1)                # H x BR x E
         w_v = c.value.weight.view(h, d, -1).transpose(1, 2)                            # H x E x d
         ctx = torch.bmm(px, w_v)                                                       # H x BR x d
