@@ -57,6 +57,7 @@ BENCHES = {
     "query_decode": ([], _pairs),
     "slow_hosts": ([], _pairs),
     "rerank": (["--build", "{tmp}/build"], _figure("rerank_speedup")),
+    "int8_attention": ([], _json),
 }
 
 
