@@ -14,8 +14,8 @@ reach issue 26's 1.4x there. Measured here before anything is built:
   AVX-512 VNNI and at AVX2 (``ONEDNN_MAX_CPU_ISA``; fp32 there still runs MKL's kernels for this CPU), with
   whether its full-range and 7-bit sums are exact under that cap.
 
-    python -m bench.int8_attention            # 30 queries over 60 held-out images; 32 candidates (about a minute)
-    python -m bench.int8_attention --quick    # 8 queries over 20 images; 8 candidates (seconds)
+    python -m bench.int8_attention            # 30 queries over 60 held-out images; 32 candidates (14 s here)
+    python -m bench.int8_attention --quick    # 8 queries over 20 images; 8 candidates (8 s here)
 
 The last line is JSON: ``{"quality": [...], "speed": {isa: {...}}}``.
 """
