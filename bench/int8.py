@@ -36,7 +36,7 @@ import numpy as np
 from engines.artifacts import INT8_RECIPE, RECIPES
 from engines.blip import TorchBlip
 from engines.export import build_onnx
-from engines.kit.evaluate import held_out
+from engines.kit.evaluate import agreement, held_out
 from engines.ort import OrtBlip, OrtSiglip
 from engines.siglip import TorchSiglip
 
@@ -50,14 +50,9 @@ def _kit(recipe: str, engines: Path, ref: tuple[TorchSiglip, TorchBlip], queries
     s = OrtSiglip(str(KIT / "siglip"), engines, precision="int8", recipe=recipe)
     b = OrtBlip(str(KIT / "blip"), engines, precision="int8", recipe=recipe)
     cos = (ref[0].encode_text(queries) * s.encode_text(queries)).sum(1)
-    itm_diff, overlap = 0.0, []
-    for q in queries:
-        (i_ref, c_ref), (i_q, c_q) = ref[1].score(q, feats), b.score(q, feats)
-        itm_diff = max(itm_diff, float(np.abs(i_ref - i_q).max()))
-        top_ref, top_q = (set(np.argsort(-(0.7 * i + 0.3 * c))[:10].tolist()) for i, c in ((i_ref, c_ref), (i_q, c_q)))
-        overlap.append(len(top_ref & top_q) / 10)
+    itm_diff, overlap = agreement(ref[1], b, queries, feats)
     return {"kit_text_cos_min": round(float(cos.min()), 5), "kit_text_cos_mean": round(float(cos.mean()), 5),
-            "kit_itm_max_diff": round(itm_diff, 5), "kit_top10_agreement": round(float(np.mean(overlap)), 4)}
+            "kit_itm_max_diff": round(itm_diff, 5), "kit_top10_agreement": round(overlap, 4)}
 
 
 def _fullsize(recipe: str, root: Path, texts: list[str]) -> dict[str, Any]:

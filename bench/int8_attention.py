@@ -32,7 +32,6 @@ import time
 import types
 from typing import Any
 
-import numpy as np
 import torch
 
 LAYOUTS = [  # (image tokens, query keys, probabilities): the largest magnitude each is rounded to
@@ -62,23 +61,17 @@ def _emulated(tokens: float, keys: float, probs: float) -> Any:
 def quality(queries: int, images: int) -> list[dict[str, Any]]:
     from engines.blip import TorchBlip
     from engines.kit import KIT_DIR
-    from engines.kit.evaluate import held_out
+    from engines.kit.evaluate import agreement, held_out
 
     gallery = held_out(images)
     ref, emu = TorchBlip(str(KIT_DIR / "blip")), TorchBlip(str(KIT_DIR / "blip"))
     feats = list(ref.vision_features(gallery.images))
-    refs = [ref.score(q, feats) for q in gallery.queries[:queries]]
     rows = []
     for tokens, keys, probs in LAYOUTS:
         emu.cores.rx._cross_attention = types.MethodType(_emulated(tokens, keys, probs), emu.cores.rx)
-        diff, overlap = 0.0, []
-        for q, (i_ref, c_ref) in zip(gallery.queries[:queries], refs, strict=True):
-            i_emu, c_emu = emu.score(q, feats)
-            diff = max(diff, float(np.abs(i_ref - i_emu).max()))
-            top = [set(np.argsort(-(0.7 * i + 0.3 * c))[:10].tolist()) for i, c in ((i_ref, c_ref), (i_emu, c_emu))]
-            overlap.append(len(top[0] & top[1]) / 10)
+        diff, overlap = agreement(ref, emu, gallery.queries[:queries], feats)
         rows.append({"tokens": tokens, "keys": keys, "probs": probs, "itm_max_diff": round(diff, 4),
-                     "top10_agreement": round(float(np.mean(overlap)), 3), "right_on_avx2": tokens <= 63})
+                     "top10_agreement": round(overlap, 3), "right_on_avx2": tokens <= 63})
     return rows
 
 

@@ -265,10 +265,11 @@ def load(blip: Any, engine_dir: Path | None, mode: str) -> CompiledPass | None:
     try:
         record = _record(path)
         limits, native = record["limits"], record.get("native")
-        if native is not None and not (engine_dir / "native" / native).is_file():
+        library = engine_dir / "native" / native if native else None
+        if library is not None and not library.is_file():
             raise EngineMissing(f"its operator library native/{native} is missing")
         return CompiledPass(path, {k: int(limits[k]) for k in ("queries", "tokens", "candidates")}, blip.cores.rx,
-                            engine_dir / "native" / native if native else None)
+                            library)
     except Exception as exc:  # noqa: BLE001 - auto serves eager from a package it cannot use; on refuses to start
         message = (f"the compiled rerank {path.name} cannot be used ({type(exc).__name__}: {exc}); rebuild it with "
                    f"`imgsearch engines build --backend torch --precision {precision} --force`")
