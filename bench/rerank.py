@@ -14,6 +14,7 @@ process, timed alternately (so both see the same machine, whatever else runs on 
     python -m bench.rerank --precision fp32 --threads 1
     python -m bench.rerank --device cuda --precision fp16   # on a GPU
     python -m bench.rerank --compiled         # also ours compiled for this host (engines/compiled.py)
+    python -m bench.rerank --precision int8   # ours in torch int8 (engines/intmm.py) against main's fp32 pass
 
 Each pair's wall time and this process's CPU time (all threads) are recorded; the last line is
 ``rerank_speedup=<main's median wall time / ours>`` (ours compiled, with ``--compiled``).
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines import compiled
 from engines.auto import torch_cpu_precision
 from engines.blip import TorchBlip
 
@@ -56,7 +58,9 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     from bench.engines import exact_query
 
     ours = TorchBlip(str(folder), precision=precision, device=device, compiled="off")
-    main = main_rerank(TorchBlip(str(folder), precision=precision, device=device, compiled="off"))
+    # main had no int8 torch pass: against int8, main's pass in fp32 (the precision it ran on such a CPU)
+    main = main_rerank(TorchBlip(str(folder), precision="fp32" if precision == "int8" else precision, device=device,
+                                 compiled="off"))
     rng = np.random.default_rng(0)
     shape = (ours.shape["patches"], ours.shape["width"])
     stored = [rng.standard_normal(shape).astype(np.float16) for _ in range(CANDIDATES)]
@@ -66,8 +70,7 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     if ours.cores.rx.packed:  # ours again on its plain weights: what packing them for oneDNN gives (engines/packed.py)
         plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off", packed=False)
         runs["unpacked"] = (plain, kept)
-    if engine_dir is not None:
-        from engines import compiled
+    if engine_dir is not None and precision in compiled.PRECISIONS:  # torch int8 runs eager
 
         t0 = time.perf_counter()
         package = compiled.build(ours, engine_dir)

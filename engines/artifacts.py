@@ -28,7 +28,7 @@ GRAPHS: dict[str, dict[str, int]] = {
 SIGLIP_COMPONENTS = tuple(GRAPHS["siglip"])
 BLIP_COMPONENTS = tuple(GRAPHS["blip"])
 REVISIONS = {g: r for graphs in GRAPHS.values() for g, r in graphs.items()}
-PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp16", "fp32")}
+PRECISIONS = {"torch": ("fp32", "bf16", "fp16", "int8"), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp16", "fp32")}
 
 
 class EngineMissing(ModelLoadError):

@@ -4,11 +4,15 @@ At worker start the CPU's features (or the GPU) name the candidates:
 
 - CUDA: TensorRT fp16 where its plans are built, else torch fp16;
 - a CPU with native bf16 (``avx512_bf16`` or AMX's ``amx_bf16``): torch bf16, confirmed against torch fp32;
-- any other CPU (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 (where their engines are built) measured
-  against torch fp32, else torch fp32. int8 is right on every x86 kind (7-bit weights where a kernel adds pairs
-  in 16 bits, and a self-check at load: README "int8 on every CPU"), and where VNNI is missing it still pays: on a
-  2-core AVX2-only EPYC (Zen 3) ONNX Runtime's uint8 x int8 products ran at 2.2x, and its uint8 x uint8 ones
-  (the rerank's) at 1.6x, its fp32 products' rate (``python -m bench.int8 --quick``).
+- any other CPU (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 (where their engines are built) and torch int8
+  (``engines/intmm.py``, nothing to build) measured against torch fp32. int8 is right on every x86 kind (7-bit
+  weights where a kernel adds pairs in 16 bits, and a self-check at load: README "int8 on every CPU"), and where
+  VNNI is missing it still pays: on a 2-core AVX2-only EPYC (Zen 3) ONNX Runtime's uint8 x int8 products ran at
+  2.2x, and its uint8 x uint8 ones (the rerank's) at 1.6x, its fp32 products' rate (``python -m bench.int8 --quick``).
+
+The flags are the CPU's as oneDNN may use them: with ``ONEDNN_MAX_CPU_ISA`` capped below bf16 (or AMX), torch's
+bf16 products are not native, so those flags do not count (a cap also lets one CPU stand in for a lesser one in
+a benchmark).
 
 A short timed pass on the real models (the text tower on one query, the rerank of ``CANDIDATES`` stored
 features; a warm-up, then at least two rounds, more within ``BUDGET_S``) picks the fastest candidate; a lone
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +44,11 @@ CANDIDATES = 8
 BUDGET_S = 3.0  # the timed pass's rounds stop after this long per candidate (at least two rounds each)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) and the flags each leaves out of what oneDNN runs natively
+_CAPPED = {"SSE41": BF16_FLAGS + VNNI_FLAGS, "AVX": BF16_FLAGS + VNNI_FLAGS, "AVX2": BF16_FLAGS + VNNI_FLAGS,
+           "AVX2_VNNI": BF16_FLAGS + ("avx512_vnni", "amx_int8"), "AVX2_VNNI_2": BF16_FLAGS + ("avx512_vnni", "amx_int8"),
+           "AVX512_CORE": BF16_FLAGS + VNNI_FLAGS, "AVX512_CORE_VNNI": BF16_FLAGS + ("amx_int8",),
+           "AVX512_CORE_BF16": ("amx_bf16", "amx_int8"), "AVX10_1_512": ("amx_bf16", "amx_int8")}
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,8 @@ def cpu() -> tuple[str, set[str]]:
             model = value.strip()
         elif key.strip() == "flags" and not flags:
             flags = set(value.split())
-    return model, flags
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return model, flags - set(_CAPPED.get(cap, ()))
 
 
 def _onnx_built(s: WorkerSettings, precision: str) -> bool:
@@ -104,13 +115,13 @@ def candidates(s: WorkerSettings, flags: set[str] | None = None) -> tuple[list[t
     have = sorted(flags & set(BF16_FLAGS))
     if have:
         return [("torch", "bf16"), ("torch", "fp32")], f"native bf16 ({', '.join(have)})"
-    # without bf16, ONNX Runtime's engines where they are built (int8 and fp32), timed against torch fp32 (on a
-    # 2-core AVX2-only EPYC its reassociated rerank took 812 ms in int8 and 886 in fp32 against torch fp32's 1,132:
-    # `python -m bench.engines --quick --rerank-only --models base`)
+    # without bf16, ONNX Runtime's engines where they are built (int8 and fp32) and torch int8, timed against torch
+    # fp32 (on a 2-core AVX2-only EPYC ONNX Runtime's reassociated rerank took 812 ms in int8 and 886 in fp32
+    # against torch fp32's 1,132: `python -m bench.engines --quick --rerank-only --models base`)
     vnni = sorted(flags & set(VNNI_FLAGS))
     why = f"VNNI without bf16 ({', '.join(vnni)})" if vnni else "no native bf16 or VNNI on this CPU"
     built = [p for p in onnx_precisions_needed(flags) if _onnx_built(s, p)]
-    pairs = [("onnxruntime", p) for p in built] + [("torch", "fp32")]
+    pairs = [("onnxruntime", p) for p in built] + [("torch", p) for p in torch_int8()] + [("torch", "fp32")]
     if "int8" not in built:
         why += (f"; no ONNX Runtime {'int8 ' if built else ''}engines built to time against torch fp32 "
                 "(`imgsearch engines build --backend onnxruntime --precision int8`)")
@@ -122,6 +133,13 @@ def onnx_precisions_needed(flags: set[str] | None = None) -> tuple[str, ...]:
     build first: none with native bf16, int8 and fp32 without it."""
     flags = cpu()[1] if flags is None else flags
     return () if flags & set(BF16_FLAGS) else ("int8", "fp32")
+
+
+def torch_int8() -> tuple[str, ...]:
+    """("int8",) where this torch runs int8 products on the CPU (engines/intmm.py), else ()."""
+    from engines import intmm
+
+    return ("int8",) if intmm.available() else ()
 
 
 def torch_cpu_precision(flags: set[str] | None = None) -> str:
@@ -139,6 +157,9 @@ def precision_for(backend: str, s: WorkerSettings, flags: set[str] | None = None
         return "fp16" if backend == "torch" else "fp32"
     if backend == "onnxruntime":
         return "int8" if _onnx_built(s, "int8") else "fp32"
+    flags = cpu()[1] if flags is None else flags
+    if not flags & set(BF16_FLAGS) and flags & set(VNNI_FLAGS) and torch_int8():
+        return "int8"  # VNNI without bf16: torch's int8 products ran at 3x its fp32 ones (bench.int8_attention)
     return torch_cpu_precision(flags)
 
 

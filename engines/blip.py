@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetr
 
 from engines.crossattn import ReassociatedItm, reassociation_pays
 from engines.loading import resolve, version_of
-from engines.siglip import DTYPES, l2
+from engines.siglip import check_int8, dtype_of, l2
 from engines.tokens import text_positions
 
 SETTING = "IMGSEARCH_BLIP_MODEL"
@@ -307,11 +307,17 @@ class TorchBlip(BlipBase):
         from engines import compiled as aot
 
         self.device = torch.device(device)
-        self.dtype = DTYPES[precision]
+        check_int8(precision, self.device)
+        self.precision = precision
+        self.dtype = dtype_of(precision)
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         self.cores = BlipCores(self.model)
-        # the reassociated pass's linear weights packed once for oneDNN, in bf16 on a CPU (engines/packed.py)
-        self.packed_bytes = self.cores.rx.pack() if packed else 0
+        # in int8, the reassociated pass's products on int8 weights and tokens (engines/intmm.py); else its linear
+        # weights packed once for oneDNN, in bf16 on a CPU (engines/packed.py)
+        if precision == "int8":
+            self.packed_bytes = self.cores.rx.quantize()
+        else:
+            self.packed_bytes = self.cores.rx.pack() if packed else 0
         # the reassociated pass compiled ahead of time for this host, where built (engines/compiled.py)
         self.compiled = aot.load(self, engine_dir, compiled)
 

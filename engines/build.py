@@ -56,7 +56,8 @@ def build_compiled_rerank(settings: WorkerSettings, precision: str, force: bool 
     from engines.blip import TorchBlip
 
     if precision not in compiled.PRECISIONS:
-        raise ValueError(f"the compiled rerank runs {' or '.join(compiled.PRECISIONS)} on a CPU, not {precision}")
+        raise ValueError(f"the compiled rerank runs {' or '.join(compiled.PRECISIONS)} on a CPU, not {precision} (torch "
+                         "int8 runs its eager pass: nothing to build)")
     blip = TorchBlip(settings.engines.blip_model, precision=precision, max_tokens=settings.engines.blip_max_tokens,
                      compiled="off")
     return compiled.build(blip, settings.engines_path, force)

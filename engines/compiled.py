@@ -41,13 +41,11 @@ from torch import nn
 from engines import packed as packing
 from engines.artifacts import EngineMissing, graph_name
 from engines.crossattn import ReassociatedItm
-from engines.siglip import DTYPES
 
 log = logging.getLogger(__name__)
 
 GRAPH = "blip_itm_rx"
 PRECISIONS = ("fp32", "bf16")  # on a CPU; fp16 has no fast CPU kernels
-PRECISION_OF = {DTYPES[p]: p for p in PRECISIONS}  # an engine's dtype -> the package's precision
 # the symbolic dimensions' ranges: queries per call, tokens (up to the engine's limit), candidates per call
 MAX_QUERIES, MAX_CANDIDATES = 256, 1024
 MODES = ("auto", "on", "off")
@@ -206,10 +204,10 @@ def self_check(compiled: CompiledPass, blip: Any) -> float:
 
 
 def _precision_of(blip: Any) -> str:
-    precision = PRECISION_OF.get(blip.dtype)
-    if precision is None:
-        raise ValueError(f"the compiled rerank runs {' or '.join(PRECISIONS)}, not {blip.dtype}")
-    return precision
+    precision = getattr(blip, "precision", None)
+    if precision not in PRECISIONS:
+        raise ValueError(f"the compiled rerank runs {' or '.join(PRECISIONS)}, not {precision}")
+    return str(precision)
 
 
 class CompiledPass:
@@ -250,11 +248,11 @@ def load(blip: Any, engine_dir: Path | None, mode: str) -> CompiledPass | None:
         raise ValueError(f"unknown engines.compiled {mode!r}; valid: {', '.join(MODES)}")
     if mode == "off":
         return None
-    precision = PRECISION_OF.get(blip.dtype)
-    if blip.device.type != "cpu" or precision is None or engine_dir is None:
+    precision = getattr(blip, "precision", None)
+    if blip.device.type != "cpu" or precision not in PRECISIONS or engine_dir is None:
         if mode == "on":
             raise ValueError(f"engines.compiled=on: the compiled rerank runs on a CPU in fp32 or bf16 with an engine "
-                             f"dir (here {blip.device.type}, {blip.dtype})")
+                             f"dir (here {blip.device.type}, {precision})")
         return None
     path = package_path(engine_dir, blip.version, precision)
     if not path.is_file():

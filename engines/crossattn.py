@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engines import intmm
 from engines import packed as packing
 
 
@@ -126,6 +127,7 @@ class ReassociatedItm(nn.Module):
         self.tap: AttentionTap | None = None
         self.tokens_as_rows: bool | None = None  # the scores' layout; None: by the device (_tokens_as_rows)
         self.packed = False  # the text layers' linear weights packed for oneDNN (pack; engines/packed.py)
+        self.int8: dict[int, intmm.Int8Linear] = {}  # the text layers' linear products in int8, by the nn.Linear's id (quantize)
         # each layer's cross-attention value bias through its output dense, plus that dense's bias: softmax rows
         # sum to one, so the bias adds b_v to every context row and b_v W_o^T + b_o to every output row
         for i, layer in enumerate(model.text_encoder.encoder.layer):
@@ -153,8 +155,29 @@ class ReassociatedItm(nn.Module):
         self.packed = True
         return added
 
+    def quantize(self) -> int:
+        """The pass in int8 (``engines/intmm.py``): the text layers' linear products on weights rounded once, and the
+        two products over the image tokens on tokens rounded once a call. Returns the bytes the int8 weights hold."""
+        for layer in self.m.text_encoder.encoder.layer:
+            s, c = layer.attention.self, layer.crossattention
+            for dense in (s.query, s.key, s.value, layer.attention.output.dense, c.self.query, c.output.dense,
+                          layer.intermediate.dense, layer.output.dense):
+                self.int8[id(dense)] = intmm.Int8Linear(dense)
+        return sum(q.wt.numel() for q in self.int8.values())
+
+    def _int8_now(self) -> bool:
+        """Whether this call runs the int8 products: quantized, and no gradient wanted (the explain path's Grad-CAM
+        differentiates through the attention, so it runs the float weights, which stay loaded)."""
+        return bool(self.int8) and not torch.is_grad_enabled()
+
+    def _own_products(self) -> bool:
+        """Whether the linear products run here (packed or int8) rather than in the modules' own forwards."""
+        return self._int8_now() or packing.in_use(self)
+
     def _linear(self, dense: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``dense(x)`` (with ``bias`` in place of its own where given), on its packed weight where in use."""
+        """``dense(x)`` (with ``bias`` in place of its own where given), on its packed or int8 weight where in use."""
+        if self._int8_now():
+            return self.int8[id(dense)](x, bias)
         b = dense.bias if bias is None else bias
         if packing.in_use(self):
             return packing.op()(x, dense.weight, b, False)  # type: ignore[no-any-return]
@@ -163,15 +186,17 @@ class ReassociatedItm(nn.Module):
     def _output(self, out: Any, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """A BLIP text layer's output block (``BlipTextSelfOutput``/``BlipTextOutput``: dense, dropout, LayerNorm of
         the sum with ``residual``)."""
-        if not packing.in_use(self):
+        if not self._own_products():
             return out(h, residual)  # type: ignore[no-any-return]
         return out.LayerNorm(out.dropout(self._linear(out.dense, h)) + residual)  # type: ignore[no-any-return]
 
     def _feed_forward(self, layer: Any, h: torch.Tensor) -> torch.Tensor:
         """``layer.feed_forward_chunk(h)``; on packed weights with BLIP's GELU (erf) in the first product's epilogue."""
-        if not packing.in_use(self):
+        if not self._own_products():
             return layer.feed_forward_chunk(h)  # type: ignore[no-any-return]
         inter = layer.intermediate
+        if self._int8_now():
+            return self._output(layer.output, inter.intermediate_act_fn(self._linear(inter.dense, h)), h)
         fused = getattr(layer.config, "hidden_act", None) == "gelu"
         mid = packing.op()(h, inter.dense.weight, inter.dense.bias, fused)
         return self._output(layer.output, mid if fused else inter.intermediate_act_fn(mid), h)
@@ -208,7 +233,7 @@ class ReassociatedItm(nn.Module):
         return qk.view(self.heads, b, r, -1).transpose(0, 1).reshape(b, self.heads * r, -1)
 
     def _cross_attention(self, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor,
-                         index: int = 0) -> torch.Tensor:
+                         index: int = 0, tokens: intmm.ImageTokens | None = None) -> torch.Tensor:
         # one product per candidate for all heads (its image tokens are shared by every head). On a CPU the image
         # tokens are its rows: B x P x HR, measured faster than B x HR x P (the longer side first), then softmax
         # over the image tokens and back to B x HR x P for the second product. On a GPU a softmax over a middle
@@ -217,6 +242,13 @@ class ReassociatedItm(nn.Module):
         # The ONNX export (traced) turns the scores to B x HR x P before its softmax, over their last axis: ONNX
         # Runtime runs a softmax over another axis between two transposes of its own, and the graph took 6 to 8%
         # less time a rerank that way (BLIP-base, 32 candidates x 8 tokens, int8 and fp32, 2-core AMX Xeon).
+        # In int8 (``tokens``, engines/intmm.py) the scores come as B x HR x P: the image tokens are the second
+        # operand of both integer products.
+        if tokens is not None:
+            probs = torch.softmax(tokens.scores(qk), dim=-1)                           # B x HR x P
+            if self.tap is not None:
+                self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, self.heads)
+            return self._attend(layer, a, tokens.weighted(probs, inplace=self.tap is None), index)
         if self._tokens_as_rows(x):
             scores = torch.bmm(x, qk.transpose(1, 2))                                  # B x P x HR
             if torch.jit.is_tracing():
@@ -266,6 +298,7 @@ class ReassociatedItm(nn.Module):
         layers = te.encoder.layer
         last = len(layers) - 1
         x = image_embeds
+        tokens = intmm.ImageTokens(x) if self._int8_now() else None  # rounded once for every layer
         h = te.embeddings(input_ids=input_ids)                                         # Q x L x D
         neg = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         # the first layer up to its cross-attention scores: text only, once per query
@@ -283,7 +316,7 @@ class ReassociatedItm(nn.Module):
                 a, ta = both[:n], both[n:]
             if i:
                 qk = self._query_keys(layer, a)
-            crossed = self._cross_attention(layer, a, qk, x, i)
+            crossed = self._cross_attention(layer, a, qk, x, i, tokens)
             if ta is None:
                 h = self._feed_forward(layer, crossed)
             else:

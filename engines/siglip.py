@@ -27,6 +27,22 @@ SETTING = "IMGSEARCH_SIGLIP_MODEL"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    """The dtype a torch engine of ``precision`` loads its weights in and computes in between its products: int8's
+    products run on int8 copies of the linear weights (``engines/intmm.py``) and everything else in fp32."""
+    return torch.float32 if precision == "int8" else DTYPES[precision]
+
+
+def check_int8(precision: str, device: torch.device) -> None:
+    """torch int8 runs on a CPU (oneDNN's s8 x s8 through ``torch._int_mm``); a GPU runs fp16."""
+    if precision != "int8":
+        return
+    from engines import intmm
+
+    if device.type != "cpu" or not intmm.available():
+        raise ValueError(f"torch int8 runs on a CPU with oneDNN (here {device.type}); a GPU runs --precision fp16")
+
+
 def l2(x: NDArray[Any]) -> Vector:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -100,11 +116,16 @@ class TorchSiglip(SiglipBase):
         ``engines/packed.py``)."""
         super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
         self.device = torch.device(device)
-        self.dtype = DTYPES[precision]
+        check_int8(precision, self.device)
+        self.dtype = dtype_of(precision)
         self.model = SiglipModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         text = self.model.text_model
         self.packed_bytes = 0
-        if packed and packing.available(self.dtype, self.device, int(text.config.hidden_size)):
+        if precision == "int8":  # the text tower's linear products in int8 (engines/intmm.py)
+            from engines import intmm
+
+            self.packed_bytes = intmm.quantize_linears(text)
+        elif packed and packing.available(self.dtype, self.device, int(text.config.hidden_size)):
             self.packed_bytes = packing.pack_linears(text)
         self._warm_up()
 

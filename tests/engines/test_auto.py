@@ -20,8 +20,9 @@ def _auto(tmp_path, tiny_models, **kw):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(("flags", "want"), [
     ({"avx512f", "avx512_bf16", "avx512_vnni"}, [("torch", "bf16"), ("torch", "fp32")]),  # Zen 4
     ({"amx_bf16", "amx_int8", "avx512_vnni"}, [("torch", "bf16"), ("torch", "fp32")]),  # Sapphire Rapids
-    ({"avx2", "avx512_vnni"}, [("torch", "fp32")]),  # VNNI, but no int8 engines built: said so
-    ({"avx2"}, [("torch", "fp32")]),
+    # VNNI, but no ONNX Runtime int8 engines built (said so): torch's int8, which needs no build, against fp32
+    ({"avx2", "avx512_vnni"}, [("torch", "int8"), ("torch", "fp32")]),
+    ({"avx2"}, [("torch", "int8"), ("torch", "fp32")]),
 ])
 def test_the_cpu_features_name_the_candidates(flags, want, tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
     pairs, why = auto.candidates(_auto(tmp_path, tiny_models), flags)
@@ -40,34 +41,54 @@ def test_without_bf16_onnxruntime_is_timed_where_it_is_built(tmp_path, tiny_mode
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32",))
     for flags in ({"avx2"}, {"avx2", "avx_vnni"}):
         pairs, why = auto.candidates(s, flags)
-        assert pairs == [("onnxruntime", "fp32"), ("torch", "fp32")] and "--precision int8" in why
+        assert pairs == [("onnxruntime", "fp32"), ("torch", "int8"), ("torch", "fp32")] and "--precision int8" in why
     assert auto.precision_for("onnxruntime", s, {"avx2"}) == "fp32"
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32", "int8"))
     for flags in ({"avx2"}, {"avx2", "avx_vnni"}):
         pairs, why = auto.candidates(s, flags)
-        assert pairs == [("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("torch", "fp32")] and "build" not in why
+        assert pairs == [("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("torch", "int8"), ("torch", "fp32")]
+        assert "build" not in why
     assert auto.precision_for("onnxruntime", s, {"avx2"}) == "int8"
     assert auto.candidates(s, {"avx512_bf16"})[0] == [("torch", "bf16"), ("torch", "fp32")]  # bf16: torch alone
 
 
-def test_torch_runs_bf16_only_where_the_cpu_has_it() -> None:
-    """The precision the benchmarks and an explicit torch backend default to: bf16 only where native (without it
-    torch's bf16 products are hundreds of times slower than fp32)."""
+def test_torch_runs_bf16_only_where_the_cpu_has_it(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """The precision the benchmarks default to: bf16 only where native (without it torch's bf16 products are
+    hundreds of times slower than fp32); an explicit torch backend runs int8 where VNNI is and bf16 is not."""
     assert auto.torch_cpu_precision({"avx2", "fma"}) == auto.torch_cpu_precision({"avx512_vnni"}) == "fp32"
     assert auto.torch_cpu_precision({"avx512_bf16"}) == auto.torch_cpu_precision({"amx_bf16"}) == "bf16"
+    s = _auto(tmp_path, tiny_models)
+    assert auto.precision_for("torch", s, {"avx2", "avx512_vnni"}) == "int8"
+    assert auto.precision_for("torch", s, {"avx2"}) == "fp32"
+    assert auto.precision_for("torch", s, {"amx_bf16", "amx_int8", "avx512_vnni"}) == "bf16"
+
+
+@pytest.mark.parametrize(("cap", "left"), [
+    ("", {"amx_bf16", "avx512_bf16", "amx_int8", "avx512_vnni"}),
+    ("AVX512_CORE_VNNI", {"avx512_vnni"}), ("avx2", set()), ("AVX512_CORE_BF16", {"avx512_bf16", "avx512_vnni"})])
+def test_a_onednn_cap_takes_away_the_flags_it_forbids(cap, left, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """torch's bf16 and int8 products run in oneDNN: capped below an ISA (``ONEDNN_MAX_CPU_ISA``), its flags are
+    not native any more, so ``auto`` does not count them (an AMX Xeon capped at VNNI is timed as a VNNI CPU)."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: an AMX Xeon\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8\n")
+    real = auto.Path
+    monkeypatch.setattr(auto, "Path", lambda p: real(info) if p == "/proc/cpuinfo" else real(p))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    model, flags = auto.cpu()
+    assert model == "an AMX Xeon" and flags & {"amx_bf16", "avx512_bf16", "amx_int8", "avx512_vnni"} == left
 
 
 def test_engines_built_after_a_choice_are_timed_at_the_next_start(tmp_path, tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An AVX2-only CPU: torch fp32 alone, cached; once ONNX Runtime fp32 is built the cached choice no longer
-    stands (its candidates differ), and the next start times both."""
+    """An AVX2-only CPU: torch int8 and fp32, cached; once ONNX Runtime fp32 is built the cached choice no longer
+    stands (its candidates differ), and the next start times all three."""
     monkeypatch.setattr(auto, "cpu", lambda: ("an AVX2-only CPU", {"avx2", "fma"}))
     s = _auto(tmp_path, tiny_models)
     first = load_engines(s)
-    assert (first.backend, first.precision) == ("torch", "fp32") and auto.cached(s) is not None
+    assert set(first.describe()["auto_measured_ms"]) == {"torch int8", "torch fp32"} and auto.cached(s) is not None
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32",))
     assert auto.cached(s) is None
     again = load_engines(s)
-    assert set(again.describe()["auto_measured_ms"]) == {"onnxruntime fp32", "torch fp32"}
+    assert set(again.describe()["auto_measured_ms"]) == {"onnxruntime fp32", "torch int8", "torch fp32"}
     assert auto.cached(s) is not None and not again.describe()["auto"].endswith("(cached)")
 
 

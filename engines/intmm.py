@@ -1,0 +1,139 @@
+"""torch int8 on a CPU: the rerank's products in oneDNN's s8 x s8 (``torch._int_mm``), for CPUs without native bf16.
+
+Every operand is rounded with a scale of its own per row (an image token, a row of the query's keys, a text row, a
+weight's output channel), so the sums are exact integers and the only error is the rounding
+(``python -m bench.int8_attention`` measured these ranges on the model kit before this was built):
+
+- the image tokens ``X`` (P x E per candidate) to 7 bits (63) per token, once a call;
+- the scores ``(Q_h W_k,h) X^T``: the keys per row at 8 bits, times ``X_q^T``, then both scales;
+- after the softmax, ``P * s_x`` (the tokens' scales folded in) per row to 8 bits unsigned (255); ``_int_mm`` is
+  s8 x s8, so ``P_u8 - 128`` goes in and ``128 * colsum(X_q)`` (one vector per candidate, exact) comes back;
+- the text layers' linear weights (``Int8Linear``) per output channel, their input rows per row at 8 bits.
+
+Why 7 bits for the tokens and (where needed) for the weights: on a CPU with AVX2 but no VNNI, oneDNN's s8 x s8
+adds 128 to the first operand and sums u8 x s8 pairs in 16 bits (``vpmaddubsw``), which saturate unless the second
+operand stays within 7 bits (2 x 255 x 63 < 32,767). The image tokens are the second operand of both attention
+products; the weights are where the first ``_int_mm`` on this process's CPU (``full_range``, a probe) is not exact.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+TOKENS = 63  # the image tokens' range: the second operand of both attention products, right on every x86 kind
+ROWS = 127  # the first operand's range: query keys, text rows
+PROBS = 255  # the probabilities' range (unsigned)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch runs ``_int_mm`` on a CPU (oneDNN built in)."""
+    try:
+        a = torch.ones(4, 8, dtype=torch.int8)
+        return bool(torch._int_mm(a, a.t().contiguous()).eq(8).all())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+@functools.cache
+def full_range() -> bool:
+    """Whether ``_int_mm``'s sums are exact with a full-range second operand on this CPU (false on AVX2 without
+    VNNI, where they saturate: weights then keep 7 bits)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=g)
+    b = torch.full((256, 16), 127, dtype=torch.int8)
+    b[:, 8:] = -127
+    a[:, :128] = 127  # pairs of 127 x 127 (plus the 128 oneDNN adds): past 16 bits where pairs are summed there
+    return bool(torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double()))
+
+
+def rounded(t: torch.Tensor, top: int, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (float) as integers of magnitude at most ``top`` with a scale per row (its last axis): int8 and the
+    float scales (..., 1). ``top`` 255 is for non-negative ``t`` (probabilities) and comes back shifted by -128;
+    ``inplace`` lets ``t`` be overwritten."""
+    big = t.amax(dim=-1, keepdim=True) if top > 127 else t.abs().amax(dim=-1, keepdim=True)
+    scale = big.clamp_min_(1e-12).div_(top)
+    q = t.div_(scale) if inplace else t / scale
+    q = q.round_()
+    if top > 127:
+        q = q.sub_(128)
+    return q.to(torch.int8), scale
+
+
+def _products(a: torch.Tensor, b: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``a[i] @ b[i]`` (``b[i]^T`` with ``transpose``) for each candidate, int8 in, int32 out."""
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[1] if transpose else b.shape[2], dtype=torch.int32)
+    for i in range(a.shape[0]):
+        torch._int_mm(a[i], b[i].t() if transpose else b[i], out=out[i])
+    return out
+
+
+class ImageTokens:
+    """A call's image tokens (B x P x E, float) rounded once: ``q`` (int8, 7-bit), ``scale`` (B x 1 x P, laid out
+    for the scores) and, for the probabilities' shift, ``shift`` (B x 1 x E: 128 times the column sums of ``q``).
+    One candidate at a time, so each pass over its tokens stays in cache (on 32 BLIP-base candidates, 2-core AMX
+    Xeon: 8 against 33 ms at once), and the column sums as a product with a row of ones (1 against 14 ms for
+    ``sum``)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        b, p, _ = x.shape
+        self.q = torch.empty(x.shape, dtype=torch.int8)
+        scale = torch.empty(b, p, 1)
+        for i in range(b):
+            self.q[i], scale[i] = rounded(x[i].float(), TOKENS)
+        self.scale = scale.transpose(1, 2)
+        self.shift = _products(torch.ones(1, 1, p, dtype=torch.int8).expand(b, 1, p), self.q, False).float().mul_(128)
+
+    def scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys X^T`` (B x HR x P, float) for the keys B x HR x E."""
+        kq, ks = rounded(keys.float(), ROWS)
+        return torch.mul(_products(kq, self.q, True), ks).mul_(self.scale)
+
+    def weighted(self, probs: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``probs X`` (B x HR x E, float) for the softmax B x HR x P (overwritten with ``inplace``)."""
+        p = probs.mul_(self.scale) if inplace else probs * self.scale
+        pq, ps = rounded(p, PROBS, inplace=True)
+        return torch.add(_products(pq, self.q, False), self.shift).mul_(ps)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` on int8: the weight rounded per output channel once (7 bits where ``full_range`` is false),
+    each call's input rows per row; float32 out."""
+
+    wt: torch.Tensor  # in x out, int8: _int_mm's second operand
+    scale: torch.Tensor  # per output channel
+    bias: torch.Tensor | None
+
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__()
+        w = dense.weight.detach().float()
+        q, scale = rounded(w, 127 if full_range() else 63)
+        self.register_buffer("wt", q.t().contiguous())
+        self.register_buffer("scale", scale.view(-1))
+        self.register_buffer("bias", None if dense.bias is None else dense.bias.detach().float())
+        self.out_features = dense.out_features
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, xs = rounded(x.reshape(-1, x.shape[-1]).float(), ROWS)
+        y = torch.mul(torch._int_mm(xq, self.wt), xs).mul_(self.scale)
+        b = self.bias if bias is None else bias
+        if b is not None:
+            y = y.add_(b)
+        return y.view(*lead, self.out_features)
+
+
+def quantize_linears(module: nn.Module) -> int:
+    """Puts an ``Int8Linear`` in place of every ``nn.Linear`` under ``module`` (SigLIP's text tower); returns the
+    bytes its int8 weights hold. The float weights go with the modules replaced."""
+    added = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                swapped = Int8Linear(child)
+                setattr(parent, name, swapped)
+                added += swapped.wt.numel()
+    return added

@@ -1,0 +1,107 @@
+"""torch int8 (engines/intmm.py): its products against float ones, right on AVX2 without VNNI (where oneDNN's s8 x s8
+sums pairs in 16 bits), and the engines it makes (the explain path's Grad-CAM on the float weights)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engines import intmm
+
+pytestmark = pytest.mark.skipif(not intmm.available(), reason="this torch has no CPU int8 products")
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The error relative to the reference's size."""
+    return float((got - want).norm() / want.norm())
+
+
+def errors(top: int | None = None) -> dict[str, float]:
+    """Relative errors of a linear layer, the scores and the weighted tokens in int8 against fp32 (seeded); with
+    ``top``, the linear layer's weight rounded to that range whatever the CPU (the test's negative control)."""
+    g = torch.Generator().manual_seed(0)
+    dense = nn.Linear(256, 384)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(384, 256, generator=g) * 0.05)
+    x = torch.randn(40, 256, generator=g)
+    q = intmm.Int8Linear(dense)
+    if top is not None:
+        w, scale = intmm.rounded(dense.weight.detach().clone(), top)
+        q.wt, q.scale = w.t().contiguous(), scale.view(-1)
+    xq, _ = intmm.rounded(x.clone(), intmm.ROWS)
+    exact = torch.equal(torch._int_mm(xq, q.wt).double(), xq.double() @ q.wt.double())  # no pair sum saturated
+    tokens = torch.randn(3, 50, 64, generator=g)
+    keys = torch.randn(3, 12, 64, generator=g)
+    rounded = intmm.ImageTokens(tokens)
+    probs = torch.softmax(keys @ tokens.transpose(1, 2) / 8, dim=-1)
+    with torch.inference_mode():
+        return {"linear": _err(q(x), dense(x)), "scores": _err(rounded.scores(keys), keys @ tokens.transpose(1, 2)),
+                "weighted": _err(rounded.weighted(probs), probs @ tokens), "full_range": float(intmm.full_range()),
+                "exact": float(exact)}
+
+
+def test_int8_products_are_within_a_percent_or_two_of_fp32() -> None:
+    got = errors()
+    assert got["exact"] == 1.0, got
+    assert got["linear"] < (0.01 if got["full_range"] else 0.02) and got["scores"] < 0.02 and got["weighted"] < 0.02, got
+
+
+def test_int8_is_right_on_avx2_without_vnni() -> None:
+    """With oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA``: the kernels an AVX2-only CPU runs), the probe finds the
+    16-bit pair sums, weights keep 7 bits and every integer sum is exact; a weight rounded to the full 8 bits there
+    gives wrong sums (the check can fail)."""
+    code = ("import json, tests.engines.test_intmm as t; "
+            "print(json.dumps({'ours': t.errors(), 'full': t.errors(top=127)}))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["ours"]["full_range"] == 0.0, got  # the probe saw the saturating kernel
+    assert got["ours"]["linear"] < 0.02 and got["ours"]["scores"] < 0.02 and got["ours"]["weighted"] < 0.02, got
+    assert got["ours"]["exact"] == 1.0 and got["full"]["exact"] == 0.0, got  # full-range weights saturate there
+
+
+@pytest.mark.skipif(not shutil.which("qemu-x86_64"), reason="qemu-user is not installed (make test installs it)")
+def test_int8_is_right_on_an_emulated_haswell() -> None:
+    """Right on a CPU that is AVX2 without VNNI to oneDNN's own detection (qemu-user emulating a Haswell). There
+    oneDNN picks a kernel whose full-range sums are exact (the probe says so, and weights keep 8 bits); either way
+    every integer sum must be."""
+    code = "import json, tests.engines.test_intmm as t; print(json.dumps(t.errors()))"
+    out = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=600, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["exact"] == 1.0 and got["linear"] < 0.02 and got["scores"] < 0.02 and got["weighted"] < 0.02, got
+
+
+def test_an_int8_engine_explains_on_its_float_weights(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """Grad-CAM differentiates through the attention: an int8 engine runs it on its float weights (the same maps as
+    an fp32 engine's), and its attention maps come from its own int8 pass (close to fp32's)."""
+    from engines import explain
+    from engines.blip import TorchBlip
+
+    blip_dir = tiny_models.blip
+    fp32, int8 = TorchBlip(str(blip_dir)), TorchBlip(str(blip_dir), precision="int8")
+    assert int8.cores.rx.int8 and not fp32.cores.rx.int8
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((fp32.shape["patches"], fp32.shape["width"])).astype(np.float16) for _ in range(3)]
+    want = explain.explain(fp32, "a red circle", feats, method="gradcam")
+    got = explain.explain(int8, "a red circle", feats, method="gradcam")
+    assert all(np.allclose(g.grid, w.grid, atol=1e-6) for g, w in zip(got, want, strict=True))
+    itm8, maps8 = explain.attention_maps(int8, "a red circle", feats)
+    itm, maps = explain.attention_maps(fp32, "a red circle", feats)
+    assert not np.array_equal(itm8, itm) and np.abs(itm8 - itm).max() < 0.05  # the int8 pass ran, and stayed close
+    assert all(np.abs(g.grid - w.grid).max() < 0.05 for g, w in zip(maps8, maps, strict=True))
+
+
+def test_torch_int8_runs_on_a_cpu_only(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    from engines.blip import TorchBlip
+
+    with pytest.raises(ValueError, match="torch int8 runs on a CPU"):
+        TorchBlip(str(tiny_models.blip), precision="int8", device="meta")
