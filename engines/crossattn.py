@@ -325,4 +325,5 @@ class ReassociatedItm(nn.Module):
         cls = h[:, 0, :]
         itm = torch.softmax(self.m.itm_head(cls).float(), dim=-1)[:, 1]
         text_embed = self.m.text_proj(th[:, 0, :]) if text else None
-        return itm, self.m.vision_proj(x[:, 0, :]), text_embed
+        cls_token = x[:, 0, :] if tokens is None else x[:, 0, :].float()  # in int8 x may come as stored (float16)
+        return itm, self.m.vision_proj(cls_token), text_embed

@@ -100,3 +100,16 @@ def test_the_rerank_profile_runs_quick_and_states_its_floors(tmp_path: Path) -> 
     assert rep["product_gflop"] == pytest.approx(products, abs=0.01)
     assert 0 < rep["compute_floor_ms"] < rep["wall_ms"], rep
     assert rep["compute_floor_ms"] == pytest.approx(rep["product_gflop"] / rep["matmul_2048_gflops"] * 1000, rel=0.05, abs=0.01)
+
+
+def test_the_int8_rerank_runs_quick(tmp_path: Path) -> None:
+    """``bench.rerank --precision int8`` (the README's figure for CPUs without bf16): torch int8 against main's
+    fp32 pass, its ITM within the quality tests' bound of it."""
+    argv = [sys.executable, "-m", "bench.rerank", "--quick", "--precision", "int8", "--build", str(tmp_path / "build")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S * 3,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    lines = done.stdout.strip().splitlines()
+    report = json.loads(lines[-2])
+    assert report["precision"] == "int8" and report["speedup"] > 0 and report["itm_max_diff"] < 0.05, report
+    assert _figure("rerank_speedup")(lines[-1]) > 0
