@@ -331,8 +331,9 @@ def main() -> None:
                          "BLIP-large, the default)")
     ap.add_argument("--profile", action="store_true",
                     help="only the per-op profile of the reassociated rerank (torch.profiler), with achieved FLOP/s")
-    ap.add_argument("--precision", default=None,
-                    help="--profile's torch precision, fp32 or bf16 (default: bf16 where this CPU has it natively)")
+    ap.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                    help="--profile's torch precision, fp32 or bf16 (default: bf16 where this CPU has it natively; "
+                         "its FLOP/s groups are float products, so torch int8 is timed by bench.rerank instead)")
     ap.add_argument("--profile-pass", choices=("ours", "compiled", "main"), default="ours",
                     help="--profile's pass: ours, ours as Inductor compiles it (the compiled rerank's lowering, "
                          "through torch.compile), or main (as it was before issue 26's cuts, bench/baseline.py)")

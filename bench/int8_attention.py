@@ -48,7 +48,8 @@ def _rounded(t: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]:
 def _emulated(tokens: float, keys: float, probs: float) -> Any:
     """A ``ReassociatedItm._cross_attention`` for one instance whose two products with the image tokens are
     emulated in int8 at these ranges; the rest of the layer is the pass's own (its value fold and output)."""
-    def cross(rx: Any, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+    def cross(rx: Any, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor, index: int = 0,
+              _rounded_once: Any = None) -> torch.Tensor:  # None: the engine is fp32
         xq, sx = _rounded(x, tokens)                                                   # B x P x E, B x P x 1
         kq, sk = _rounded(qk, keys)                                                    # B x HR x E, B x HR x 1
         scores = torch.bmm(xq, kq.transpose(1, 2)) * sx * sk.transpose(1, 2)           # B x P x HR

@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--compiled", action="store_true",
                     help="also time ours with the rerank compiled for this host (built under BUILD/engines first: "
-                         "about a minute); the last line is then its speedup")
+                         "about a minute); the last line is then its speedup (fp32 and bf16: torch int8 runs eager)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,7 +6,8 @@ At worker start the CPU's features (or the GPU) name the candidates:
 - a CPU with native bf16 (``avx512_bf16`` or AMX's ``amx_bf16``): torch bf16, confirmed against torch fp32;
 - any other CPU (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 (where their engines are built) and torch int8
   (``engines/intmm.py``, nothing to build) measured against torch fp32. int8 is right on every x86 kind (7-bit
-  weights where a kernel adds pairs in 16 bits, and a self-check at load: README "int8 on every CPU"), and where
+  weights where a kernel adds pairs in 16 bits, and a self-check against fp32 at load, for both backends: README
+  "int8 on every CPU" and "torch int8"), and where
   VNNI is missing it still pays: on a 2-core AVX2-only EPYC (Zen 3) ONNX Runtime's uint8 x int8 products ran at
   2.2x, and its uint8 x uint8 ones (the rerank's) at 1.6x, its fp32 products' rate (``python -m bench.int8 --quick``).
 
@@ -75,8 +76,13 @@ def cpu() -> tuple[str, set[str]]:
             model = value.strip()
         elif key.strip() == "flags" and not flags:
             flags = set(value.split())
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    cap = onednn_cap()
     return model, flags - set(_CAPPED.get(cap, ()))
+
+
+def onednn_cap() -> str:
+    """oneDNN's ISA cap from the environment (``ONEDNN_MAX_CPU_ISA``, or its older name ``DNNL_MAX_CPU_ISA``)."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
 
 
 def _onnx_built(s: WorkerSettings, precision: str) -> bool:
@@ -121,7 +127,7 @@ def candidates(s: WorkerSettings, flags: set[str] | None = None) -> tuple[list[t
     vnni = sorted(flags & set(VNNI_FLAGS))
     why = f"VNNI without bf16 ({', '.join(vnni)})" if vnni else "no native bf16 or VNNI on this CPU"
     built = [p for p in onnx_precisions_needed(flags) if _onnx_built(s, p)]
-    pairs = [("onnxruntime", p) for p in built] + [("torch", p) for p in torch_int8()] + [("torch", "fp32")]
+    pairs = [("onnxruntime", p) for p in built] + [("torch", "int8"), ("torch", "fp32")]
     if "int8" not in built:
         why += (f"; no ONNX Runtime {'int8 ' if built else ''}engines built to time against torch fp32 "
                 "(`imgsearch engines build --backend onnxruntime --precision int8`)")
@@ -135,16 +141,11 @@ def onnx_precisions_needed(flags: set[str] | None = None) -> tuple[str, ...]:
     return () if flags & set(BF16_FLAGS) else ("int8", "fp32")
 
 
-def torch_int8() -> tuple[str, ...]:
-    """("int8",) where this torch runs int8 products on the CPU (engines/intmm.py), else ()."""
-    from engines import intmm
-
-    return ("int8",) if intmm.available() else ()
-
-
 def torch_cpu_precision(flags: set[str] | None = None) -> str:
-    """torch's precision on this CPU: bf16 where it is native, else fp32 (without native bf16 torch's bf16 products
-    crawl: a 2048-cube matmul at 0.28 GFLOP/s on an AVX2-only EPYC, against 175 in fp32)."""
+    """torch's precision on this CPU without a timed pass (the benchmarks' default, and an explicit torch backend's
+    with precision auto): bf16 where it is native, else fp32 (without native bf16 torch's bf16 products crawl: a
+    2048-cube matmul at 0.28 GFLOP/s on an AVX2-only EPYC, against 175 in fp32). int8 is timed by ``auto``, or set:
+    its gain over fp32 depends on the kernels (1.7x held to VNNI, 1.1x held to AVX2: README "torch int8")."""
     flags = cpu()[1] if flags is None else flags
     return "bf16" if flags & set(BF16_FLAGS) else "fp32"
 
@@ -157,9 +158,6 @@ def precision_for(backend: str, s: WorkerSettings, flags: set[str] | None = None
         return "fp16" if backend == "torch" else "fp32"
     if backend == "onnxruntime":
         return "int8" if _onnx_built(s, "int8") else "fp32"
-    flags = cpu()[1] if flags is None else flags
-    if not flags & set(BF16_FLAGS) and flags & set(VNNI_FLAGS) and torch_int8():
-        return "int8"  # VNNI without bf16: torch's int8 products ran at 3x its fp32 ones (bench.int8_attention)
     return torch_cpu_precision(flags)
 
 
@@ -178,7 +176,7 @@ def cache_path(s: WorkerSettings) -> Path:
 def _stamp() -> dict[str, str]:
     import torch
 
-    return {"cpu": cpu()[0], "torch": torch.__version__}
+    return {"cpu": cpu()[0], "torch": torch.__version__, **({"onednn_cap": onednn_cap()} if onednn_cap() else {})}
 
 
 def cached(s: WorkerSettings) -> Choice | None:

@@ -294,7 +294,11 @@ class BlipCores(torch.nn.Module):
 
 
 class TorchBlip(BlipBase):
-    """Weights cast to the precision once at load, as in ``TorchSiglip``."""
+    """Weights cast to the precision once at load, as in ``TorchSiglip``. int8 (a CPU's) loads fp32 and adds int8
+    copies of the reassociated pass's linear weights (``engines/intmm.py``), checked against the float pass at
+    load; what runs outside that pass stays fp32: the plain ITM pass (``cross_attention="plain"``, or queries
+    long enough that the reassociation does not pay: past 62 tokens at BLIP's widths, beyond its 35) and the
+    separate ITC pass, which the reassociated pass folds in."""
 
     backend = "torch"
 
@@ -315,11 +319,29 @@ class TorchBlip(BlipBase):
         # in int8, the reassociated pass's products on int8 weights and tokens (engines/intmm.py); else its linear
         # weights packed once for oneDNN, in bf16 on a CPU (engines/packed.py)
         if precision == "int8":
-            self.packed_bytes = self.cores.rx.quantize()
+            self.packed_bytes = self._quantize_checked()
         else:
             self.packed_bytes = self.cores.rx.pack() if packed else 0
         # the reassociated pass compiled ahead of time for this host, where built (engines/compiled.py)
         self.compiled = aot.load(self, engine_dir, compiled)
+
+    def _quantize_checked(self) -> int:
+        """``ReassociatedItm.quantize``, held at load to the int8 self-check's bounds against the float pass on a
+        probe (a query over 4 seeded random stored features; ``intmm.check``)."""
+        from engines import intmm
+
+        rng = np.random.default_rng(0)
+        feats = torch.from_numpy((rng.standard_normal((4, self.shape["patches"], self.shape["width"])) * 0.5)
+                                 .astype(np.float16))
+        ids, mask = (torch.from_numpy(a) for a in self.query_inputs("a surprised cat face on a white background"))
+        owner = torch.zeros(4, dtype=torch.long)
+        rx = self.cores.rx
+
+        def run() -> dict[str, Any]:
+            itm, proj, text = rx.with_text(ids, mask, owner, feats if rx.int8 else feats.float())
+            return {"itm": itm.float().numpy(), "image": proj.float().numpy(), "text": text.float().numpy()}
+
+        return int(intmm.check(f"{self.version}/blip_itm_rx (torch int8)", run, rx.quantize))
 
     def _vision_proj(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """From the loaded model (a checkpoint with only ``pytorch_model.bin`` has no safetensors to read)."""

@@ -77,7 +77,8 @@ def memory(params: dict[str, int]) -> str:
     n = params["total"]
     return (f"weights {_mb(4 * n)} in fp32 ({_mb(2 * n)} in bf16/fp16); a CPU worker process: ~{WORKER_BASE_MB} MB "
             f"plus the weights it runs, up to ~{_mb(4 * n + WORKER_BASE_MB * 1e6)} once every tower has run (safetensors "
-            f"are memory-mapped: a search worker never reads the image towers); on a GPU in fp16: {_mb(2 * n)} of "
+            f"are memory-mapped: a search worker never reads the image towers); torch int8 adds an int8 copy of the "
+            f"text layers' linear weights (a quarter of their fp32 bytes); on a GPU in fp16: {_mb(2 * n)} of "
             "weights plus activations and the CUDA context")
 
 

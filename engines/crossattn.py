@@ -25,7 +25,8 @@ The forward uses the model's own modules (embeddings, ``nn.Linear`` layers, Laye
 loads nothing of its own, exports to ONNX as plain MatMul/Softmax graphs, and its weight matmuls quantize as
 the original's do.
 In bf16 on a CPU its linear products run on those weights packed once for oneDNN (``pack``,
-``engines/packed.py``), the same products up to rounding.
+``engines/packed.py``), the same products up to rounding; in torch int8 (``quantize``, ``engines/intmm.py``) they
+and the two products over the image tokens run in int8, each operand with a scale per row.
 
 An optional ``AttentionTap`` set on the module (``tap``) keeps, for one layer, the text [CLS] row's attention
 probabilities over the image tokens as the pass computes them (``engines/explain.py`` turns them into maps);

@@ -19,9 +19,14 @@ products; the weights are where the first ``_int_mm`` on this process's CPU (``f
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 TOKENS = 63  # the image tokens' range: the second operand of both attention products, right on every x86 kind
 ROWS = 127  # the first operand's range: query keys, text rows
@@ -41,13 +46,18 @@ def available() -> bool:
 @functools.cache
 def full_range() -> bool:
     """Whether ``_int_mm``'s sums are exact with a full-range second operand on this CPU (false on AVX2 without
-    VNNI, where they saturate: weights then keep 7 bits)."""
+    VNNI, where they saturate: weights then keep 7 bits), at the weight products' shapes (a text layer's 768 and
+    3,072 wide inputs, 256 rows) and with the operand laid out as ``Int8Linear`` keeps it."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=g)
-    b = torch.full((256, 16), 127, dtype=torch.int8)
-    b[:, 8:] = -127
-    a[:, :128] = 127  # pairs of 127 x 127 (plus the 128 oneDNN adds): past 16 bits where pairs are summed there
-    return bool(torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double()))
+    for k in (768, 3072):
+        a = torch.randint(-127, 128, (256, k), dtype=torch.int8, generator=g)
+        a[:, : k // 2] = 127  # pairs of 127 x 127 (plus the 128 oneDNN adds): past 16 bits where pairs are summed so
+        w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=g)
+        w[:32, : k // 2] = 127
+        b = w.t().contiguous()
+        if not torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double()):
+            return False
+    return True
 
 
 def rounded(t: torch.Tensor, top: int, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +127,8 @@ class Int8Linear(nn.Module):
         self.out_features = dense.out_features
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("int8 products have no gradient: run the float weights (ReassociatedItm does)")
         lead = x.shape[:-1]
         xq, xs = rounded(x.reshape(-1, x.shape[-1]).float(), ROWS)
         y = torch.mul(torch._int_mm(xq, self.wt), xs).mul_(self.scale)
@@ -137,3 +149,19 @@ def quantize_linears(module: nn.Module) -> int:
                 setattr(parent, name, swapped)
                 added += swapped.wt.numel()
     return added
+
+
+def check(name: str, run: Callable[[], dict[str, Any]], quantize: Callable[[], Any]) -> Any:
+    """Quantizes (``quantize``) between two runs of a probe (``run``: outputs by name, ITM among them where the
+    pass has it) and holds int8 to the ONNX Runtime int8 self-check's bounds against the float run
+    (``engines/selfcheck.py``): ``Int8Disagrees`` where this CPU's kernels are not right. Returns ``quantize``'s
+    result."""
+    from engines import selfcheck
+
+    with torch.inference_mode():
+        want = run()
+        out = quantize()
+        got = run()
+    agreement = selfcheck.refuse_unless_ok(selfcheck.compare(name, got, want))
+    log.info("%s", agreement.line())
+    return out

@@ -6,7 +6,8 @@ weights: the same graph that is right on a VNNI CPU bends the vectors there (cos
 the tiny text tower), and nothing fails. So every int8 graph carries a probe, written when it is built: fixed
 inputs (texts and pictures through the model's own preprocessing) and the fp32 graph's outputs on them. Before
 an int8 graph's first run, ``verify`` runs the probe through it and compares with those outputs; a graph that
-disagrees beyond the bounds below is refused with one line (``Int8Disagrees``).
+disagrees beyond the bounds below is refused with one line (``Int8Disagrees``). torch int8 (``engines/intmm.py``)
+is held to the same bounds at load, against the float pass on the same probe (``compare``, ``refuse_unless_ok``).
 
 The fp32 side is the fp32 graph's output, computed once at build time (fp32 kernels agree across CPUs to about
 1e-6), so the check costs one small int8 run per graph and no fp32 session at warm-up.
@@ -96,18 +97,28 @@ def measure(graph: Path, run: Run, output_names: list[str]) -> Agreement:
     t0 = time.perf_counter()
     got = dict(zip(output_names, run(**inputs), strict=True))
     ms = (time.perf_counter() - t0) * 1000
+    return compare(f"{graph.parent.name}/{graph.name}", got, expected, ms)
+
+
+def compare(graph: str, got: dict[str, Any], expected: dict[str, Any], ms: float = 0.0) -> Agreement:
+    """Each of ``expected``'s outputs (fp32) against ``got``'s (int8): ITM by its largest difference, every other
+    output by its rows' smallest cosine."""
     cosine, itm = 1.0, 0.0
     for name, want in expected.items():
         if name in SCORE_OUTPUTS:
-            itm = max(itm, float(np.abs(np.asarray(got[name], np.float64) - want).max()))
+            itm = max(itm, float(np.abs(np.asarray(got[name], np.float64) - np.asarray(want, np.float64)).max()))
         else:
             cosine = min(cosine, float(_cosines(got[name], want).min()))
-    return Agreement(f"{graph.parent.name}/{graph.name}", cosine, itm, ms)
+    return Agreement(graph, cosine, itm, ms)
 
 
 def verify(graph: Path, run: Run, output_names: list[str]) -> Agreement:
     """``measure``, refusing a graph outside the bounds with one line."""
-    agreement = measure(graph, run, output_names)
+    return refuse_unless_ok(measure(graph, run, output_names))
+
+
+def refuse_unless_ok(agreement: Agreement) -> Agreement:
+    """``agreement``, or ``Int8Disagrees`` with its line where it is outside the bounds."""
     if not agreement.ok:
         raise Int8Disagrees(f"{agreement.line()}: this CPU's int8 kernels do not compute what the graph was built "
                             "to; use fp32 (IMGSEARCH_ENGINE_PRECISION=fp32) here")

@@ -25,6 +25,7 @@ from pipeline.types import Vector
 
 SETTING = "IMGSEARCH_SIGLIP_MODEL"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROBE_TEXTS = ["a surprised cat face on a white background", "two red circles", "warm up"]  # torch int8's check
 
 
 def dtype_of(precision: str) -> torch.dtype:
@@ -121,10 +122,14 @@ class TorchSiglip(SiglipBase):
         self.model = SiglipModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         text = self.model.text_model
         self.packed_bytes = 0
-        if precision == "int8":  # the text tower's linear products in int8 (engines/intmm.py)
+        if precision == "int8":  # the text tower's linear products in int8 (engines/intmm.py), checked at load
             from engines import intmm
 
-            self.packed_bytes = intmm.quantize_linears(text)
+            probe = torch.from_numpy(self.text_inputs(PROBE_TEXTS)).to(self.device)
+            self.packed_bytes = intmm.check(
+                f"{self.version}/siglip_text (torch int8)",
+                lambda: {"text": features(self.model.get_text_features(input_ids=probe)).float().numpy()},
+                lambda: intmm.quantize_linears(text))
         elif packed and packing.available(self.dtype, self.device, int(text.config.hidden_size)):
             self.packed_bytes = packing.pack_linears(text)
         self._warm_up()

@@ -119,7 +119,7 @@ class Engines(_Group):
     # auto (default): chosen at worker start from this machine's CPU features or GPU, confirmed by a short timed
     # pass, cached per host and model version (engines/auto.py); else torch | onnxruntime | tensorrt
     backend: str = "auto"
-    precision: str = "auto"  # auto | torch: fp32 bf16 fp16; onnxruntime: fp32 int8; tensorrt: fp16 fp32
+    precision: str = "auto"  # auto | torch: fp32 bf16 fp16 int8 (CPU); onnxruntime: fp32 int8; tensorrt: fp16 fp32
     dir: Path | None = None  # built engines; default {data_dir}/engines
     device: str = "cpu"
     text_max_tokens: int = 64
