@@ -13,7 +13,10 @@ weight's output channel), so the sums are exact integers and the only error is t
 Why 7 bits for the tokens and (where needed) for the weights: on a CPU with AVX2 but no VNNI, oneDNN's s8 x s8
 adds 128 to the first operand and sums u8 x s8 pairs in 16 bits (``vpmaddubsw``), which saturate unless the second
 operand stays within 7 bits (2 x 255 x 63 < 32,767). The image tokens are the second operand of both attention
-products; the weights are where the first ``_int_mm`` on this process's CPU (``full_range``, a probe) is not exact.
+products; the weights keep 7 bits where a probe (``full_range``) finds full-range sums inexact on this CPU.
+
+Each int8 pass is checked at load against its float pass on a probe (``check``), within the ONNX Runtime int8
+self-check's bounds (``engines/selfcheck.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def full_range() -> bool:
     g = torch.Generator().manual_seed(0)
     for k in (768, 3072):
         a = torch.randint(-127, 128, (256, k), dtype=torch.int8, generator=g)
-        a[:, : k // 2] = 127  # pairs of 127 x 127 (plus the 128 oneDNN adds): past 16 bits where pairs are summed so
+        a[:, : k // 2] = 127  # pairs of 127 x 127 (plus oneDNN's 128): past 16 bits where a kernel sums pairs in 16
         w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=g)
         w[:32, : k // 2] = 127
         b = w.t().contiguous()
