@@ -34,18 +34,21 @@ from typing import Any
 
 import torch
 
+from engines import intmm
+
 LAYOUTS = [  # (image tokens, query keys, probabilities): the largest magnitude each is rounded to
     (127, 127, 255), (127, 63, 255), (127, 63, 63), (63, 127, 255)]
 CAPS = ("AVX512_CORE_VNNI", "AVX2")
 
 
-def _rounded(t: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` rounded to integers of magnitude at most ``top`` with a scale per row (its last axis), and the scales."""
-    scale = t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / top
-    return torch.round(t / scale), scale
+def _rounded(t: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` rounded to integers of magnitude at most ``top`` with a scale per row (its last axis), as float (the
+    sums then exact), and the scales: ``intmm.rounded``'s integers, unshifted."""
+    q, scale = intmm.rounded(t.float(), top)
+    return q.float() + (128 if top > 127 else 0), scale
 
 
-def _emulated(tokens: float, keys: float, probs: float) -> Any:
+def _emulated(tokens: int, keys: int, probs: int) -> Any:
     """A ``ReassociatedItm._cross_attention`` for one instance whose two products with the image tokens are
     emulated in int8 at these ranges; the rest of the layer is the pass's own (its value fold and output)."""
     def cross(rx: Any, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor, index: int = 0,

@@ -71,7 +71,6 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
         plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off", packed=False)
         runs["unpacked"] = (plain, kept)
     if engine_dir is not None and precision in compiled.PRECISIONS:  # torch int8 runs eager
-
         t0 = time.perf_counter()
         package = compiled.build(ours, engine_dir)
         built_s = time.perf_counter() - t0

@@ -28,9 +28,10 @@ from numpy.typing import NDArray
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
+from engines import intmm
 from engines.crossattn import ReassociatedItm, reassociation_pays
 from engines.loading import resolve, version_of
-from engines.siglip import check_int8, dtype_of, l2
+from engines.siglip import dtype_of, l2
 from engines.tokens import text_positions
 
 SETTING = "IMGSEARCH_BLIP_MODEL"
@@ -311,7 +312,8 @@ class TorchBlip(BlipBase):
         from engines import compiled as aot
 
         self.device = torch.device(device)
-        check_int8(precision, self.device)
+        if precision == "int8":
+            intmm.require(self.device)
         self.precision = precision
         self.dtype = dtype_of(precision)
         self.model = BlipForImageTextRetrieval.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
@@ -328,8 +330,6 @@ class TorchBlip(BlipBase):
     def _quantize_checked(self) -> int:
         """``ReassociatedItm.quantize``, held at load to the int8 self-check's bounds against the float pass on a
         probe (a query over 4 seeded random stored features; ``intmm.check``)."""
-        from engines import intmm
-
         rng = np.random.default_rng(0)
         feats = torch.from_numpy((rng.standard_normal((4, self.shape["patches"], self.shape["width"])) * 0.5)
                                  .astype(np.float16))

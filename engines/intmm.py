@@ -46,6 +46,12 @@ def available() -> bool:
         return False
 
 
+def require(device: torch.device) -> None:
+    """torch int8 runs on a CPU (oneDNN's s8 x s8 through ``torch._int_mm``); a GPU runs fp16."""
+    if device.type != "cpu" or not available():
+        raise ValueError(f"torch int8 runs on a CPU with oneDNN (here {device.type}); a GPU runs --precision fp16")
+
+
 @functools.cache
 def full_range() -> bool:
     """Whether ``_int_mm``'s sums are exact with a full-range second operand on this CPU (false on AVX2 without

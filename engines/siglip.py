@@ -34,16 +34,6 @@ def dtype_of(precision: str) -> torch.dtype:
     return torch.float32 if precision == "int8" else DTYPES[precision]
 
 
-def check_int8(precision: str, device: torch.device) -> None:
-    """torch int8 runs on a CPU (oneDNN's s8 x s8 through ``torch._int_mm``); a GPU runs fp16."""
-    if precision != "int8":
-        return
-    from engines import intmm
-
-    if device.type != "cpu" or not intmm.available():
-        raise ValueError(f"torch int8 runs on a CPU with oneDNN (here {device.type}); a GPU runs --precision fp16")
-
-
 def l2(x: NDArray[Any]) -> Vector:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -117,14 +107,15 @@ class TorchSiglip(SiglipBase):
         ``engines/packed.py``)."""
         super().__init__(source, max_tokens=max_tokens, setting=setting, lock=lock)
         self.device = torch.device(device)
-        check_int8(precision, self.device)
+        if precision == "int8":
+            from engines import intmm
+
+            intmm.require(self.device)
         self.dtype = dtype_of(precision)
         self.model = SiglipModel.from_pretrained(self.path, dtype=self.dtype).eval().to(self.device)
         text = self.model.text_model
         self.packed_bytes = 0
         if precision == "int8":  # the text tower's linear products in int8 (engines/intmm.py), checked at load
-            from engines import intmm
-
             probe = torch.from_numpy(self.text_inputs(PROBE_TEXTS)).to(self.device)
             self.packed_bytes = intmm.check(
                 f"{self.version}/siglip_text (torch int8)",

@@ -112,7 +112,6 @@ def evaluate_gallery(siglip: Any, blip: Reranker, gallery: Gallery, *, top: int 
             "recall": out}
 
 
-
 def agreement(ref: Reranker, other: Reranker, queries: Sequence[str], feats: Sequence[np.ndarray],
               top: int = 10) -> tuple[float, float]:
     """How closely ``other`` (another precision or backend) reranks as ``ref`` does: over each query's rerank of
@@ -124,6 +123,7 @@ def agreement(ref: Reranker, other: Reranker, queries: Sequence[str], feats: Seq
         kept = [set(rank(fuse(i, c))[:top].tolist()) for i, c in ((i_ref, c_ref), (i_other, c_other))]
         overlap.append(len(kept[0] & kept[1]) / top)
     return itm_diff, float(np.mean(overlap))
+
 
 def evaluate(siglip: Any, blip: Reranker, *, n: int = 500, seed: int = 1, top: int = 32, image_size: int = 64,
              phrasing: int | None = None, itm_weight: float = 0.7, cosine_weight: float = 0.3) -> dict[str, Any]:
