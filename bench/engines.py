@@ -13,7 +13,7 @@ Then the rerank table: full-size BLIP-base and BLIP-large, each backend with the
                                       # rewrite / best without it>
     python -m bench.engines --quick --rerank-only --models base   # BLIP-base's rerank, 8 tokens x 32 candidates
     python -m bench.engines           # the full tables on full-size random-weight models
-    python -m bench.engines --profile [--models base] [--precision bf16] [--profile-pass compiled|main]   # where
+    python -m bench.engines --profile [--models base] [--precision bf16|fp32|int8] [--profile-pass compiled|main]   # where
                                       # the reassociated rerank's time goes, per op, against this machine's
                                       # large-matmul rate (compiled: the pass as Inductor compiles it; main:
                                       # the pass before issue 26's cuts)
@@ -331,9 +331,9 @@ def main() -> None:
                          "BLIP-large, the default)")
     ap.add_argument("--profile", action="store_true",
                     help="only the per-op profile of the reassociated rerank (torch.profiler), with achieved FLOP/s")
-    ap.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                    help="--profile's torch precision, fp32 or bf16 (default: bf16 where this CPU has it natively; "
-                         "its FLOP/s groups are float products, so torch int8 is timed by bench.rerank instead)")
+    ap.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8"),
+                    help="--profile's torch precision, fp32, bf16 or int8 (default: bf16 where this CPU has it "
+                         "natively, else fp32; int8's integer products are rated against _int_mm's 2048^3 rate)")
     ap.add_argument("--profile-pass", choices=("ours", "compiled", "main"), default="ours",
                     help="--profile's pass: ours, ours as Inductor compiles it (the compiled rerank's lowering, "
                          "through torch.compile), or main (as it was before issue 26's cuts, bench/baseline.py)")

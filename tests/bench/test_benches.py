@@ -84,10 +84,13 @@ def test_quick_mode_runs_and_its_last_line_parses(name: str, tmp_path: Path) -> 
     assert took < LIMIT_S, f"bench.{name} --quick took {took:.0f} s"
 
 
-def test_the_rerank_profile_runs_quick_and_states_its_floors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_the_rerank_profile_runs_quick_and_states_its_floors(tmp_path: Path, precision: str | None) -> None:
     """``bench.engines --profile`` (a mode of bench.engines, so not in BENCHES): the tiny model's pass, its groups,
-    and the compute floor, which is the product groups' FLOPs at the large-matmul rate and so below the call."""
+    and the compute floor, which is the product groups' FLOPs at the large-matmul rate and so below the call; in
+    torch int8 the integer products in groups of their own, at ``_int_mm``'s rate."""
     argv = [sys.executable, "-m", "bench.engines", "--quick", "--profile", "--build", str(tmp_path / "build")]
+    argv += ["--precision", precision] if precision else []
     t0 = time.monotonic()
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S * 3,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -95,11 +98,20 @@ def test_the_rerank_profile_runs_quick_and_states_its_floors(tmp_path: Path) -> 
     assert time.monotonic() - t0 < LIMIT_S
     rep = json.loads(done.stdout.strip().splitlines()[-1])
     groups = {r["group"]: r for r in rep["rows"]}
-    assert {"image attention", "weight products"} <= set(groups), sorted(groups)
     products = sum(r.get("gflop", 0.0) for r in rep["rows"])
     assert rep["product_gflop"] == pytest.approx(products, abs=0.01)
     assert 0 < rep["compute_floor_ms"] < rep["wall_ms"], rep
-    assert rep["compute_floor_ms"] == pytest.approx(rep["product_gflop"] / rep["matmul_2048_gflops"] * 1000, rel=0.05, abs=0.01)
+    integer = 0.0
+    if precision == "int8":
+        assert {"image attention (int8)", "weight products (int8)"} <= set(groups), sorted(groups)
+        integer = sum(r.get("gflop", 0.0) for g, r in groups.items() if g.endswith("(int8)"))
+        assert rep["int8_product_gflop"] == pytest.approx(integer, abs=0.01) and integer > 0
+        floor = integer / rep["int8_matmul_2048_gops"] * 1000
+    else:
+        assert {"image attention", "weight products"} <= set(groups), sorted(groups)
+        floor = 0.0
+    floor += (rep["product_gflop"] - integer) / rep["matmul_2048_gflops"] * 1000
+    assert rep["compute_floor_ms"] == pytest.approx(floor, rel=0.05, abs=0.01)
 
 
 def test_the_int8_rerank_runs_quick(tmp_path: Path) -> None:
