@@ -53,6 +53,25 @@ def require(device: torch.device) -> None:
 
 
 @functools.cache
+def transposed() -> bool:
+    """Whether the products' second operands go in as the transpose of a row-major N x K block (a view of a weight
+    as ``nn.Linear`` keeps it, or of the image tokens laid out E x P) rather than as K x N: on x86 without VNNI,
+    where torch 2.13's oneDNN ran its s8 x s8 products 1.2 to 1.55x faster that way (held to AVX2 on a 2-core AMX
+    Xeon: 1.57 against 2.45 ms for 264 x 768 by 768 x 768, 6.8 against 8.6 ms by 3,072 x 768, 0.53 against 0.75
+    ms for a candidate's probabilities by its 577 x 768 tokens); with VNNI the two ran alike. By the CPU's flags as
+    oneDNN runs them (``engines.auto.cpu``: a cap in ``ONEDNN_MAX_CPU_ISA`` counts)."""
+    from engines.auto import VNNI_FLAGS, cpu
+
+    return not set(VNNI_FLAGS) & cpu()[1]
+
+
+def operand(q: torch.Tensor) -> torch.Tensor:
+    """The second operand of ``_int_mm`` for the rows of ``q`` (N x K, int8: a weight's output channels), laid out as
+    this CPU's products run fastest (``transposed``)."""
+    return q.t() if transposed() else q.t().contiguous()
+
+
+@functools.cache
 def full_range() -> bool:
     """Whether ``_int_mm``'s sums are exact with a full-range second operand on this CPU (false on AVX2 without
     VNNI, where they saturate: weights then keep 7 bits), at the weight products' shapes (a text layer's 768 and
@@ -63,7 +82,7 @@ def full_range() -> bool:
         a[:, : k // 2] = 127  # pairs of 127 x 127 (plus oneDNN's 128): past 16 bits where a kernel sums pairs in 16
         w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=g)
         w[:32, : k // 2] = 127
-        b = w.t().contiguous()
+        b = operand(w)
         if not torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double()):
             return False
     return True
@@ -82,47 +101,55 @@ def rounded(t: torch.Tensor, top: int, inplace: bool = False) -> tuple[torch.Ten
     return q.to(torch.int8), scale
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``a[i] @ b[i]`` (``b[i]^T`` with ``transpose``) for each candidate, int8 in, int32 out."""
-    out = torch.empty(a.shape[0], a.shape[1], b.shape[1] if transpose else b.shape[2], dtype=torch.int32)
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[i] @ b[i]`` for each candidate (``b[i]`` K x N, any strides), int8 in, int32 out."""
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32)
     for i in range(a.shape[0]):
-        torch._int_mm(a[i], b[i].t() if transpose else b[i], out=out[i])
+        torch._int_mm(a[i], b[i], out=out[i])
     return out
 
 
 class ImageTokens:
     """A call's image tokens (B x P x E, float) rounded once: ``q`` (int8, 7-bit), ``scale`` (B x 1 x P, laid out
-    for the scores) and, for the probabilities' shift, ``shift`` (B x 1 x E: 128 times the column sums of ``q``).
+    for the scores), for the probabilities' shift ``shift`` (B x 1 x E: 128 times the column sums of ``q``) and,
+    where this CPU's products want their second operand transposed (``transposed``), ``qt`` (B x E x P).
     One candidate at a time, so each pass over its tokens stays in cache (on 32 BLIP-base candidates, 2-core AMX
     Xeon: 8 against 33 ms at once), and the column sums as a product with a row of ones (1 against 14 ms for
     ``sum``)."""
 
     def __init__(self, x: torch.Tensor) -> None:
-        b, p, _ = x.shape
+        b, p, e = x.shape
         self.q = torch.empty(x.shape, dtype=torch.int8)
+        self.qt = torch.empty(b, e, p, dtype=torch.int8) if transposed() else None
         scale = torch.empty(b, p, 1)
         for i in range(b):
             self.q[i], scale[i] = rounded(x[i].float(), TOKENS)
+            if self.qt is not None:
+                self.qt[i].t().copy_(self.q[i])
         self.scale = scale.transpose(1, 2)
-        self.shift = _products(torch.ones(1, 1, p, dtype=torch.int8).expand(b, 1, p), self.q, False).float().mul_(128)
+        self.shift = _products(torch.ones(1, 1, p, dtype=torch.int8).expand(b, 1, p), self.q).float().mul_(128)
+
+    def values(self) -> torch.Tensor:
+        """The second operand of the weighted tokens' product (B x P x E, laid out as ``transposed`` says)."""
+        return self.q if self.qt is None else self.qt.transpose(1, 2)
 
     def scores(self, keys: torch.Tensor) -> torch.Tensor:
         """``keys X^T`` (B x HR x P, float) for the keys B x HR x E."""
         kq, ks = rounded(keys.float(), ROWS)
-        return torch.mul(_products(kq, self.q, True), ks).mul_(self.scale)
+        return torch.mul(_products(kq, self.q.transpose(1, 2)), ks).mul_(self.scale)
 
     def weighted(self, probs: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``probs X`` (B x HR x E, float) for the softmax B x HR x P (overwritten with ``inplace``)."""
         p = probs.mul_(self.scale) if inplace else probs * self.scale
         pq, ps = rounded(p, PROBS, inplace=True)
-        return torch.add(_products(pq, self.q, False), self.shift).mul_(ps)
+        return torch.add(_products(pq, self.values()), self.shift).mul_(ps)
 
 
 class Int8Linear(nn.Module):
     """``nn.Linear`` on int8: the weight rounded per output channel once (7 bits where ``full_range`` is false),
     each call's input rows per row; float32 out."""
 
-    wt: torch.Tensor  # in x out, int8: _int_mm's second operand
+    wt: torch.Tensor  # in x out, int8: _int_mm's second operand (a view of out x in where ``transposed``)
     scale: torch.Tensor  # per output channel
     bias: torch.Tensor | None
 
@@ -130,7 +157,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = dense.weight.detach().float()
         q, scale = rounded(w, 127 if full_range() else 63)
-        self.register_buffer("wt", q.t().contiguous())
+        self.register_buffer("wt", operand(q))
         self.register_buffer("scale", scale.view(-1))
         self.register_buffer("bias", None if dense.bias is None else dense.bias.detach().float())
         self.out_features = dense.out_features
