@@ -224,14 +224,17 @@ class ReassociatedItm(nn.Module):
 
     def _query_keys(self, layer: Any, a: torch.Tensor) -> torch.Tensor:
         """``Q_h W_k,h`` for every head, scaled by ``1/sqrt(d)`` (so the scores need no pass of their own), laid
-        out B x HR x E for the scores (the key bias dropped: softmax cancels it). The heads are the batch of the
+        out B x HR x E for the scores (the key bias dropped: softmax cancels it); in int8 H x B x R x E, as the
+        product makes them (``ImageTokens.scores`` rounds them into its order). The heads are the batch of the
         product, so no weight is copied per candidate."""
         c = layer.crossattention.self
         b, r, _ = a.shape
         q = (self._linear(c.query, a) * self.scale).view(b * r, self.heads, self.head_dim).transpose(0, 1)  # H x BR x d
         w_k = c.key.weight.view(self.heads, self.head_dim, -1)                         # H x d x E
-        qk = torch.bmm(q, w_k)                                                         # H x BR x E
-        return qk.view(self.heads, b, r, -1).transpose(0, 1).reshape(b, self.heads * r, -1)
+        qk = torch.bmm(q, w_k).view(self.heads, b, r, -1)                              # H x B x R x E
+        if self._int8_now():
+            return qk
+        return qk.transpose(0, 1).reshape(b, self.heads * r, -1)
 
     def _cross_attention(self, layer: Any, a: torch.Tensor, qk: torch.Tensor, x: torch.Tensor,
                          index: int = 0, tokens: intmm.ImageTokens | None = None) -> torch.Tensor:
@@ -245,11 +248,12 @@ class ReassociatedItm(nn.Module):
         # less time a rerank that way (BLIP-base, 32 candidates x 8 tokens, int8 and fp32, 2-core AMX Xeon).
         # In int8 (``tokens``, engines/intmm.py) the scores come as B x HR x P: the image tokens are the second
         # operand of both integer products.
-        if tokens is not None:
-            probs = torch.softmax(tokens.scores(qk), dim=-1)                           # B x HR x P
+        if tokens is not None:  # qk: H x B x R x E, the pass's own (rounded in place)
+            probs = torch.softmax(tokens.scores(qk, inplace=True), dim=-1)             # B x HR x P
             if self.tap is not None:
                 self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, self.heads)
-            return self._attend(layer, a, tokens.weighted(probs, inplace=self.tap is None), index)
+            px = tokens.weighted(probs, inplace=self.tap is None, heads=self.heads)    # H x BR x E
+            return self._attend(layer, a, px, index, heads_first=True)
         if self._tokens_as_rows(x):
             scores = torch.bmm(x, qk.transpose(1, 2))                                  # B x P x HR
             if torch.jit.is_tracing():
@@ -262,13 +266,15 @@ class ReassociatedItm(nn.Module):
             self.tap.capture(index, len(self.m.text_encoder.encoder.layer), probs, self.heads)
         return self._attend(layer, a, torch.bmm(probs, x), index)                     # B x HR x E
 
-    def _attend(self, layer: Any, a: torch.Tensor, px: torch.Tensor, index: int) -> torch.Tensor:
-        """The cross-attention's end from ``P_h X`` (B x HR x E): each head's value weights, the output dense (the
-        value bias in its bias) and the residual LayerNorm."""
+    def _attend(self, layer: Any, a: torch.Tensor, px: torch.Tensor, index: int,
+                heads_first: bool = False) -> torch.Tensor:
+        """The cross-attention's end from ``P_h X`` (B x HR x E, or H x BR x E with ``heads_first``): each head's
+        value weights, the output dense (the value bias in its bias) and the residual LayerNorm."""
         c = layer.crossattention.self
         b, r, _ = a.shape
         h, d = self.heads, self.head_dim
-        px = px.view(b, h, r, -1).transpose(0, 1).reshape(h, b * r, -1)                # H x BR x E
+        if not heads_first:
+            px = px.view(b, h, r, -1).transpose(0, 1).reshape(h, b * r, -1)            # H x BR x E
         w_v = c.value.weight.view(h, d, -1).transpose(1, 2)                            # H x E x d
         ctx = torch.bmm(px, w_v)                                                       # H x BR x d
         ctx = ctx.view(h, b, r, d).permute(1, 2, 0, 3).reshape(b, r, h * d)
@@ -306,7 +312,8 @@ class ReassociatedItm(nn.Module):
         a = self._self_attention(layers[0], h, neg, 1 if last == 0 else None)
         qk = self._query_keys(layers[0], a)
         ta = a if text else None  # the unimodal pass's layer 0 (it has no cross-attention): the same rows
-        a, qk, query_neg, neg = _gather(a, owner), _gather(qk, owner), neg, _gather(neg, owner)
+        a, query_neg, neg = _gather(a, owner), neg, _gather(neg, owner)
+        qk = _gather(qk, owner) if qk.dim() == 3 else _gather(qk.transpose(0, 1), owner).transpose(0, 1)  # int8: H first
         n, th = owner.shape[0], h  # the ITM rows come first wherever the unimodal rows ride along
         for i, layer in enumerate(layers):
             rows = 1 if i == last else None

@@ -59,6 +59,26 @@ def test_int8_products_are_within_a_percent_or_two_of_fp32() -> None:
     assert got["linear"] < (0.01 if got["full_range"] else 0.02) and got["scores"] < 0.02 and got["weighted"] < 0.02, got
 
 
+def test_the_heads_first_layouts_give_the_numbers_of_the_candidates_first_ones() -> None:
+    """The pass hands its keys over heads first (H x B x R x E, as their product makes them; after layer 0's gather
+    a strided view of B x H x R x E) and takes the weighted tokens back heads first (H x BR x E): the same numbers
+    as in the candidates-first layout, bit for bit, only laid out for the next product."""
+    g = torch.Generator().manual_seed(1)
+    h, b, r, p, e = 4, 3, 5, 40, 32
+    tokens = intmm.ImageTokens(torch.randn(b, p, e, generator=g))
+    keys = torch.randn(h, b, r, e, generator=g)
+    want = tokens.scores(keys.transpose(0, 1).reshape(b, h * r, e))
+    assert torch.equal(tokens.scores(keys.clone(), inplace=True), want)
+    strided = keys.transpose(0, 1).contiguous().transpose(0, 1)  # as layer 0's gathered keys come
+    assert not strided.is_contiguous() and torch.equal(tokens.scores(strided, inplace=True), want)
+    probs = torch.softmax(want, dim=-1)
+    heads_first = tokens.weighted(probs.clone(), heads=h)
+    assert heads_first.shape == (h, b * r, e)
+    flat = tokens.weighted(probs.clone())
+    assert torch.equal(heads_first, flat.view(b, h, r, e).transpose(0, 1).reshape(h, b * r, e))
+    assert not torch.equal(heads_first, flat.view(h, b * r, e))  # the two layouts do differ
+
+
 def test_int8_is_right_on_avx2_without_vnni() -> None:
     """With oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA``: the kernels an AVX2-only CPU runs), the probe finds the
     16-bit pair sums, weights keep 7 bits and every integer sum (the linear and both attention products) is exact;
