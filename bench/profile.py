@@ -58,8 +58,10 @@ TORCH_COMPILE_EVENTS = ("## Call CompiledFxGraph", "Torch-Compiled Region", "Tor
 def matmul_rate(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
     """FLOP/s of an ``n``-cube matmul in ``dtype`` on this process's threads (the best of ``runs``); int8: oneDNN's
     s8 x s8 to int32 (``torch._int_mm``, torch int8's product: engines/intmm.py), multiply-adds counted as two."""
-    if dtype == torch.int8:
-        a, b = (torch.randint(-63, 64, (n, n), dtype=torch.int8) for _ in range(2))
+    if dtype == torch.int8:  # the second operand laid out as the pass lays out its own (intmm.operand)
+        from engines import intmm
+
+        a, b = torch.randint(-63, 64, (n, n), dtype=torch.int8), intmm.operand(torch.randint(-63, 64, (n, n), dtype=torch.int8))
         mm = torch._int_mm
     else:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
