@@ -132,13 +132,12 @@ def _classify(name: str, shapes: list[Any], patches: int, blip: Any) -> str:
         return f"compiled: {fused.group(1).strip('_')}"
     if name.startswith(TORCH_COMPILE_EVENTS):
         return "torch.compile's Python wrapper (a package has none)"
+    dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and s]
     if name == "aten::_int_mm":  # torch int8 (engines/intmm.py): over the image tokens, or a text layer's weight
-        dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and s]
         return f"{'image attention' if any(patches in d for d in dims) else 'weight products'} (int8)"
     if name in ("aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "imgsearch::linear", "imgsearch_native::packed_linear"):
         return "weight products"  # imgsearch*: the calls on a packed weight around oneDNN's (engines/packed.py)
     if name == "aten::bmm":
-        dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and s]
         if any(patches in d for d in dims):
             return "image attention"
         heads = int(blip.model.text_encoder.config.num_attention_heads)
