@@ -4,8 +4,9 @@ At worker start the CPU's features (or the GPU) name the candidates:
 
 - CUDA: TensorRT fp16 where its plans are built, else torch fp16;
 - a CPU with native bf16 (``avx512_bf16`` or AMX's ``amx_bf16``): torch bf16, confirmed against torch fp32;
-- any other CPU (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 (where their engines are built) and torch int8
-  (``engines/intmm.py``, nothing to build) measured against torch fp32. int8 is right on every x86 kind (7-bit
+- any other CPU (VNNI, or AVX2 alone): ONNX Runtime int8 and fp32 (where their engines are built) and, with
+  ``avx512_vnni``, torch int8 (``engines/intmm.py``, nothing to build: without it torch runs its int8 products in a
+  reference loop, ``intmm.fast``) measured against torch fp32. int8 is right on every x86 kind (7-bit
   weights where a kernel adds pairs in 16 bits, and a self-check against fp32 at load, for both backends: README
   "int8 on every CPU" and "torch int8"), and where
   VNNI is missing it still pays: on a 2-core AVX2-only EPYC (Zen 3) ONNX Runtime's uint8 x int8 products ran at
@@ -45,6 +46,7 @@ CANDIDATES = 8
 BUDGET_S = 3.0  # the timed pass's rounds stop after this long per candidate (at least two rounds each)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+TORCH_INT8_FLAG = "avx512_vnni"  # torch 2.13 sends _int_mm to oneDNN only with it (engines/intmm.py ``fast``)
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) and the flags each leaves out of what oneDNN runs natively
 _CAPPED = {"SSE41": BF16_FLAGS + VNNI_FLAGS, "AVX": BF16_FLAGS + VNNI_FLAGS, "AVX2": BF16_FLAGS + VNNI_FLAGS,
            "AVX2_VNNI": BF16_FLAGS + ("avx512_vnni", "amx_int8"), "AVX2_VNNI_2": BF16_FLAGS + ("avx512_vnni", "amx_int8"),
@@ -128,6 +130,9 @@ def candidates(s: WorkerSettings, flags: set[str] | None = None) -> tuple[list[t
     why = f"VNNI without bf16 ({', '.join(vnni)})" if vnni else "no native bf16 or VNNI on this CPU"
     built = [p for p in onnx_precisions_needed(flags) if _onnx_built(s, p)]
     pairs = [("onnxruntime", p) for p in built] + [("torch", "int8"), ("torch", "fp32")]
+    if TORCH_INT8_FLAG not in flags:
+        pairs.remove(("torch", "int8"))
+        why += f"; no torch int8 (without {TORCH_INT8_FLAG} torch runs its int8 products in a reference loop)"
     if "int8" not in built:
         why += (f"; no ONNX Runtime {'int8 ' if built else ''}engines built to time against torch fp32 "
                 "(`imgsearch engines build --backend onnxruntime --precision int8`)")

@@ -46,20 +46,38 @@ def available() -> bool:
         return False
 
 
+@functools.cache
+def fast() -> bool:
+    """Whether torch sends ``_int_mm`` to oneDNN's s8 x s8 kernels on this CPU: torch 2.13 does only where cpuinfo
+    reports ``avx512_vnni`` (and oneDNN is enabled). Elsewhere (AVX2 alone, as on AMD EPYC before Zen 4; AVX-512
+    without VNNI; AVX-VNNI alone) it runs a reference loop, exact but far slower than fp32's products (a 2-core AMX
+    Xeon made an AVX2-only CPU with ``bench.cpumask avx2``, 264 x 768 by 768 x 768: 72 ms, 29 with the second
+    operand transposed, against 1.6 ms in fp32), so there torch int8 is never ``auto``'s choice. oneDNN's ISA cap
+    does not change this: it caps the kernels oneDNN runs, not whether torch calls them."""
+    caps = torch.cpu.get_capabilities()
+    return bool(available() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and caps.get("avx512_vnni"))
+
+
 def require(device: torch.device) -> None:
-    """torch int8 runs on a CPU (oneDNN's s8 x s8 through ``torch._int_mm``); a GPU runs fp16."""
+    """torch int8 runs on a CPU (oneDNN's s8 x s8 through ``torch._int_mm``); a GPU runs fp16. Where torch runs its
+    reference loop instead (``fast``), an explicit setting still runs, with a warning: it is right, but slow."""
     if device.type != "cpu" or not available():
         raise ValueError(f"torch int8 runs on a CPU with oneDNN (here {device.type}); a GPU runs --precision fp16")
+    if not fast():
+        log.warning("torch int8 on a CPU without avx512_vnni: torch runs its int8 products in a reference loop here, "
+                    "many times slower than fp32 (engines/intmm.py `fast`); the default (auto) never picks it")
 
 
 @functools.cache
 def transposed() -> bool:
     """Whether the products' second operands go in as the transpose of a row-major N x K block (a view of a weight
-    as ``nn.Linear`` keeps it, or of the image tokens laid out E x P) rather than as K x N: on x86 without VNNI,
-    where torch 2.13's oneDNN ran its s8 x s8 products 1.2 to 1.55x faster that way (held to AVX2 on a 2-core AMX
-    Xeon: 1.57 against 2.45 ms for 264 x 768 by 768 x 768, 6.8 against 8.6 ms by 3,072 x 768, 0.53 against 0.75
-    ms for a candidate's probabilities by its 577 x 768 tokens); with VNNI the two ran alike. By the CPU's flags as
-    oneDNN runs them (``engines.auto.cpu``: a cap in ``ONEDNN_MAX_CPU_ISA`` counts)."""
+    as ``nn.Linear`` keeps it, or of the image tokens laid out E x P) rather than as K x N: on x86 without VNNI.
+    There torch's reference loop (``fast``) ran 2.5x faster that way (29 against 72 ms for 264 x 768 by 768 x 768),
+    and so did oneDNN's AVX2 kernels where a cap sends torch to them on a CPU with VNNI (held to AVX2 on a 2-core
+    AMX Xeon: 1.57 against 2.45 ms for that product, 6.8 against 8.6 ms by 3,072 x 768, 0.53 against 0.75 ms for a
+    candidate's probabilities by its 577 x 768 tokens); with VNNI the two ran alike. By the CPU's flags as oneDNN
+    runs them (``engines.auto.cpu``: a cap in ``ONEDNN_MAX_CPU_ISA`` counts)."""
     from engines.auto import VNNI_FLAGS, cpu
 
     return not set(VNNI_FLAGS) & cpu()[1]

@@ -22,13 +22,16 @@ def _auto(tmp_path, tiny_models, **kw):  # type: ignore[no-untyped-def]
     ({"amx_bf16", "amx_int8", "avx512_vnni"}, [("torch", "bf16"), ("torch", "fp32")]),  # Sapphire Rapids
     # VNNI, but no ONNX Runtime int8 engines built (said so): torch's int8, which needs no build, against fp32
     ({"avx2", "avx512_vnni"}, [("torch", "int8"), ("torch", "fp32")]),
-    ({"avx2"}, [("torch", "int8"), ("torch", "fp32")]),
+    # without avx512_vnni torch's int8 products run a reference loop (intmm.fast): fp32 alone, untimed
+    ({"avx2"}, [("torch", "fp32")]),
+    ({"avx2", "avx_vnni"}, [("torch", "fp32")]),
 ])
 def test_the_cpu_features_name_the_candidates(flags, want, tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
     pairs, why = auto.candidates(_auto(tmp_path, tiny_models), flags)
     assert pairs == want
     if "avx2" in flags:  # no engines built: the reason says how to build them
         assert "imgsearch engines build --backend onnxruntime --precision int8" in why
+    assert ("no torch int8" in why) == (want == [("torch", "fp32")])
 
 
 def test_without_bf16_onnxruntime_is_timed_where_it_is_built(tmp_path, tiny_models) -> None:  # type: ignore[no-untyped-def]
@@ -39,14 +42,16 @@ def test_without_bf16_onnxruntime_is_timed_where_it_is_built(tmp_path, tiny_mode
     assert auto.onnx_precisions_needed({"avx512_vnni"}) == auto.onnx_precisions_needed({"avx2"}) == ("int8", "fp32")
     assert not auto.onnx_precisions_needed({"amx_bf16"})
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32",))
-    for flags in ({"avx2"}, {"avx2", "avx_vnni"}):
+    for flags in ({"avx2"}, {"avx2", "avx512_vnni"}):
         pairs, why = auto.candidates(s, flags)
-        assert pairs == [("onnxruntime", "fp32"), ("torch", "int8"), ("torch", "fp32")] and "--precision int8" in why
+        assert pairs == [("onnxruntime", "fp32")] + [("torch", "int8")] * ("avx512_vnni" in flags) + [("torch", "fp32")]
+        assert "--precision int8" in why
     assert auto.precision_for("onnxruntime", s, {"avx2"}) == "fp32"
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32", "int8"))
-    for flags in ({"avx2"}, {"avx2", "avx_vnni"}):
+    for flags in ({"avx2"}, {"avx2", "avx512_vnni"}):
         pairs, why = auto.candidates(s, flags)
-        assert pairs == [("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("torch", "int8"), ("torch", "fp32")]
+        assert pairs == [("onnxruntime", "int8"), ("onnxruntime", "fp32")] \
+            + [("torch", "int8")] * ("avx512_vnni" in flags) + [("torch", "fp32")]
         assert "build" not in why
     assert auto.precision_for("onnxruntime", s, {"avx2"}) == "int8"
     assert auto.candidates(s, {"avx512_bf16"})[0] == [("torch", "bf16"), ("torch", "fp32")]  # bf16: torch alone
@@ -82,16 +87,17 @@ def test_a_onednn_cap_takes_away_the_flags_it_forbids(cap, left, monkeypatch, tm
 
 
 def test_engines_built_after_a_choice_are_timed_at_the_next_start(tmp_path, tiny_models, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An AVX2-only CPU: torch int8 and fp32, cached; once ONNX Runtime fp32 is built the cached choice no longer
-    stands (its candidates differ), and the next start times all three."""
+    """An AVX2-only CPU: torch fp32 alone (no torch int8 there), untimed and cached; once ONNX Runtime fp32 is built
+    the cached choice no longer stands (its candidates differ), and the next start times both."""
     monkeypatch.setattr(auto, "cpu", lambda: ("an AVX2-only CPU", {"avx2", "fma"}))
     s = _auto(tmp_path, tiny_models)
     first = load_engines(s)
-    assert set(first.describe()["auto_measured_ms"]) == {"torch int8", "torch fp32"} and auto.cached(s) is not None
+    assert (first.backend, first.precision) == ("torch", "fp32") and not first.describe().get("auto_measured_ms")
+    assert auto.cached(s) is not None
     build_onnx(s.engines.siglip_model, s.engines.blip_model, s.engines_path, precisions=("fp32",))
     assert auto.cached(s) is None
     again = load_engines(s)
-    assert set(again.describe()["auto_measured_ms"]) == {"onnxruntime fp32", "torch int8", "torch fp32"}
+    assert set(again.describe()["auto_measured_ms"]) == {"onnxruntime fp32", "torch fp32"}
     assert auto.cached(s) is not None and not again.describe()["auto"].endswith("(cached)")
 
 

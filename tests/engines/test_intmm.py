@@ -1,5 +1,6 @@
-"""torch int8 (engines/intmm.py): its products against float ones, right on AVX2 without VNNI (where oneDNN's s8 x s8
-sums pairs in 16 bits), and the engines it makes (the explain path's Grad-CAM on the float weights)."""
+"""torch int8 (engines/intmm.py): its products against float ones, right on AVX2 without VNNI (in oneDNN's s8 x s8
+kernels there, which sum pairs in 16 bits, and in torch's reference loop, which an AVX2-only CPU runs), and the
+engines it makes (the explain path's Grad-CAM on the float weights)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def errors(top: int | None = None) -> dict[str, float]:
     with torch.inference_mode():
         return {"linear": _err(q(x), dense(x)), "scores": _err(rounded.scores(keys), keys @ tokens.transpose(1, 2)),
                 "weighted": _err(rounded.weighted(probs), probs @ tokens), "full_range": float(intmm.full_range()),
-                "exact": float(exact), "transposed": float(intmm.transposed())}
+                "exact": float(exact), "transposed": float(intmm.transposed()), "onednn": float(intmm.fast())}
 
 
 def test_int8_products_are_within_a_percent_or_two_of_fp32() -> None:
@@ -80,9 +81,11 @@ def test_the_heads_first_layouts_give_the_numbers_of_the_candidates_first_ones()
 
 
 def test_int8_is_right_on_avx2_without_vnni() -> None:
-    """With oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA``: the kernels an AVX2-only CPU runs), the probe finds the
-    16-bit pair sums, weights keep 7 bits and every integer sum (the linear and both attention products) is exact;
-    a weight rounded to the full 8 bits there gives wrong sums (in torch 2.13), as the probe says."""
+    """With oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA``) on a CPU with VNNI, torch still sends its int8 products to
+    oneDNN (``intmm.fast``), which runs its AVX2 kernels: no real CPU runs that way in torch 2.13 (an AVX2-only one
+    gets torch's reference loop: the next test, and tests/bench/test_cpumask.py), but a torch that sends them there
+    would. There the probe finds the 16-bit pair sums, weights keep 7 bits and every integer sum (the linear and both
+    attention products) is exact; a weight rounded to the full 8 bits gives wrong sums, as the probe says."""
     code = ("import json, tests.engines.test_intmm as t; "
             "print(json.dumps({'ours': t.errors(), 'full': t.errors(top=127)}))")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -91,20 +94,22 @@ def test_int8_is_right_on_avx2_without_vnni() -> None:
     assert got["ours"]["linear"] < 0.02 and got["ours"]["scores"] < 0.02 and got["ours"]["weighted"] < 0.02, got
     assert got["ours"]["exact"] == 1.0, got
     assert got["ours"]["transposed"] == 1.0, got  # without VNNI the second operands go in transposed: checked there
+    assert got["ours"]["onednn"] == float(intmm.fast()), got  # a cap does not change where torch sends them
     # the probe's answer is what full-range weights give there (in torch 2.13: saturated sums, so 7-bit weights)
     assert got["ours"]["full_range"] == got["full"]["exact"], got
 
 
 @pytest.mark.skipif(not shutil.which("qemu-x86_64"), reason="qemu-user is not installed (make test installs it)")
 def test_int8_is_right_on_an_emulated_haswell() -> None:
-    """Right on a CPU that is AVX2 without VNNI to oneDNN's own detection (qemu-user emulating a Haswell). There
-    oneDNN picks a kernel whose full-range sums are exact (the probe says so, and weights keep 8 bits); either way
-    every integer sum must be."""
+    """Right on a CPU that is AVX2 without VNNI to every library's detection (qemu-user emulating a Haswell). There
+    torch runs its int8 products in its reference loop, not oneDNN (``intmm.fast`` says so), whose full-range sums
+    are exact (the probe says so, and weights keep 8 bits); either way every integer sum must be."""
     code = "import json, tests.engines.test_intmm as t; print(json.dumps(t.errors()))"
     out = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code], capture_output=True,
                          text=True, timeout=600, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["exact"] == 1.0 and got["linear"] < 0.02 and got["scores"] < 0.02 and got["weighted"] < 0.02, got
+    assert got["onednn"] == 0.0, got
 
 
 def test_an_int8_engine_explains_on_its_float_weights(tiny_models) -> None:  # type: ignore[no-untyped-def]
