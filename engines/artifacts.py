@@ -23,7 +23,8 @@ from pipeline.errors import ModelLoadError
 GRAPHS: dict[str, dict[str, int]] = {
     "siglip": {"siglip_text": 1, "siglip_image": 1},
     "blip": {"blip_vision": 1, "blip_itc": 1, "blip_itm": 1,
-             "blip_itm_rx": 2},  # rx: the reassociated ITM pass (2: its softmax over the last axis)
+             "blip_itm_rx": 3},  # rx: the reassociated ITM pass (2: its softmax over the last axis; 3: in int8,
+    # its products with the image tokens in uint8 x int8 too)
 }
 SIGLIP_COMPONENTS = tuple(GRAPHS["siglip"])
 BLIP_COMPONENTS = tuple(GRAPHS["blip"])

