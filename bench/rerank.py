@@ -15,6 +15,8 @@ process, timed alternately (so both see the same machine, whatever else runs on 
     python -m bench.rerank --device cuda --precision fp16   # on a GPU
     python -m bench.rerank --compiled         # also ours compiled for this host (engines/compiled.py)
     python -m bench.rerank --precision int8   # ours in torch int8 (engines/intmm.py) against main's fp32 pass
+    python -m bench.rerank --backend onnxruntime   # ours on ONNX Runtime int8 (its graphs built first) against
+                                                   # main's torch pass in fp32
 
 Each pair's wall time and this process's CPU time (all threads) are recorded; the last line is
 ``rerank_speedup=<main's median wall time / ours>`` (ours compiled, with ``--compiled``).
@@ -50,15 +52,31 @@ def _models(build: Path, models: str) -> tuple[Path, str]:
     return make_fullsize_models(build / "fullsize", which=("blip-base",))["blip-base"], "BLIP-base (random full-size weights)"
 
 
-def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engine_dir: Path | None = None) -> dict[str, Any]:
-    """Ours (eager) and main's pass, alternating; where ours packs its weights (bf16 on a CPU, engines/packed.py),
-    also ours on its plain weights; with ``engine_dir``, also ours with the rerank compiled for this host
-    (engines/compiled.py; built there first where missing); all in a rotating order."""
+def _ours(folder: Path, precision: str, device: str, backend: str, build: Path) -> Any:
+    """The engine timed as ours: torch eager, or ONNX Runtime on graphs built under ``build/engines`` first."""
+    if backend == "torch":
+        return TorchBlip(str(folder), precision=precision, device=device, compiled="off")
+    from engines.artifacts import BLIP_COMPONENTS
+    from engines.export import build_onnx
+    from engines.ort import OrtBlip
+
+    engines = build / "engines"
+    build_onnx(str(folder), str(folder), engines, precisions=tuple(dict.fromkeys(("fp32", precision))),
+               components=BLIP_COMPONENTS)  # only what is missing
+    return OrtBlip(str(folder), engines, precision=precision, device=device)
+
+
+def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engine_dir: Path | None = None,
+            backend: str = "torch", build: Path = Path("build")) -> dict[str, Any]:
+    """Ours (eager, or ``backend`` onnxruntime) and main's pass, alternating; where ours packs its weights (bf16 on
+    a CPU, engines/packed.py), also ours on its plain weights; with ``engine_dir``, also ours with the rerank
+    compiled for this host (engines/compiled.py; built there first where missing); all in a rotating order."""
     from bench.baseline import main_rerank
     from bench.engines import exact_query
 
-    ours = TorchBlip(str(folder), precision=precision, device=device, compiled="off")
-    # main had no int8 torch pass: against int8, main's pass in fp32 (the precision it ran on such a CPU)
+    ours = _ours(folder, precision, device, backend, build)
+    # main had no int8 torch pass: against int8, main's pass in fp32 (the precision it ran on such a CPU); against
+    # ONNX Runtime, main's torch pass in its precision
     main = main_rerank(TorchBlip(str(folder), precision="fp32" if precision == "int8" else precision, device=device,
                                  compiled="off"))
     rng = np.random.default_rng(0)
@@ -67,10 +85,10 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     kept = [ours.stored_form(f) for f in stored]
     query = exact_query(ours, TOKENS)
     runs = {"ours": (ours, kept), "main": (main, stored)}
-    if ours.cores.rx.packed:  # ours again on its plain weights: what packing them for oneDNN gives (engines/packed.py)
+    if backend == "torch" and ours.cores.rx.packed:  # ours again on its plain weights: what packing them for oneDNN gives (engines/packed.py)
         plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off", packed=False)
         runs["unpacked"] = (plain, kept)
-    if engine_dir is not None and precision in compiled.PRECISIONS:  # torch int8 runs eager
+    if engine_dir is not None and backend == "torch" and precision in compiled.PRECISIONS:  # torch int8 runs eager
         t0 = time.perf_counter()
         package = compiled.build(ours, engine_dir)
         built_s = time.perf_counter() - t0
@@ -88,7 +106,7 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
             wall[k].append((time.perf_counter() - t0) * 1000)
             cpu[k].append((time.process_time() - c0) * 1000)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    rep = {"device": device, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
+    rep = {"device": device, "backend": backend, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
            "tokens": TOKENS,
            "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
            "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
@@ -122,6 +140,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs (default 15, 4 with --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (with --precision fp16 on a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                    help="ours on torch (eager) or on ONNX Runtime (its graphs built under BUILD/engines first); main's "
+                         "pass runs on torch either way")
     ap.add_argument("--compiled", action="store_true",
                     help="also time ours with the rerank compiled for this host (built under BUILD/engines first: "
                          "about a minute); the last line is then its speedup (fp32 and bf16: torch int8 runs eager)")
@@ -129,10 +150,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
-    precision = args.precision or ("fp16" if args.device.startswith("cuda") else torch_cpu_precision())
+    if args.backend == "onnxruntime":
+        precision = args.precision or "int8"
+    else:
+        precision = args.precision or ("fp16" if args.device.startswith("cuda") else torch_cpu_precision())
     rep = {"models": label, **compare(folder, precision, args.pairs or (4 if args.quick else 15), args.device,
-                                      args.build / "engines" if args.compiled else None)}
-    print(f"{label}, torch {rep['precision']} on {rep['device']}, {rep['threads']} threads, "
+                                      args.build / "engines" if args.compiled else None, args.backend, args.build)}
+    print(f"{label}, {rep['backend']} {rep['precision']} on {rep['device']}, {rep['threads']} threads, "
           f"{CANDIDATES} candidates x {TOKENS} tokens, "
           f"{rep['pairs']} alternating pairs: ours {rep['ours_ms']} ms (min {rep['ours_min_ms']}, CPU "
           f"{rep['ours_cpu_ms']}), main's {rep['main_ms']} ms (min {rep['main_min_ms']}, CPU {rep['main_cpu_ms']}); "

@@ -2,8 +2,9 @@
 figure (``name=<number>``) or its report as one line of JSON. Each runs as a user runs it, in its own process,
 with a build folder of its own (nothing prepared beforehand), and must end within a minute here.
 
-(``bench.int8 --quick`` has its own test, tests/bench/test_bench_int8.py; ``bench.baseline`` is the server
-``bench.load`` measures against, not a benchmark.)"""
+(``bench.int8 --quick`` has its own test, tests/bench/test_bench_int8.py, and ``bench.cpumask --quick`` its own,
+tests/bench/test_cpumask.py; ``bench.baseline`` is the server ``bench.load`` measures against, not a benchmark.
+A key ``name:variant`` runs ``bench.name`` with the variant's arguments.)"""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ BENCHES = {
     "query_decode": ([], _pairs),
     "slow_hosts": ([], _pairs),
     "rerank": (["--build", "{tmp}/build"], _figure("rerank_speedup")),
+    "rerank:onnxruntime": (["--build", "{tmp}/build", "--backend", "onnxruntime"], _figure("rerank_speedup")),
     "int8_attention": ([], _json),
 }
 
@@ -66,7 +68,7 @@ def test_quick_mode_runs_and_its_last_line_parses(name: str, tmp_path: Path) -> 
     if name == "admission" and shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
     extra, parse = BENCHES[name]
-    argv = [sys.executable, "-m", f"bench.{name}", "--quick", *(a.format(tmp=tmp_path) for a in extra)]
+    argv = [sys.executable, "-m", f"bench.{name.split(':')[0]}", "--quick", *(a.format(tmp=tmp_path) for a in extra)]
     t0 = time.monotonic()
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S * 3,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
