@@ -85,7 +85,7 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     kept = [ours.stored_form(f) for f in stored]
     query = exact_query(ours, TOKENS)
     runs = {"ours": (ours, kept), "main": (main, stored)}
-    if backend == "torch" and ours.cores.rx.packed:  # ours again on its plain weights: what packing them for oneDNN gives (engines/packed.py)
+    if backend == "torch" and ours.cores.rx.packed:  # ours on its plain weights: what packing them gives (engines/packed.py)
         plain = TorchBlip(str(folder), precision=precision, device=device, compiled="off", packed=False)
         runs["unpacked"] = (plain, kept)
     if engine_dir is not None and backend == "torch" and precision in compiled.PRECISIONS:  # torch int8 runs eager
@@ -106,8 +106,8 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
             wall[k].append((time.perf_counter() - t0) * 1000)
             cpu[k].append((time.process_time() - c0) * 1000)
     med = {k: statistics.median(v) for k, v in wall.items()}
-    rep = {"device": device, "backend": backend, "precision": precision, "threads": torch.get_num_threads(), "candidates": CANDIDATES,
-           "tokens": TOKENS,
+    rep = {"device": device, "backend": backend, "precision": precision, "threads": torch.get_num_threads(),
+           "candidates": CANDIDATES, "tokens": TOKENS,
            "pairs": pairs, "ours_ms": round(med["ours"], 1), "main_ms": round(med["main"], 1),
            "ours_min_ms": round(min(wall["ours"]), 1), "main_min_ms": round(min(wall["main"]), 1),
            "ours_cpu_ms": round(statistics.median(cpu["ours"]), 1),

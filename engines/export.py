@@ -104,8 +104,23 @@ def _quantize_reassociated(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(tmp), **RX_RECIPE.options(), nodes_to_exclude=floats)
     model = onnx.load(str(tmp))
     _int8_image_attention(model.graph)
+    _float16_input(model.graph, "image_embeds")
     onnx.save(model, str(tmp))
     os.replace(tmp, dst)
+
+
+def _float16_input(graph: Any, name: str) -> None:
+    """The graph input ``name`` taken as float16 (the stored features' type) and cast to float32 inside the graph:
+    ONNX Runtime's Cast ran 3.3 ms for 32 BLIP-base candidates' features where NumPy's ``astype`` before the call
+    took 26 (2-core AMX Xeon under ``bench.cpumask avx2``; scratch, not kept)."""
+    from onnx import TensorProto, helper
+
+    (inp,) = [i for i in graph.input if i.name == name]
+    inp.type.tensor_type.elem_type = TensorProto.FLOAT16
+    inside = f"{name}_f32"
+    for n in graph.node:
+        n.input[:] = [inside if i == name else i for i in n.input]
+    graph.node.insert(0, helper.make_node("Cast", [name], [inside], name=inside, to=TensorProto.FLOAT))
 
 
 def _int8_image_attention(graph: Any) -> int:

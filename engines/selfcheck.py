@@ -90,9 +90,8 @@ def measure(graph: Path, run: Run, output_names: list[str]) -> Agreement:
     if not path.is_file():
         raise Int8Disagrees(f"the int8 graph {graph.name} has no probe ({path.name}) to check it with; rebuild it with "
                             f"`imgsearch engines build --backend onnxruntime --precision int8 --force`")
-    with np.load(path) as z:
-        inputs = {k[3:]: z[k].astype(np.float32) if z[k].dtype == np.float16 else z[k] for k in z.files
-                  if k.startswith("in.")}
+    with np.load(path) as z:  # as stored (float16 features): ``run`` converts them to what the graph declares
+        inputs = {k[3:]: z[k] for k in z.files if k.startswith("in.")}
         expected = {k[4:]: z[k] for k in z.files if k.startswith("out.")}
     t0 = time.perf_counter()
     got = dict(zip(output_names, run(**inputs), strict=True))
@@ -125,6 +124,20 @@ def refuse_unless_ok(agreement: Agreement) -> Agreement:
     return agreement
 
 
+_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def runner(sess: Any) -> Run:
+    """``sess.run`` taking the inputs by name, each float array converted to the type the graph declares for it
+    where it differs (stored features come as float16; the int8 rerank graph takes them so, the others as float32)."""
+    declared = {i.name: _FLOATS.get(i.type) for i in sess.get_inputs()}
+
+    def run(**inputs: Any) -> Any:
+        return sess.run(None, {k: v.astype(declared[k], copy=False) if declared.get(k) and v.dtype.kind == "f" else v
+                               for k, v in inputs.items()})
+    return run
+
+
 def _plain(graph: Path) -> tuple[Run, list[str]]:
     """A plain one-thread ONNX Runtime session (in a process that made no global thread pool)."""
     import onnxruntime as ort
@@ -132,7 +145,7 @@ def _plain(graph: Path) -> tuple[Run, list[str]]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(graph), sess_options=opts, providers=["CPUExecutionProvider"])
-    return (lambda **kw: sess.run(None, kw)), [o.name for o in sess.get_outputs()]
+    return runner(sess), [o.name for o in sess.get_outputs()]
 
 
 def check_folder(folder: Path, recipe: str = "*",
