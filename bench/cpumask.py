@@ -9,7 +9,7 @@ agrees with the libraries'.
 
 A cap alone is not enough: with ``ONEDNN_MAX_CPU_ISA=AVX2`` on a CPU with VNNI, torch still sends ``_int_mm`` to
 oneDNN (which then runs its AVX2 kernels), but on a real AVX2-only CPU torch 2.13 never does, and runs a reference
-loop instead (held to AVX2 here, 264 x 768 by 768 x 768: 72 ms against fp32's 1.6).
+loop instead (on a 2-core AMX Xeon under ``avx2``, 264 x 768 by 768 x 768: 72 ms against fp32's 1.6).
 
     python -m bench.cpumask avx2 -- python -m bench.rerank --precision fp32   # an AVX2-only CPU (EPYC Zen 2/3)
     python -m bench.cpumask vnni -- python -m bench.load ...                  # VNNI without bf16 (Cascade Lake)

@@ -150,7 +150,7 @@ def torch_cpu_precision(flags: set[str] | None = None) -> str:
     """torch's precision on this CPU without a timed pass (the benchmarks' default, and an explicit torch backend's
     with precision auto): bf16 where it is native, else fp32 (without native bf16 torch's bf16 products crawl: a
     2048-cube matmul at 0.28 GFLOP/s on an AVX2-only EPYC, against 175 in fp32). int8 is timed by ``auto``, or set:
-    its gain over fp32 depends on the kernels (1.7x held to VNNI, 1.1x held to AVX2: README "torch int8")."""
+    its gain over fp32 depends on the kernels (with avx512_vnni only: README "torch int8")."""
     flags = cpu()[1] if flags is None else flags
     return "bf16" if flags & set(BF16_FLAGS) else "fp32"
 
