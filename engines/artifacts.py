@@ -72,8 +72,9 @@ RECIPES = {r.name: r for r in (Recipe("s8"), Recipe("s8-rr", reduce_range=True),
 # but take the slower U8U8 kernels (1.8x on VNNI); per-channel scales buy a little agreement for 5% of the text
 # tower's time. 7-bit weights keep the VNNI speed and hold the parity bounds, so: s8-rr.
 INT8_RECIPE = RECIPES["s8-rr"]
-# The rerank's reassociated graph quantizes only the few query rows' weight products (its products with the image
-# tokens stay float), so it takes uint8 weights per tensor whatever the recipe: right on every x86 kind, and the
+# The rerank's reassociated graph's weight products are the few query rows' (its products with the image tokens
+# round the tokens per token, engines/export.py ``_int8_image_attention``), so it takes uint8 weights per tensor
+# whatever the recipe: right on every x86 kind, and the
 # closest to fp32 of the recipes measured there (engines/export.py has the figures); the slower U8U8 kernels cost
 # little on products of a few rows: 32 candidates, BLIP-base widths with 2 text layers, 1 thread, 8/16/24-token
 # queries, 187/304/329 ms against 204/211/327 ms with int8 7-bit weights (the plain int8 pass: 436/560/940 ms);
