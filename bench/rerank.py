@@ -17,6 +17,7 @@ process, timed alternately (so both see the same machine, whatever else runs on 
     python -m bench.rerank --precision int8   # ours in torch int8 (engines/intmm.py) against main's fp32 pass
     python -m bench.rerank --backend onnxruntime   # ours on ONNX Runtime int8 (its graphs built first) against
                                                    # main's torch pass in fp32
+    python -m bench.rerank --backend onnxruntime --profile   # and ONNX Runtime's per-operator profile of ours
 
 Each pair's wall time and this process's CPU time (all threads) are recorded; the last line is
 ``rerank_speedup=<main's median wall time / ours>`` (ours compiled, with ``--compiled``).
@@ -66,8 +67,39 @@ def _ours(folder: Path, precision: str, device: str, backend: str, build: Path) 
     return OrtBlip(str(folder), engines, precision=precision, device=device)
 
 
+def ort_profile(ours: Any, query: str, stored: list[Any], runs: int) -> dict[str, float]:
+    """ONNX Runtime's own per-operator profile of ours's reassociated graph (``--profile`` with ``--backend
+    onnxruntime``): ms a call by operator type, over ``runs`` calls after a warm-up, on a session of its own opened
+    as ours's are, fed as ours feeds it."""
+    import collections
+    import tempfile
+
+    from engines.ort import Session
+
+    graph = ours.s["blip_itm_rx"]
+    prefix = str(Path(tempfile.gettempdir()) / "imgsearch-rx-profile")
+    run = Session(graph.path, graph.device, graph.threads, graph.shared, check=False, profile=prefix)
+    ids, mask = ours.query_inputs(query)
+    feeds = {"input_ids": ids, "attention_mask": mask, "owner": np.zeros(len(stored), np.int64),
+             "image_embeds": np.stack(stored)}
+    run(**feeds)  # warm-up (profiled too: dropped below)
+    for _ in range(runs):
+        run(**feeds)
+    trace = run.end_profiling()
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_call = len(kernels) // (runs + 1)
+    by_op: collections.Counter[str] = collections.Counter()
+    for e in kernels[per_call:]:  # the warm-up's kernels are the first call's
+        by_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return {op: round(ms, 1) for op, ms in by_op.most_common()}
+
+
 def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engine_dir: Path | None = None,
-            backend: str = "torch", build: Path = Path("build")) -> dict[str, Any]:
+            backend: str = "torch", build: Path = Path("build"), profile: bool = False) -> dict[str, Any]:
     """Ours (eager, or ``backend`` onnxruntime) and main's pass, alternating; where ours packs its weights (bf16 on
     a CPU, engines/packed.py), also ours on its plain weights; with ``engine_dir``, also ours with the rerank
     compiled for this host (engines/compiled.py; built there first where missing); all in a rotating order."""
@@ -119,6 +151,8 @@ def compare(folder: Path, precision: str, pairs: int, device: str = "cpu", engin
     if "unpacked" in runs:
         rep.update({"unpacked_ms": round(med["unpacked"], 1), "packed_pair_ratio_median": round(statistics.median(
             [u / o for u, o in zip(wall["unpacked"], wall["ours"], strict=True)]), 3)})
+    if profile:
+        rep["ort_profile_ms"] = ort_profile(ours, query, kept, max(2, pairs // 2))
     if "compiled" in runs:
         rep.update({"compiled_ms": round(med["compiled"], 1), "compiled_min_ms": round(min(wall["compiled"]), 1),
                     "compiled_cpu_ms": round(statistics.median(cpu["compiled"]), 1),
@@ -143,10 +177,14 @@ def main() -> None:
     ap.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                     help="ours on torch (eager) or on ONNX Runtime (its graphs built under BUILD/engines first); main's "
                          "pass runs on torch either way")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --backend onnxruntime: also ONNX Runtime's per-operator profile of ours's rerank graph")
     ap.add_argument("--compiled", action="store_true",
                     help="also time ours with the rerank compiled for this host (built under BUILD/engines first: "
                          "about a minute); the last line is then its speedup (fp32 and bf16: torch int8 runs eager)")
     args = ap.parse_args()
+    if args.profile and args.backend != "onnxruntime":
+        ap.error("--profile here is ONNX Runtime's (with --backend onnxruntime); torch's: python -m bench.engines --profile")
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, label = _models(args.build, args.models or ("tiny" if args.quick else "base"))
@@ -155,7 +193,8 @@ def main() -> None:
     else:
         precision = args.precision or ("fp16" if args.device.startswith("cuda") else torch_cpu_precision())
     rep = {"models": label, **compare(folder, precision, args.pairs or (4 if args.quick else 15), args.device,
-                                      args.build / "engines" if args.compiled else None, args.backend, args.build)}
+                                      args.build / "engines" if args.compiled else None, args.backend, args.build,
+                                      args.profile)}
     print(f"{label}, {rep['backend']} {rep['precision']} on {rep['device']}, {rep['threads']} threads, "
           f"{CANDIDATES} candidates x {TOKENS} tokens, "
           f"{rep['pairs']} alternating pairs: ours {rep['ours_ms']} ms (min {rep['ours_min_ms']}, CPU "
@@ -170,6 +209,11 @@ def main() -> None:
               f"{rep['compiled_ms']} ms (min {rep['compiled_min_ms']}, CPU {rep['compiled_cpu_ms']}); median of pair "
               f"ratios against main's {rep['compiled_pair_ratio_median']}x; largest ITM difference from ours eager "
               f"{rep['compiled_itm_max_diff']:.2e}")
+    if "ort_profile_ms" in rep:
+        prof = rep["ort_profile_ms"]
+        total = sum(prof.values()) or 1.0
+        print(f"ONNX Runtime's profile of ours ({total:.1f} ms of kernels a call): " + ", ".join(
+            f"{op} {ms} ms ({100 * ms / total:.0f}%)" for op, ms in list(prof.items())[:10]))
     print(json.dumps(rep))
     print(f"rerank_speedup={rep.get('compiled_speedup', rep['speedup']):.2f}")
 

@@ -75,8 +75,10 @@ class Session:
     graph runs its probe before anything else runs on it (engines/selfcheck.py): a graph this CPU computes
     wrongly is refused with ``Int8Disagrees``, whoever opened it (a worker, the CLI, a benchmark)."""
 
-    def __init__(self, path: Path, device: str, threads: int, shared: bool = True, check: bool = True) -> None:
+    def __init__(self, path: Path, device: str, threads: int, shared: bool = True, check: bool = True,
+                 profile: str | None = None) -> None:
         self.path, self.device, self.threads, self.shared, self.check = path, device, threads, shared, check
+        self.profile = profile  # a file prefix: ONNX Runtime's own per-operator trace of every run (bench.rerank)
         self._sess: Any = None
         self._run: Any = None  # the session's run, its float inputs converted to the types the graph declares
         self.runs = 0  # how often it ran (tests check which graph a call took)
@@ -86,6 +88,10 @@ class Session:
         self.open()
         self.runs += 1
         return self._run(**inputs)  # type: ignore[no-any-return]
+
+    def end_profiling(self) -> Path:
+        """The trace of the runs so far (a session opened with ``profile``); profiling stops."""
+        return Path(self._sess.end_profiling())
 
     def outputs(self) -> list[Any]:
         self.open()
@@ -104,6 +110,8 @@ class Session:
                     opts.intra_op_num_threads = self.threads
                 # per-session pools that spin after their run would steal the cores the next session needs
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if self.profile:
+                opts.enable_profiling, opts.profile_file_prefix = True, self.profile
             sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers(self.device))
             run = selfcheck.runner(sess)
             if self.check and ".int8-" in self.path.name:

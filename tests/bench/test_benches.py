@@ -58,7 +58,8 @@ BENCHES = {
     "query_decode": ([], _pairs),
     "slow_hosts": ([], _pairs),
     "rerank": (["--build", "{tmp}/build"], _figure("rerank_speedup")),
-    "rerank:onnxruntime": (["--build", "{tmp}/build", "--backend", "onnxruntime"], _figure("rerank_speedup")),
+    "rerank:onnxruntime": (["--build", "{tmp}/build", "--backend", "onnxruntime", "--profile"],
+                           _figure("rerank_speedup")),
     "int8_attention": ([], _json),
 }
 
@@ -81,6 +82,10 @@ def test_quick_mode_runs_and_its_last_line_parses(name: str, tmp_path: Path) -> 
         report = json.loads(done.stdout[done.stdout.index("\n{\n") + 1:done.stdout.rindex("\n}\n") + 2])
         assert {"c1", "c4"} <= set(report["against_old_default"]), report
         assert all(v["qps_ratio"] > 0 and v["p50_share"] > 0 for v in report["against_old_default"].values())
+    if name == "rerank:onnxruntime":  # ONNX Runtime's profile of the int8 graph: its image products' own roundings
+        report = json.loads(lines[-2])
+        assert report["backend"] == "onnxruntime" and report["itm_max_diff"] < 0.05, report
+        assert sum(report["ort_profile_ms"].values()) > 0 and "QuantizeLinear" in report["ort_profile_ms"], report
     if isinstance(value, float):
         assert value > 0 or math.isnan(value), lines[-1]
     assert took < LIMIT_S, f"bench.{name} --quick took {took:.0f} s"
