@@ -103,7 +103,7 @@ def _quantize_reassociated(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
     quantize_dynamic(str(src), str(tmp), **RX_RECIPE.options(), nodes_to_exclude=floats)
     model = onnx.load(str(tmp))
-    _int8_image_attention(model.graph)
+    _int8_image_attention(model.graph, "image_embeds")
     _float16_input(model.graph, "image_embeds")
     onnx.save(model, str(tmp))
     os.replace(tmp, dst)
@@ -123,13 +123,13 @@ def _float16_input(graph: Any, name: str) -> None:
     graph.node.insert(0, helper.make_node("Cast", [name], [inside], name=inside, to=TensorProto.FLOAT))
 
 
-def _int8_image_attention(graph: Any) -> int:
+def _int8_image_attention(graph: Any, x: str) -> int:
     """The reassociated pass's two products with the image tokens, in ONNX Runtime's uint8 x int8
     (``MatMulInteger``), laid out as torch int8's are (``engines/intmm.py``): the tokens rounded once a call to 7
     bits with a scale per token (the second operand of both products, so right where a kernel adds pairs of
-    products in 16 bits: AVX2 without VNNI), the query keys per row to 8 bits (uint8 around 128), and the
-    probabilities, the tokens' scales folded in, per row to 8 bits unsigned. The scores come out B x HR x P, so the
-    transpose that fed the softmax goes. Returns how many products it rewrote (2 a layer).
+    products in 16 bits: AVX2 without VNNI; ``x`` is their graph input), the query keys per row to 8 bits (uint8
+    around 128), and the probabilities, the tokens' scales folded in, per row to 8 bits unsigned. The scores come
+    out B x HR x P, so the transpose that fed the softmax goes. Returns how many products it rewrote (2 a layer).
 
     Each rounding is one per-axis ``QuantizeLinear`` over the rows laid out 2-D, and each row's range comes from
     ``ReduceMax`` and ``ReduceMin`` (no |x| written out): against ``Div``, ``Round`` and ``Cast`` and an ``Abs``
@@ -143,15 +143,13 @@ def _int8_image_attention(graph: Any) -> int:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    x = "image_embeds"
-    made = {o for n in graph.node for o in n.output}
     producer = {o: n for n in graph.node for o in n.output}
     users: dict[str, list[Any]] = {}
     for n in graph.node:
         for i in n.input:
             users.setdefault(i, []).append(n)
-    scores = [n for n in graph.node if n.op_type == "MatMul" and n.input[0] == x and n.input[1] in made]
-    weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] == x and n.input[0] in made]
+    scores = [n for n in graph.node if n.op_type == "MatMul" and n.input[0] == x and n.input[1] in producer]
+    weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] == x and n.input[0] in producer]
     if not scores or len(scores) != len(weighted):
         raise RuntimeError(f"blip_itm_rx: expected the image tokens' two products a layer, found {len(scores)} "
                            f"and {len(weighted)}")
@@ -190,7 +188,7 @@ def _int8_image_attention(graph: Any) -> int:
     xqt = node("Transpose", [xq], "rx8_x_qt", perm=[0, 2, 1])                              # B x E x P
     xst = node("Transpose", [xs], "rx8_x_scale_t", perm=[0, 2, 1])                         # B x 1 x P
     head = list(nodes)
-    per_layer: dict[str, list[Any]] = {}
+    per_layer: dict[int, list[Any]] = {}  # a product's node (by id) -> the nodes in its place
     for i, mm in enumerate(scores):  # x @ K^T (B x P x HR) -> Transpose -> softmax; here K x^T (B x HR x P)
         nodes.clear()
         keys_t = producer[mm.input[1]]
@@ -203,7 +201,7 @@ def _int8_image_attention(graph: Any) -> int:
         sums = node("MatMulInteger", [kq, xqt, "rx8_zero_u8", "rx8_zero_s8"], f"rx8_k{i}_sums")
         f = node("Cast", [sums], f"rx8_k{i}_sumsf", to=TensorProto.FLOAT)
         node("Mul", [node("Mul", [f, ks], f"rx8_k{i}_rows"), xst], after[0].output[0])      # the softmax's input
-        per_layer[mm.name] = list(nodes)
+        per_layer[id(mm)] = list(nodes)
     for i, mm in enumerate(weighted):  # P x (B x HR x P by B x P x E)
         nodes.clear()
         p = node("Mul", [mm.input[0], xst], f"rx8_p{i}_scaled")
@@ -212,14 +210,14 @@ def _int8_image_attention(graph: Any) -> int:
         sums = node("MatMulInteger", [pq, xq, "", "rx8_zero_s8"], f"rx8_p{i}_sums")
         f = node("Cast", [sums], f"rx8_p{i}_sumsf", to=TensorProto.FLOAT)
         node("Mul", [f, ps], mm.output[0])
-        per_layer[mm.name] = list(nodes)
+        per_layer[id(mm)] = list(nodes)
     gone = {id(users[mm.output[0]][0]) for mm in scores}  # the transposes to the softmax's layout
     gone |= {id(producer[mm.input[1]]) for mm in scores if len(users[mm.input[1]]) == 1}  # and of the keys
     order: list[Any] = list(head)
     for n in graph.node:
         if id(n) in gone:
             continue
-        order.extend(per_layer.get(n.name, [n]))
+        order.extend(per_layer.get(id(n), [n]))
     del graph.node[:]
     graph.node.extend(order)
     return len(scores) + len(weighted)

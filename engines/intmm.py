@@ -54,9 +54,11 @@ def fast() -> bool:
     Xeon made an AVX2-only CPU with ``bench.cpumask avx2``, 264 x 768 by 768 x 768: 72 ms, 29 with the second
     operand transposed, against 1.6 ms in fp32), so there torch int8 is never ``auto``'s choice. oneDNN's ISA cap
     does not change this: it caps the kernels oneDNN runs, not whether torch calls them."""
-    caps = torch.cpu.get_capabilities()
+    from engines.auto import TORCH_INT8_FLAG
+
+    caps = torch.cpu.get_capabilities()  # cpuinfo's own names, as torch asks it
     return bool(available() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and caps.get("avx512_vnni"))
+                and caps.get(TORCH_INT8_FLAG))
 
 
 def require(device: torch.device) -> None:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,12 +26,21 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
                           timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_a_masked_process_sees_the_lesser_cpu() -> None:
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    """``--quick``'s report, once for the module."""
     done = _run(["--quick"])
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _skip_unless_supported(report: dict[str, Any]) -> None:
     if not report["avx2"]["supported"]:
         pytest.skip("no CPUID faulting on this host (bench/cpumask.c needs arch_prctl ARCH_SET_CPUID)")
+
+
+def test_a_masked_process_sees_the_lesser_cpu(report: dict[str, Any]) -> None:
+    _skip_unless_supported(report)
     avx2, vnni, host = report["avx2"], report["vnni"], report["host"]
     assert avx2["aten"] == "AVX2" and avx2["cpuinfo"] == []
     assert not avx2["int8_on_onednn"] and avx2["int_mm_exact"]
@@ -40,9 +50,9 @@ def test_a_masked_process_sees_the_lesser_cpu() -> None:
         assert not {"avx512_bf16", "amx_bf16", "amx_int8"} & set(vnni["product_flags"])
 
 
-def test_a_command_runs_under_the_mask_and_auto_leaves_torch_int8_out(tmp_path: Path, tiny_models: Models) -> None:
-    if _run(["--quick"]).stdout.count('"supported": false'):
-        pytest.skip("no CPUID faulting on this host")
+def test_a_command_runs_under_the_mask_and_auto_leaves_torch_int8_out(report: dict[str, Any], tmp_path: Path,
+                                                                       tiny_models: Models) -> None:
+    _skip_unless_supported(report)
     code = ("import json, sys; from pathlib import Path; from engines import auto; "
             "from tests.conftest import Models, make_settings; "
             "s = make_settings(Path(sys.argv[1]), Models(Path(sys.argv[2]), Path(sys.argv[3])), "
